@@ -1,0 +1,131 @@
+"""`mpy-blox`: the workstation's command line. Thin: every command calls a library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from mpy_blox_tools import micropython
+from mpy_blox_tools.errors import MpyBloxError
+from mpy_blox_tools.vboard.board import DEFAULT_FLASH, FILESYSTEMS, Board
+
+
+def _vboard_create(args: argparse.Namespace) -> int:
+    board = Board.create(args.dir, device_id=args.device_id, fs=args.fs, flash_size=args.flash)
+    print(f"created {board.device_id} in {board.dir} ({args.fs}, {args.flash} flash)")
+    return 0
+
+
+def _vboard_run(args: argparse.Namespace) -> int:
+    from mpy_blox_tools.vboard.supervisor import run_board
+
+    return run_board(args.dir, heap=args.heap, cut_at=args.cut_at, once=args.once,
+                     quiet=args.quiet)
+
+
+def _vboard_ls(args: argparse.Namespace) -> int:
+    for name, size in Board(args.dir).ls(args.path).items():
+        print(f"{'' if size is None else size:>10} {name}{'/' if size is None else ''}")
+    return 0
+
+
+def _vboard_cat(args: argparse.Namespace) -> int:
+    sys.stdout.buffer.write(Board(args.dir).cat(args.path))
+    return 0
+
+
+def _vboard_put(args: argparse.Namespace) -> int:
+    Board(args.dir).put(args.source, args.path)
+    return 0
+
+
+def _vboard_rm(args: argparse.Namespace) -> int:
+    Board(args.dir).rm(args.path)
+    return 0
+
+
+def _vboard_fill(args: argparse.Namespace) -> int:
+    written = Board(args.dir).fill(micropython.parse_size(args.leave) if args.leave else 0)
+    print(f"wrote {written} bytes to /.fill")
+    return 0
+
+
+def _vboard_net(args: argparse.Namespace) -> int:
+    Board(args.dir).set_network(args.state == "up")
+    return 0
+
+
+def _add_vboard(sub: argparse._SubParsersAction) -> None:
+    vb = sub.add_parser("vboard", help="virtual ESP32 boards on the MicroPython unix port")
+    vsub = vb.add_subparsers(dest="vboard_command", required=True, metavar="COMMAND")
+
+    p = vsub.add_parser("create", help="make a virtual board in folder DIR")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--device-id", help="esp32-<12 hex digits> (default: random)")
+    p.add_argument("--fs", choices=FILESYSTEMS, default="littlefs")
+    p.add_argument("--flash", default=DEFAULT_FLASH, help="flash size (default 2M)")
+    p.set_defaults(func=_vboard_create)
+
+    p = vsub.add_parser("run", help="boot the board; prints its serial port; stops on SIGTERM")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--heap", default=micropython.DEFAULT_HEAP, help="heap size (default 100K)")
+    p.add_argument("--cut-at", type=int, default=0, metavar="N",
+                   help="cut the power at the Nth flash block write of the first boot")
+    p.add_argument("--once", action="store_true", help="switch off instead of rebooting")
+    p.add_argument("--quiet", action="store_true", help="do not echo the console")
+    p.set_defaults(func=_vboard_run)
+
+    for name, helptext, func in (
+        ("ls", "list files on the stopped board's flash", _vboard_ls),
+        ("cat", "print a file from the stopped board's flash", _vboard_cat),
+        ("rm", "remove a file from the stopped board's flash", _vboard_rm),
+    ):
+        p = vsub.add_parser(name, help=helptext)
+        p.add_argument("dir", metavar="DIR")
+        p.add_argument("path", metavar="PATH", nargs="?" if name == "ls" else None, default="")
+        p.set_defaults(func=func)
+
+    p = vsub.add_parser("put", help="copy a workstation file onto the stopped board's flash")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("source", metavar="FILE")
+    p.add_argument("path", metavar="PATH")
+    p.set_defaults(func=_vboard_put)
+
+    p = vsub.add_parser("fill", help="fill the stopped board's flash (for disk-full tests)")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--leave", help="bytes to leave free (default 0)")
+    p.set_defaults(func=_vboard_fill)
+
+    p = vsub.add_parser("net", help="take the board's Wi-Fi access point down or up")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("state", choices=("up", "down"))
+    p.set_defaults(func=_vboard_net)
+
+
+PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_vboard]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpy-blox", description="Mpy-BLOX workstation tools: boards, builds and updates."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in PARSER_BUILDERS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MpyBloxError as e:
+        print(f"mpy-blox: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""A virtual board's folder: its configuration, flash image, NVS and run-time files.
+
+    DIR/board.json    device identity and hardware (fs type, flash size, emulated AP)
+    DIR/flash.img     the flash: LittleFS2 or FAT on a block-device image
+    DIR/flash/        ... or a host folder in `posix` mode
+    DIR/nvs.json      the emulated NVS partition (committed values only)
+    DIR/console.log   everything the board printed, with the supervisor's boot lines
+    DIR/run/          live files shared with the running board (lock, serial, net, writes)
+
+The flash is read and written through MicroPython itself (`firmware/_vb_tool.py`),
+so the workstation sees exactly the filesystem the board sees.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import re
+import secrets
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+from mpy_blox_tools import micropython
+from mpy_blox_tools.errors import MpyBloxError
+
+FIRMWARE = Path(__file__).with_name("firmware")
+FILESYSTEMS = ("littlefs", "fat", "posix")
+BLOCK_SIZE = 4096  # the ESP32's flash sector
+DEFAULT_FLASH = "2M"
+DEVICE_ID = re.compile(r"^esp32-([0-9a-f]{12})$")
+
+
+class Board:
+    """One virtual board folder. Create with `Board.create`, open with `Board(dir)`."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory).resolve()
+        try:
+            self.config = json.loads((self.dir / "board.json").read_text())
+        except FileNotFoundError:
+            raise MpyBloxError(f"{directory}: not a virtual board (no board.json)") from None
+        except json.JSONDecodeError as e:
+            raise MpyBloxError(f"{directory}/board.json: {e}") from None
+
+    @classmethod
+    def create(
+        cls,
+        directory: str | Path,
+        *,
+        device_id: str | None = None,
+        fs: str = "littlefs",
+        flash_size: str | int = DEFAULT_FLASH,
+        wlan: dict | None = None,
+    ) -> Board:
+        """Make a new board with an empty, formatted flash."""
+        directory = Path(directory)
+        if (directory / "board.json").exists():
+            raise MpyBloxError(f"{directory}: a board exists there already")
+        if fs not in FILESYSTEMS:
+            raise MpyBloxError(f"unknown filesystem {fs!r}: choose one of {', '.join(FILESYSTEMS)}")
+        if device_id is None:
+            unique_id = secrets.token_hex(6)
+        else:
+            m = DEVICE_ID.match(device_id)
+            if not m:
+                raise MpyBloxError(
+                    f"device id {device_id!r}: an ESP32's id is 'esp32-' and its 12-digit "
+                    "lower-case hex MAC, e.g. esp32-840d8ed29760"
+                )
+            unique_id = m.group(1)
+        size = micropython.parse_size(flash_size)
+        if size % BLOCK_SIZE or size < 16 * BLOCK_SIZE:
+            raise MpyBloxError(f"flash size {flash_size}: a multiple of 4K, at least 64K")
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {
+            "version": 1,
+            "unique_id": unique_id,
+            "fs": fs,
+            "flash_size": size,
+            "block_size": BLOCK_SIZE,
+            "wlan": wlan,  # the emulated access point: {"ssid", "psk"} or None for any
+        }
+        (directory / "board.json").write_text(json.dumps(config, indent=2) + "\n")
+        if fs == "posix":
+            (directory / "flash").mkdir(exist_ok=True)
+        else:
+            with open(directory / "flash.img", "wb") as f:
+                f.truncate(size)  # sparse: erased flash costs no disk
+        board = cls(directory)
+        board.tool("format")
+        return board
+
+    @property
+    def device_id(self) -> str:
+        return "esp32-" + self.config["unique_id"]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.dir / "run"
+
+    @property
+    def console_log(self) -> Path:
+        return self.dir / "console.log"
+
+    # -- the stopped board's flash ------------------------------------------------
+
+    @contextmanager
+    def lock(self):
+        """Hold the board exclusively (a running supervisor holds it for its lifetime)."""
+        self.run_dir.mkdir(exist_ok=True)
+        with open(self.run_dir / "lock", "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise MpyBloxError(f"{self.dir}: the board is running; stop it first") from None
+            yield
+
+    def tool(self, op: str, *args: str) -> bytes:
+        """Run one flash operation through MicroPython; return its standard output."""
+        with self.lock():
+            proc = subprocess.run(
+                [micropython.executable(), "-X", "heapsize=256K",
+                 str(FIRMWARE / "_vb_tool.py"), str(self.dir), op, *args],
+                capture_output=True,
+                cwd=FIRMWARE,
+            )
+        if proc.returncode:
+            detail = proc.stderr.decode(errors="replace").strip().splitlines()
+            raise MpyBloxError(f"vboard {op} {' '.join(args)}: {detail[-1] if detail else proc.returncode}")
+        return proc.stdout
+
+    def ls(self, path: str = "") -> dict[str, int | None]:
+        """{path: size} of every file under `path`; folders map to None."""
+        listing = {}
+        for line in self.tool("ls", path).decode().splitlines():
+            kind, size, name = line.split(None, 2)
+            listing[name] = int(size) if kind == "f" else None
+        return listing
+
+    def cat(self, path: str) -> bytes:
+        return self.tool("cat", path)
+
+    def put(self, source: str | Path, path: str) -> None:
+        source = Path(source).resolve()
+        if not source.is_file():
+            raise MpyBloxError(f"{source}: no such file")
+        self.tool("put", str(source), path)
+
+    def write(self, path: str, data: bytes) -> None:
+        """Put `data` at `path` on the flash."""
+        self.run_dir.mkdir(exist_ok=True)
+        staged = self.run_dir / "upload.tmp"
+        staged.write_bytes(data)
+        try:
+            self.put(staged, path)
+        finally:
+            staged.unlink()
+
+    def rm(self, path: str) -> None:
+        self.tool("rm", path)
+
+    def fill(self, leave: int = 0) -> int:
+        """Fill the flash with one file, leaving about `leave` bytes free; return its size."""
+        return int(self.tool("fill", str(leave)))
+
+    def df(self) -> tuple[int, int]:
+        """(total, free) bytes of the flash filesystem."""
+        total, free = self.tool("df").split()
+        return int(total), int(free)
+
+    # -- files shared with the running board ----------------------------------------
+
+    def set_network(self, up: bool) -> None:
+        """Take the emulated access point down or bring it back (takes effect at once)."""
+        self.run_dir.mkdir(exist_ok=True)
+        net = self.run_dir / "net"
+        # In place, one byte: the board keeps this file open and rereads it.
+        with open(net, "r+b" if net.exists() else "wb") as f:
+            f.write(b"1" if up else b"0")
+
+    def block_writes(self) -> int:
+        """Flash block writes since the board last booted."""
+        try:
+            return int((self.run_dir / "writes").read_text() or 0)
+        except FileNotFoundError:
+            return 0
+
+    def nvs(self) -> dict:
+        """The committed NVS contents: {namespace: {key: [type, value]}}."""
+        try:
+            return json.loads((self.dir / "nvs.json").read_text())
+        except FileNotFoundError:
+            return {}
+
+    def serial_port(self) -> str | None:
+        """The pseudo-terminal path of the running board, if it runs."""
+        try:
+            return (self.run_dir / "serial").read_text().strip() or None
+        except FileNotFoundError:
+            return None
+

@@ -1,0 +1,90 @@
+# The virtual board's SPI flash: a block device over an image file on the host.
+#
+# Implements the extended block protocol (readblocks/writeblocks with an offset,
+# ioctl) that VfsLfs2 and VfsFat use on an ESP32. Every writeblocks() call is one
+# "block write": it is counted, and the board can lose power at a chosen one so
+# tests can cut an install at every write it makes.
+import os
+
+_IOCTL_BLOCK_COUNT = 4
+_IOCTL_BLOCK_SIZE = 5
+_IOCTL_BLOCK_ERASE = 6
+
+
+class Flash:
+    def __init__(self, image, block_size, block_count, counter=None, cut_at=0, on_cut=None):
+        self._image = image  # an open 'r+b' file: stays usable after the host fs is unmounted
+        self._block_size = block_size
+        self._block_count = block_count
+        self._counter = counter  # an open host file the count is mirrored to
+        self._cut_at = cut_at  # 0: never
+        self._on_cut = on_cut
+        self.writes = 0
+
+    def readblocks(self, block, buf, offset=0):
+        self._image.seek(block * self._block_size + offset)
+        n = self._image.readinto(buf)
+        if n != len(buf):
+            raise OSError(5)  # EIO: the image is shorter than the filesystem thinks
+
+    def writeblocks(self, block, buf, offset=0):
+        self.writes += 1
+        if self.writes == self._cut_at:
+            # Power fails before this write reaches the flash: everything written
+            # so far is on the image (posix writes are unbuffered), nothing more.
+            self._on_cut(self.writes)
+        self._image.seek(block * self._block_size + offset)
+        self._image.write(buf)
+        if self._counter:
+            self._counter.seek(0)
+            self._counter.write(b"%10d\n" % self.writes)
+
+    def ioctl(self, op, arg):
+        if op == _IOCTL_BLOCK_COUNT:
+            return self._block_count
+        if op == _IOCTL_BLOCK_SIZE:
+            return self._block_size
+        if op == _IOCTL_BLOCK_ERASE:
+            return 0  # NOR erase is not emulated: littlefs checks its data by CRC
+        return 0  # init, deinit, sync: nothing to do for a file
+
+
+def open_image(board):
+    """Open the flash: the image file, or the folder's VFS in posix mode."""
+    import vfs
+
+    if board["fs"] == "posix":
+        return vfs.VfsPosix(board["dir"] + "/flash")
+    return open(board["dir"] + "/flash.img", "r+b")
+
+
+def mount(board, image, root, counter=None, cut_at=0, on_cut=None):
+    """Mount the board's flash (from open_image) at `root`; return the Flash, if any."""
+    import vfs
+
+    fs = board["fs"]
+    if fs == "posix":
+        vfs.mount(image, root)
+        return None
+    flash = Flash(
+        image, board["block_size"], board["flash_size"] // board["block_size"],
+        counter, cut_at, on_cut,
+    )
+    vfs.mount(vfs.VfsLfs2(flash) if fs == "littlefs" else vfs.VfsFat(flash), root)
+    return flash
+
+
+def make_filesystem(board):
+    """Make an empty filesystem on the board's image."""
+    import vfs
+
+    fs = board["fs"]
+    if fs == "posix":
+        return
+    image = open(board["dir"] + "/flash.img", "r+b")
+    flash = Flash(image, board["block_size"], board["flash_size"] // board["block_size"])
+    if fs == "littlefs":
+        vfs.VfsLfs2.mkfs(flash)
+    else:
+        vfs.VfsFat.mkfs(flash)
+    image.close()

@@ -1,0 +1,66 @@
+# The virtual board's boot ROM: brings the board up as the ESP32 firmware does,
+# then runs boot.py and main.py from its flash. The supervisor starts it with
+# `micropython -i`, so the REPL follows once main.py returns or is interrupted.
+#
+# Environment from the supervisor: VBOARD_DIR (the board folder),
+# VBOARD_RESET_CAUSE (machine.*_RESET), VBOARD_CUT_AT (power cut at that block
+# write; 0 for none), VBOARD_RAW_REPL (set: skip main.py, as after a soft reset
+# from the raw REPL).
+import sys
+import json
+import vfs
+
+# This folder is sys.path[0]: these imports load the emulations, which stay in
+# sys.modules once the host filesystem is gone.
+import os
+import machine
+import esp32  # noqa: F401  (imported now: the host path is gone later)
+import network
+import _vb_host
+import _vb_flash
+
+
+def _start_board():
+    board_dir = os.getenv("VBOARD_DIR")
+    with open(board_dir + "/board.json") as f:
+        board = json.load(f)
+    board["dir"] = board_dir
+    run = board_dir + "/run/"
+    _vb_host.start(board, open(run + "reason", "wb"))
+    machine._start(int(os.getenv("VBOARD_RESET_CAUSE") or machine.PWRON_RESET))
+    network._start(open(run + "net", "rb"))
+    writes = open(run + "writes", "wb")
+    image = _vb_flash.open_image(board)
+    vfs.umount("/")  # from here on, only files opened above reach the host
+    _vb_flash.mount(
+        board, image, "/", writes, int(os.getenv("VBOARD_CUT_AT") or 0),
+        lambda n: _vb_host.power_off("power-cut at block write %d" % n),
+    )
+    os.chdir("/")
+    sys.path[:] = ["", ".frozen", "/lib"]
+
+
+def _run_file(path):
+    # As pyexec_file_if_exists on the ESP32: errors are printed, then the REPL.
+    try:
+        os.stat(path)
+    except OSError:
+        return
+    try:
+        with open(path) as f:
+            source = f.read()
+        exec(source, globals())
+    except SystemExit:
+        machine.soft_reset()  # sys.exit() in boot.py/main.py soft-resets the ESP32
+    except BaseException as e:  # noqa: BLE001  (the firmware reports everything)
+        sys.print_exception(e)
+
+
+_start_board()
+del _start_board
+import gc  # noqa: E402
+
+gc.collect()
+_run_file("boot.py")
+if not os.getenv("VBOARD_RAW_REPL"):  # a soft reset from the raw REPL skips main.py
+    _run_file("main.py")

@@ -1,0 +1,276 @@
+"""Running a virtual board: the power supply, the serial cable and the reset line.
+
+The supervisor boots the board (one `micropython` process running the boot ROM),
+relays its console between two pseudo-terminals and boots it again whenever it
+stops: `machine.reset()`, a soft reset, a crash or an emulated power cut. Only a
+signal to the supervisor (SIGTERM, SIGINT, SIGHUP) switches the board off.
+
+Two pseudo-terminals, because a pty has one end per side: the board holds the
+slave of the first as its controlling terminal (so Ctrl-C interrupts main.py with
+SIGINT, as on hardware); users open the slave of the second (`mpremote connect
+<path>`). The supervisor holds both masters and copies bytes between them, and
+keeps the user side open so the port outlives every reboot.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import termios
+import time
+import tty
+from pathlib import Path
+from typing import BinaryIO
+
+from mpy_blox_tools import micropython
+from mpy_blox_tools.errors import MpyBloxError
+from mpy_blox_tools.vboard.board import FIRMWARE, Board
+
+# machine.reset_cause() values of the ESP32 port, by what stopped the last boot.
+PWRON_RESET, HARD_RESET, DEEPSLEEP_RESET, SOFT_RESET = 1, 2, 4, 5
+CAUSES = {"reset": HARD_RESET, "soft-reset": SOFT_RESET, "deepsleep": DEEPSLEEP_RESET}
+FAST_REBOOTS = 10
+# What the unix port's REPL prints on entering the raw REPL and on leaving it.
+RAW_REPL_BANNER = b"raw REPL; CTRL-B to exit"
+FRIENDLY_REPL_BANNER = b'Type "help()" for more information.'
+SOFT_REBOOT = b"MPY: soft reboot\r\n"  # boots in a row under a second before the supervisor slows down
+
+
+class Supervisor:
+    def __init__(
+        self,
+        board: Board,
+        *,
+        heap: str | int = micropython.DEFAULT_HEAP,
+        cut_at: int = 0,
+        echo: BinaryIO | None = None,
+        once: bool = False,
+    ) -> None:
+        self.board = board
+        self.heap = micropython.parse_size(heap)
+        self.cut_at = cut_at
+        self.echo = echo
+        self.once = once
+        self.boots = 0
+        self._stop = False
+        self._child: subprocess.Popen | None = None
+        self._raw_repl = False  # is the board in the raw REPL (as mpremote uses it)?
+        self._tail = b""
+
+    def log(self, message: str) -> None:
+        line = f"[vboard] {message}\n".encode()
+        self._console(line)
+        sys.stderr.write(line.decode())
+        sys.stderr.flush()
+
+    def _console(self, data: bytes) -> None:
+        self._log_file.write(data)
+        self._log_file.flush()
+        if self.echo:
+            try:
+                self.echo.write(data)
+                self.echo.flush()
+            except (BrokenPipeError, OSError):
+                self.echo = None
+
+    def run(self) -> int:
+        """Run until signalled (or the first stop with `once`); return an exit status."""
+        with self.board.lock():
+            return self._run_locked()
+
+    def _run_locked(self) -> int:
+        run = self.board.run_dir
+        if not (run / "net").exists():
+            self.board.set_network(True)
+        self._log_file = open(self.board.console_log, "ab")
+        board_master, board_slave = os.openpty()
+        user_master, user_slave = os.openpty()
+        tty.setraw(user_slave)  # no echo or line editing between the user and the board
+        for fd in (board_master, user_master):
+            os.set_blocking(fd, False)
+        port = os.ttyname(user_slave)
+        (run / "serial").write_text(port + "\n")
+        (run / "supervisor.pid").write_text(f"{os.getpid()}\n")
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        previous = {s: signal.signal(s, self._on_signal) for s in
+                    (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        old_wakeup = signal.set_wakeup_fd(wake_w)
+        self.log(f"board {self.board.device_id} serial port: {port}")
+        print(f"serial port: {port}", flush=True)
+        status = 0
+        cause = PWRON_RESET
+        fast = 0
+        try:
+            while not self._stop:
+                started = time.monotonic()
+                status, reason = self._boot(cause, board_master, board_slave, user_master, wake_r)
+                if self._stop or self.once:
+                    break
+                cause, message = _classify(reason, status)
+                self.log(f"board stopped: {message}; booting again")
+                if cause == SOFT_RESET:
+                    # As the ESP32 says it; mpremote waits for this line.
+                    self._console(SOFT_REBOOT)
+                    _write_all(user_master, SOFT_REBOOT)
+                if reason.startswith("power-cut"):
+                    self.cut_at = 0  # the power comes back for good
+                fast = fast + 1 if time.monotonic() - started < 1 else 0
+                if fast >= FAST_REBOOTS:
+                    time.sleep(1)  # a boot loop: keep it from eating a core
+        finally:
+            self._power_off()
+            signal.set_wakeup_fd(old_wakeup)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            for fd in (board_master, board_slave, user_master, user_slave, wake_r, wake_w):
+                os.close(fd)
+            for name in ("serial", "supervisor.pid"):
+                (run / name).unlink(missing_ok=True)
+            self.log("board switched off")
+            self._log_file.close()
+        return status if self.once else 0
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop = True
+
+    def _boot(self, cause: int, board_master: int, board_slave: int, user_master: int,
+              wake_r: int) -> tuple[int, str]:
+        run = self.board.run_dir
+        (run / "reason").write_bytes(b"")
+        termios.tcflush(board_slave, termios.TCIFLUSH)  # a UART's FIFO is empty after reset
+        # Every boot: a board killed in the REPL leaves the tty in its raw mode.
+        _set_board_tty(board_slave)
+        self.boots += 1
+        self.log(f"boot {self.boots} (reset cause {cause}, heap {self.heap}"
+                 + (f", power cut at block write {self.cut_at}" if self.cut_at else "") + ")")
+        # A soft reset from the raw REPL comes back to the raw REPL without
+        # running main.py, as on the ESP32: that is how mpremote gets a clean board.
+        raw = cause == SOFT_RESET and self._raw_repl
+        env = {
+            **os.environ,
+            "VBOARD_DIR": str(self.board.dir),
+            "VBOARD_RESET_CAUSE": str(cause),
+            "VBOARD_CUT_AT": str(self.cut_at),
+            "VBOARD_RAW_REPL": "1" if raw else "",
+        }
+        self._child = subprocess.Popen(
+            [micropython.executable(), "-X", f"heapsize={self.heap}", "-i",
+             str(FIRMWARE / "_vb_rom.py")],
+            stdin=board_slave, stdout=board_slave, stderr=board_slave,
+            cwd=FIRMWARE, env=env, preexec_fn=_take_terminal, close_fds=True,
+        )
+        self._raw_repl = False
+        if raw:
+            _write_all(board_master, b"\x01")  # Ctrl-A, read once the REPL starts
+        sel = selectors.DefaultSelector()
+        sel.register(board_master, selectors.EVENT_READ, "board")
+        sel.register(user_master, selectors.EVENT_READ, "user")
+        sel.register(wake_r, selectors.EVENT_READ, "wake")
+        try:
+            while self._child.poll() is None and not self._stop:
+                for key, _ in sel.select(timeout=0.05):
+                    if key.data == "board":
+                        self._from_board(board_master, user_master)
+                    elif key.data == "user":
+                        _copy(user_master, board_master)
+                    else:
+                        os.read(wake_r, 512)
+            if self._stop:
+                self._power_off()
+            self._from_board(board_master, user_master)  # what it said last
+        finally:
+            sel.close()
+        status = self._child.wait()
+        self._child = None
+        return status, (run / "reason").read_text(errors="replace").strip()
+
+    def _from_board(self, board_master: int, user_master: int) -> None:
+        while True:
+            try:
+                data = os.read(board_master, 65536)
+            except (BlockingIOError, OSError):
+                return
+            if not data:
+                return
+            self._console(data)
+            seen = self._tail + data
+            raw_at, friendly_at = seen.rfind(RAW_REPL_BANNER), seen.rfind(FRIENDLY_REPL_BANNER)
+            if raw_at != friendly_at:  # both -1: no news
+                self._raw_repl = raw_at > friendly_at
+            self._tail = seen[-64:]
+            try:
+                os.write(user_master, data)
+            except BlockingIOError:
+                pass  # nobody reads the port: output is lost, as on a UART with no cable
+
+    def _power_off(self) -> None:
+        child = self._child
+        if child and child.poll() is None:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)  # the board and anything it spawned
+            except ProcessLookupError:
+                pass
+            child.wait()
+
+
+def _set_board_tty(fd: int) -> None:
+    # The board's side of the serial line: no echo and no line editing (a UART
+    # has neither), and Ctrl-C raising SIGINT while a script runs; MicroPython's
+    # REPL switches to raw input itself while it reads. No output processing:
+    # the unix port's REPL writes CR LF itself, and mpremote matches its
+    # "raw REPL; CTRL-B to exit\r\n" byte for byte.
+    attrs = termios.tcgetattr(fd)
+    attrs[3] &= ~(termios.ECHO | termios.ICANON | termios.IEXTEN)
+    attrs[3] |= termios.ISIG
+    attrs[1] &= ~termios.OPOST
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
+
+
+def _take_terminal() -> None:
+    # In the child: a session of its own with the board tty as controlling terminal.
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _copy(src: int, dst: int) -> None:
+    try:
+        data = os.read(src, 65536)
+    except (BlockingIOError, OSError):
+        return
+    _write_all(dst, data)
+
+
+def _write_all(dst: int, data: bytes) -> None:
+    while data:
+        try:
+            n = os.write(dst, data)
+        except BlockingIOError:
+            time.sleep(0.001)  # the board reads slowly: keep the bytes, as flow control would
+            continue
+        data = data[n:]
+
+
+def _classify(reason: str, status: int) -> tuple[int, str]:
+    if reason:
+        word = reason.split()[0]
+        return CAUSES.get(word, PWRON_RESET), reason
+    if status == 0:
+        return SOFT_RESET, "REPL exited (soft reset)"
+    return HARD_RESET, f"crashed with status {status}"
+
+
+def run_board(directory: str | Path, *, heap: str = micropython.DEFAULT_HEAP, cut_at: int = 0,
+              once: bool = False, quiet: bool = False) -> int:
+    """`mpy-blox vboard run`: boot the board in `directory` until signalled."""
+    board = Board(directory)
+    if cut_at < 0:
+        raise MpyBloxError("--cut-at: a block write number, 1 or more")
+    echo = None if quiet else sys.stdout.buffer
+    return Supervisor(board, heap=heap, cut_at=cut_at, echo=echo, once=once).run()
+
+
