@@ -103,7 +103,18 @@ def _add_vboard(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_vboard_net)
 
 
-PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_vboard]
+def _demo(args: argparse.Namespace) -> int:
+    from mpy_blox_tools.demo import run_demo
+
+    return run_demo()
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the end-to-end demonstration on the embedded defaults")
+    p.set_defaults(func=_demo)
+
+
+PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_vboard, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

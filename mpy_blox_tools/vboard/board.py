@@ -127,7 +127,8 @@ class Board:
             )
         if proc.returncode:
             detail = proc.stderr.decode(errors="replace").strip().splitlines()
-            raise MpyBloxError(f"vboard {op} {' '.join(args)}: {detail[-1] if detail else proc.returncode}")
+            what = f"{op} {args[-1]}" if args else op
+            raise MpyBloxError(f"vboard {what}: {detail[-1] if detail else proc.returncode}")
         return proc.stdout
 
     def ls(self, path: str = "") -> dict[str, int | None]:
@@ -146,6 +147,13 @@ class Board:
         if not source.is_file():
             raise MpyBloxError(f"{source}: no such file")
         self.tool("put", str(source), path)
+
+    def put_tree(self, source: str | Path, path: str) -> None:
+        """Copy a workstation folder (without __pycache__) to `path` on the flash."""
+        source = Path(source).resolve()
+        if not source.is_dir():
+            raise MpyBloxError(f"{source}: no such folder")
+        self.tool("putdir", str(source), path)
 
     def write(self, path: str, data: bytes) -> None:
         """Put `data` at `path` on the flash."""

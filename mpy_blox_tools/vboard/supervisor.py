@@ -102,17 +102,19 @@ class Supervisor:
         old_wakeup = signal.set_wakeup_fd(wake_w)
         self.log(f"board {self.board.device_id} serial port: {port}")
         print(f"serial port: {port}", flush=True)
-        status = 0
+        status, reason = 0, ""
         cause = PWRON_RESET
         fast = 0
         try:
             while not self._stop:
                 started = time.monotonic()
                 status, reason = self._boot(cause, board_master, board_slave, user_master, wake_r)
-                if self._stop or self.once:
+                if self._stop:
                     break
                 cause, message = _classify(reason, status)
-                self.log(f"board stopped: {message}; booting again")
+                self.log(f"board stopped: {message}")
+                if self.once:
+                    break
                 if cause == SOFT_RESET:
                     # As the ESP32 says it; mpremote waits for this line.
                     self._console(SOFT_REBOOT)
@@ -133,7 +135,11 @@ class Supervisor:
                 (run / name).unlink(missing_ok=True)
             self.log("board switched off")
             self._log_file.close()
-        return status if self.once else 0
+        # With --once: 0 when the board stopped the way a board does (reset, power
+        # cut, REPL exit), else MicroPython's own status (a crash of the port).
+        if self.once and not (reason or status == 0):
+            return status if status > 0 else 128 - status
+        return 0
 
     def _on_signal(self, signum, frame) -> None:
         self._stop = True

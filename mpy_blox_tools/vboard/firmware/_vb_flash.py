@@ -9,6 +9,9 @@ import os
 _IOCTL_BLOCK_COUNT = 4
 _IOCTL_BLOCK_SIZE = 5
 _IOCTL_BLOCK_ERASE = 6
+# A NOR flash programs 256-byte pages; littlefs then writes in units of that
+# (the unix port's default of 32 would count many more, smaller, writes).
+_LFS_PROG_SIZE = 256
 
 
 class Flash:
@@ -70,7 +73,10 @@ def mount(board, image, root, counter=None, cut_at=0, on_cut=None):
         image, board["block_size"], board["flash_size"] // board["block_size"],
         counter, cut_at, on_cut,
     )
-    vfs.mount(vfs.VfsLfs2(flash) if fs == "littlefs" else vfs.VfsFat(flash), root)
+    if fs == "littlefs":
+        vfs.mount(vfs.VfsLfs2(flash, progsize=_LFS_PROG_SIZE), root)
+    else:
+        vfs.mount(vfs.VfsFat(flash), root)
     return flash
 
 
@@ -84,7 +90,7 @@ def make_filesystem(board):
     image = open(board["dir"] + "/flash.img", "r+b")
     flash = Flash(image, board["block_size"], board["flash_size"] // board["block_size"])
     if fs == "littlefs":
-        vfs.VfsLfs2.mkfs(flash)
+        vfs.VfsLfs2.mkfs(flash, progsize=_LFS_PROG_SIZE)
     else:
         vfs.VfsFat.mkfs(flash)
     image.close()

@@ -1,5 +1,5 @@
 # Works on a stopped virtual board's flash from the workstation:
-#   micropython _vb_tool.py BOARD_DIR format|ls|cat|put|rm|fill|df ARGS...
+#   micropython _vb_tool.py BOARD_DIR format|ls|cat|put|putdir|rm|fill|df ARGS...
 # The host filesystem stays at "/"; the flash is mounted at /_flash.
 import sys
 import json
@@ -48,6 +48,18 @@ def _copy(src, dst):
             fo.write(mv[:n])
 
 
+def _put_tree(src, dst):
+    _makedirs(dst + "/x")
+    for entry in os.ilistdir(src):
+        name, kind = entry[0], entry[1]
+        if name == "__pycache__":
+            continue
+        if kind == 0x4000:
+            _put_tree(src + "/" + name, dst + "/" + name)
+        else:
+            _copy(src + "/" + name, dst + "/" + name)
+
+
 def main(board_dir, op, args):
     with open(board_dir + "/board.json") as f:
         board = json.load(f)
@@ -73,6 +85,8 @@ def main(board_dir, op, args):
         dst = _join(args[1])
         _makedirs(dst)
         _copy(args[0], dst)
+    elif op == "putdir":
+        _put_tree(args[0], _join(args[1]))
     elif op == "rm":
         os.remove(_join(args[0]))
     elif op == "fill":
@@ -99,8 +113,18 @@ def main(board_dir, op, args):
     vfs.umount(_FLASH)
 
 
+_ERRORS = {
+    2: "no such file or directory",
+    17: "already exists",
+    20: "not a directory",
+    21: "is a directory",
+    28: "no space left on the flash",
+    39: "directory not empty",
+}
+
 try:
     main(sys.argv[1], sys.argv[2], sys.argv[3:])
 except OSError as e:
-    print("vboard: " + repr(e), file=sys.stderr)
+    code = e.args[0] if e.args else 0
+    print(_ERRORS.get(code, "OSError %s" % code), file=sys.stderr)
     sys.exit(2)

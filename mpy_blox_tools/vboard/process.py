@@ -1,0 +1,109 @@
+"""A virtual board running in the background: what tests, benchmarks and the demo drive.
+
+Starts `mpy-blox vboard run DIR` as a child process (the same code path a user
+runs), waits for its serial port, follows its console and switches it off.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mpy_blox_tools import micropython
+from mpy_blox_tools.errors import MpyBloxError
+from mpy_blox_tools.vboard.board import Board
+
+
+class RunningBoard:
+    def __init__(self, board: Board, *, heap: str | int = micropython.DEFAULT_HEAP,
+                 cut_at: int = 0, once: bool = False, env: dict[str, str] | None = None) -> None:
+        self.board = board
+        self.heap = heap
+        self.cut_at = cut_at
+        self.once = once
+        self.env = env
+        self.process: subprocess.Popen | None = None
+        self._log_start = 0
+
+    def start(self, timeout: float = 15) -> RunningBoard:
+        log = self.board.console_log
+        self._log_start = log.stat().st_size if log.exists() else 0
+        (self.board.run_dir / "serial").unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "mpy_blox_tools.cli", "vboard", "run", str(self.board.dir),
+               "--quiet", "--heap", str(self.heap)]
+        if self.cut_at:
+            cmd += ["--cut-at", str(self.cut_at)]
+        if self.once:
+            cmd.append("--once")
+        self.board.run_dir.mkdir(exist_ok=True)
+        errors = self.board.run_dir / "supervisor.err"
+        with open(errors, "wb") as err:  # a file, not a pipe: nobody must drain it
+            self.process = subprocess.Popen(
+                cmd, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
+                env={**os.environ, **(self.env or {})},
+            )
+        deadline = time.monotonic() + timeout
+        while not self.board.serial_port():
+            if self.process.poll() is not None:
+                err = errors.read_text(errors="replace").strip()
+                raise MpyBloxError(f"board {self.board.dir} did not start: {err}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise MpyBloxError(f"board {self.board.dir} did not start in {timeout}s")
+            time.sleep(0.01)
+        return self
+
+    @property
+    def serial_port(self) -> str:
+        return self.board.serial_port() or ""
+
+    def console(self) -> str:
+        """What the board printed since this start()."""
+        try:
+            with open(self.board.console_log, "rb") as f:
+                f.seek(self._log_start)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for(self, pattern: str, timeout: float = 20, count: int = 1) -> re.Match:
+        """Wait until `pattern` (a regex) has appeared `count` times on the console."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while True:
+            matches = list(regex.finditer(self.console()))
+            if len(matches) >= count:
+                return matches[count - 1]
+            if self.process and self.process.poll() is not None:
+                raise MpyBloxError(f"board stopped while waiting for {pattern!r}:\n{self.console()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {pattern!r} on the console in {timeout}s:\n"
+                                   f"{self.console()[-3000:]}")
+            time.sleep(0.02)
+
+    def boots(self) -> int:
+        return len(re.findall(r"^\[vboard\] boot \d+", self.console(), re.M))
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> RunningBoard:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,119 @@
+"""Shared fixtures: a real Mosquitto, virtual boards, and MicroPython snippets.
+
+Device code always comes from the working tree (`REPO/mpy_blox`), never from an
+installed copy: snippets get REPO on sys.path; boards get the tree copied to /lib.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from mpy_blox_tools import micropython
+from mpy_blox_tools.broker import INSTALL_HINT, Mosquitto, find_mosquitto
+from mpy_blox_tools.vboard.board import Board
+from mpy_blox_tools.vboard.process import RunningBoard
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_sessionstart(session):
+    if not find_mosquitto():
+        pytest.exit(INSTALL_HINT, returncode=3)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory) -> Mosquitto:
+    """One Mosquitto for the whole session, on a free loopback port."""
+    with Mosquitto(tmp_path_factory.mktemp("mosquitto")) as b:
+        yield b
+
+
+@pytest.fixture
+def broker_factory(tmp_path_factory):
+    """Make brokers of your own (extra config lines: auth, ACL, TLS, keepalive)."""
+    made = []
+
+    def make(extra_config: str = "", **kwargs) -> Mosquitto:
+        b = Mosquitto(tmp_path_factory.mktemp("mosquitto"), extra_config=extra_config, **kwargs)
+        made.append(b)
+        return b.start()
+
+    yield make
+    for b in made:
+        b.stop()
+
+
+_client_ids = itertools.count()
+
+
+@pytest.fixture
+def mqtt_client(broker):
+    """A connected paho client on the session broker (call with another broker if needed)."""
+    clients = []
+
+    def connect(target: Mosquitto = broker, **kwargs) -> mqtt.Client:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                        client_id=f"pytest-{os.getpid()}-{next(_client_ids)}", **kwargs)
+        c.connect(target.host, target.port)
+        c.loop_start()
+        clients.append(c)
+        return c
+
+    yield connect
+    for c in clients:
+        c.loop_stop()
+        c.disconnect()
+
+
+@pytest.fixture
+def run_mpy():
+    """Run a device snippet on MicroPython (working-tree mpy_blox importable)."""
+
+    def run(code: str, heap: str | int = "100K", timeout: float = 60, check: bool = True,
+            env: dict[str, str] | None = None) -> str:
+        proc = micropython.run_snippet(code, heap=heap, path=[str(REPO)], timeout=timeout,
+                                       env=env)
+        out = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+        if check and proc.returncode:
+            raise AssertionError(f"micropython exited {proc.returncode}:\n{out}")
+        return out
+
+    return run
+
+
+@pytest.fixture
+def boards(tmp_path):
+    """Factory of virtual boards in tmp_path; every started board is switched off after."""
+    running: list[RunningBoard] = []
+    counter = itertools.count()
+
+    class Factory:
+        def create(self, *, framework: bool = False, files: dict[str, str | bytes] | None = None,
+                   **kwargs) -> Board:
+            board = Board.create(tmp_path / f"board{next(counter)}", **kwargs)
+            if framework:
+                board.put_tree(REPO / "mpy_blox", "lib/mpy_blox")
+            for path, content in (files or {}).items():
+                board.write(path, content.encode() if isinstance(content, str) else content)
+            return board
+
+        def start(self, board: Board, **kwargs) -> RunningBoard:
+            rb = RunningBoard(board, **kwargs)
+            running.append(rb)
+            return rb.start()
+
+    yield Factory()
+    for rb in running:
+        rb.stop()
+
+
+def settings_for(broker: Mosquitto, **extra) -> str:
+    """A settings.json text pointing a board at `broker`."""
+    settings = {"mqtt": {"server": broker.host, "port": broker.port}, **extra}
+    return json.dumps(settings)

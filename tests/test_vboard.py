@@ -1,0 +1,360 @@
+"""The virtual board: boots like an ESP32, keeps flash and NVS, has a serial REPL."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import serial
+
+from mpy_blox_tools.cli import main as cli
+from mpy_blox_tools.vboard.board import Board
+
+MPREMOTE = [sys.executable, "-m", "mpremote"]
+
+COUNTING_MAIN = """
+import esp32, machine
+nvs = esp32.NVS("test")
+try:
+    n = nvs.get_i32("boots")
+except OSError as e:
+    print("nvs missing:", e.errno, e.args[1])
+    n = 0
+nvs.set_i32("boots", n + 1)
+nvs.commit()
+print("boot number", n + 1, "uid", machine.unique_id().hex(), "cause", machine.reset_cause())
+if n + 1 < 3:
+    machine.reset()
+"""
+
+
+def test_board_runs_boot_py_then_main_py_from_its_flash(boards):
+    board = boards.create(files={"boot.py": "print('in boot.py')\nX = 42\n",
+                                 "main.py": "print('in main.py', X)\n"})
+    rb = boards.start(board)
+    m = rb.wait_for(r"in boot\.py\s+in main\.py 42")
+    assert m
+    rb.wait_for(r">>> ")  # the REPL follows main.py, as on hardware
+
+
+def test_reset_reboots_keeping_flash_nvs_and_unique_id(boards):
+    board = boards.create(device_id="esp32-840d8ed29760", files={"main.py": COUNTING_MAIN})
+    rb = boards.start(board)
+    rb.wait_for(r"boot number 3")
+    out = rb.console()
+    assert "nvs missing: -4354 ESP_ERR_NVS_NOT_FOUND" in out
+    assert out.count("uid 840d8ed29760") == 3
+    assert "boot number 1 uid 840d8ed29760 cause 1" in out  # power-on
+    assert "boot number 2 uid 840d8ed29760 cause 2" in out  # machine.reset(): HARD_RESET
+    assert rb.boots() == 3
+    rb.stop()
+    assert board.nvs() == {"test": {"boots": ["i32", 3]}}
+    assert board.ls() == {"main.py": len(COUNTING_MAIN)}
+
+
+def test_nvs_api_and_errors_match_the_esp32(boards, run_mpy):
+    code = """
+import esp32, machine
+a = esp32.NVS("app")
+b = esp32.NVS("app")
+a.set_i32("n", -5)
+a.set_blob("blob", b"\\x00\\x01secret")
+print("shared", b.get_i32("n"))
+buf = bytearray(16)
+print("blob", b.get_blob("blob", buf), bytes(buf[:8]))
+for call in (lambda: b.get_i32("blob"), lambda: b.get_blob("nope", buf),
+             lambda: b.get_blob("blob", bytearray(2)), lambda: b.erase_key("nope"),
+             lambda: b.set_i32("a-key-that-is-far-too-long", 1)):
+    try:
+        call()
+    except OSError as e:
+        print("error", e.errno, e.args[1])
+a.erase_key("n")
+a.set_i32("uncommitted", 1)
+esp32.NVS("other").set_i32("x", 7)
+a.commit()
+print("committed")
+esp32.NVS("app").set_i32("lost", 1)  # never committed: gone after reset
+machine.reset()
+"""
+    board = boards.create(files={"main.py": code})
+    rb = boards.start(board)
+    rb.wait_for("committed")
+    rb.wait_for(r"\[vboard\] boot 2")
+    out = rb.console()
+    assert "shared -5" in out
+    assert "blob 8 b'\\x00\\x01secret'" in out
+    assert out.count("error -4354 ESP_ERR_NVS_NOT_FOUND") == 3  # wrong type, missing, erase
+    assert "error -4364 ESP_ERR_NVS_INVALID_LENGTH" in out
+    assert "error -4361 ESP_ERR_NVS_KEY_TOO_LONG" in out
+    rb.stop()
+    nvs = board.nvs()
+    assert nvs["app"] == {"blob": ["blob", b"\x00\x01secret".hex()], "uncommitted": ["i32", 1]}
+    assert nvs["other"] == {"x": ["i32", 7]}
+
+
+def test_heap_limit_holds_on_the_board(boards):
+    code = """
+import gc
+gc.collect()
+print("free", gc.mem_free())
+try:
+    big = bytearray(80 * 1024)
+    print("allocated")
+except MemoryError:
+    print("MemoryError")
+"""
+    board = boards.create(files={"main.py": code})
+    rb = boards.start(board, heap="64K")
+    rb.wait_for("MemoryError|allocated")
+    assert "MemoryError" in rb.console()
+    free = int(rb.wait_for(r"free (\d+)").group(1))
+    assert 30_000 < free < 64 * 1024
+
+
+def test_mpremote_copies_lists_and_executes_on_a_running_board(boards, tmp_path):
+    board = boards.create(files={"main.py": "import time\nwhile True:\n    time.sleep(0.05)\n"})
+    rb = boards.start(board)
+    rb.wait_for(r"\[vboard\] boot 1")
+    port = rb.serial_port
+    src = tmp_path / "hello.py"
+    src.write_text("GREETING = 'hello from the workstation'\n")
+
+    def mpremote(*args: str) -> str:
+        proc = subprocess.run([*MPREMOTE, "connect", port, *args], capture_output=True,
+                              text=True, timeout=30)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    mpremote("fs", "cp", str(src), ":hello.py")  # interrupts the running main.py first
+    assert "hello.py" in mpremote("fs", "ls")
+    out = mpremote("exec", "import hello, os; print(hello.GREETING, os.uname().sysname)")
+    assert "hello from the workstation esp32" in out
+    mpremote("reset")
+    rb.wait_for(r"\[vboard\] boot \d+ \(reset cause 2", timeout=10)
+    rb.stop()
+    assert board.cat("hello.py") == src.read_bytes()
+
+
+def test_ctrl_c_interrupts_main_py_and_gives_the_repl(boards):
+    code = "import time\nprint('looping')\nwhile True:\n    time.sleep(0.05)\n"
+    board = boards.create(files={"main.py": code})
+    rb = boards.start(board)
+    rb.wait_for("looping")
+    with serial.Serial(rb.serial_port, 115200, timeout=0.2) as port:
+        port.write(b"\x03")
+        rb.wait_for("KeyboardInterrupt")
+        rb.wait_for(">>> ")
+        port.write(b"print(6 * 7)\r")
+        rb.wait_for(r"\b42\b")
+
+
+def test_a_full_littlefs_reports_enospc_and_keeps_earlier_files(boards):
+    code = """
+with open("/keep.txt", "w") as f:
+    f.write("precious")
+buf = bytearray(1024)
+n = 0
+try:
+    with open("/big.bin", "wb") as f:
+        while True:
+            f.write(buf)
+            n += 1
+except OSError as e:
+    print("full after", n, "KiB, errno", e.errno)
+print("keep", open("/keep.txt").read())
+"""
+    board = boards.create(flash_size="256K", files={"main.py": code})
+    rb = boards.start(board)
+    m = rb.wait_for(r"full after (\d+) KiB, errno (\d+)")
+    assert int(m.group(2)) == 28  # ENOSPC
+    assert 150 < int(m.group(1)) < 256
+    rb.wait_for("keep precious")
+    rb.stop()
+    assert board.cat("keep.txt") == b"precious"
+
+
+def test_fill_leaves_the_asked_free_space(boards):
+    board = boards.create(flash_size="256K")
+    board.fill(leave=20_000)
+    total, free = board.df()
+    assert total == 256 * 1024
+    assert 12_000 <= free <= 28_000
+
+
+REWRITE_MAIN = """
+import os
+old = open("/data.txt").read()
+print("BEGIN", len(old))
+with open("/data.tmp", "w") as f:
+    for i in range(6):
+        f.write(("new%d" % i) * 200)
+os.rename("/data.tmp", "/data.txt")
+print("DONE")
+"""
+OLD = "old-" * 1500
+NEW = "".join(("new%d" % i) * 200 for i in range(6))
+
+
+def _cut_and_check(boards, fs: str, cuts: list[int] | None, snapshot_dir) -> tuple[int, int]:
+    board = boards.create(fs=fs, flash_size="256K", files={"data.txt": OLD, "main.py": REWRITE_MAIN})
+    image = board.dir / "flash.img"
+    pristine = snapshot_dir / f"{fs}.img"
+    shutil.copy(image, pristine)
+    rb = boards.start(board, once=True)
+    rb.wait_for("DONE")
+    writes = board.block_writes()
+    rb.stop()
+    assert board.cat("data.txt").decode() == NEW
+    assert writes > 3
+    olds = news = 0
+    for n in cuts or range(1, writes + 1):
+        shutil.copy(pristine, image)
+        rb = boards.start(board, cut_at=n, once=True)
+        assert rb.wait(timeout=30) == 0
+        assert f"power-cut at block write {n}" in rb.console()
+        assert "DONE" not in rb.console()
+        content = board.cat("data.txt").decode()  # mounting it is what the next boot does
+        assert content in (OLD, NEW), f"cut at write {n} of {writes}: torn file"
+        olds += content == OLD
+        news += content == NEW
+    return writes, olds
+
+
+def test_power_cut_at_every_block_write_of_a_rename_leaves_old_or_new(boards, tmp_path):
+    writes, olds = _cut_and_check(boards, "littlefs", None, tmp_path)
+    # The rename's metadata commit is the last write: any cut before it keeps
+    # the old file whole, and the uncut run (checked above) has the new one.
+    assert olds == writes
+
+
+def test_power_cut_on_fat_is_emulated_too(boards, tmp_path):
+    # FAT is not power-safe (rename replaces by delete+create): the emulation must
+    # still cut exactly, which the update agent's FAT path relies on in its tests.
+    board = boards.create(fs="fat", flash_size="256K", files={"data.txt": OLD, "main.py": REWRITE_MAIN})
+    rb = boards.start(board, cut_at=2, once=True)
+    assert rb.wait(timeout=30) == 0
+    assert "power-cut at block write 2" in rb.console()
+    assert board.block_writes() == 1
+
+
+def test_boards_on_fat_and_posix_boot_and_keep_files(boards):
+    for fs in ("fat", "posix"):
+        board = boards.create(fs=fs, files={"main.py": "with open('/made.txt', 'w') as f:\n    f.write('%s')\nprint('made')\n" % fs})
+        rb = boards.start(board)
+        rb.wait_for("made")
+        rb.stop()
+        assert board.cat("made.txt") == fs.encode()
+    assert (board.dir / "flash" / "made.txt").read_text() == "posix"
+
+
+def test_wlan_follows_the_emulated_access_point(boards):
+    code = """
+import network, time
+w = network.WLAN(network.STA_IF)
+w.active(True)
+w.connect("home", "wrong")
+time.sleep_ms(200)
+print("wrong psk", w.status() == network.STAT_WRONG_PASSWORD, w.isconnected())
+w.connect("home", "secret")
+print("connecting", w.status() == network.STAT_CONNECTING)
+time.sleep_ms(200)
+print("up", w.isconnected(), w.ifconfig()[0])
+open("/ready", "w").close()
+while w.isconnected():
+    time.sleep_ms(20)
+print("down", w.status() == network.STAT_NO_AP_FOUND)
+while not w.isconnected():
+    time.sleep_ms(20)
+print("back")
+"""
+    board = boards.create(files={"main.py": code})
+    cfg = board.config | {"wlan": {"ssid": "home", "psk": "secret"}}
+    (board.dir / "board.json").write_text(__import__("json").dumps(cfg))
+    rb = boards.start(board)
+    rb.wait_for("up True 127.0.0.1")
+    assert "wrong psk True False" in rb.console()
+    assert "connecting True" in rb.console()
+    board.set_network(False)
+    rb.wait_for("down True")
+    board.set_network(True)
+    rb.wait_for("back")
+
+
+def test_sigterm_switches_the_board_off_and_leaves_no_process(boards):
+    board = boards.create(files={"main.py": "import time\nprint('on')\nwhile True:\n    time.sleep(1)\n"})
+    rb = boards.start(board)
+    rb.wait_for("on")
+    supervisor = rb.process.pid
+    children = subprocess.run(["pgrep", "-P", str(supervisor)], capture_output=True, text=True)
+    child_pids = [int(p) for p in children.stdout.split()]
+    assert child_pids
+    rb.process.send_signal(signal.SIGTERM)
+    assert rb.process.wait(timeout=10) == 0
+    for pid in child_pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert board.serial_port() is None
+    assert "board switched off" in board.console_log.read_text()
+
+
+def test_a_running_board_refuses_flash_access_from_the_workstation(boards, capsys):
+    board = boards.create(files={"main.py": "print('on')\n"})
+    rb = boards.start(board)
+    rb.wait_for("on")
+    assert cli(["vboard", "ls", str(board.dir)]) == 1
+    assert "the board is running; stop it first" in capsys.readouterr().err
+
+
+def test_vboard_cli_creates_lists_puts_and_cats(tmp_path, capsys):
+    d = tmp_path / "b"
+    assert cli(["vboard", "create", str(d), "--device-id", "esp32-0123456789ab",
+                "--flash", "512K"]) == 0
+    assert "esp32-0123456789ab" in capsys.readouterr().out
+    src = tmp_path / "user_main.py"
+    src.write_text("async def user_main():\n    pass\n")
+    assert cli(["vboard", "put", str(d), str(src), "app/user_main.py"]) == 0
+    assert cli(["vboard", "ls", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert "app/" in out and "app/user_main.py" in out
+    assert cli(["vboard", "cat", str(d), "app/user_main.py"]) == 0
+    assert capsys.readouterr().out == src.read_text()
+    assert Board(d).config["flash_size"] == 512 * 1024
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["vboard", "ls", "/nonexistent/board"], "not a virtual board"),
+    (["vboard", "create", "{tmp}/x", "--device-id", "kitchen"], "an ESP32's id is 'esp32-'"),
+    (["vboard", "create", "{tmp}/x", "--flash", "lots"], "not a size"),
+    (["vboard", "cat", "{board}", "missing.txt"], "cat missing.txt: no such file or directory"),
+])
+def test_vboard_cli_errors_are_one_clear_line(tmp_path, capsys, argv, message):
+    board = Board.create(tmp_path / "board")
+    argv = [a.format(tmp=tmp_path, board=board.dir) for a in argv]
+    assert cli(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("mpy-blox: ")
+
+
+def test_device_snippet_talks_to_the_test_broker(run_mpy, broker):
+    code = f"""
+import socket
+s = socket.socket()
+s.connect(socket.getaddrinfo("{broker.host}", {broker.port})[0][-1])
+cid = b"snippet"
+var = b"\\x00\\x04MQTT\\x04\\x02\\x00\\x3c" + bytes([0, len(cid)]) + cid
+s.write(bytes([0x10, len(var)]) + var)
+print("connack", s.read(4))
+s.close()
+"""
+    assert "connack b' \\x02\\x00\\x00'" in run_mpy(code, heap="64K")
+    deadline = time.monotonic() + 5
+    while "snippet" not in broker.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "New client connected" in broker.log() and "snippet" in broker.log()
