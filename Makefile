@@ -40,6 +40,14 @@ test: setup mosquitto
 demo: setup
 	@$(VENV)/bin/mpy-blox demo
 
+# Benchmarks: tables on stdout, JSON in bench-results/. `make bench BENCH=mqtt` runs one.
+bench: setup mosquitto
+	@$(PY) bench/run.py $(BENCH)
+
+# The long, exhaustive variants of the tests (e.g. a power cut at every flash write).
+soak: setup mosquitto
+	@$(PY) -m pytest --soak -m soak $(PYTEST_ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check mpy_blox_tools tests scripts
 	$(VENV)/bin/ruff format --check mpy_blox_tools tests scripts

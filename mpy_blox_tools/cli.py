@@ -103,6 +103,20 @@ def _add_vboard(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_vboard_net)
 
 
+def _build(args: argparse.Namespace) -> int:
+    from mpy_blox_tools.build import build
+
+    print(build(platform=args.platform, dev=args.dev))
+    return 0
+
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build", help="build the device wheel into dist/ and print its path")
+    p.add_argument("--platform", choices=("esp32", "unix"), default="esp32")
+    p.add_argument("--dev", action="store_true", help="a dev version, unique to this build")
+    p.set_defaults(func=_build)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from mpy_blox_tools.demo import run_demo
 
@@ -114,7 +128,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_demo)
 
 
-PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_vboard, _add_demo]
+PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_build, _add_vboard, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

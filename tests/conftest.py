@@ -22,6 +22,20 @@ from mpy_blox_tools.vboard.process import RunningBoard
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_addoption(parser):
+    parser.addoption("--soak", action="store_true",
+                     help="also run the long exhaustive tests marked soak (make soak)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--soak"):
+        return
+    skip = pytest.mark.skip(reason="exhaustive variant: run with make soak")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_sessionstart(session):
     if not find_mosquitto():
         pytest.exit(INSTALL_HINT, returncode=3)
