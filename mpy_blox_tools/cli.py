@@ -117,6 +117,24 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_build)
 
 
+def _status(args: argparse.Namespace) -> int:
+    from mpy_blox_tools import fleet
+    from mpy_blox_tools.mqtt import BrokerURL
+
+    broker = BrokerURL.parse(args.broker) if args.broker else BrokerURL.from_settings()
+    devices = fleet.fetch(broker)
+    print(fleet.as_json(devices) if args.json else fleet.format_table(devices))
+    return 0
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="table of the fleet from the retained info/status topics")
+    p.add_argument("--broker", help="mqtt[s]://[user[:password]@]host[:port] "
+                   "(default: from ./settings.json)")
+    p.add_argument("--json", action="store_true", help="JSON for scripts")
+    p.set_defaults(func=_status)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from mpy_blox_tools.demo import run_demo
 
@@ -128,7 +146,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_demo)
 
 
-PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_build, _add_vboard, _add_demo]
+PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_build, _add_status, _add_vboard, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,106 @@
+"""`mpy-blox status`: the fleet as the broker remembers it.
+
+Every device keeps a retained `info` and `status` on `mpypi/nodes/{device_id}/...`
+(DESIGN §4); the will sets `status` to offline when a device vanishes. This reads
+them all and makes one row per device.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+from mpy_blox_tools import mqtt
+
+NODES = "mpypi/nodes/+/"
+
+
+@dataclass
+class Device:
+    device_id: str
+    state: str = "unknown"
+    framework: str = ""
+    packages: dict = field(default_factory=dict)
+    channel: str = ""
+    seq: int | None = None
+    last_update: str = ""
+    error: str = ""
+    mem_free: int | None = None
+    fs_free: int | None = None
+    boot_count: int | None = None
+    last_seen: str = ""
+    info: dict = field(default_factory=dict)
+    status: dict = field(default_factory=dict)
+
+
+def _decode(payload: bytes) -> dict:
+    try:
+        value = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {"_malformed": payload[:80].decode(errors="replace")}
+    return value if isinstance(value, dict) else {"_malformed": str(value)[:80]}
+
+
+def _when(value) -> str:
+    if isinstance(value, (int, float)) and value > 1e9:  # a device with a set clock
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    return ""
+
+
+def devices_from(messages: dict[str, bytes]) -> list[Device]:
+    """Rows from retained {topic: payload} of `mpypi/nodes/+/info|status`."""
+    devices: dict[str, Device] = {}
+    for topic, payload in messages.items():
+        parts = topic.split("/")
+        if len(parts) != 4 or parts[3] not in ("info", "status") or not payload:
+            continue
+        d = devices.setdefault(parts[2], Device(parts[2]))
+        setattr(d, parts[3], _decode(payload))
+    for d in devices.values():
+        info, status = d.info, d.status
+        d.state = status.get("state") or ("online" if info else "unknown")
+        d.framework = str(info.get("framework") or "")
+        d.packages = info.get("packages") or {}
+        d.channel = str(info.get("channel") or "")
+        d.seq = info.get("seq")
+        last = info.get("last_update") or {}
+        d.last_update = str(last.get("result") or "") if isinstance(last, dict) else ""
+        d.error = str(status.get("error") or (last.get("error") if isinstance(last, dict) else "")
+                      or "")
+        d.mem_free, d.fs_free, d.boot_count = (info.get("mem_free"), info.get("fs_free"),
+                                               info.get("boot_count"))
+        d.last_seen = _when(status.get("at")) or _when(info.get("at"))
+    return sorted(devices.values(), key=lambda d: d.device_id)
+
+
+def fetch(broker: mqtt.BrokerURL, quiet: float = 0.5) -> list[Device]:
+    client = mqtt.connect(broker)
+    try:
+        messages = mqtt.collect_retained(client, NODES + "#", quiet=quiet)
+    finally:
+        mqtt.disconnect(client)
+    return devices_from(messages)
+
+
+def _kb(n) -> str:
+    return f"{n // 1024}K" if isinstance(n, int) else "-"
+
+
+def format_table(devices: list[Device]) -> str:
+    if not devices:
+        return "no devices have reported on this broker"
+    header = ("DEVICE", "STATE", "FRAMEWORK", "PACKAGES", "CHANNEL", "LAST UPDATE", "HEAP",
+              "FLASH", "LAST SEEN")
+    rows = [header]
+    for d in devices:
+        others = ", ".join(f"{k} {v}" for k, v in sorted(d.packages.items()) if k != "mpy-blox")
+        result = d.last_update + (f": {d.error}" if d.error else "")
+        rows.append((d.device_id, d.state, d.framework or "-", others or "-", d.channel or "-",
+                     result or "-", _kb(d.mem_free), _kb(d.fs_free), d.last_seen or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def as_json(devices: list[Device]) -> str:
+    return json.dumps([asdict(d) for d in devices], indent=2)

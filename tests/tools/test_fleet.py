@@ -1,0 +1,66 @@
+"""`mpy-blox status`: the fleet table from retained info/status topics."""
+
+from __future__ import annotations
+
+import json
+
+from mpy_blox_tools.cli import main as cli
+
+
+def _publish(client, topic, value):
+    payload = value if isinstance(value, bytes) else json.dumps(value)
+    client.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
+
+
+def test_status_shows_devices_in_several_states(broker, mqtt_client, capsys):
+    c = mqtt_client()
+    base = "mpypi/nodes/esp32-%s/%s"
+    _publish(c, base % ("000000000001", "info"), {
+        "device_id": "esp32-000000000001", "framework": "0.7.0", "channel": "stable",
+        "packages": {"mpy-blox": "0.7.0", "sensors": "1.2"}, "mem_free": 51200,
+        "fs_free": 1048576, "last_update": {"result": "ok"}, "seq": 4})
+    _publish(c, base % ("000000000001", "status"), {"state": "idle"})
+    _publish(c, base % ("000000000002", "info"), {"framework": "0.6.0", "channel": "beta",
+                                                    "last_update": {"result": "failed"}})
+    _publish(c, base % ("000000000002", "status"), {"state": "failed", "error": "sha256 mismatch"})
+    _publish(c, base % ("000000000003", "status"), {"state": "offline"})
+    _publish(c, base % ("000000000004", "status"), b"{not json")
+    url = f"mqtt://{broker.host}:{broker.port}"
+    assert cli(["status", "--broker", url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["DEVICE", "STATE", "FRAMEWORK"]
+    row1 = next(line for line in lines if "000000000001" in line)
+    assert "idle" in row1 and "0.7.0" in row1 and "sensors 1.2" in row1 and "50K" in row1
+    assert "1024K" in row1 and "stable" in row1 and " ok " in row1 + " "
+    row2 = next(line for line in lines if "000000000002" in line)
+    assert "failed: sha256 mismatch" in row2 and "beta" in row2
+    assert "offline" in next(line for line in lines if "000000000003" in line)
+    assert "unknown" in next(line for line in lines if "000000000004" in line)
+
+    assert cli(["status", "--broker", url, "--json"]) == 0
+    data = {d["device_id"]: d for d in json.loads(capsys.readouterr().out)}
+    assert data["esp32-000000000001"]["packages"] == {"mpy-blox": "0.7.0", "sensors": "1.2"}
+    assert data["esp32-000000000002"]["state"] == "failed"
+    for n in range(1, 5):  # leave the session broker clean for other tests
+        for kind in ("info", "status"):
+            c.publish(base % ("%012d" % n, kind), b"", qos=1, retain=True).wait_for_publish(5)
+
+
+def test_status_with_an_unreachable_broker_is_one_clear_line(capsys):
+    from mpy_blox_tools.broker import free_port
+
+    assert cli(["status", "--broker", f"mqtt://127.0.0.1:{free_port()}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mpy-blox: cannot reach the broker at mqtt://127.0.0.1:")
+    assert err.count("\n") == 1
+
+
+def test_status_with_refused_credentials_is_one_clear_line(broker_factory, tmp_path, capsys):
+    import subprocess
+
+    pwfile = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pwfile), "publisher", "right"], check=True)
+    b = broker_factory(f"password_file {pwfile}", allow_anonymous=False)
+    assert cli(["status", "--broker", f"mqtt://publisher:wrong@{b.host}:{b.port}"]) == 1
+    err = capsys.readouterr().err
+    assert "refused the connection: Not authorized" in err and err.count("\n") == 1
