@@ -55,15 +55,15 @@ def wait_for_port(host: str, port: int, timeout: float) -> bool:
 class Mosquitto:
     """A Mosquitto process on 127.0.0.1:`port`, configured in `directory`."""
 
-    host = "127.0.0.1"
-
     def __init__(self, directory: str | Path, *, port: int | None = None, extra_config: str = "",
-                 persistence: bool = True, allow_anonymous: bool = True) -> None:
+                 persistence: bool = True, allow_anonymous: bool = True,
+                 host: str = "127.0.0.1", log_to_stdout: bool = False) -> None:
         self.executable = find_mosquitto()
         if not self.executable:
             raise MpyBloxError(INSTALL_HINT)
         self.dir = Path(directory).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.host = host
         self.port = port or free_port()
         self.config_file = self.dir / "mosquitto.conf"
         self.log_file = self.dir / "mosquitto.log"
@@ -77,7 +77,7 @@ class Mosquitto:
                 f"persistence {'true' if persistence else 'false'}",
                 f"persistence_location {self.dir}/",
                 "autosave_interval 1",
-                f"log_dest file {self.log_file}",
+                "log_dest stdout" if log_to_stdout else f"log_dest file {self.log_file}",
                 "log_type error",
                 "log_type warning",
                 "log_type notice",
@@ -89,6 +89,10 @@ class Mosquitto:
             ])
         )
         self.process: subprocess.Popen | None = None
+
+    def exec_foreground(self) -> None:
+        """Become the broker process (for `mpy-blox broker`): signals reach it directly."""
+        os.execv(self.executable, [self.executable, "-c", str(self.config_file)])
 
     @property
     def url(self) -> str:
@@ -136,3 +140,22 @@ class Mosquitto:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def run_broker(directory: Path, port: int, bind: str, password_file: Path | None) -> int:
+    """`mpy-blox broker`: a local Mosquitto, retained messages kept in `directory`."""
+    extra = ""
+    if password_file:
+        if not password_file.is_file():
+            raise MpyBloxError(f"{password_file}: no such password file (make one with "
+                               "mosquitto_passwd -c FILE USER)")
+        extra = f"password_file {password_file.resolve()}"
+    broker = Mosquitto(directory, port=port, host=bind, extra_config=extra,
+                       allow_anonymous=password_file is None, log_to_stdout=True)
+    print(f"mpy-blox: Mosquitto on {broker.url}, retained messages kept in {broker.dir}",
+          flush=True)
+    if bind not in ("127.0.0.1", "localhost", "::1") and password_file is None:
+        print("mpy-blox: warning: anyone on your network can publish code to your devices; "
+              "use --password-file and see examples/mosquitto/", flush=True)
+    broker.exec_foreground()
+    return 0  # not reached

@@ -135,6 +135,25 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_status)
 
 
+def _broker(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mpy_blox_tools.broker import run_broker
+
+    return run_broker(Path(args.dir), args.port, args.bind,
+                      Path(args.password_file) if args.password_file else None)
+
+
+def _add_broker(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("broker", help="run a local MQTT broker (Mosquitto) for your devices")
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--bind", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0 for devices on your network)")
+    p.add_argument("--dir", default=".mpy-blox/broker", help="where retained messages are kept")
+    p.add_argument("--password-file", help="a mosquitto_passwd file: no anonymous access")
+    p.set_defaults(func=_broker)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from mpy_blox_tools.demo import run_demo
 
@@ -146,7 +165,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_demo)
 
 
-PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_build, _add_status, _add_vboard, _add_demo]
+PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_build, _add_status, _add_broker, _add_vboard, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

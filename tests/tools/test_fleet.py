@@ -64,3 +64,47 @@ def test_status_with_refused_credentials_is_one_clear_line(broker_factory, tmp_p
     assert cli(["status", "--broker", f"mqtt://publisher:wrong@{b.host}:{b.port}"]) == 1
     err = capsys.readouterr().err
     assert "refused the connection: Not authorized" in err and err.count("\n") == 1
+
+
+def test_broker_command_keeps_retained_messages_across_restarts(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    import paho.mqtt.client as mqtt
+
+    from mpy_blox_tools.broker import free_port, wait_for_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "mpy_blox_tools.cli", "broker", "--port", str(port),
+           "--dir", str(tmp_path / "b")]
+
+    def client():
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        return c
+
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert wait_for_port("127.0.0.1", port, 10)
+        c = client()
+        c.publish("mpypi/channels/stable", b"[]", qos=1, retain=True).wait_for_publish(5)
+        c.loop_stop()
+        c.disconnect()
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(10)
+    assert b"retained messages kept in" in p.stdout.read()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        assert wait_for_port("127.0.0.1", port, 10)
+        from mpy_blox_tools import mqtt as host_mqtt
+
+        c = host_mqtt.connect(host_mqtt.BrokerURL("127.0.0.1", port))
+        got = host_mqtt.collect_retained(c, "mpypi/channels/#")
+        host_mqtt.disconnect(c)
+        assert got == {"mpypi/channels/stable": b"[]"}
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(10)
