@@ -1,0 +1,168 @@
+# The app-managed runtime: main.py calls main(); everything runs in one asyncio loop.
+#
+# Boot: settings.json -> logging level -> secure store + /provision.json ->
+# boot_count -> WLAN -> MQTT (info/status on every connect, will = offline) ->
+# update agent (if installed) -> user_main() under the supervisor. Boot waits
+# for WLAN and MQTT only up to wlan.wait_s / mqtt.wait_s (default 30 s each):
+# user code runs without a network too, and both reconnect in the background.
+#
+# User code may read the configuration as `mpy_blox.app.config` (a Config) and
+# reach the MQTT client as `mpy_blox.app.client` (None without MQTT).
+import asyncio
+import gc
+import sys
+
+from mpy_blox import log as logging
+from mpy_blox.log import get_logger
+
+log = get_logger("app")
+
+config = None
+client = None
+node = None
+
+_FATAL_RESET_MS = const(10000)
+
+
+def _boot_count():
+    # Kept in NVS, not on flash: a boot must not cost a flash write.
+    import esp32
+    from mpy_blox.secure import NAMESPACE
+
+    nvs = esp32.NVS(NAMESPACE)
+    try:
+        count = nvs.get_i32("boot_count") + 1
+    except OSError:  # ESP_ERR_NVS_NOT_FOUND: the first boot
+        count = 1
+    try:
+        nvs.set_i32("boot_count", count)
+        nvs.commit()
+    except OSError as e:  # NVS full or worn: not worth stopping the device for
+        log.warning("cannot keep boot_count: %r", e)
+    return count
+
+
+def _configure():
+    from mpy_blox import config as cfg
+    from mpy_blox import provision
+    from mpy_blox.secure import SecureStore
+
+    settings = cfg.load_settings()
+    level = cfg.Config(settings).get_str("logging.level", "INFO")
+    try:
+        logging.set_level(level)
+    except ValueError:
+        log.warning("logging.level %r unknown: using INFO", level)
+    store = SecureStore()
+    store.load()
+    provision.ingest(store)
+    return cfg.Config(settings, store.values)
+
+
+async def _wlan_up(cfg):
+    ssid = cfg.get_str("wlan.ssid")
+    if not ssid:
+        log.info("no wlan.ssid provisioned: using the network as it is")
+        return
+    from mpy_blox import wlan
+
+    up = asyncio.Event()
+    asyncio.create_task(wlan.keep(ssid, cfg.get_str("wlan.psk"), cfg.get_str("hostname"), up))
+    try:
+        await asyncio.wait_for(up.wait(), cfg.get_int("wlan.wait_s", 30))
+    except asyncio.TimeoutError:
+        log.warning("no WLAN yet: carrying on, it keeps retrying")
+
+
+async def _mqtt_up(cfg, nd):
+    server = cfg.get_str("mqtt.server")
+    if not server:
+        log.error("no mqtt.server configured: running without MQTT and updates")
+        return None
+    from mpy_blox.mqtt import MQTTClient, Will
+    from mpy_blox.node import OFFLINE, topic
+
+    c = MQTTClient(
+        nd.device_id, server, cfg.get_int("mqtt.port", 1883),
+        user=cfg.get_str("mqtt.username"), password=cfg.get_str("mqtt.password"),
+        keepalive_s=cfg.get_int("mqtt.keepalive_s", 60),
+        will=Will(topic(nd.device_id, "status"), OFFLINE, retain=True, qos=1),
+        ssl=cfg.get_bool("mqtt.ssl", False), ssl_params=cfg.get_dict("mqtt.ssl_params", {}),
+    )
+    nd.client = c
+    c.add_connect_callback(nd.on_connect)
+    c.start()
+    try:
+        await asyncio.wait_for(c.connected(), cfg.get_int("mqtt.wait_s", 30))
+    except asyncio.TimeoutError:
+        log.warning("MQTT not connected yet: carrying on, it keeps retrying")
+    return c
+
+
+async def _agent_up(c, cfg, nd):
+    try:
+        from mpy_blox.update import agent
+    except ImportError as e:
+        if "mpy_blox.update" not in str(e):
+            raise
+        log.info("no update agent installed")
+        return
+    await agent.start(c, cfg, nd)
+
+
+async def _run():
+    global config, client, node
+    from mpy_blox.node import Node, device_id
+    from mpy_blox.supervisor import Supervisor
+
+    config = _configure()
+    node = Node(device_id(), config, _boot_count())
+    log.info("%s boot %d", node.device_id, node.boot_count)
+    await _wlan_up(config)
+    try:
+        client = await _mqtt_up(config, node)
+    except Exception as e:  # noqa: BLE001  (no MQTT is no reason to stop user code)
+        log.exception("MQTT failed to start", e)
+    if client is not None:
+        try:
+            await _agent_up(client, config, node)
+        except Exception as e:  # noqa: BLE001  (a broken agent must not stop the device)
+            log.exception("update agent failed to start", e)
+
+    async def safe_mode(reason):
+        node.safe_mode = reason
+        await node.publish_info()
+        await node.publish_status("safe_mode")
+
+    sup = Supervisor(config, safe_mode)
+    asyncio.get_event_loop().set_exception_handler(sup.handle_exception)
+    gc.collect()
+    log.info("booted; free heap %d bytes", gc.mem_free())
+    await sup.run()
+    while True:  # the background tasks (WLAN, MQTT, agent) keep the device going
+        await asyncio.sleep(3600)
+
+
+def main():
+    """Run the device forever; on any unexpected error, log it and reset."""
+    try:
+        asyncio.run(_run())
+    except KeyboardInterrupt:
+        raise  # Ctrl-C over USB (mpremote) must reach the REPL
+    except BaseException as e:  # noqa: BLE001  (the device must never stop at a REPL)
+        _fatal(e)
+
+
+def _fatal(exc):
+    import machine
+    import time
+
+    try:
+        gc.collect()
+        log.exception("fatal: %r; reset in %d s", exc, exc, _FATAL_RESET_MS // 1000)
+        time.sleep_ms(_FATAL_RESET_MS)  # a pause that leaves time to Ctrl-C in
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # noqa: BLE001  (even logging may fail out of memory)
+        pass
+    machine.reset()

@@ -1,0 +1,100 @@
+# This device on MQTT: its id, and its retained `info` and `status` topics
+# (DESIGN §4). The runtime publishes both on every (re)connect; the update agent
+# adds its own info fields to `info_extra` and reports through publish_status().
+#
+#   info   {"device_id": "esp32-840d8ed29760", "platform": "esp32",
+#           "micropython": "1.22.2", "framework": "0.1.0", "hostname": "mpy-blox",
+#           "channel": "stable", "auto_update": true, "boot_count": 12,
+#           "mem_free": 61234, "fs_free": 1830912, "safe_mode": false,
+#           ... plus the agent's "packages", "src", "seq", "last_update"}
+#   status {"state": "online"}   or, in safe mode,
+#          {"state": "safe_mode", "safe_mode": true, "error": "user_main failed 5 times in 60 s"}
+#   will   {"state": "offline"}  (retained, set by the broker when the link dies)
+import gc
+import json
+import os
+
+from mpy_blox.log import get_logger
+
+log = get_logger("node")
+
+OFFLINE = b'{"state": "offline"}'
+
+
+def device_id():
+    """'esp32-' and the lower-case hex of machine.unique_id() (the base MAC)."""
+    import binascii
+    import machine
+
+    return "esp32-" + binascii.hexlify(machine.unique_id()).decode()
+
+
+def topic(dev_id, leaf):
+    return "mpypi/nodes/%s/%s" % (dev_id, leaf)
+
+
+def _fs_free():
+    try:
+        st = os.statvfs("/")
+        return st[1] * st[4]  # fragment size * blocks free to us
+    except OSError:
+        return None
+
+
+class Node:
+    def __init__(self, dev_id, config, boot_count=None):
+        self.device_id = dev_id
+        self.config = config
+        self.boot_count = boot_count
+        self.client = None
+        self.safe_mode = None  # the reason, once the supervisor gave up on user code
+        self.info_extra = {}  # fields owned by the update agent
+
+    def info(self):
+        import mpy_blox
+
+        u = os.uname()
+        gc.collect()
+        info = {
+            "device_id": self.device_id,
+            "platform": u.sysname,
+            "micropython": u.release,
+            "framework": mpy_blox.__version__,
+            "hostname": self.config.get_str("hostname"),
+            "channel": self.config.get_str("update.channel", "stable"),
+            "auto_update": self.config.get_bool("update.auto_update", True),
+            "boot_count": self.boot_count,
+            "mem_free": gc.mem_free(),
+            "fs_free": _fs_free(),
+            "safe_mode": self.safe_mode is not None,
+        }
+        info.update(self.info_extra)
+        return info
+
+    async def _publish(self, leaf, payload):
+        client = self.client
+        if client is None or not client.is_connected:
+            return False
+        try:
+            await client.publish(topic(self.device_id, leaf), payload, retain=True, qos=1)
+            return True
+        except OSError as e:  # MQTTError: the link went away; the next connect republishes
+            log.warning("cannot publish %s: %r", leaf, e)
+            return False
+
+    async def publish_info(self):
+        return await self._publish("info", json.dumps(self.info()))
+
+    async def publish_status(self, state, **fields):
+        """Publish `status`; while in safe mode, online/idle read as safe_mode."""
+        if self.safe_mode is not None:
+            fields["safe_mode"] = True
+            if state in ("online", "idle", "safe_mode"):
+                state = "safe_mode"
+                fields.setdefault("error", self.safe_mode)
+        fields["state"] = state
+        return await self._publish("status", json.dumps(fields))
+
+    async def on_connect(self):
+        await self.publish_info()
+        await self.publish_status("online")

@@ -1,0 +1,120 @@
+# Runs the user's `async def user_main()` and keeps the device alive around it.
+#
+# - user_main.py missing: logged once, the device runs without user code.
+# - user_main (or a task it started and nobody awaits) raises: logged with its
+#   traceback, restarted after a delay that doubles (app.restart_delay_ms, up
+#   to 60 s).
+# - MemoryError: as above, after gc.collect() and a log line with the free heap;
+#   the fail-safe of the seed: the user tasks start again on a clean heap.
+# - a crash loop, app.crash_limit failures within app.crash_window_s seconds
+#   (default 5 in 60): safe mode. User code is not started again until the next
+#   reset; MQTT and the update agent stay up so a fixed user_main.py can be
+#   pushed over the air (the agent resets the board after installing it).
+# - user_main returning: logged; not restarted.
+import asyncio
+import gc
+import sys
+import time
+
+from mpy_blox.log import get_logger
+
+_MAX_DELAY_MS = const(60000)
+
+log = get_logger("user_main")
+
+
+class Supervisor:
+    def __init__(self, config, on_safe_mode=None, module="user_main"):
+        self.module = module
+        self.limit = max(1, config.get_int("app.crash_limit", 5))
+        self.window_ms = config.get_int("app.crash_window_s", 60) * 1000
+        self.delay_ms = max(0, config.get_int("app.restart_delay_ms", 1000))
+        self.on_safe_mode = on_safe_mode  # async fn(reason)
+        self.safe_mode = None  # the reason, once in safe mode
+        self.failures = []  # ticks_ms of recent failures, at most `limit`
+        self._user = None  # the running user_main task
+        self._crashed = None  # an exception of a user task, seen by the loop handler
+
+    def _load(self):
+        sys.modules.pop(self.module, None)  # a restart reimports a fixed file
+        try:
+            mod = __import__(self.module)
+        except ImportError as e:
+            if ("'%s'" % self.module) not in str(e):
+                raise  # user_main.py exists but imports something missing
+            log.warning("no %s.py: running without user code", self.module)
+            return None
+        fn = getattr(mod, self.module, None)
+        if fn is None:
+            raise AttributeError("%s.py has no %s()" % (self.module, self.module))
+        return fn
+
+    def handle_exception(self, loop, context):
+        # The loop's handler: a task nobody awaits died. Framework tasks handle
+        # their own errors, so this is user code: restart the user tasks.
+        exc = context.get("exception")
+        if isinstance(exc, Exception):
+            self._crashed = exc
+            if self._user is not None:
+                self._user.cancel()  # run() reports it and restarts
+            else:
+                log.exception("a user task failed: %r", exc, exc)
+        else:
+            log.error("%s", context.get("message"))
+
+    def _failed(self, now):
+        self.failures.append(now)
+        if len(self.failures) > self.limit:
+            self.failures.pop(0)
+        return (
+            len(self.failures) >= self.limit
+            and time.ticks_diff(now, self.failures[0]) <= self.window_ms
+        )
+
+    async def run(self):
+        """Supervise user_main until it returns, is missing, or safe mode starts."""
+        delay_ms = self.delay_ms
+        started = time.ticks_ms()
+        while True:
+            self._crashed = None
+            try:
+                fn = self._load()
+                if fn is None:
+                    return
+                log.info("starting")
+                started = time.ticks_ms()
+                self._user = asyncio.create_task(fn())
+                await self._user
+                log.info("returned; not restarted")
+                return
+            except asyncio.CancelledError:
+                exc = self._crashed
+                if exc is None:
+                    raise  # we were cancelled ourselves
+            except Exception as e:  # noqa: BLE001  (the supervisor is the catch-all)
+                exc = e
+            finally:
+                self._user = None
+            self._report(exc)
+            now = time.ticks_ms()
+            if time.ticks_diff(now, started) > self.window_ms:
+                delay_ms = self.delay_ms  # it ran well for a while: start backing off anew
+            if self._failed(now):
+                self.safe_mode = "user_main failed %d times in %d s" % (
+                    self.limit, self.window_ms // 1000)
+                log.error("safe mode: %s; user code stays stopped until reset", self.safe_mode)
+                if self.on_safe_mode is not None:
+                    await self.on_safe_mode(self.safe_mode)
+                return
+            log.info("restarting in %d ms", delay_ms)
+            await asyncio.sleep_ms(delay_ms)
+            delay_ms = min(delay_ms * 2, _MAX_DELAY_MS)
+
+    def _report(self, exc):
+        if isinstance(exc, MemoryError):
+            gc.collect()
+            log.error("out of memory; free heap after collect: %d bytes", gc.mem_free())
+            sys.print_exception(exc)
+        else:
+            log.exception("failed: %r", exc, exc)
+
