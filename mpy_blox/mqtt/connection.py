@@ -1,0 +1,155 @@
+# One TCP (or TLS) connection to the broker: opening it without leaking the
+# socket, a buffered reader that knows how long it has been starved, and a
+# writer that sends each packet whole.
+import asyncio
+import errno
+import socket
+import time
+
+from micropython import const
+
+from mpy_blox.mqtt import packet
+from mpy_blox.mqtt.errors import MQTTError
+
+_CONTROL_MAX = const(8)  # the longest non-PUBLISH packet we accept (CONNACK, SUBACK, ...)
+
+
+async def open_connection(host, port, ssl_context=None, server_hostname=None, buffer_size=1024):
+    # asyncio.open_connection() leaks the socket when connect() fails at once
+    # (MicroPython 1.22-1.29): open it here so every failure path closes it.
+    ai = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+    sock = socket.socket(ai[0], ai[1], ai[2])
+    ok = False
+    try:
+        sock.setblocking(False)
+        try:
+            sock.connect(ai[-1])
+        except OSError as e:
+            if e.errno != errno.EINPROGRESS:
+                raise
+        if ssl_context is not None:
+            # The handshake runs, non-blocking, inside the first write and reads.
+            sock = ssl_context.wrap_socket(sock, server_hostname=server_hostname or host,
+                                           do_handshake_on_connect=False)
+            sock.setblocking(False)
+        conn = Connection(sock, buffer_size)
+        ok = True
+        return conn
+    finally:
+        if not ok:
+            sock.close()
+
+
+class Connection:
+    def __init__(self, sock, buffer_size):
+        self._sock = sock
+        self._stream = asyncio.StreamReader(sock)
+        self._lock = asyncio.Lock()
+        self._buf = bytearray(buffer_size)
+        self._mv = memoryview(self._buf)
+        self._start = self._end = 0  # unread bytes are _buf[_start:_end]
+        self._control = memoryview(bytearray(_CONTROL_MAX))
+        self._waiting = False
+        self._wait_ms = 0
+        self.error = None  # the first read error: every later read raises it again
+        self.tx_ms = time.ticks_ms()
+
+    def fileno(self):
+        return self._sock.fileno() if hasattr(self._sock, "fileno") else -1
+
+    def close(self):
+        self._sock.close()
+
+    def starved_ms(self):
+        """How long a read has waited for the socket without a byte (0 if none waits)."""
+        if not self._waiting:
+            return 0  # a busy handler is not a dead connection
+        return time.ticks_diff(time.ticks_ms(), self._wait_ms)
+
+    # -- writing -------------------------------------------------------------
+
+    async def send(self, data, payload=None):
+        """Send one packet (a header and an optional payload) without interleaving."""
+        async with self._lock:
+            self._stream.write(data)
+            if payload:
+                self._stream.write(payload)
+            await self._stream.drain()
+            self.tx_ms = time.ticks_ms()
+
+    # -- reading -------------------------------------------------------------
+
+    async def _recv(self, mv):
+        # One socket read into mv; at least one byte or an error.
+        if self.error is not None:
+            raise self.error
+        self._waiting = True
+        self._wait_ms = time.ticks_ms()
+        try:
+            while True:
+                n = await self._stream.readinto(mv)
+                if n is None:
+                    continue  # TLS: a record is not complete yet
+                if not n:
+                    raise MQTTError("connection closed by the broker")
+                return n
+        except Exception as e:
+            self.error = e
+            raise
+        finally:
+            self._waiting = False
+
+    async def readinto(self, mv):
+        """Read 1 to len(mv) bytes into the memoryview mv."""
+        avail = self._end - self._start
+        if not avail:
+            if len(mv) >= len(self._buf):
+                return await self._recv(mv)  # big reads go straight to the caller
+            self._start = 0
+            self._end = avail = await self._recv(self._mv)
+        n = min(avail, len(mv))
+        mv[:n] = self._mv[self._start : self._start + n]
+        self._start += n
+        return n
+
+    async def readexactly(self, mv):
+        got = 0
+        while got < len(mv):
+            got += await self.readinto(mv[got:])
+
+    async def skip(self, n):
+        while n:
+            avail = self._end - self._start
+            if not avail:
+                self._start = 0
+                self._end = avail = await self._recv(self._mv)
+            k = min(avail, n)
+            self._start += k
+            n -= k
+
+    async def read_byte(self):
+        if self._start == self._end:
+            self._start = 0
+            self._end = await self._recv(self._mv)
+        self._start += 1
+        return self._buf[self._start - 1]
+
+    async def read_u16(self):
+        return (await self.read_byte()) << 8 | (await self.read_byte())
+
+    async def read_header(self):
+        """(first byte, remaining length) of the next packet."""
+        first = await self.read_byte()
+        length = 0
+        i = 0
+        more = True
+        while more:
+            length, more = packet.length_byte(length, await self.read_byte(), i)
+            i += 1
+        return first, length
+
+    async def read_control(self, length):
+        """The body of a short packet, in a fixed buffer valid until the next call."""
+        mv = self._control[:length]
+        await self.readexactly(mv)
+        return mv

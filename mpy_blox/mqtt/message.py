@@ -1,0 +1,66 @@
+# A received PUBLISH as the handler sees it: its header fields and a bounded
+# reader over the payload, which is still in the socket.
+#
+# The payload never sits in RAM as a whole: the handler pulls it through its own
+# buffer with readinto(), or takes it in one piece with read(max_size) when it
+# knows it is small. Whatever the handler leaves is drained by the client.
+from mpy_blox.mqtt.errors import MQTTError
+
+
+class Message:
+    def __init__(self, source, topic, size, qos, retain, dup):
+        self._source = source  # the connection's Input; None once the handler returned
+        self.topic = topic
+        self.size = size
+        self.qos = qos
+        self.retain = bool(retain)
+        self.dup = dup
+        self.remaining = size
+
+    def __repr__(self):
+        return "<Message %s %d bytes qos=%d retain=%s>" % (
+            self.topic, self.size, self.qos, self.retain)
+
+    def _input(self):
+        if self._source is None:
+            # The connection has moved on to the next packet: these bytes are gone.
+            raise MQTTError("message read after its handler returned")
+        return self._source
+
+    async def readinto(self, buf):
+        """Read up to len(buf) payload bytes into buf; 0 at the end of the payload."""
+        if not self.remaining:
+            return 0
+        mv = memoryview(buf)
+        if len(mv) > self.remaining:
+            mv = mv[: self.remaining]
+        n = await self._input().readinto(mv)
+        self.remaining -= n
+        return n
+
+    async def read(self, max_size):
+        """The rest of the payload as bytes, for small messages only.
+
+        Raises ValueError, reading nothing, if it is over max_size bytes.
+        """
+        if self.remaining > max_size:
+            raise ValueError("%d-byte payload over the %d-byte cap" % (self.remaining, max_size))
+        buf = bytearray(self.remaining)
+        mv = memoryview(buf)
+        got = 0
+        while got < len(buf):
+            got += await self.readinto(mv[got:])
+        return bytes(buf)
+
+    async def skip(self):
+        """Drain the rest of the payload."""
+        if self.remaining:
+            await self._input().skip(self.remaining)
+            self.remaining = 0
+
+    async def _finish(self):
+        # Called by the client after the handler: drain, then cut the handler off.
+        try:
+            await self.skip()
+        finally:
+            self._source = None
