@@ -117,6 +117,20 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_build)
 
 
+def _publish(args: argparse.Namespace) -> int:
+    from mpy_blox_tools import publish
+
+    return publish.run(args)
+
+
+def _add_publish(sub: argparse._SubParsersAction) -> None:
+    from mpy_blox_tools.publish import add_arguments
+
+    p = sub.add_parser("publish", help="publish an update to a channel or to devices")
+    add_arguments(p)
+    p.set_defaults(func=_publish)
+
+
 def _status(args: argparse.Namespace) -> int:
     from mpy_blox_tools import fleet
     from mpy_blox_tools.mqtt import BrokerURL
@@ -165,7 +179,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_demo)
 
 
-PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_build, _add_status, _add_broker, _add_vboard, _add_demo]
+PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_build, _add_publish, _add_status, _add_broker, _add_vboard, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,144 @@
+"""Publishing: packages retained by SHA256 before a signed list with a growing seq."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mpy_blox.update import manifest
+from mpy_blox_tools import mqtt, publish
+from mpy_blox_tools.cli import main as cli
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = "k" * 64
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(publish, "STATE_DIR", tmp_path / "state")
+    monkeypatch.chdir(tmp_path)  # no settings.json here: defaults apply
+    return tmp_path / "state"
+
+
+def _retained(broker, topic_filter):
+    c = mqtt.connect(mqtt.BrokerURL(broker.host, broker.port))
+    try:
+        return mqtt.collect_retained(c, topic_filter)
+    finally:
+        mqtt.disconnect(c)
+
+
+def _clear(broker, topics):
+    c = mqtt.connect(mqtt.BrokerURL(broker.host, broker.port))
+    for t in topics:
+        c.publish(t, b"", qos=1, retain=True).wait_for_publish(5)
+    mqtt.disconnect(c)
+
+
+def test_publish_puts_packages_then_a_signed_list_the_device_module_accepts(broker, tmp_path):
+    (tmp_path / "key").write_text(KEY + "\n")
+    (tmp_path / "user_main.py").write_text("async def user_main():\n    pass\n")
+    url = f"mqtt://{broker.host}:{broker.port}"
+    assert cli(["publish", "--broker", url, "--channel", "t1", "--key-file", "key",
+                "--extra-src-files", "user_main.py", "user_main.py:app/main2.py"]) == 0
+    lists = _retained(broker, "mpypi/channels/t1")
+    seq, entries = manifest.decode_list(lists["mpypi/channels/t1"], KEY.encode(), "channels/t1")
+    assert seq >= 1
+    kinds = [(e["type"], e.get("name") or e.get("path")) for e in entries]
+    assert kinds == [("wheel", "mpy-blox"), ("src", "user_main.py"), ("src", "app/main2.py")]
+    packages = _retained(broker, "mpypi/packages/#")
+    for e in entries:
+        data = packages[manifest.package_topic(e)]
+        assert hashlib.sha256(data).hexdigest() == e["pkg_sha256"] and len(data) == e["size"]
+    with pytest.raises(manifest.InvalidUpdate, match="bad signature"):
+        manifest.decode_list(lists["mpypi/channels/t1"], b"another-key-entirely", None)
+    _clear(broker, ["mpypi/channels/t1"])
+
+
+def test_seq_grows_across_publishes_and_across_workstations(broker, tmp_path, monkeypatch):
+    (tmp_path / "key").write_text(KEY)
+    url = f"mqtt://{broker.host}:{broker.port}"
+    args = ["publish", "--broker", url, "--key-file", "key"]
+    assert cli([*args, "--channel", "t2"]) == 0
+    first = publish._seq_of(_retained(broker, "mpypi/channels/t2")["mpypi/channels/t2"])
+    # Another workstation: no local state, but it sees the retained lists.
+    monkeypatch.setattr(publish, "STATE_DIR", tmp_path / "other-workstation")
+    assert cli([*args, "--device-ids", "esp32-00000000000a", "esp32-00000000000b"]) == 0
+    cmds = _retained(broker, "mpypi/nodes/+/cmd")
+    seqs = {publish._seq_of(cmds[f"mpypi/nodes/esp32-00000000000{x}/cmd"]) for x in "ab"}
+    assert seqs == {first + 1}
+    seq, _ = manifest.decode_list(cmds["mpypi/nodes/esp32-00000000000a/cmd"], KEY.encode(),
+                                  "nodes/esp32-00000000000a/cmd")
+    with pytest.raises(manifest.InvalidUpdate, match="list is for"):
+        # a command for one device is not valid on another's topic
+        manifest.decode_list(cmds["mpypi/nodes/esp32-00000000000a/cmd"], KEY.encode(),
+                             "nodes/esp32-00000000000b/cmd")
+    _clear(broker, ["mpypi/channels/t2", "mpypi/nodes/esp32-00000000000a/cmd",
+                    "mpypi/nodes/esp32-00000000000b/cmd"])
+
+
+def test_a_foreign_wheel_is_repacked_and_published_with_its_own_name(broker, tmp_path):
+    import zipfile
+
+    src = tmp_path / "sensors-1.2.0-py3-none-any.whl"
+    with zipfile.ZipFile(src, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("sensors/__init__.py", "X = 1\n" * 500)
+        z.writestr("sensors-1.2.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: sensors\nVersion: 1.2.0\n")
+        z.writestr("sensors-1.2.0.dist-info/WHEEL", "Wheel-Version: 1.0\nTag: py3-none-any\n")
+        z.writestr("sensors-1.2.0.dist-info/RECORD", "")
+    pkg = publish.wheel_package(src)
+    assert pkg.entry["name"] == "sensors" and pkg.entry["version"] == "1.2.0"
+    assert pkg.entry["tag"] == "py3-none-any"
+    assert pkg.data != src.read_bytes()  # re-deflated with the device window
+    assert publish.wheel_package(src).data == pkg.data  # deterministic
+
+
+def test_unsigned_publish_uses_the_seed_format(broker, tmp_path):
+    url = f"mqtt://{broker.host}:{broker.port}"
+    assert cli(["publish", "--broker", url, "--channel", "t3"]) == 0
+    payload = _retained(broker, "mpypi/channels/t3")["mpypi/channels/t3"]
+    assert payload.startswith(b"[")
+    seq, entries = manifest.decode_list(payload)
+    assert seq is None and entries[0]["name"] == "mpy-blox"
+    _clear(broker, ["mpypi/channels/t3"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--extra-src-files", "missing.py"], "missing.py: no such file"),
+    (["--extra-src-files", "user_main.py:a/+/b.py"], "unsafe character '+'"),
+    (["--extra-src-files", "user_main.py:x/#"], "unsafe character '#'"),
+    (["--extra-src-files", "user_main.py:../etc/passwd"], "unsafe path"),
+    (["--extra-src-files", "user_main.py:/abs.py"], "absolute path"),
+    (["--extra-src-files", "user_main.py:main.py"], "reserved path"),
+    (["--key-file", "nokey"], "key file nokey: no such file"),
+    (["--key-file", "shortkey"], "expected one line of at least 16 characters"),
+    (["--wheel", "not-a-wheel.whl"], "not a readable wheel"),
+])
+def test_bad_input_is_one_clear_line_and_publishes_nothing(broker, tmp_path, capsys, extra, message):
+    (tmp_path / "user_main.py").write_text("pass\n")
+    (tmp_path / "shortkey").write_text("abc\n")
+    (tmp_path / "not-a-wheel.whl").write_text("hello")
+    url = f"mqtt://{broker.host}:{broker.port}"
+    assert cli(["publish", "--broker", url, "--channel", "bad", *extra]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("mpy-blox: ")
+    assert _retained(broker, "mpypi/channels/bad") == {}
+
+
+def test_unreachable_broker_and_refused_login_are_one_clear_line(broker_factory, tmp_path):
+    from mpy_blox_tools.broker import free_port
+
+    pw = tmp_path / "pw"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pw), "publisher", "right"], check=True)
+    b = broker_factory(f"password_file {pw}", allow_anonymous=False)
+    script = [sys.executable, str(REPO / "scripts" / "publish_ota_update.py"), "--channel", "x"]
+    for url, message in [(f"mqtt://127.0.0.1:{free_port()}", "cannot reach the broker"),
+                         (f"mqtt://publisher:wrong@{b.host}:{b.port}", "refused the connection")]:
+        proc = subprocess.run([*script, "--broker", url], capture_output=True, text=True,
+                              cwd=tmp_path)
+        assert proc.returncode == 1
+        assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
