@@ -7,7 +7,9 @@ small window (DEVICE_WBITS), written deterministically (sorted entries, fixed
 timestamps) so the same files always give the same bytes and the same SHA256.
 
 The zip is written here rather than with `zipfile` because `zipfile` offers no way to
-choose the deflate window.
+choose the deflate window. A raw deflate stream does not say how large a window it
+needs, so the archive comment declares it: `wbits=10` (docs/protocol.md); a device
+refuses a wheel whose window does not fit its free heap before it allocates it.
 """
 
 from __future__ import annotations
@@ -78,9 +80,10 @@ def write_zip(path: Path, files: dict[str, bytes], wbits: int = DEVICE_WBITS) ->
         central += raw
     if len(local) > 0xFFFFFFFF or len(names) > 0xFFFF:
         raise MpyBloxError("wheel too large for a zip without zip64")
+    comment = b"wbits=%d" % wbits
     end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(names), len(names), len(central),
-                      len(local), 0)
-    path.write_bytes(bytes(local + central + end))
+                      len(local), len(comment))
+    path.write_bytes(bytes(local + central + end + comment))
 
 
 def wheel_name(distribution: str, version: str, tag: str) -> str:

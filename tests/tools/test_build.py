@@ -42,6 +42,7 @@ def test_the_wheel_is_a_correct_wheel_for_cpython_zipfile(tmp_path):
     path = build.build(out_dir=tmp_path, version="1.2.3")
     with zipfile.ZipFile(path) as z:
         assert z.testzip() is None
+        assert z.comment == b"wbits=%d" % wheel.DEVICE_WBITS  # the window, for the device
         names = z.namelist()
         assert names[-1] == "mpy_blox-1.2.3.dist-info/RECORD"
         assert "mpy_blox/__init__.mpy" in names and "mpy_blox/log.mpy" in names
