@@ -1,0 +1,161 @@
+"""The app-managed runtime on a virtual board against real Mosquitto: boot with bad or
+missing files, user_main failures, the memory fail-safe, safe mode, WLAN and heap."""
+
+import re
+
+FAST_RESTARTS = {"app": {"crash_limit": 3, "crash_window_s": 60, "restart_delay_ms": 50}}
+
+RAISING = """
+import asyncio
+async def user_main():
+    print("USER start")
+    await asyncio.sleep_ms(200)
+    raise RuntimeError("user bug")
+"""
+
+RAISES_TWICE_THEN_RUNS = """
+import asyncio, os
+async def user_main():
+    try:
+        n = int(open("/runs").read())
+    except OSError:
+        n = 0
+    with open("/runs", "w") as f:
+        f.write(str(n + 1))
+    print("USER run %d" % (n + 1))
+    if n < 2:
+        raise ValueError("not yet")
+    while True:
+        await asyncio.sleep(1)
+"""
+
+OUT_OF_MEMORY_ONCE = """
+import asyncio
+import mpy_blox.app
+hog = []
+async def user_main():
+    first = not hasattr(mpy_blox.app, "_oom_seen")
+    mpy_blox.app._oom_seen = True
+    print("USER start, first=%s" % first)
+    if first:
+        while True:
+            hog.append(bytearray(4096))  # until the heap is gone
+    hog.clear()
+    while True:
+        await asyncio.sleep(1)
+"""
+
+CRASHING_BACKGROUND_TASK = """
+import asyncio
+async def _worker():
+    await asyncio.sleep_ms(100)
+    raise OSError("sensor gone")
+async def user_main():
+    print("USER start")
+    asyncio.create_task(_worker())  # nobody awaits it
+    while True:
+        await asyncio.sleep(1)
+"""
+
+
+def test_malformed_settings_boot_with_defaults_and_one_clear_line(
+        app_board, boards, broker, watch):
+    # The broker comes from the secure store, which overrides settings.json: a
+    # provisioned device stays reachable even when its settings.json is broken.
+    board = app_board('{"mqtt": {"server": "127.0.0.1", "port": 18', {
+        "mqtt.server": broker.host, "mqtt.port": broker.port})
+    w = watch(board)
+    rb = boards.start(board)
+    rb.wait_for(r"USER up")
+    w.wait("status", state="online")
+    lines = [l for l in rb.console().splitlines() if "settings.json" in l]
+    assert len(lines) == 1 and "settings.json is malformed" in lines[0] and "using defaults" in lines[0]
+
+
+def test_missing_user_main_is_said_once_and_the_board_stays_on_mqtt(
+        app_board, boards, broker, watch, settings_for):
+    board = app_board(settings_for(broker), user_main=None)
+    w = watch(board)
+    rb = boards.start(board)
+    rb.wait_for(r"booted; free heap \d+ bytes")
+    w.wait("status", state="online")
+    assert len(re.findall(r"no user_main.py: running without user code", rb.console())) == 1
+
+
+def test_raising_user_main_is_logged_with_traceback_and_restarted(
+        app_board, boards, broker, settings_for):
+    board = app_board(settings_for(broker, **FAST_RESTARTS), user_main=RAISES_TWICE_THEN_RUNS)
+    rb = boards.start(board)
+    rb.wait_for(r"USER run 3")
+    out = rb.console()
+    assert out.count("user_main: failed: ValueError('not yet',)") == 2
+    assert out.count("in user_main\nValueError: not yet") == 2  # with its traceback
+    assert "restarting in 50 ms" in out and "restarting in 100 ms" in out  # backoff
+    assert "safe mode" not in out
+
+
+def test_memory_error_in_user_code_collects_logs_free_heap_and_restarts(
+        app_board, boards, broker, settings_for, watch):
+    board = app_board(settings_for(broker, **FAST_RESTARTS), user_main=OUT_OF_MEMORY_ONCE)
+    w = watch(board)
+    rb = boards.start(board)
+    rb.wait_for(r"USER start, first=False")
+    m = re.search(r"user_main: out of memory; free heap after collect: (\d+) bytes", rb.console())
+    assert m and int(m.group(1)) > 20000
+    w.wait("status", state="online")
+
+
+def test_an_unawaited_user_task_crashing_restarts_user_main(
+        app_board, boards, broker, settings_for):
+    board = app_board(settings_for(broker, **FAST_RESTARTS), user_main=CRASHING_BACKGROUND_TASK)
+    rb = boards.start(board)
+    rb.wait_for(r"USER start", count=2)
+    assert "user_main: failed: OSError('sensor gone',)" in rb.console()
+
+
+def test_crash_loop_enters_safe_mode_with_mqtt_still_up(
+        app_board, boards, broker, settings_for, watch):
+    board = app_board(settings_for(broker, **FAST_RESTARTS), user_main=RAISING)
+    w = watch(board)
+    rb = boards.start(board)
+    rb.wait_for(r"safe mode: user_main failed 3 times in 60 s")
+    status = w.wait("status", state="safe_mode")
+    assert status["safe_mode"] is True and "failed 3 times" in status["error"]
+    assert w.wait("info", safe_mode=True)["device_id"] == board.device_id
+    rb.wait_for(r"X^", timeout=2) if False else None
+    out = rb.console()
+    assert out.count("USER start") == 3  # user code is not started again
+    assert w.latest["status"]["state"] == "safe_mode"  # no will: still connected
+
+
+def test_wlan_down_at_boot_connects_when_the_network_returns(
+        app_board, boards, broker, settings_for, watch):
+    board = app_board(settings_for(broker), {"wlan.ssid": "testnet", "wlan.psk": "good-psk"},
+                      wlan={"ssid": "testnet", "psk": "good-psk"})
+    board.set_network(False)
+    rb = boards.start(board)
+    rb.wait_for(r"wlan: cannot connect to 'testnet': no access point found; retry in 1 s")
+    rb.wait_for(r"retry in 2 s")
+    assert "wlan: connected" not in rb.console()
+    board.set_network(True)
+    rb.wait_for(r"wlan: connected to 'testnet', address 127.0.0.1")
+    rb.wait_for(r"USER up")
+
+
+def test_wrong_wlan_password_is_reported_clearly(app_board, boards, broker, settings_for):
+    board = app_board(settings_for(broker), {"wlan.ssid": "testnet", "wlan.psk": "bad-psk"},
+                      wlan={"ssid": "testnet", "psk": "good-psk"})
+    rb = boards.start(board)
+    rb.wait_for(r"wlan: cannot connect to 'testnet': wrong password; retry in 2 s")
+
+
+def test_the_app_boots_and_idles_in_a_100k_heap(app_board, boards, broker, settings_for, watch):
+    example = (app_board.__globals__["REPO"] / "examples" / "user_main.py").read_text()
+    board = app_board(settings_for(broker), user_main=example)
+    w = watch(board)
+    rb = boards.start(board, heap="100K")
+    m = rb.wait_for(r"booted; free heap (\d+) bytes")
+    w.wait("status", state="online")
+    rb.wait_for(r"user_main is alive 1")
+    print("free heap after boot on a 100K board:", m.group(1))
+    assert int(m.group(1)) > 16 * 1024
