@@ -10,7 +10,16 @@ PY := $(VENV)/bin/python
 POETRY := $(VENV)/bin/poetry
 INSTALLED := $(VENV)/.installed
 
+DEVICE ?=
+SETTINGS ?= settings.json
+PROVISION ?= provision.json
+USER_MAIN ?= user_main.py
+DEPLOY = $(PY) -m mpy_blox_tools.deploy $(if $(DEVICE),--device $(DEVICE)) \
+	--settings $(SETTINGS) --provision $(PROVISION) --user-main $(USER_MAIN)
+MPREMOTE = $(VENV)/bin/mpremote $(if $(DEVICE),connect $(DEVICE))
+
 .PHONY: setup test demo bench soak lint mosquitto clean
+.PHONY: deploy-lib deploy-app deploy-user provision unprovision purge-lib repl mounted-repl
 
 setup: $(INSTALLED)
 
@@ -47,6 +56,34 @@ bench: setup mosquitto
 # The long, exhaustive variants of the tests (e.g. a power cut at every flash write).
 soak: setup mosquitto
 	@$(PY) -m pytest --soak -m soak $(PYTEST_ARGS)
+
+# -- a device over its serial port (DEVICE=/dev/ttyUSB0, /dev/cu.usbserial-0001, COM4) --
+
+deploy-lib: setup
+	@$(DEPLOY) lib
+
+deploy-app: setup
+	@$(DEPLOY) app
+
+deploy-user: setup
+	@$(DEPLOY) user
+
+provision: setup
+	@$(DEPLOY) provision
+
+unprovision: setup
+	@$(DEPLOY) unprovision
+
+purge-lib: setup
+	@$(DEPLOY) purge-lib
+
+repl: setup
+	@echo "repl: $(or $(DEVICE),first device) (Ctrl-] or Ctrl-X to leave)"
+	@$(MPREMOTE) repl
+
+mounted-repl: setup
+	@echo "mounted-repl: $(CURDIR) mounted at /remote on $(or $(DEVICE),first device)"
+	@$(MPREMOTE) mount . repl
 
 lint: setup
 	$(VENV)/bin/ruff check mpy_blox_tools tests scripts

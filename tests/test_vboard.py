@@ -114,7 +114,8 @@ except MemoryError:
     rb.wait_for("MemoryError|allocated")
     assert "MemoryError" in rb.console()
     free = int(rb.wait_for(r"free (\d+)").group(1))
-    assert 30_000 < free < 64 * 1024
+    # The board's code finds about --heap free: the emulation's own share is extra.
+    assert 56 * 1024 < free <= 64 * 1024
 
 
 def test_mpremote_copies_lists_and_executes_on_a_running_board(boards, tmp_path):

@@ -34,6 +34,11 @@ from mpy_blox_tools.vboard.board import FIRMWARE, Board
 PWRON_RESET, HARD_RESET, DEEPSLEEP_RESET, SOFT_RESET = 1, 2, 4, 5
 CAUSES = {"reset": HARD_RESET, "soft-reset": SOFT_RESET, "deepsleep": DEEPSLEEP_RESET}
 FAST_REBOOTS = 10
+# The emulated hardware (machine, esp32, network, os, the flash driver and the
+# boot ROM) is Python living in the board's heap, where an ESP32 has C outside it.
+# The process gets this much more than --heap so the board's own code finds about
+# --heap free, as it would on the hardware (measured: ~20K after boot, 1.29).
+EMULATION_HEAP = 20 * 1024
 # What the unix port's REPL prints on entering the raw REPL and on leaving it.
 RAW_REPL_BANNER = b"raw REPL; CTRL-B to exit"
 FRIENDLY_REPL_BANNER = b'Type "help()" for more information.'
@@ -165,7 +170,7 @@ class Supervisor:
             "VBOARD_RAW_REPL": "1" if raw else "",
         }
         self._child = subprocess.Popen(
-            [micropython.executable(), "-X", f"heapsize={self.heap}", "-i",
+            [micropython.executable(), "-X", f"heapsize={self.heap + EMULATION_HEAP}", "-i",
              str(FIRMWARE / "_vb_rom.py")],
             stdin=board_slave, stdout=board_slave, stderr=board_slave,
             cwd=FIRMWARE, env=env, preexec_fn=_take_terminal, close_fds=True,
