@@ -1,0 +1,321 @@
+# The install core: plan -> pre-flight -> download -> stage -> commit.
+#
+# Nothing outside /.mpypi/stage is written before commit(); commit() writes the
+# journal and hands it to mpypi_recover.apply(), the same code the boot path
+# runs to finish an interrupted commit. Any InvalidUpdate (or OSError) before
+# that leaves the device exactly as it was once abort() has cleaned the stage.
+#
+#   inst = Installer()
+#   for entry in inst.plan(entries):   # only what differs from the device
+#       ...                            # inst.preflight(needed) first
+#       sink = inst.download(entry)    # sink.write(chunk) ..., sink.finish()
+#       inst.stage(entry)              # verify and extract into the stage
+#   inst.commit(seq)                   # the atomic switch-over; then reset
+# install(entries, open_package) runs all of it synchronously (tests, tools).
+import os
+import hashlib
+import binascii
+
+import mpypi_recover as recover
+from mpy_blox.log import get_logger
+from mpy_blox.update import state
+from mpy_blox.update.manifest import InvalidUpdate
+from mpy_blox.update.zipwheel import Wheel, record_hash, read_record
+
+_STAGE = "/.mpypi/stage"
+_RESERVE_BLOCKS = const(8)  # LittleFS copy-on-write metadata, the journal
+_CHUNK = const(1024)
+
+log = get_logger("update")
+
+
+def _hex(digest):
+    return binascii.hexlify(digest).decode()
+
+
+class Download:
+    """A sink for one package's bytes: hashes, bounds and verifies them."""
+
+    def __init__(self, path, entry, limit):
+        self.entry = entry
+        self.limit = limit
+        self.done = 0
+        self._h = hashlib.sha256()
+        self._f = open(path, "wb")
+
+    def write(self, chunk):
+        self.done += len(chunk)
+        if self.done > self.limit:
+            raise InvalidUpdate("package larger than its declared size")
+        self._h.update(chunk)
+        self._f.write(chunk)
+
+    def finish(self):
+        self._f.close()
+        size = self.entry["size"]
+        if size is not None and self.done != size:
+            raise InvalidUpdate("truncated package: %d of %d bytes" % (self.done, size))
+        if _hex(self._h.digest()) != self.entry["pkg_sha256"]:
+            raise InvalidUpdate("SHA256 mismatch")
+
+    def close(self):
+        self._f.close()
+
+
+class Installer:
+    def __init__(self, root="", rename=None, device=None):
+        self.root = root
+        self.rename = rename  # None: decided by the filesystem (mpypi_recover)
+        self.device = device  # (mpy, platform) for tests; None: this device
+        self.ops = []  # (kind, target, new sha, old sha or None)
+        self._src = None
+
+    def _stage(self, i):
+        return self.root + _STAGE + "/n%d" % i
+
+    def plan(self, entries):
+        """The entries whose package differs from what is installed."""
+        wheels = state.installed_wheels(self.root)
+        needed = []
+        for e in entries:
+            if e["type"] == "wheel":
+                have = wheels.get(state.normalize(e["name"]))
+                if have is None or have[0] != e["version"]:
+                    needed.append(e)
+            elif state.src_sha256(e["path"], self.root) != e["pkg_sha256"]:
+                needed.append(e)
+        return needed
+
+    def preflight(self, needed):
+        """Refuse before downloading: wheel tags, and sizes against free flash."""
+        free, block = state.fs_free(self.root)
+        need = _RESERVE_BLOCKS * block
+        for e in needed:
+            tag = e.get("tag")
+            if tag and not state.tag_matches(tag, self.device):
+                raise InvalidUpdate("wheel tag %s does not run on this device" % tag)
+            size = e["size"] or 0
+            # A wheel needs room for its download and its extracted files.
+            need += (2 if e["type"] == "wheel" else 1) * (size + block)
+        if need > free:
+            raise InvalidUpdate("does not fit: needs %d bytes, %d free" % (need, free))
+        self.begin()
+
+    def begin(self):
+        """Start from a clean stage (an applied earlier set is confirmed)."""
+        recover.confirm(self.root)
+        recover._makedirs(self.root + _STAGE + "/x")
+
+    def download(self, entry):
+        """A Download sink for `entry`, written into the stage."""
+        free, block = state.fs_free(self.root)
+        limit = entry["size"]
+        if limit is None:
+            limit = free - _RESERVE_BLOCKS * block
+        return Download(self._stage(len(self.ops)), entry, limit)
+
+    def stage(self, entry):
+        """Verify a downloaded package and stage what it installs."""
+        i = len(self.ops)
+        if entry["type"] == "src":
+            target = "/" + entry["path"]
+            self.ops.append(("P", target, entry["pkg_sha256"], self._old(target)))
+            if self._src is None:
+                self._src = state.src_index(self.root)
+            self._src[entry["path"]] = entry["pkg_sha256"]
+            return
+        path = self._stage(i) + ".whl"
+        os.rename(self._stage(i), path)
+        try:
+            self._stage_wheel(entry, path)
+        finally:
+            os.remove(path)
+
+    def _old(self, target):
+        return recover.file_sha256(self.root + target)
+
+    def _add(self, target, new_hex, staged):
+        # A file that is already there, byte for byte, needs no operation.
+        old = self._old(target)
+        if old == new_hex:
+            os.remove(staged)
+            self.ops.append(None)
+        else:
+            self.ops.append(("P", target, new_hex, old))
+
+    def _stage_wheel(self, entry, path):
+        w = Wheel(path, os.stat(path)[6])
+        try:
+            found = {}
+            usize_total = 0
+            for name, method, csize, usize, off in w.entries():
+                found[name] = (method, csize, usize, off)
+                usize_total += usize
+            dist = w.dist_info
+            want = "%s-%s.dist-info" % (state.normalize(entry["name"]), entry["version"])
+            if dist is None or dist.lower() != want.lower():
+                raise InvalidUpdate("wheel is %s, the list says %s" % (dist, want))
+            free, block = state.fs_free(self.root)
+            if usize_total + (len(found) + _RESERVE_BLOCKS) * block > free:
+                raise InvalidUpdate("does not fit: wheel unpacks to %d bytes" % usize_total)
+            self._check_tag(w, found.get(dist + "/WHEEL"))
+            rec = found.get(dist + "/RECORD")
+            if rec is None:
+                raise InvalidUpdate("wheel without RECORD")
+            i = len(self.ops)
+            with open(self._stage(i), "wb") as out:
+                w.copy_entry(rec[0], rec[1], rec[2], rec[3], out, rec[2])
+            record = read_record(self._stage(i))
+            os.remove(self._stage(i))
+            if len(record) != len(found) - 1:
+                raise InvalidUpdate("RECORD does not match the wheel's files")
+            for name, (method, csize, usize, off) in found.items():
+                if name == dist + "/RECORD":
+                    self._add_record(w, name, rec)
+                    continue
+                want_hash, want_size = record.get(name, (None, 0))
+                if want_hash is None:
+                    raise InvalidUpdate("file not in RECORD: " + name)
+                staged = self._stage(len(self.ops))
+                with open(staged, "wb") as out:
+                    digest, n = w.copy_entry(method, csize, usize, off, out, want_size)
+                if n != want_size or record_hash(digest) != want_hash:
+                    raise InvalidUpdate("RECORD mismatch: " + name)
+                self._add("/lib/" + name, _hex(digest), staged)
+            self._stale(entry, found)
+        finally:
+            w.close()
+
+    def _add_record(self, w, name, rec):
+        staged = self._stage(len(self.ops))
+        with open(staged, "wb") as out:
+            digest, _ = w.copy_entry(rec[0], rec[1], rec[2], rec[3], out, rec[2])
+        self._add("/lib/" + name, _hex(digest), staged)
+
+    def _check_tag(self, w, wheel_file):
+        if wheel_file is None:
+            raise InvalidUpdate("wheel without WHEEL file")
+        method, csize, usize, off = wheel_file
+        if usize > 2048:
+            raise InvalidUpdate("WHEEL file too large")
+        import io
+
+        out = io.BytesIO()
+        w.copy_entry(method, csize, usize, off, out, usize)
+        tags = [ln[4:].strip() for ln in out.getvalue().decode().split("\n")
+                if ln.startswith("Tag:")]
+        for tag in tags:
+            if state.tag_matches(tag, self.device):
+                return
+        raise InvalidUpdate("wheel tag %s does not run on this device" % ",".join(tags))
+
+    def _stale(self, entry, found):
+        # An upgrade removes the old version's files that the new one lacks,
+        # and its whole .dist-info folder.
+        have = state.installed_wheels(self.root).get(state.normalize(entry["name"]))
+        if have is None:
+            return
+        old_dist = "/lib/" + have[1]
+        for name in read_record(self.root + old_dist + "/RECORD"):
+            if name not in found and not name.startswith(have[1] + "/"):
+                self._delete("/lib/" + name)
+        for name in os.listdir(self.root + old_dist):
+            if have[1] + "/" + name not in found:
+                self._delete(old_dist + "/" + name)
+
+    def _delete(self, target):
+        old = self._old(target)
+        if old is not None:
+            self.ops.append(("D", target, None, old))
+
+    def commit(self):
+        """Write the journal and switch over; True if anything changed."""
+        try:
+            self._stage_src_index()
+        except OSError:
+            self.abort()
+            raise
+        if not any(self.ops):
+            self.abort()
+            return False
+        h = hashlib.sha256()
+        journal = self.root + recover._JOURNAL
+        try:
+            with open(journal, "wb") as f:
+                for line in self._journal_lines():
+                    h.update(line)
+                    f.write(line)
+                f.write(b"end %s\n" % _hex(h.digest()))
+        except OSError:
+            recover._remove(journal)  # no complete journal: nothing happened
+            self.abort()
+            raise
+        log.info("committing %d file operations", sum(1 for op in self.ops if op))
+        recover.apply(self.root, self.rename)
+        return True
+
+    def _stage_src_index(self):
+        if self._src is None:
+            return
+        import json
+
+        staged = self._stage(len(self.ops))
+        with open(staged, "w") as f:
+            json.dump(self._src, f)
+        self._add(state.SRC_INDEX, recover.file_sha256(staged), staged)
+
+    def _journal_lines(self):
+        yield recover._HEAD
+        for i, op in enumerate(self.ops):
+            if op is None:
+                continue
+            kind, target, new, old = op
+            if kind == "P":
+                yield ("P %d %s %s %s\n" % (i, target, new, old or "-")).encode()
+            else:
+                yield ("D %d %s %s\n" % (i, target, old)).encode()
+
+    def abort(self):
+        """Forget everything staged: the device is as it was."""
+        self.ops = []
+        self._src = None
+        recover._clean_stage(self.root)
+
+
+def install(entries, open_package, root="", rename=None, device=None):
+    """Install a decoded list synchronously; open_package(entry) -> reader.
+
+    Returns the entries it installed ([] when nothing was needed).
+    """
+    inst = Installer(root, rename, device)
+    needed = inst.plan(entries)
+    if not needed:
+        return []
+    inst.preflight(needed)
+    buf = bytearray(_CHUNK)
+    mv = memoryview(buf)
+    try:
+        for entry in needed:
+            reader = open_package(entry)
+            sink = inst.download(entry)
+            try:
+                size = getattr(reader, "size", None)
+                if size is not None and entry["size"] is not None and size != entry["size"]:
+                    raise InvalidUpdate("size mismatch: %d bytes published, %d listed"
+                                        % (size, entry["size"]))
+                while True:
+                    n = reader.readinto(buf)
+                    if not n:
+                        break
+                    sink.write(mv[:n])
+            finally:
+                sink.close()
+            sink.finish()
+            inst.stage(entry)
+    except BaseException:
+        inst.abort()
+        raise
+    # Not under the abort above: once the journal exists, only the journal
+    # decides (a failure in commit() is finished by the next boot's recovery).
+    inst.commit()
+    return needed

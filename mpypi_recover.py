@@ -1,0 +1,240 @@
+# mpypi boot recovery: finishes or undoes an interrupted update commit.
+#
+# main.py runs recover() before anything imports from /lib. This file lives at
+# the flash root, outside /lib, and no update ever writes it (mpy_blox.update
+# refuses its path), so recovery never depends on a file an update replaces.
+# It imports only built-in modules and prints its own log lines for the same
+# reason. The installer (mpy_blox.update.commit) writes the journal and then
+# calls apply() from here, so commit and recovery are one piece of code.
+#
+# The journal (/.mpypi/journal) is text, one operation a line, closed by a line
+# with the SHA256 of everything before it, so a journal cut short by a power
+# loss is recognised and means "nothing was moved yet":
+#
+#   mpypi-journal 1
+#   P 0 /lib/pkg/a.mpy <new sha256> <old sha256 or ->    put staged n0 at the path
+#   D 1 /lib/pkg-0.1.dist-info/RECORD <old sha256>       delete (kept as backup b1)
+#   end <sha256 of the lines above>
+#
+# Operation i stages its new file at /.mpypi/stage/n<i> and keeps the replaced
+# file at /.mpypi/stage/b<i> until the new set is confirmed. Every step is
+# idempotent and decided by the state of the files, so apply() can be cut and
+# rerun any number of times. Two ways to move files:
+# - rename (LittleFS): rename is atomic; a target is first renamed to its
+#   backup, then the staged file onto the now free name (never onto a file).
+# - copy (FAT and anything unknown): FAT renames are not atomic, so the backup
+#   and the target are written by copying and checked by SHA256 on every rerun.
+# After the last step /.mpypi/applied is written: the set is complete and kept
+# with its backups until confirm() (or a future rollback()) ends the journal.
+import os
+import hashlib
+
+VERSION = 1
+_DIR = "/.mpypi"
+_STAGE = "/.mpypi/stage"
+_JOURNAL = "/.mpypi/journal"
+_APPLIED = "/.mpypi/applied"
+_HEAD = b"mpypi-journal 1\n"
+_CHUNK = 2048
+
+
+def _log(msg):
+    print("I mpypi_recover: " + msg)
+
+
+def _exists(path):
+    try:
+        os.stat(path)
+        return True
+    except OSError:
+        return False
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _makedirs(path):
+    # Parents of `path` (a file); os.mkdir raises when a folder exists.
+    i = path.find("/", 1)
+    while i > 0:
+        if not _exists(path[:i]):
+            os.mkdir(path[:i])
+        i = path.find("/", i + 1)
+
+
+def file_sha256(path, buf=None):
+    """Lower-case hex SHA256 of a file, or None if it cannot be read."""
+    buf = buf or bytearray(_CHUNK)
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while True:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                h.update(memoryview(buf)[:n])
+    except OSError:
+        return None
+    return "%064x" % int.from_bytes(h.digest(), "big")
+
+
+def _copy(src, dst, buf):
+    _makedirs(dst)
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        while True:
+            n = fi.readinto(buf)
+            if not n:
+                break
+            fo.write(memoryview(buf)[:n])
+
+
+def renames_atomic():
+    """True when / is LittleFS (atomic rename); False for FAT or unknown."""
+    try:
+        import vfs
+
+        for fs, where in vfs.mount():
+            if where == "/":
+                return "Lfs" in repr(fs)
+    except (ImportError, AttributeError, TypeError):
+        pass
+    return False
+
+
+def read_journal(root=""):
+    """Yield the operations of a complete journal: (kind, i, target, new, old).
+
+    Raises ValueError if the journal is missing or was cut short.
+    """
+    h = hashlib.sha256()
+    with open(root + _JOURNAL, "rb") as f:
+        if f.readline() != _HEAD:
+            raise ValueError("journal version")
+        h.update(_HEAD)
+        while True:
+            line = f.readline()
+            if line.startswith(b"end "):
+                break
+            if not line.endswith(b"\n"):
+                raise ValueError("journal cut short")
+            h.update(line)
+    if line.strip()[4:].decode() != "%064x" % int.from_bytes(h.digest(), "big"):
+        raise ValueError("journal checksum")
+    with open(root + _JOURNAL, "rb") as f:
+        f.readline()
+        while True:
+            w = f.readline().decode().split()
+            if w[0] == "end":
+                return
+            if w[0] == "P":
+                yield "P", w[1], w[2], w[3], w[4]
+            else:
+                yield "D", w[1], w[2], None, w[3]
+
+
+def apply(root="", rename=None):
+    """Roll a complete journal forward, then mark it applied."""
+    if rename is None:
+        rename = renames_atomic()
+    buf = bytearray(_CHUNK)
+    for kind, i, target, new, old in read_journal(root):
+        t = root + target
+        n = root + _STAGE + "/n" + i
+        b = root + _STAGE + "/b" + i
+        if old == "-":
+            old = None
+        if rename:
+            if old and _exists(t) and not _exists(b) and (kind == "D" or _exists(n)):
+                os.rename(t, b)
+            if kind == "P" and _exists(n):
+                _makedirs(t)
+                os.rename(n, t)
+        else:
+            if old and file_sha256(b, buf) != old:
+                _copy(t, b, buf)  # the target is still the old file here
+            if kind == "P":
+                if file_sha256(t, buf) != new:
+                    _copy(n, t, buf)
+            else:
+                _remove(t)
+        if kind == "D":
+            _rmdir_empty(t)
+    with open(root + _APPLIED, "wb") as f:
+        f.write(b"1")
+
+
+def _rmdir_empty(path):
+    # An upgrade leaves the old .dist-info (and maybe package folders) empty.
+    while True:
+        path = path[: path.rfind("/")]
+        if not path or path.endswith("/lib") or path == "":
+            return
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+
+
+def _applied(root):
+    try:
+        with open(root + _APPLIED, "rb") as f:
+            return f.read(2) == b"1"
+    except OSError:
+        return False
+
+
+def _clean_stage(root):
+    try:
+        names = os.listdir(root + _STAGE)
+    except OSError:
+        return
+    for name in names:
+        _remove(root + _STAGE + "/" + name)
+
+
+def state(root=""):
+    """'none', 'applied' (awaiting confirm), or 'pending' (journal to apply)."""
+    if not _exists(root + _JOURNAL):
+        return "none"
+    return "applied" if _applied(root) else "pending"
+
+
+def recover(root="", rename=None):
+    """Boot step: roll an interrupted commit forward, or discard a cut-short one.
+
+    Returns what it did: 'none', 'applied' (an applied set awaits confirm),
+    'rolled_forward' or 'discarded'.
+    """
+    s = state(root)
+    if s == "none":
+        if _exists(root + _APPLIED):  # a confirm was cut after its journal went
+            _remove(root + _APPLIED)
+        _clean_stage(root)
+        return "none"
+    if s == "applied":
+        return "applied"
+    try:
+        for _ in read_journal(root):
+            pass
+    except (OSError, ValueError, IndexError, UnicodeError) as e:
+        # Cut while the journal was written: nothing had been moved yet.
+        _log("discarding an incomplete update journal (%s)" % e)
+        _remove(root + _JOURNAL)
+        _clean_stage(root)
+        return "discarded"
+    _log("finishing an interrupted update")
+    apply(root, rename)
+    return "rolled_forward"
+
+
+def confirm(root=""):
+    """End an applied journal: the new set stays, the backups go."""
+    if state(root) == "pending":
+        raise ValueError("journal not applied")
+    _remove(root + _JOURNAL)  # the point of no return
+    _remove(root + _APPLIED)
+    _clean_stage(root)

@@ -1,0 +1,79 @@
+"""The install core on a virtual board: install, upgrade, idempotence, power loss, size."""
+
+from __future__ import annotations
+
+import pytest
+
+from mpy_blox.update import manifest
+from update_kit import board_files, make_src, make_wheel, sha256
+
+V1 = {"demo_pkg/__init__.py": b"VERSION = '1.0'\n", "demo_pkg/old.py": b"OLD = 1\n",
+      "demo_pkg/same.py": b"SAME = 1\n"}
+V2 = {"demo_pkg/__init__.py": b"VERSION = '2.0'\n", "demo_pkg/new.py": b"NEW = 2\n",
+      "demo_pkg/same.py": b"SAME = 1\n"}
+
+
+def wheel_v1():
+    return make_wheel("demo-pkg", "1.0", V1)
+
+
+def wheel_v2():
+    return make_wheel("demo-pkg", "2.0", V2)
+
+
+def expected_sets():
+    """{old, new}: path -> sha256 (None: absent) for the whole installed set."""
+    def files(version, content, src):
+        dist = f"/lib/demo_pkg-{version}.dist-info"
+        out = {"/lib/" + p: sha256(d) for p, d in content.items()}
+        out[dist + "/METADATA"] = sha256(
+            f"Metadata-Version: 2.1\nName: demo-pkg\nVersion: {version}\n\n".encode())
+        out["/user_main.py"] = sha256(src)
+        return out
+
+    old = files("1.0", V1, b"print('v1')\n")
+    new = files("2.0", V2, b"print('v2')\n")
+    for p in list(old):
+        new.setdefault(p, None)
+    for p in list(new):
+        old.setdefault(p, None)
+    return {"old": old, "new": new}
+
+
+def run_to_done(boards, board, **kwargs):
+    rb = boards.start(board, **kwargs)
+    rb.wait_for(r"\nDONE", timeout=60)
+    out = rb.console()
+    rb.stop()
+    return out
+
+
+def test_wheel_and_src_install_then_upgrade_removes_stale_files(boards, update_board):
+    w1, s1 = wheel_v1(), make_src("user_main.py", b"print('v1')\n")
+    board = update_board(board_files([w1, s1], manifest.encode_list([w1.entry, s1.entry]),
+                                     expected_sets()))
+    out = run_to_done(boards, board)
+    assert "INSTALLED 2" in out and "FINAL old applied" in out, out
+    files = board.ls()
+    assert board.cat("lib/demo_pkg/old.py") == b"OLD = 1\n"
+    assert board.cat("user_main.py") == b"print('v1')\n"
+    assert "lib/demo_pkg-1.0.dist-info/RECORD" in files
+
+    w2, s2 = wheel_v2(), make_src("user_main.py", b"print('v2')\n")
+    for path, data in board_files([w2, s2], manifest.encode_list([w2.entry, s2.entry]),
+                                  expected_sets()).items():
+        board.write(path, data)
+    out = run_to_done(boards, board)
+    assert "RUNS 1.0" in out and "INSTALLED 2" in out and "FINAL new applied" in out, out
+    files = board.ls()
+    assert "lib/demo_pkg/old.py" not in files  # stale file of 1.0 removed
+    assert not any(p.startswith("lib/demo_pkg-1.0.dist-info") for p in files)
+    assert board.cat("lib/demo_pkg/new.py") == b"NEW = 2\n"
+
+    # The same list again: nothing downloaded, nothing written.
+    before = {p: board.cat(p) for p in board.ls() if board.ls()[p] is not None}
+    out = run_to_done(boards, board)
+    assert "RUNS 2.0" in out and "INSTALLED 0" in out, out
+    assert board.block_writes() == 0
+    after = {p: board.cat(p) for p in board.ls() if board.ls()[p] is not None}
+    assert after == before
