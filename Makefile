@@ -14,8 +14,10 @@ DEVICE ?=
 SETTINGS ?= settings.json
 PROVISION ?= provision.json
 USER_MAIN ?= user_main.py
+WHEEL ?=
 DEPLOY = $(PY) -m mpy_blox_tools.deploy $(if $(DEVICE),--device $(DEVICE)) \
-	--settings $(SETTINGS) --provision $(PROVISION) --user-main $(USER_MAIN)
+	--settings $(SETTINGS) --provision $(PROVISION) --user-main $(USER_MAIN) \
+	$(if $(WHEEL),--wheel $(WHEEL))
 MPREMOTE = $(VENV)/bin/mpremote $(if $(DEVICE),connect $(DEVICE))
 
 .PHONY: setup test demo bench soak lint mosquitto clean
@@ -46,7 +48,7 @@ test: setup mosquitto
 	if [ $$status -eq 5 ]; then echo "mpy-blox: no tests were collected"; fi; \
 	exit $$status
 
-demo: setup
+demo: setup mosquitto
 	@$(VENV)/bin/mpy-blox demo
 
 # Benchmarks: tables on stdout, JSON in bench-results/. `make bench BENCH=mqtt` runs one.

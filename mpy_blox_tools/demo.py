@@ -1,46 +1,105 @@
-"""`mpy-blox demo`: what Mpy-BLOX does, end to end, on the embedded defaults.
+"""`mpy-blox demo` (= `make demo`): a fleet update, end to end, on the embedded defaults.
 
-For now (the foundation) it boots one virtual board from a fresh flash, shows
-its console, lets it reset itself, and shows it coming back with its flash and
-NVS intact. The update demonstration replaces this once the update agent lands.
+1. start a local Mosquitto;
+2. create three virtual boards and deploy the framework on each over its serial
+   port, exactly as `make deploy-app` does on hardware (settings pointing at the
+   broker, an update key provisioned, a first user_main.py);
+3. boot them and wait until each reports its `info`;
+4. build the current source as a dev version and publish it, signed, with a new
+   user_main.py, following every board's progress live;
+5. show the fleet table: all three on the new version, the new user_main running.
 """
 
 from __future__ import annotations
 
+import json
+import secrets
+import sys
 import tempfile
 import time
+from argparse import Namespace
 from pathlib import Path
 
+from mpy_blox_tools import build, deploy, fleet, mqtt, publish
+from mpy_blox_tools.broker import Mosquitto
 from mpy_blox_tools.vboard.board import Board
 from mpy_blox_tools.vboard.process import RunningBoard
 
-DEMO_MAIN = """\
-import esp32, machine, os
-nvs = esp32.NVS("demo")
-try:
-    boots = nvs.get_i32("boots") + 1
-except OSError:
-    boots = 1
-nvs.set_i32("boots", boots)
-nvs.commit()
-print("hello from %s, boot %d, files %s" % (os.uname().machine, boots, os.listdir("/")))
-if boots < 2:
-    print("resetting...")
-    machine.reset()
-print("demo done")
+BOARDS = 3
+CHANNEL = "demo"
+USER_MAIN = """\
+import asyncio
+
+
+async def user_main():
+    while True:
+        print("user_main {version} says hello")
+        await asyncio.sleep(2)
 """
 
 
-def run_demo(workdir: Path | None = None, out=print) -> int:
+def _step(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def run_demo(workdir: Path | None = None, boards: int = BOARDS, timeout: float = 120) -> int:
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mpy-blox-demo-") as tmp:
-        board = Board.create(Path(workdir or tmp) / "board")
-        board.write("main.py", DEMO_MAIN.encode())
-        out(f"created virtual board {board.device_id} in {board.dir}")
-        started = time.monotonic()
-        with RunningBoard(board) as rb:
-            out(f"serial port: {rb.serial_port}  (try: mpremote connect {rb.serial_port} repl)")
-            rb.wait_for("demo done")
-            rb.wait_for(">>> ")
-            out(rb.console().rstrip())
-        out(f"\ndemo finished in {time.monotonic() - started:.1f}s")
+        work = Path(workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_hex(32)
+        (work / "update.key").write_text(key + "\n")
+        _step("starting a local Mosquitto broker")
+        with Mosquitto(work / "broker") as broker:
+            print(f"broker: {broker.url}")
+            url = mqtt.BrokerURL(broker.host, broker.port)
+            settings = work / "settings.json"
+            settings.write_text(json.dumps({
+                "logging": {"level": "INFO"},
+                "mqtt": {"server": broker.host, "port": broker.port},
+                "update": {"channel": CHANNEL, "auto_update": True},
+            }, indent=2))
+            (work / "provision.json").write_text(json.dumps({"update.key": key}))
+            (work / "user_main.py").write_text(USER_MAIN.format(version="v1"))
+            wheel_v1 = build.build(out_dir=work / "dist")
+            running: list[RunningBoard] = []
+            try:
+                _step(f"creating {boards} virtual boards and deploying the framework over "
+                      "their serial ports (as make deploy-app)")
+                for i in range(boards):
+                    board = Board.create(work / f"board{i + 1}")
+                    rb = RunningBoard(board).start()
+                    running.append(rb)
+                    rb.wait_for(r"\[vboard\] boot 1")
+                    print(f"-- {board.device_id} on {rb.serial_port}")
+                    deploy.deploy_app(rb.serial_port, settings, work / "provision.json",
+                                      work / "user_main.py", wheel_v1)
+                _step("waiting for every board to come online")
+                for rb in running:
+                    rb.wait_for("user_main v1 says hello", timeout=timeout)
+                _show_fleet(url)
+                _step("publishing the current source as a dev version with a new user_main.py")
+                (work / "user_main.py").write_text(USER_MAIN.format(version="v2"))
+                status = publish.run(Namespace(
+                    broker=str(url), key_file=str(work / "update.key"), device_ids=None,
+                    channel=CHANNEL, extra_src_files=[str(work / "user_main.py")], wheel=None,
+                    platform="esp32", dev=True, wait=timeout))
+                if status:
+                    print("mpy-blox: the demo update did not reach every board", file=sys.stderr)
+                    return status
+                for rb in running:
+                    rb.wait_for("user_main v2 says hello", timeout=timeout)
+                _step("the fleet after the update")
+                _show_fleet(url)
+                for rb in running:
+                    last = [line for line in rb.console().splitlines() if "says hello" in line]
+                    print(f"{rb.board.device_id}: {last[-1]}")
+            finally:
+                for rb in running:
+                    rb.stop()
+    print(f"\ndemo finished in {time.monotonic() - started:.1f}s")
     return 0
+
+
+def _show_fleet(url: mqtt.BrokerURL) -> None:
+    print(fleet.format_table(fleet.fetch(url)))
