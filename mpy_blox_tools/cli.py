@@ -14,6 +14,18 @@ from mpy_blox_tools.vboard.board import DEFAULT_FLASH, FILESYSTEMS, Board
 def _vboard_create(args: argparse.Namespace) -> int:
     board = Board.create(args.dir, device_id=args.device_id, fs=args.fs, flash_size=args.flash)
     print(f"created {board.device_id} in {board.dir} ({args.fs}, {args.flash} flash)")
+    if args.app:
+        from pathlib import Path
+
+        from mpy_blox_tools import deploy
+        from mpy_blox_tools.vboard.process import RunningBoard
+
+        # Through the board's serial port, exactly as `make deploy-app` on hardware.
+        with RunningBoard(board) as rb:
+            rb.wait_for(r"\[vboard\] boot 1")
+            deploy.deploy_app(rb.serial_port, Path(args.settings),
+                              Path(args.provision) if args.provision else None,
+                              Path(args.user_main) if args.user_main else None, reset=False)
     return 0
 
 
@@ -65,6 +77,11 @@ def _add_vboard(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device-id", help="esp32-<12 hex digits> (default: random)")
     p.add_argument("--fs", choices=FILESYSTEMS, default="littlefs")
     p.add_argument("--flash", default=DEFAULT_FLASH, help="flash size (default 2M)")
+    p.add_argument("--app", action="store_true",
+                   help="deploy the framework and main.py (as make deploy-lib deploy-app)")
+    p.add_argument("--settings", default="settings.json", help="with --app (default settings.json)")
+    p.add_argument("--provision", help="with --app: a provision.json to ingest at first boot")
+    p.add_argument("--user-main", help="with --app: a user_main.py")
     p.set_defaults(func=_vboard_create)
 
     p = vsub.add_parser("run", help="boot the board; prints its serial port; stops on SIGTERM")

@@ -96,7 +96,8 @@ def deploy_lib(port: str | None, wheel_path: Path | None = None, platform: str =
 
 
 def deploy_app(port: str | None, settings: Path, provision: Path | None,
-               user_main: Path | None = None, wheel_path: Path | None = None) -> None:
+               user_main: Path | None = None, wheel_path: Path | None = None,
+               reset: bool = True) -> None:
     """deploy-lib, then main.py, settings and provisioning; the device reboots into the app."""
     _check_json(settings)
     deploy_lib(port, wheel_path)
@@ -111,8 +112,11 @@ def deploy_app(port: str | None, settings: Path, provision: Path | None,
         print(f"deploy-app: {provision.name} -> device (ingested into NVS at boot, then deleted)")
     else:
         print("deploy-app: no provision file: the device keeps the secrets it has")
-    mpremote(port, *args, "+", "reset")
-    print("deploy-app: device reset into the app", flush=True)
+    if reset:
+        args += ["+", "reset"]
+    mpremote(port, *args)
+    if reset:
+        print("deploy-app: device reset into the app", flush=True)
 
 
 def provision(port: str | None, path: Path) -> None:
