@@ -19,11 +19,12 @@
 # Operation i stages its new file at /.mpypi/stage/n<i> and keeps the replaced
 # file at /.mpypi/stage/b<i> until the new set is confirmed. Every step is
 # idempotent and decided by the state of the files, so apply() can be cut and
-# rerun any number of times. Two ways to move files:
-# - rename (LittleFS): rename is atomic; a target is first renamed to its
-#   backup, then the staged file onto the now free name (never onto a file).
-# - copy (FAT and anything unknown): FAT renames are not atomic, so the backup
-#   and the target are written by copying and checked by SHA256 on every rerun.
+# rerun any number of times. Files are moved by verified copy, never by
+# rename: FAT renames are not atomic (onto an existing file MicroPython removes
+# the target first), and on LittleFS the exhaustive power-cut test found a
+# cross-folder rename cut at one block write that lost the file (docs/
+# protocol.md). A copy is checked by SHA256 on every rerun, and its source (the
+# staged file, or the target before its backup is verified) is never modified.
 # After the last step /.mpypi/applied is written: the set is complete and kept
 # with its backups until confirm() (or a future rollback()) ends the journal.
 import os
@@ -92,19 +93,6 @@ def _copy(src, dst, buf):
             fo.write(memoryview(buf)[:n])
 
 
-def renames_atomic():
-    """True when / is LittleFS (atomic rename); False for FAT or unknown."""
-    try:
-        import vfs
-
-        for fs, where in vfs.mount():
-            if where == "/":
-                return "Lfs" in repr(fs)
-    except (ImportError, AttributeError, TypeError):
-        pass
-    return False
-
-
 def read_journal(root=""):
     """Yield the operations of a complete journal: (kind, i, target, new, old).
 
@@ -136,32 +124,21 @@ def read_journal(root=""):
                 yield "D", w[1], w[2], None, w[3]
 
 
-def apply(root="", rename=None):
+def apply(root=""):
     """Roll a complete journal forward, then mark it applied."""
-    if rename is None:
-        rename = renames_atomic()
     buf = bytearray(_CHUNK)
     for kind, i, target, new, old in read_journal(root):
         t = root + target
         n = root + _STAGE + "/n" + i
         b = root + _STAGE + "/b" + i
-        if old == "-":
-            old = None
-        if rename:
-            if old and _exists(t) and not _exists(b) and (kind == "D" or _exists(n)):
-                os.rename(t, b)
-            if kind == "P" and _exists(n):
-                _makedirs(t)
-                os.rename(n, t)
+        # The target is still the old file until its backup is verified.
+        if old != "-" and file_sha256(b, buf) != old:
+            _copy(t, b, buf)
+        if kind == "P":
+            if file_sha256(t, buf) != new:
+                _copy(n, t, buf)
         else:
-            if old and file_sha256(b, buf) != old:
-                _copy(t, b, buf)  # the target is still the old file here
-            if kind == "P":
-                if file_sha256(t, buf) != new:
-                    _copy(n, t, buf)
-            else:
-                _remove(t)
-        if kind == "D":
+            _remove(t)
             _rmdir_empty(t)
     with open(root + _APPLIED, "wb") as f:
         f.write(b"1")
@@ -203,7 +180,7 @@ def state(root=""):
     return "applied" if _applied(root) else "pending"
 
 
-def recover(root="", rename=None):
+def recover(root=""):
     """Boot step: roll an interrupted commit forward, or discard a cut-short one.
 
     Returns what it did: 'none', 'applied' (an applied set awaits confirm),
@@ -227,7 +204,7 @@ def recover(root="", rename=None):
         _clean_stage(root)
         return "discarded"
     _log("finishing an interrupted update")
-    apply(root, rename)
+    apply(root)
     return "rolled_forward"
 
 

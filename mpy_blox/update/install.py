@@ -63,9 +63,8 @@ class Download:
 
 
 class Installer:
-    def __init__(self, root="", rename=None, device=None):
+    def __init__(self, root="", device=None):
         self.root = root
-        self.rename = rename  # None: decided by the filesystem (mpypi_recover)
         self.device = device  # (mpy, platform) for tests; None: this device
         self.ops = []  # (kind, target, new sha, old sha or None)
         self._src = None
@@ -251,7 +250,7 @@ class Installer:
             self.abort()
             raise
         log.info("committing %d file operations", sum(1 for op in self.ops if op))
-        recover.apply(self.root, self.rename)
+        recover.apply(self.root)
         return True
 
     def _stage_src_index(self):
@@ -282,12 +281,12 @@ class Installer:
         recover._clean_stage(self.root)
 
 
-def install(entries, open_package, root="", rename=None, device=None):
+def install(entries, open_package, root="", device=None):
     """Install a decoded list synchronously; open_package(entry) -> reader.
 
     Returns the entries it installed ([] when nothing was needed).
     """
-    inst = Installer(root, rename, device)
+    inst = Installer(root, device)
     needed = inst.plan(entries)
     if not needed:
         return []

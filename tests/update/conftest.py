@@ -53,3 +53,4 @@ def clone_board(board, directory: Path):
     from mpy_blox_tools.vboard.board import Board
 
     return Board(directory)
+

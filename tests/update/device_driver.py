@@ -21,7 +21,8 @@ def which_set():
             mpypi_recover.file_sha256(p) == h for p, h in expect[name].items()
         ):
             return name
-    return "mixed"
+    bad = [p for p, h in expect["new"].items() if mpypi_recover.file_sha256(p) != h]
+    return "mixed (differ from new: %s)" % " ".join(bad)
 
 
 print("SET", which_set())
