@@ -59,6 +59,21 @@ def _configure():
     return cfg.Config(settings, store.values)
 
 
+def _forget(*names):
+    # Boot-only modules: dropping them returns their bytecode to the heap, which
+    # the MQTT client and the update agent need more (compiling from source even
+    # more so: it wants large contiguous blocks).
+    import mpy_blox
+
+    for name in names:
+        sys.modules.pop("mpy_blox." + name, None)
+        try:
+            delattr(mpy_blox, name)
+        except AttributeError:
+            pass
+    gc.collect()
+
+
 async def _wlan_up(cfg):
     ssid = cfg.get_str("wlan.ssid")
     if not ssid:
@@ -74,19 +89,18 @@ async def _wlan_up(cfg):
         log.warning("no WLAN yet: carrying on, it keeps retrying")
 
 
-async def _mqtt_up(cfg, nd):
+async def _mqtt_up(mqtt, cfg, nd):
     server = cfg.get_str("mqtt.server")
     if not server:
         log.error("no mqtt.server configured: running without MQTT and updates")
         return None
-    from mpy_blox.mqtt import MQTTClient, Will
     from mpy_blox.node import OFFLINE, topic
 
-    c = MQTTClient(
+    c = mqtt.MQTTClient(
         nd.device_id, server, cfg.get_int("mqtt.port", 1883),
         user=cfg.get_str("mqtt.username"), password=cfg.get_str("mqtt.password"),
         keepalive_s=cfg.get_int("mqtt.keepalive_s", 60),
-        will=Will(topic(nd.device_id, "status"), OFFLINE, retain=True, qos=1),
+        will=mqtt.Will(topic(nd.device_id, "status"), OFFLINE, retain=True, qos=1),
         ssl=cfg.get_bool("mqtt.ssl", False), ssl_params=cfg.get_dict("mqtt.ssl_params", {}),
     )
     nd.client = c
@@ -99,33 +113,44 @@ async def _mqtt_up(cfg, nd):
     return c
 
 
-async def _agent_up(c, cfg, nd):
+def _import(name):
+    # The two big parts are imported first, on a clean heap: compiling or
+    # loading them later, between long-lived boot objects, can fail for want of
+    # a large enough contiguous block even with plenty of heap free in total.
     try:
-        from mpy_blox.update import agent
+        return __import__(name, None, None, ("_",))
     except ImportError as e:
-        if "mpy_blox.update" not in str(e):
-            raise
-        log.info("no update agent installed")
-        return
-    await agent.start(c, cfg, nd)
+        if ("'%s'" % name) not in str(e) and "mpy_blox.update'" not in str(e):
+            log.exception("cannot import %s", e, name)
+        return None
+    except Exception as e:  # noqa: BLE001  (MemoryError, SyntaxError: run without it)
+        log.exception("cannot import %s", e, name)
+        return None
 
 
 async def _run():
     global config, client, node
+    mqtt = _import("mpy_blox.mqtt")
+    agent = _import("mpy_blox.update.agent")
     from mpy_blox.node import Node, device_id
-    from mpy_blox.supervisor import Supervisor
 
     config = _configure()
     node = Node(device_id(), config, _boot_count())
+    _forget("provision", "secure", "hmac")
     log.info("%s boot %d", node.device_id, node.boot_count)
     await _wlan_up(config)
-    try:
-        client = await _mqtt_up(config, node)
-    except Exception as e:  # noqa: BLE001  (no MQTT is no reason to stop user code)
-        log.exception("MQTT failed to start", e)
-    if client is not None:
+    if mqtt is None:
+        log.error("no MQTT client: running without MQTT and updates")
+    else:
         try:
-            await _agent_up(client, config, node)
+            client = await _mqtt_up(mqtt, config, node)
+        except Exception as e:  # noqa: BLE001  (no MQTT is no reason to stop user code)
+            log.exception("MQTT failed to start", e)
+    if agent is None:
+        log.info("no update agent installed")
+    elif client is not None:
+        try:
+            await agent.start(client, config, node)
         except Exception as e:  # noqa: BLE001  (a broken agent must not stop the device)
             log.exception("update agent failed to start", e)
 
@@ -133,6 +158,8 @@ async def _run():
         node.safe_mode = reason
         await node.publish_info()
         await node.publish_status("safe_mode")
+
+    from mpy_blox.supervisor import Supervisor
 
     sup = Supervisor(config, safe_mode)
     asyncio.get_event_loop().set_exception_handler(sup.handle_exception)

@@ -18,8 +18,8 @@ def test_provision_json_is_ingested_encrypted_and_deleted_and_survives_reboot(
     rb.wait_for(r"wlan: connected to 'testnet'")
     rb.wait_for(r"USER up, psk=psk-Secret-1 password=mqtt-Secret-2")
     w.wait("status", state="online")
-    assert "provision.json" not in board.ls()
     rb.stop()
+    assert "provision.json" not in board.ls()
 
     nvs = json.dumps(board.nvs())
     assert "secure" in board.nvs()["mpy_blox"]
