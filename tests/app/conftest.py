@@ -39,11 +39,17 @@ def settings_for():
 def app_board(boards):
     """An app-managed board: main.py, the framework, and the given files."""
 
-    def make(settings: str | dict | None = None, provision: dict | None = None,
-             user_main: str | None = IDLE_USER_MAIN, **kwargs):
+    def make(
+        settings: str | dict | None = None,
+        provision: dict | None = None,
+        user_main: str | None = IDLE_USER_MAIN,
+        **kwargs,
+    ):
         files = {"main.py": MAIN_PY}
         if settings is not None:
-            files["settings.json"] = settings if isinstance(settings, str) else json.dumps(settings)
+            files["settings.json"] = (
+                settings if isinstance(settings, str) else json.dumps(settings)
+            )
         if provision is not None:
             files["provision.json"] = json.dumps(provision)
         if user_main is not None:

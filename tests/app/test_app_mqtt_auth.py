@@ -11,8 +11,11 @@ import paho.mqtt.client as mqtt
 
 def _password_broker(broker_factory, tmp_path):
     pwfile = tmp_path / "passwords"
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pwfile), "device", "right-pw"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(pwfile), "device", "right-pw"],
+        check=True,
+        capture_output=True,
+    )
     pwfile.chmod(0o600)
     return broker_factory(f"password_file {pwfile}", allow_anonymous=False)
 
@@ -36,11 +39,15 @@ def _watch_status(broker, board):
 
 
 def test_mqtt_password_from_the_secure_store_logs_in(
-        app_board, boards, broker_factory, settings_for, tmp_path):
+    app_board, boards, broker_factory, settings_for, tmp_path
+):
     broker = _password_broker(broker_factory, tmp_path)
-    board = app_board(settings_for(broker, mqtt={"server": broker.host, "port": broker.port,
-                                                  "username": "device"}),
-                      {"mqtt.password": "right-pw"})
+    board = app_board(
+        settings_for(
+            broker, mqtt={"server": broker.host, "port": broker.port, "username": "device"}
+        ),
+        {"mqtt.password": "right-pw"},
+    )
     client, seen, event = _watch_status(broker, board)
     try:
         rb = boards.start(board)
@@ -53,14 +60,20 @@ def test_mqtt_password_from_the_secure_store_logs_in(
 
 
 def test_a_wrong_mqtt_password_is_reported_clearly_and_retried_with_backoff(
-        app_board, boards, broker_factory, settings_for, tmp_path):
+    app_board, boards, broker_factory, settings_for, tmp_path
+):
     broker = _password_broker(broker_factory, tmp_path)
-    board = app_board(settings_for(broker, mqtt={"server": broker.host, "port": broker.port,
-                                                  "username": "device"}),
-                      {"mqtt.password": "wrong-pw"})
+    board = app_board(
+        settings_for(
+            broker, mqtt={"server": broker.host, "port": broker.port, "username": "device"}
+        ),
+        {"mqtt.password": "wrong-pw"},
+    )
     rb = boards.start(board)
-    refused = (r"connecting to [\d.]+:\d+ failed: ConnectError\('connection refused: "
-               r"(not authori[sz]ed|bad user name or password)")
+    refused = (
+        r"connecting to [\d.]+:\d+ failed: ConnectError\('connection refused: "
+        r"(not authori[sz]ed|bad user name or password)"
+    )
     rb.wait_for(refused, count=3, timeout=30)
     out = rb.console()
     attempts = re.finditer(r"^W (\d+\.\d+) mqtt: connecting .* failed", out, re.MULTILINE)

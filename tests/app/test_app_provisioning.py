@@ -3,18 +3,25 @@ a corrupted blob. Real NVS emulation, real flash, real Mosquitto."""
 
 import json
 
-SECRETS = {"wlan.ssid": "testnet", "wlan.psk": "psk-Secret-1", "mqtt.password": "mqtt-Secret-2",
-           "update.key": "0011223344556677"}
+SECRETS = {
+    "wlan.ssid": "testnet",
+    "wlan.psk": "psk-Secret-1",
+    "mqtt.password": "mqtt-Secret-2",
+    "update.key": "0011223344556677",
+}
 AP = {"ssid": "testnet", "psk": "psk-Secret-1"}
 
 
 def test_provision_json_is_ingested_encrypted_and_deleted_and_survives_reboot(
-        app_board, boards, broker, settings_for, watch):
+    app_board, boards, broker, settings_for, watch
+):
     board = app_board(settings_for(broker), SECRETS, wlan=AP)
     w = watch(board)
     rb = boards.start(board)
-    rb.wait_for(r"provision: provisioned mqtt.password, update.key, wlan.psk, wlan.ssid; "
-                r"/provision.json removed")
+    rb.wait_for(
+        r"provision: provisioned mqtt.password, update.key, wlan.psk, wlan.ssid; "
+        r"/provision.json removed"
+    )
     rb.wait_for(r"wlan: connected to 'testnet'")
     rb.wait_for(r"USER up, psk=psk-Secret-1 password=mqtt-Secret-2")
     w.wait("status", state="online")
@@ -34,7 +41,8 @@ def test_provision_json_is_ingested_encrypted_and_deleted_and_survives_reboot(
 
 
 def test_power_cut_after_ingest_before_delete_loses_and_duplicates_nothing(
-        app_board, boards, broker, settings_for):
+    app_board, boards, broker, settings_for
+):
     board = app_board(settings_for(broker), {"wlan.psk": "psk-Secret-1"})
     # Nothing writes to flash before the file is deleted: the first block write
     # of the boot is that delete, after the secrets are committed to NVS.
@@ -54,7 +62,8 @@ def test_power_cut_after_ingest_before_delete_loses_and_duplicates_nothing(
 
 
 def test_corrupted_nvs_blob_is_reported_once_and_the_board_runs_unprovisioned(
-        app_board, boards, broker, settings_for, watch):
+    app_board, boards, broker, settings_for, watch
+):
     board = app_board(settings_for(broker), {"mqtt.password": "pw"})
     rb = boards.start(board)
     rb.wait_for(r"USER up, psk=None password=pw")

@@ -60,21 +60,29 @@ async def user_main():
 
 
 def test_malformed_settings_boot_with_defaults_and_one_clear_line(
-        app_board, boards, broker, watch):
+    app_board, boards, broker, watch
+):
     # The broker comes from the secure store, which overrides settings.json: a
     # provisioned device stays reachable even when its settings.json is broken.
-    board = app_board('{"mqtt": {"server": "127.0.0.1", "port": 18', {
-        "mqtt.server": broker.host, "mqtt.port": broker.port})
+    board = app_board(
+        '{"mqtt": {"server": "127.0.0.1", "port": 18',
+        {"mqtt.server": broker.host, "mqtt.port": broker.port},
+    )
     w = watch(board)
     rb = boards.start(board)
     rb.wait_for(r"USER up")
     w.wait("status", state="online")
     lines = [l for l in rb.console().splitlines() if "settings.json" in l]
-    assert len(lines) == 1 and "settings.json is malformed" in lines[0] and "using defaults" in lines[0]
+    assert (
+        len(lines) == 1
+        and "settings.json is malformed" in lines[0]
+        and "using defaults" in lines[0]
+    )
 
 
 def test_missing_user_main_is_said_once_and_the_board_stays_on_mqtt(
-        app_board, boards, broker, watch, settings_for):
+    app_board, boards, broker, watch, settings_for
+):
     board = app_board(settings_for(broker), user_main=None)
     w = watch(board)
     rb = boards.start(board)
@@ -84,7 +92,8 @@ def test_missing_user_main_is_said_once_and_the_board_stays_on_mqtt(
 
 
 def test_raising_user_main_is_logged_with_traceback_and_restarted(
-        app_board, boards, broker, settings_for):
+    app_board, boards, broker, settings_for
+):
     board = app_board(settings_for(broker, **FAST_RESTARTS), user_main=RAISES_TWICE_THEN_RUNS)
     rb = boards.start(board)
     rb.wait_for(r"USER run 3")
@@ -96,7 +105,8 @@ def test_raising_user_main_is_logged_with_traceback_and_restarted(
 
 
 def test_memory_error_in_user_code_collects_logs_free_heap_and_restarts(
-        app_board, boards, broker, settings_for, watch):
+    app_board, boards, broker, settings_for, watch
+):
     board = app_board(settings_for(broker, **FAST_RESTARTS), user_main=OUT_OF_MEMORY_ONCE)
     w = watch(board)
     rb = boards.start(board)
@@ -107,7 +117,8 @@ def test_memory_error_in_user_code_collects_logs_free_heap_and_restarts(
 
 
 def test_an_unawaited_user_task_crashing_restarts_user_main(
-        app_board, boards, broker, settings_for):
+    app_board, boards, broker, settings_for
+):
     board = app_board(settings_for(broker, **FAST_RESTARTS), user_main=CRASHING_BACKGROUND_TASK)
     rb = boards.start(board)
     rb.wait_for(r"USER start", count=2)
@@ -115,7 +126,8 @@ def test_an_unawaited_user_task_crashing_restarts_user_main(
 
 
 def test_crash_loop_enters_safe_mode_with_mqtt_still_up(
-        app_board, boards, broker, settings_for, watch):
+    app_board, boards, broker, settings_for, watch
+):
     board = app_board(settings_for(broker, **FAST_RESTARTS), user_main=RAISING)
     w = watch(board)
     rb = boards.start(board)
@@ -130,9 +142,13 @@ def test_crash_loop_enters_safe_mode_with_mqtt_still_up(
 
 
 def test_wlan_down_at_boot_connects_when_the_network_returns(
-        app_board, boards, broker, settings_for, watch):
-    board = app_board(settings_for(broker), {"wlan.ssid": "testnet", "wlan.psk": "good-psk"},
-                      wlan={"ssid": "testnet", "psk": "good-psk"})
+    app_board, boards, broker, settings_for, watch
+):
+    board = app_board(
+        settings_for(broker),
+        {"wlan.ssid": "testnet", "wlan.psk": "good-psk"},
+        wlan={"ssid": "testnet", "psk": "good-psk"},
+    )
     board.set_network(False)
     rb = boards.start(board)
     rb.wait_for(r"wlan: cannot connect to 'testnet': no access point found; retry in 1 s")
@@ -144,8 +160,11 @@ def test_wlan_down_at_boot_connects_when_the_network_returns(
 
 
 def test_wrong_wlan_password_is_reported_clearly(app_board, boards, broker, settings_for):
-    board = app_board(settings_for(broker), {"wlan.ssid": "testnet", "wlan.psk": "bad-psk"},
-                      wlan={"ssid": "testnet", "psk": "good-psk"})
+    board = app_board(
+        settings_for(broker),
+        {"wlan.ssid": "testnet", "wlan.psk": "bad-psk"},
+        wlan={"ssid": "testnet", "psk": "good-psk"},
+    )
     rb = boards.start(board)
     rb.wait_for(r"wlan: cannot connect to 'testnet': wrong password; retry in 2 s")
 

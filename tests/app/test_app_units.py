@@ -34,15 +34,23 @@ UID = b"\\x84\\x0d\\x8e\\xd2\\x97\\x60"
 
 
 def test_hmac_sha256_matches_cpython(run_mpy):
-    out = run_mpy("""
+    out = run_mpy(
+        """
 import binascii
 from mpy_blox.hmac import hmac_sha256, compare_digest
 print(binascii.hexlify(hmac_sha256(b"key", b"The quick brown fox ", b"jumps over the lazy dog")).decode())
 print(binascii.hexlify(hmac_sha256(b"k" * 100, b"")).decode())
 print(compare_digest(b"abc", b"abc"), compare_digest(b"abc", b"abd"), compare_digest(b"a", b"ab"))
-""", heap="32K")
+""",
+        heap="32K",
+    )
     a, b, c = out.splitlines()
-    assert a == hmac.new(b"key", b"The quick brown fox jumps over the lazy dog", hashlib.sha256).hexdigest()
+    assert (
+        a
+        == hmac.new(
+            b"key", b"The quick brown fox jumps over the lazy dog", hashlib.sha256
+        ).hexdigest()
+    )
     assert b == hmac.new(b"k" * 100, b"", hashlib.sha256).hexdigest()
     assert c == "True False False"
 
@@ -56,7 +64,8 @@ def test_config_reads_nested_and_flat_keys_with_secure_values_winning(run_mpy, t
         "logging": {"level": 7},
     }
     (tmp_path / "settings.json").write_text(json.dumps(settings))
-    out = run_mpy(f"""
+    out = run_mpy(
+        f"""
 from mpy_blox.config import Config, load_settings
 c = Config(load_settings({str(tmp_path / "settings.json")!r}), {{"mqtt.server": "secure.lan", "wlan.psk": "pw"}})
 print(c.get_str("mqtt.server"), c.get_int("mqtt.port"), c.get_bool("mqtt.ssl"))
@@ -64,7 +73,9 @@ print(c.get_str("update.channel"), c.get_bool("update.auto_update", True))
 print(c.get_str("mqtt.username", "anon"), c.get_str("wlan.psk"), c.get("nope.deeper", 5))
 print(c.get_str("hostname"), c.get_int("hostname", 3), c.get_str("logging.level"))
 print(c.get_bool("mqtt", True))
-""", heap="32K")
+""",
+        heap="32K",
+    )
     values = [line for line in out.splitlines() if not line.startswith("W ")]
     warnings = [line for line in out.splitlines() if line.startswith("W ")]
     assert values == ["secure.lan 1884 True", "beta False", "anon pw 5", "kitchen 3 7", "True"]
@@ -76,12 +87,15 @@ print(c.get_bool("mqtt", True))
 def test_missing_or_malformed_settings_give_one_log_line_and_defaults(run_mpy, tmp_path):
     (tmp_path / "bad.json").write_text('{"mqtt": {"server": ')
     (tmp_path / "list.json").write_text("[1, 2]")
-    out = run_mpy(f"""
+    out = run_mpy(
+        f"""
 from mpy_blox.config import load_settings
 print(load_settings({str(tmp_path / "bad.json")!r}))
 print(load_settings({str(tmp_path / "list.json")!r}))
 print(load_settings({str(tmp_path / "none.json")!r}))
-""", heap="32K")
+""",
+        heap="32K",
+    )
     lines = out.splitlines()
     assert len(lines) == 6
     assert "bad.json is malformed" in lines[0] and lines[1] == "{}"
@@ -90,7 +104,9 @@ print(load_settings({str(tmp_path / "none.json")!r}))
 
 
 def test_secure_store_round_trips_encrypted_with_a_fresh_iv_per_write(run_mpy):
-    out = run_mpy(FAKE_NVS + """
+    out = run_mpy(
+        FAKE_NVS
+        + """
 from mpy_blox.secure import SecureStore
 nvs = FakeNVS()
 s = SecureStore(nvs, UID)
@@ -103,7 +119,9 @@ t = SecureStore(nvs, UID)
 print(sorted(t.load().items()), t.state)
 t.clear()
 print(SecureStore(nvs, UID).load(), nvs.commits)
-""", heap="32K")
+""",
+        heap="32K",
+    )
     lines = out.splitlines()
     assert lines[0] == "{} empty"
     assert lines[1] == "True False b'MBS1'"
@@ -112,7 +130,9 @@ print(SecureStore(nvs, UID).load(), nvs.commits)
 
 
 def test_corrupted_or_foreign_blob_is_reported_and_reads_as_unprovisioned(run_mpy):
-    out = run_mpy(FAKE_NVS + """
+    out = run_mpy(
+        FAKE_NVS
+        + """
 from mpy_blox.secure import SecureStore
 nvs = FakeNVS()
 SecureStore(nvs, UID).save({"wlan.psk": "x"})
@@ -128,12 +148,19 @@ print("foreign", s.load(), s.state)
 nvs.d["secure"] = bytes(3000)
 s = SecureStore(nvs, UID)
 print("huge", s.load(), s.state)
-""", heap="32K")
+""",
+        heap="32K",
+    )
     lines = out.splitlines()
     results = [l for l in lines if not l.startswith("E ")]
     errors = [l for l in lines if l.startswith("E ")]
-    assert results == ["flipped {} corrupt", "truncated {} corrupt", "junk {} corrupt",
-                       "foreign {} corrupt", "huge {} corrupt"]
+    assert results == [
+        "flipped {} corrupt",
+        "truncated {} corrupt",
+        "junk {} corrupt",
+        "foreign {} corrupt",
+        "huge {} corrupt",
+    ]
     assert len(errors) == 5
     assert all("secure store unreadable" in e and "treated as unprovisioned" in e for e in errors)
     assert "integrity check failed" in errors[0] and "integrity check failed" in errors[3]
@@ -142,7 +169,9 @@ print("huge", s.load(), s.state)
 def test_provision_merges_commits_verifies_then_deletes_and_is_idempotent(run_mpy, tmp_path):
     prov = tmp_path / "provision.json"
     prov.write_text(json.dumps({"wlan.psk": "new", "mqtt.password": None, "update.key": "k1"}))
-    out = run_mpy(FAKE_NVS + f"""
+    out = run_mpy(
+        FAKE_NVS
+        + f"""
 from mpy_blox.secure import SecureStore
 from mpy_blox import provision
 nvs = FakeNVS()
@@ -160,7 +189,9 @@ open({str(prov)!r}, "w").write('{{"wlan.psk": ')
 print(provision.ingest(s, {str(prov)!r}))
 open({str(prov)!r}, "w").write('{{"unprovision": true, "wlan.ssid": "other"}}')
 print(provision.ingest(s, {str(prov)!r}), sorted(SecureStore(nvs, UID).load().items()))
-""", heap="32K")
+""",
+        heap="32K",
+    )
     lines = [l for l in out.splitlines() if not l.startswith("I ")]
     assert lines[0] == "True 1"
     assert lines[1] == "True 1"  # the second run found the merge done: no second write
