@@ -149,6 +149,14 @@ def decode_list(payload, key=None, to=None):
     return seq, out
 
 
+def accept_list(payload, key=None, last_seq=0, to=None):
+    """decode_list, and refuse a replayed or older signed list (seq <= last_seq)."""
+    seq, entries = decode_list(payload, key, to)
+    if seq is not None and seq <= last_seq:
+        raise InvalidUpdate("replayed or older list: seq %d, device at %d" % (seq, last_seq))
+    return seq, entries
+
+
 def _json(data):
     try:
         return json.loads(data)

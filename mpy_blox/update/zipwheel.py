@@ -64,9 +64,19 @@ def _wbits(comment):
 
 
 def window_fits(wbits):
-    """True if a deflate window of 2**wbits bytes fits the free heap now."""
+    """True if a deflate window of 2**wbits bytes can be allocated now."""
     gc.collect()
-    return gc.mem_free() >= (1 << wbits) + _WINDOW_MARGIN
+    if gc.mem_free() < (1 << wbits) + _WINDOW_MARGIN:
+        return False
+    # Enough in total is not enough: the window is one block, and the heap may
+    # be fragmented. Probe for it, then give it back for the decoder.
+    try:
+        probe = bytearray((1 << wbits) + 1024)
+    except MemoryError:
+        return False
+    probe = None
+    gc.collect()
+    return True
 
 
 class Wheel:
@@ -148,13 +158,15 @@ class Wheel:
         import deflate
 
         if not window_fits(self.wbits):
-            raise InvalidUpdate(
-                "wheel needs a %d-byte deflate window: not enough free heap" % (1 << self.wbits)
-            )
+            raise InvalidUpdate(self._window_error())
         try:
             return deflate.DeflateIO(section, deflate.RAW, self.wbits)
         except MemoryError:
-            raise InvalidUpdate("no heap for the wheel's deflate window")
+            raise InvalidUpdate(self._window_error())
+
+    def _window_error(self):
+        return "wheel needs a %d-byte deflate window (wbits %d): not enough free heap" % (
+            1 << self.wbits, self.wbits)
 
     def copy_entry(self, method, csize, usize, off, out, limit):
         """Stream one entry into file `out`; return (sha256 digest, size)."""
@@ -167,6 +179,8 @@ class Wheel:
                 n = src.readinto(mv)
             except (OSError, ValueError):
                 raise InvalidUpdate("corrupt compressed data in wheel")
+            except MemoryError:  # the window is allocated at the first read
+                raise InvalidUpdate(self._window_error())
             if not n:
                 break
             total += n
