@@ -21,7 +21,7 @@ config = None
 client = None
 node = None
 
-_FATAL_RESET_MS = const(10000)
+_FATAL_RESET_MS = const(5000)
 
 
 def _boot_count():

@@ -72,7 +72,11 @@ def ingest(store, path=PROVISION):
     except (OSError, ValueError) as e:
         log.error("cannot store secrets (%s): %s kept", e, path)
         return False
-    os.remove(path)
+    try:
+        os.remove(path)
+    except OSError as e:  # the secrets are stored: the next boot retries the delete
+        log.error("secrets stored, but cannot delete %s (%s)", path, e)
+        return False
     names = [k for k in update if k != "unprovision"]
     log.info("provisioned %s; %s removed", ", ".join(sorted(names)) or "nothing", path)
     return True

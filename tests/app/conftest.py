@@ -43,6 +43,7 @@ def app_board(boards):
         settings: str | dict | None = None,
         provision: dict | None = None,
         user_main: str | None = IDLE_USER_MAIN,
+        framework: bool = True,
         **kwargs,
     ):
         files = {"main.py": MAIN_PY}
@@ -54,7 +55,7 @@ def app_board(boards):
             files["provision.json"] = json.dumps(provision)
         if user_main is not None:
             files["user_main.py"] = user_main
-        return boards.create(framework=True, files=files, **kwargs)
+        return boards.create(framework=framework, files=files, **kwargs)
 
     return make
 

