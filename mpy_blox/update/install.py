@@ -66,8 +66,9 @@ class Installer:
     def __init__(self, root="", device=None):
         self.root = root
         self.device = device  # (mpy, platform) for tests; None: this device
-        self.ops = []  # (kind, target, new sha, old sha or None)
+        self.ops = []  # (kind, target, new sha, old sha or None, flash it costs)
         self._src = None
+        self.block = 4096
 
     def _stage(self, i):
         return self.root + _STAGE + "/n%d" % i
@@ -88,14 +89,16 @@ class Installer:
     def preflight(self, needed):
         """Refuse before downloading: wheel tags, and sizes against free flash."""
         free, block = state.fs_free(self.root)
+        self.block = block
         need = _RESERVE_BLOCKS * block
         for e in needed:
             tag = e.get("tag")
             if tag and not state.tag_matches(tag, self.device):
                 raise InvalidUpdate("wheel tag %s does not run on this device" % tag)
             size = e["size"] or 0
-            # A wheel needs room for its download and its extracted files.
-            need += (2 if e["type"] == "wheel" else 1) * (size + block)
+            # Staged files plus the copies apply() writes (a wheel's download
+            # goes before its files are copied): about twice the package.
+            need += 2 * (size + block)
         if need > free:
             raise InvalidUpdate("does not fit: needs %d bytes, %d free" % (need, free))
         self.begin()
@@ -118,7 +121,7 @@ class Installer:
         i = len(self.ops)
         if entry["type"] == "src":
             target = "/" + entry["path"]
-            self.ops.append(("P", target, entry["pkg_sha256"], self._old(target)))
+            self._add(target, entry["pkg_sha256"], self._stage(i))
             if self._src is None:
                 self._src = state.src_index(self.root)
             self._src[entry["path"]] = entry["pkg_sha256"]
@@ -133,14 +136,26 @@ class Installer:
     def _old(self, target):
         return recover.file_sha256(self.root + target)
 
+    def _cost(self, path):
+        # Flash that a copy of this file takes during apply(), in whole blocks.
+        try:
+            size = os.stat(self.root + path)[6]
+        except OSError:
+            return 0
+        return (size // self.block + 2) * self.block
+
     def _add(self, target, new_hex, staged):
         # A file that is already there, byte for byte, needs no operation.
         old = self._old(target)
         if old == new_hex:
             os.remove(staged)
             self.ops.append(None)
-        else:
-            self.ops.append(("P", target, new_hex, old))
+            return
+        # apply() writes the target and a backup of the old file.
+        cost = (os.stat(staged)[6] // self.block + 2) * self.block
+        if old is not None:
+            cost += self._cost(target)
+        self.ops.append(("P", target, new_hex, old, cost))
 
     def _stage_wheel(self, entry, path):
         w = Wheel(path, os.stat(path)[6])
@@ -225,7 +240,7 @@ class Installer:
     def _delete(self, target):
         old = self._old(target)
         if old is not None:
-            self.ops.append(("D", target, None, old))
+            self.ops.append(("D", target, None, old, self._cost(target)))
 
     def commit(self):
         """Write the journal and switch over; True if anything changed."""
@@ -237,6 +252,12 @@ class Installer:
         if not any(self.ops):
             self.abort()
             return False
+        # apply() must never run out of flash half-way: refuse now if it could.
+        need = sum(op[4] for op in self.ops if op) + _RESERVE_BLOCKS * self.block
+        free = state.fs_free(self.root)[0]
+        if need > free:
+            self.abort()
+            raise InvalidUpdate("does not fit: installing needs %d bytes, %d free" % (need, free))
         h = hashlib.sha256()
         journal = self.root + recover._JOURNAL
         try:
@@ -268,7 +289,7 @@ class Installer:
         for i, op in enumerate(self.ops):
             if op is None:
                 continue
-            kind, target, new, old = op
+            kind, target, new, old, _ = op
             if kind == "P":
                 yield ("P %d %s %s %s\n" % (i, target, new, old or "-")).encode()
             else:

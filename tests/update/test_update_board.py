@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
 from mpy_blox.update import manifest
 from update_kit import board_files, make_src, make_wheel, sha256
@@ -77,3 +77,34 @@ def test_wheel_and_src_install_then_upgrade_removes_stale_files(boards, update_b
     assert board.block_writes() == 0
     after = {p: board.cat(p) for p in board.ls() if board.ls()[p] is not None}
     assert after == before
+
+
+def test_list_too_big_for_the_flash_is_refused_before_downloading(boards, update_board):
+    big = make_src("data.bin", bytes(300_000))
+    board = update_board(board_files([big], manifest.encode_list([big.entry])))
+    board.fill(leave=200_000)
+    before = board.ls()
+    out = run_to_done(boards, board)
+    assert "ERROR does not fit: needs" in out, out
+    assert board.ls() == before  # not even the stage folder
+
+
+def test_4mib_wheel_and_1mib_src_install_on_16mib_flash_with_100k_heap(boards, update_board):
+    blob = os.urandom(4 * 1024 * 1024)  # incompressible: the wheel is as big as its file
+    w = make_wheel("demo-pkg", "1.0", {"demo_pkg/__init__.py": b"VERSION = '1.0'\n",
+                                       "demo_pkg/blob.bin": blob})
+    s = make_src("big.bin", os.urandom(1024 * 1024))
+    board = update_board(board_files([w, s], manifest.encode_list([w.entry, s.entry])),
+                         flash_size="16M")
+    out = run_to_done(boards, board, heap="100K")
+    assert "RUNS none" in out and "INSTALLED 2" in out, out
+    assert sha256(board.cat("lib/demo_pkg/blob.bin")) == sha256(blob)
+    assert sha256(board.cat("big.bin")) == s.sha
+
+
+def test_4mib_src_installs_with_a_64k_heap(boards, update_board):
+    s = make_src("big.bin", os.urandom(4 * 1024 * 1024))
+    board = update_board(board_files([s], manifest.encode_list([s.entry])), flash_size="16M")
+    out = run_to_done(boards, board, heap="64K")
+    assert "INSTALLED 1" in out, out
+    assert sha256(board.cat("big.bin")) == s.sha
