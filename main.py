@@ -1,4 +1,19 @@
 # Mpy-BLOX app-managed mode: the framework runs the device and calls your
 # `async def user_main()` from user_main.py. See docs/runtime.md.
+#
+# First, before anything imports from /lib, finish or undo an update that a
+# reset interrupted. mpypi_recover.py sits at the flash root, which no update
+# writes, so this step never depends on a file an update replaces
+# (docs/protocol.md, "Boot recovery").
+try:
+    import mpypi_recover
+
+    mpypi_recover.recover()
+except Exception as e:  # a failed recovery must not stop the agent that can fix it
+    import sys
+
+    print("E main: update recovery failed:", repr(e))
+    sys.print_exception(e)
 import mpy_blox.app
+
 mpy_blox.app.main()
