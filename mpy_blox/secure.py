@@ -127,7 +127,9 @@ class SecureStore:
 
     def _corrupt(self, reason):
         self.state = "corrupt"
-        log.error("secure store unreadable (%s): treated as unprovisioned; provision again", reason)
+        log.error(
+            "secure store unreadable (%s): treated as unprovisioned; provision again", reason
+        )
         return self.values
 
     def save(self, values):

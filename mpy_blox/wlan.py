@@ -34,7 +34,11 @@ def _reason(status):
 
 
 async def _attempt(sta, ssid, psk):
-    sta.connect(ssid, psk)
+    try:
+        sta.connect(ssid, psk)
+    except OSError as e:  # "Wifi Internal Error" and the like: count it as a failed try
+        log.warning("connect(%r) raised %r", ssid, e)
+        return sta.status()
     waited = 0
     # The ESP32 reports CONNECTING (and briefly IDLE) until it has an address.
     while not sta.isconnected() and waited < _ATTEMPT_MS:
@@ -60,7 +64,9 @@ async def connect(ssid, psk=None, hostname=None):
         status = await _attempt(sta, ssid, psk)
         if sta.isconnected():
             break
-        log.warning("cannot connect to %r: %s; retry in %d s", ssid, _reason(status), delay_ms // 1000)
+        log.warning(
+            "cannot connect to %r: %s; retry in %d s", ssid, _reason(status), delay_ms // 1000
+        )
         sta.disconnect()  # a clean state for the next attempt
         await asyncio.sleep_ms(delay_ms)
         delay_ms = min(delay_ms * 2, _MAX_RETRY_MS)
