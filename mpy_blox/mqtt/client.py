@@ -28,6 +28,10 @@ _NETWORK_POLL_MS = const(500)
 log = get_logger("mqtt")
 
 
+def _why(e):
+    return "%s: %s" % (type(e).__name__, e)
+
+
 class Will:
     """The message the broker publishes for us when we vanish without DISCONNECT."""
 
@@ -84,15 +88,16 @@ class MQTTClient:
 
     @property
     def is_connected(self):
+        """True while connected, once the subscriptions are in place."""
         return self._up.is_set()
 
     async def connected(self):
-        """Return once connected (at once if connected now)."""
+        """Return once connected and subscribed (at once if so now)."""
         await self._up.wait()
 
     async def disconnected(self):
         """Return once the current connection is lost (at once if not connected)."""
-        if self._up.is_set():
+        if self._conn is not None:
             await self._lost.wait()
 
     def add_connect_callback(self, callback):
@@ -110,7 +115,7 @@ class MQTTClient:
         task, self._task = self._task, None
         if task is None:
             return
-        if self._up.is_set():
+        if self._linked():
             try:
                 await self._conn.send(packet.BYE)
             except OSError:
@@ -136,7 +141,7 @@ class MQTTClient:
                 break
         else:
             self._subs.append([topic_filter, handler, qos])
-        if self._up.is_set():
+        if self._linked():
             pid = self._next_pid()
             code = await self._request(pid, packet.subscribe(pid, topic_filter, qos))
             if code == packet.SUBACK_FAILURE:
@@ -145,7 +150,7 @@ class MQTTClient:
 
     async def unsubscribe(self, topic_filter):
         self._forget(topic_filter)
-        if self._up.is_set():
+        if self._linked():
             pid = self._next_pid()
             await self._request(pid, packet.unsubscribe(pid, topic_filter))
 
@@ -170,8 +175,12 @@ class MQTTClient:
 
     # -- requests and their answers ------------------------------------------
 
+    def _linked(self):
+        # A connection is up (CONNACK received), though perhaps not yet re-subscribed.
+        return self._conn is not None and not self._lost.is_set()
+
     def _live(self):
-        if not self._up.is_set():
+        if not self._linked():
             raise MQTTError("not connected")
         return self._conn
 
@@ -237,13 +246,13 @@ class MQTTClient:
             try:
                 conn = await self._connect()
             except Exception as e:  # the supervisor: anything but cancellation retries
-                log.warning("connecting to %s:%d failed: %r", self._server, self._port, e)
+                log.warning("connecting to %s:%d failed (%s)", self._server, self._port, _why(e))
                 failures += 1
                 await self._backoff(failures)
                 continue
             began = time.ticks_ms()
             await self._session(conn)
-            log.warning("disconnected: %r", self._reason)
+            log.warning("disconnected (%s)", _why(self._reason))
             if time.ticks_diff(time.ticks_ms(), began) >= _STABLE_MS:
                 failures = 0
             failures += 1
@@ -312,15 +321,15 @@ class MQTTClient:
         return packet.connack(await conn.read_control(length))
 
     async def _session(self, conn):
-        self._conn = conn
-        self._lost = asyncio.Event()
+        self._conn = conn  # from here publish() works: handlers of retained messages may
+        self._lost = asyncio.Event()  # publish while the subscriptions are re-sent
         self._reason = None
         self._receiver = asyncio.create_task(self._receive(conn))
         watcher = asyncio.create_task(self._watch(conn))
         try:
-            self._up.set()
             log.info("connected to %s:%d", self._server, self._port)
             await self._resubscribe()
+            self._up.set()
             for callback in self._callbacks:
                 try:
                     await callback()

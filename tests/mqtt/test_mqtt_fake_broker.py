@@ -1,0 +1,116 @@
+"""Exact bytes and malformed input, against a scripted fake broker."""
+
+from __future__ import annotations
+
+import time
+
+from conftest import read_packet, remaining_length
+
+# Device side: connect with a quick backoff, print each (re)connection, run `body`.
+DEVICE = """
+import asyncio
+from mpy_blox.mqtt import MQTTClient
+n = 0
+async def on_connect():
+    global n
+    n += 1
+    print("CONNECTED", n)
+
+async def handler(msg):
+    data = await msg.read(100)
+    print("MSG", msg.topic, msg.qos, int(msg.dup), data)
+    await client.publish("handled", data)
+
+client = MQTTClient("fake", "127.0.0.1", {port}, keepalive_s=30, backoff_min_ms=20,
+                    backoff_max_ms=100)
+client.add_connect_callback(on_connect)
+
+async def main():
+    await client.subscribe("t/#", handler, 1)
+    client.start()
+    while n < {connections}:
+        await asyncio.sleep_ms(20)
+    await asyncio.sleep_ms(300)
+    await client.stop()
+    print("STOPPED")
+asyncio.run(main())
+"""
+
+
+def publish(topic: bytes, payload: bytes, qos: int = 0, pid: int = 0, dup: bool = False) -> bytes:
+    body = len(topic).to_bytes(2, "big") + topic + (pid.to_bytes(2, "big") if qos else b"")
+    first = 0x30 | (qos << 1) | (0x08 if dup else 0)
+    return bytes([first]) + remaining_length(len(body) + len(payload)) + body + payload
+
+
+def answer_subscribe(conn) -> None:
+    first, body = read_packet(conn)
+    assert first == 0x82, first
+    conn.sendall(b"\x90\x03" + body[:2] + b"\x01")
+
+
+def test_qos1_puback_is_sent_after_the_handler_and_duplicates_are_tolerated(fake_broker, device):
+    seen = []
+
+    def script(broker, conn, n):
+        broker.accept_connect(conn)
+        answer_subscribe(conn)
+        if n:
+            time.sleep(5)
+            return
+        msg = publish(b"t/a", b"hello", qos=1, pid=0x1234)
+        dup = publish(b"t/a", b"hello", qos=1, pid=0x1234, dup=True)
+        conn.sendall(msg + dup)
+        for _ in range(4):
+            seen.append(read_packet(conn))
+        conn.sendall(b"\xe0\x00")  # not a packet a broker sends: the device reconnects
+        time.sleep(5)
+
+    broker = fake_broker(script)
+    dev = device(DEVICE.format(port=broker.port, connections=2), heap="64K")
+    out = dev.wait(timeout=30)
+    assert out.count("MSG t/a 1") == 2 and "MSG t/a 1 1 b'hello'" in out, out
+    # The handler's own publish reaches the broker before the PUBACK of its message.
+    handled = (0x30, b"\x00\x07handledhello")
+    assert seen == [handled, (0x40, b"\x12\x34"), handled, (0x40, b"\x12\x34")]
+    assert "unexpected packet type 14" in out
+    assert not broker.errors
+
+
+MALFORMED = [
+    ("bad remaining length", b"\x30\xff\xff\xff\xff\x01", "remaining length longer than 4 bytes"),
+    ("oversize topic", b"\x30\x82\x08\x03\xe8" + b"t" * 1000 + b"x" * 20,
+     "PUBLISH topic of 1000 bytes"),
+    ("topic longer than packet", b"\x30\x05\x00\x09t/a", "PUBLISH topic of 9 bytes in a 5-byte"),
+    ("unexpected packet type", b"\x82\x02\x00\x01", "unexpected packet type 8"),
+    ("reserved packet type", b"\xf0\x00", "unexpected packet type 15"),
+    ("QoS 3", b"\x36\x05\x00\x01tab", "PUBLISH with QoS 3"),
+    ("bad PUBACK length", b"\x40\x03\x00\x01\x00", "malformed packet type 4"),
+    ("truncated", b"\x30\x64\x00\x03t/a" + b"x" * 10, "connection closed by the broker"),
+]
+
+
+def test_each_malformed_packet_drops_the_connection_with_a_reason_and_reconnects(
+        fake_broker, device):
+    def script(broker, conn, n):
+        broker.accept_connect(conn)
+        answer_subscribe(conn)
+        if n < len(MALFORMED):
+            conn.sendall(MALFORMED[n][1])
+            # The truncated packet is cut by our close; the others the client drops.
+            if MALFORMED[n][0] != "truncated":
+                time.sleep(2)
+        else:
+            conn.sendall(publish(b"t/ok", b"fine"))
+            time.sleep(5)
+
+    broker = fake_broker(script)
+    dev = device(DEVICE.format(port=broker.port, connections=len(MALFORMED) + 1), heap="64K")
+    out = dev.wait(timeout=60)
+    lines = [line for line in out.splitlines() if "mqtt: disconnected" in line]
+    for (name, _, reason), line in zip(MALFORMED, lines):
+        assert reason in line, f"{name}: {line}"
+    assert len(lines) >= len(MALFORMED), out
+    assert "MSG t/ok 0 0 b'fine'" in out and "STOPPED" in out, out
+    assert "Traceback" not in out
+    assert broker.connections == len(MALFORMED) + 1
