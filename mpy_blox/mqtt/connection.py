@@ -79,58 +79,61 @@ class Connection:
 
     # -- reading -------------------------------------------------------------
 
-    async def _recv(self, mv):
-        # One socket read into mv; at least one byte or an error.
+    async def readinto(self, buf):
+        """Read 1 to len(buf) bytes into buf (a bytearray or memoryview)."""
+        avail = self._end - self._start
+        if avail:
+            n = min(avail, len(buf))
+            buf[:n] = self._mv[self._start : self._start + n]
+            self._start += n
+            return n
+        # Big reads go straight from the socket to the caller, small ones through
+        # our buffer. One coroutine, no helper: this runs once per payload chunk.
+        direct = len(buf) >= len(self._buf)
+        target = buf if direct else self._mv
         if self.error is not None:
             raise self.error
         self._waiting = True
         self._wait_ms = time.ticks_ms()
         try:
-            while True:
-                n = await self._stream.readinto(mv)
-                if n is None:
-                    continue  # TLS: a record is not complete yet
-                if not n:
-                    raise MQTTError("connection closed by the broker")
-                return n
+            n = await self._stream.readinto(target)
+            while n is None:  # TLS: a record is not complete yet
+                n = await self._stream.readinto(target)
         except Exception as e:
             self.error = e
             raise
         finally:
             self._waiting = False
-
-    async def readinto(self, mv):
-        """Read 1 to len(mv) bytes into the memoryview mv."""
-        avail = self._end - self._start
-        if not avail:
-            if len(mv) >= len(self._buf):
-                return await self._recv(mv)  # big reads go straight to the caller
-            self._start = 0
-            self._end = avail = await self._recv(self._mv)
-        n = min(avail, len(mv))
-        mv[:n] = self._mv[self._start : self._start + n]
-        self._start += n
-        return n
+        if not n:
+            self.error = MQTTError("connection closed by the broker")
+            raise self.error
+        if direct:
+            return n
+        self._start = 0
+        self._end = n
+        return await self.readinto(buf)  # now served from the buffer
 
     async def readexactly(self, mv):
         got = 0
         while got < len(mv):
             got += await self.readinto(mv[got:])
 
+    async def _fill(self):
+        # Refill the empty buffer: a 1-byte read is served from it and leaves the rest.
+        await self.readinto(self._control[:1])
+        self._start -= 1
+
     async def skip(self, n):
         while n:
-            avail = self._end - self._start
-            if not avail:
-                self._start = 0
-                self._end = avail = await self._recv(self._mv)
-            k = min(avail, n)
+            if self._start == self._end:
+                await self._fill()
+            k = min(self._end - self._start, n)
             self._start += k
             n -= k
 
     async def read_byte(self):
         if self._start == self._end:
-            self._start = 0
-            self._end = await self._recv(self._mv)
+            await self._fill()
         self._start += 1
         return self._buf[self._start - 1]
 

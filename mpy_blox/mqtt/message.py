@@ -29,13 +29,13 @@ class Message:
 
     async def readinto(self, buf):
         """Read up to len(buf) payload bytes into buf; 0 at the end of the payload."""
-        if not self.remaining:
+        left = self.remaining
+        if not left:
             return 0
-        mv = memoryview(buf)
-        if len(mv) > self.remaining:
-            mv = mv[: self.remaining]
-        n = await self._input().readinto(mv)
-        self.remaining -= n
+        if len(buf) > left:
+            buf = memoryview(buf)[:left]  # never read into the next packet
+        n = await self._input().readinto(buf)
+        self.remaining = left - n
         return n
 
     async def read(self, max_size):
