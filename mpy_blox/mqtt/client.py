@@ -42,6 +42,18 @@ class Will:
         self.qos = qos
 
 
+def _der(cert):
+    # The unix port's mbedTLS (1.29) refuses PEM in load_verify_locations() with
+    # "invalid cert" and takes DER: convert the first PEM certificate here.
+    start = cert.find(b"-----BEGIN")
+    if start < 0:
+        return cert
+    from binascii import a2b_base64
+
+    body = cert[cert.index(b"\n", start) + 1 : cert.index(b"-----END", start)]
+    return a2b_base64(body.replace(b"\r", b"").replace(b"\n", b""))
+
+
 def _station():
     # The Wi-Fi station interface, to notice the network going away before TCP
     # does. Looked up once, at start-up: the unix port has no `network` module.
@@ -285,7 +297,7 @@ class MQTTClient:
             ca_file = params.get("ca_file")
             if ca_file:
                 with open(ca_file, "rb") as f:
-                    ctx.load_verify_locations(cadata=f.read())
+                    ctx.load_verify_locations(cadata=_der(f.read()))
                 ctx.verify_mode = ssl.CERT_REQUIRED
             else:
                 log.warning("TLS without a CA certificate: the broker is not verified")

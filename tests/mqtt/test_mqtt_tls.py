@@ -1,0 +1,96 @@
+"""TLS to Mosquitto with a self-signed CA, on MicroPython's ssl module."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+
+import pytest
+
+from mpy_blox_tools.broker import free_port
+
+
+def openssl(*args: str, cwd) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture
+def tls_broker(broker_factory, tmp_path):
+    """Mosquitto with a TLS listener whose certificate a fresh CA signed for localhost."""
+    d = tmp_path / "pki"
+    d.mkdir()
+    for name in ("ca", "other-ca"):
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
+                "-subj", f"/CN=Mpy-BLOX test {name}", cwd=d)
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=d)
+    (d / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf", cwd=d)
+    port = free_port()
+    b = broker_factory(f"listener {port} 127.0.0.1\ncafile {d}/ca.pem\n"
+                       f"certfile {d}/server.pem\nkeyfile {d}/server.key\n")
+    b.tls_port = port
+    b.pki = d
+    return b
+
+
+TLS_DEVICE = """
+import asyncio, hashlib
+from binascii import hexlify
+from mpy_blox.mqtt import MQTTClient
+done = asyncio.Event()
+
+async def handler(msg):
+    h = hashlib.sha256()
+    buf = bytearray(2048)
+    while True:
+        n = await msg.readinto(buf)
+        if not n:
+            break
+        h.update(memoryview(buf)[:n])
+    print("MSG", msg.size, hexlify(h.digest()).decode())
+    done.set()
+
+async def main():
+    c = MQTTClient("tls", "127.0.0.1", {port}, ssl=True, backoff_min_ms=200,
+                   ssl_params={{"ca_file": {ca!r}, "server_hostname": "localhost"}})
+    await c.subscribe("tls/echo", handler)
+    c.start()
+    try:
+        await asyncio.wait_for(c.connected(), {wait_s})
+    except asyncio.TimeoutError:
+        print("NOT CONNECTED")
+        await c.stop()
+        return
+    import gc; gc.collect(); print("CONNECTED", gc.mem_free())
+    await c.publish("tls/echo", b"\\x5a" * {size}, qos=1)
+    await done.wait()
+    await c.stop()
+    print("STOPPED")
+
+asyncio.run(main())
+"""
+
+
+def test_tls_with_a_ca_from_flash_verifies_the_broker_and_streams(tls_broker, device):
+    size = 8_000
+    dev = device(TLS_DEVICE.format(port=tls_broker.tls_port, ca=str(tls_broker.pki / "ca.pem"),
+                                   wait_s=20, size=size), heap="100K")
+    out = dev.wait(timeout=60)
+    assert "CONNECTED" in out and "STOPPED" in out, out
+    m = re.search(r"MSG (\d+) (\w+)", out)
+    assert m and int(m.group(1)) == size
+    assert m.group(2) == hashlib.sha256(b"\x5a" * size).hexdigest()
+
+
+def test_tls_refuses_a_broker_signed_by_another_ca_and_keeps_retrying(tls_broker, device):
+    dev = device(TLS_DEVICE.format(port=tls_broker.tls_port,
+                                   ca=str(tls_broker.pki / "other-ca.pem"), wait_s=2, size=1),
+                 heap="100K")
+    out = dev.wait(timeout=30)
+    assert "NOT CONNECTED" in out, out
+    assert len(re.findall(r"connecting to 127.0.0.1:\d+ failed", out)) >= 2, out
+    assert "Traceback" not in out
