@@ -163,13 +163,20 @@ def run(workdir: Path) -> list[dict]:
             _publish_retained(broker, topic, payload)
             sender = _RawSender(payload)
             try:
-                code = BOARD.format(host=broker.host, mqtt_port=broker.port,
-                                    raw_port=sender.port, topic=topic, repeats=REPEATS)
+                code = BOARD.format(
+                    host=broker.host,
+                    mqtt_port=broker.port,
+                    raw_port=sender.port,
+                    topic=topic,
+                    repeats=REPEATS,
+                )
                 proc = micropython.run_snippet(code, heap=HEAP, path=[str(lib)], timeout=300)
             finally:
                 sender.close()
             out = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
-            results = re.findall(r"^RESULT (\w+) (\d+) (\d+) (\w+) (\d+) (\d+) (\d+)$", out, re.M)
+            results = re.findall(
+                r"^RESULT (\w+) (\d+) (\d+) (\w+) (\d+) (\d+) (\d+)$", out, re.MULTILINE
+            )
             if proc.returncode or len(results) != 2 * REPEATS:
                 raise RuntimeError(f"board run failed for {label}:\n{out}")
             best: dict[str, dict] = {}
@@ -178,8 +185,12 @@ def run(workdir: Path) -> list[dict]:
                     raise RuntimeError(f"{path} {label}: wrong payload ({got} bytes)")
                 row = best.get(path)
                 if row is None or int(us) < row["us"]:
-                    best[path] = {"us": max(int(us), 1), "alloc": int(alloc), "e2e": int(e2e),
-                                  "live_max": max(int(live), row["live_max"] if row else 0)}
+                    best[path] = {
+                        "us": max(int(us), 1),
+                        "alloc": int(alloc),
+                        "e2e": int(e2e),
+                        "live_max": max(int(live), row["live_max"] if row else 0),
+                    }
                 else:  # keep the largest heap figure seen on that path
                     row["live_max"] = max(row["live_max"], int(live))
             raw_rate = size / 1048576 / (best["raw"]["us"] / 1e6)
@@ -187,17 +198,19 @@ def run(workdir: Path) -> list[dict]:
             for path, name in (("mqtt", "mqtt"), ("raw", "raw socket")):
                 b = best[path]
                 rate = size / 1048576 / (b["us"] / 1e6)
-                rows.append({
-                    "payload": label,
-                    "path": name,
-                    "ms": round(b["us"] / 1000, 1),
-                    "MiB/s": round(rate, 1),
-                    "ratio": round(rate / raw_rate, 2),
-                    "e2e_ms": round(b["e2e"] / 1000, 1),
-                    "e2e_ratio": round(raw_e2e / b["e2e"], 2),
-                    "live_heap_max_kib": round(b["live_max"] / 1024, 1),
-                    "alloc_per_chunk_b": b["alloc"],
-                })
+                rows.append(
+                    {
+                        "payload": label,
+                        "path": name,
+                        "ms": round(b["us"] / 1000, 1),
+                        "MiB/s": round(rate, 1),
+                        "ratio": round(rate / raw_rate, 2),
+                        "e2e_ms": round(b["e2e"] / 1000, 1),
+                        "e2e_ratio": round(raw_e2e / b["e2e"], 2),
+                        "live_heap_max_kib": round(b["live_max"] / 1024, 1),
+                        "alloc_per_chunk_b": b["alloc"],
+                    }
+                )
     return rows
 
 

@@ -13,13 +13,11 @@ import time
 from micropython import const
 
 from mpy_blox.log import get_logger
-from mpy_blox.mqtt import packet
-from mpy_blox.mqtt.connection import open_connection
+from mpy_blox.mqtt import dial, packet
 from mpy_blox.mqtt.errors import MQTTError, ProtocolError
 from mpy_blox.mqtt.message import Message
 from mpy_blox.mqtt.topic import check_filter, matches
 
-_CONNECT_TIMEOUT_MS = const(15000)
 _STABLE_MS = const(30000)  # a connection that lasted this long resets the backoff
 _MAX_TOPIC = const(512)  # longer topics are refused: the topic string is held in RAM
 _MAX_INFLIGHT = const(16)  # packets awaiting an answer; bounds the waiter table
@@ -30,38 +28,6 @@ log = get_logger("mqtt")
 
 def _why(e):
     return "%s: %s" % (type(e).__name__, e)
-
-
-class Will:
-    """The message the broker publishes for us when we vanish without DISCONNECT."""
-
-    def __init__(self, topic, payload, retain=True, qos=1):
-        self.topic = topic
-        self.payload = payload.encode() if isinstance(payload, str) else payload
-        self.retain = retain
-        self.qos = qos
-
-
-def _der(cert):
-    # The unix port's mbedTLS (1.29) refuses PEM in load_verify_locations() with
-    # "invalid cert" and takes DER: convert the first PEM certificate here.
-    start = cert.find(b"-----BEGIN")
-    if start < 0:
-        return cert
-    from binascii import a2b_base64
-
-    body = cert[cert.index(b"\n", start) + 1 : cert.index(b"-----END", start)]
-    return a2b_base64(body.replace(b"\r", b"").replace(b"\n", b""))
-
-
-def _station():
-    # The Wi-Fi station interface, to notice the network going away before TCP
-    # does. Looked up once, at start-up: the unix port has no `network` module.
-    try:
-        import network
-    except ImportError:
-        return None
-    return network.WLAN(network.STA_IF)
 
 
 class MQTTClient:
@@ -119,7 +85,7 @@ class MQTTClient:
     def start(self):
         """Start connecting, in the background, and keep connected until stop()."""
         if self._task is None:
-            self._wlan = _station()
+            self._wlan = dial.station()
             self._task = asyncio.create_task(self._run())
 
     async def stop(self):
@@ -278,59 +244,24 @@ class MQTTClient:
         await asyncio.sleep_ms(half + (random.getrandbits(10) * half >> 10))
 
     def _network_down(self):
-        w = self._wlan
-        return w is not None and w.active() and not w.isconnected()
+        return dial.network_down(self._wlan)
+
+    async def _connect(self):
+        ctx = None
+        if self._ssl:
+            if self._ssl_context is None:  # built once: parsing the CA costs time and heap
+                self._ssl_context = dial.ssl_context(self._ssl_params)
+            ctx = self._ssl_context
+        hello = packet.connect(self._id, self._user, self._password, self._keepalive_ms // 1000,
+                               self._clean, self._will)
+        return await dial.dial(self._server, self._port, ctx,
+                               self._ssl_params.get("server_hostname"), self._buffer_size, hello)
 
     async def _wait_for_network(self):
         if self._network_down():
             log.info("waiting for the network")
             while self._network_down():
                 await asyncio.sleep_ms(_NETWORK_POLL_MS)
-
-    def _context(self):
-        # Built once: reading the CA from flash and parsing it costs time and heap.
-        if self._ssl_context is None:
-            import ssl
-
-            params = self._ssl_params
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ca_file = params.get("ca_file")
-            if ca_file:
-                with open(ca_file, "rb") as f:
-                    ctx.load_verify_locations(cadata=_der(f.read()))
-                ctx.verify_mode = ssl.CERT_REQUIRED
-            else:
-                log.warning("TLS without a CA certificate: the broker is not verified")
-                ctx.verify_mode = ssl.CERT_NONE
-            if params.get("cert_file"):
-                ctx.load_cert_chain(params["cert_file"], params.get("key_file"))
-            self._ssl_context = ctx
-        return self._ssl_context
-
-    async def _connect(self):
-        ctx = self._context() if self._ssl else None
-        conn = await open_connection(self._server, self._port, ctx,
-                                     self._ssl_params.get("server_hostname"), self._buffer_size)
-        ok = False
-        try:
-            try:
-                await asyncio.wait_for_ms(self._handshake(conn), _CONNECT_TIMEOUT_MS)
-            except asyncio.TimeoutError:
-                raise MQTTError("no CONNACK within %d ms" % _CONNECT_TIMEOUT_MS)
-            ok = True
-            return conn
-        finally:
-            if not ok:
-                conn.close()
-
-    async def _handshake(self, conn):
-        await conn.send(packet.connect(self._id, self._user, self._password,
-                                       self._keepalive_ms // 1000, self._clean, self._will))
-        first, length = await conn.read_header()
-        if first >> 4 != packet.CONNACK:
-            raise ProtocolError("expected CONNACK, got packet type %d" % (first >> 4))
-        packet.check_control(first, length)
-        return packet.connack(await conn.read_control(length))
 
     async def _session(self, conn):
         self._conn = conn  # from here publish() works: handlers of retained messages may

@@ -27,6 +27,16 @@ PING = b"\xc0\x00"
 BYE = b"\xe0\x00"
 
 
+class Will:
+    """The message the broker publishes for us when we vanish without DISCONNECT."""
+
+    def __init__(self, topic, payload, retain=True, qos=1):
+        self.topic = topic
+        self.payload = payload.encode() if isinstance(payload, str) else payload
+        self.retain = retain
+        self.qos = qos
+
+
 def header(first, length):
     """Fixed header: first byte, then the remaining length in 1 to 4 bytes."""
     if length > MAX_LENGTH:

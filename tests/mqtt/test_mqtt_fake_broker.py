@@ -79,8 +79,11 @@ def test_qos1_puback_is_sent_after_the_handler_and_duplicates_are_tolerated(fake
 
 MALFORMED = [
     ("bad remaining length", b"\x30\xff\xff\xff\xff\x01", "remaining length longer than 4 bytes"),
-    ("oversize topic", b"\x30\x82\x08\x03\xe8" + b"t" * 1000 + b"x" * 20,
-     "PUBLISH topic of 1000 bytes"),
+    (
+        "oversize topic",
+        b"\x30\x82\x08\x03\xe8" + b"t" * 1000 + b"x" * 20,
+        "PUBLISH topic of 1000 bytes",
+    ),
     ("topic longer than packet", b"\x30\x05\x00\x09t/a", "PUBLISH topic of 9 bytes in a 5-byte"),
     ("unexpected packet type", b"\x82\x02\x00\x01", "unexpected packet type 8"),
     ("reserved packet type", b"\xf0\x00", "unexpected packet type 15"),
@@ -91,7 +94,8 @@ MALFORMED = [
 
 
 def test_each_malformed_packet_drops_the_connection_with_a_reason_and_reconnects(
-        fake_broker, device):
+    fake_broker, device
+):
     def script(broker, conn, n):
         broker.accept_connect(conn)
         answer_subscribe(conn)

@@ -12,7 +12,6 @@ import uuid
 
 import paho.mqtt.client as mqtt
 
-
 CYCLES = """
 import asyncio, gc, os, socket
 from mpy_blox import log
@@ -125,7 +124,8 @@ def publish_retained(target, topic: str, payload: bytes) -> None:
 
 
 def test_a_broker_killed_mid_message_is_reconnected_and_the_message_arrives_whole(
-        broker_factory, device):
+    broker_factory, device
+):
     b = broker_factory()
     payload = os.urandom(8 * 1024 * 1024)
     publish_retained(b, "big/firmware", payload)
@@ -135,9 +135,19 @@ def test_a_broker_killed_mid_message_is_reconnected_and_the_message_arrives_whol
     while not (db.exists() and db.stat().st_size > len(payload)):
         assert time.monotonic() < deadline, "Mosquitto never saved the retained message"
         time.sleep(0.1)
-    dev = device(SLOW.format(client_id="killed", host=b.host, port=b.port, keepalive=10,
-                             topic="big/#", pause_at=1024 * 1024, pause_ms=3000, delay_ms=0),
-                 heap="64K")
+    dev = device(
+        SLOW.format(
+            client_id="killed",
+            host=b.host,
+            port=b.port,
+            keepalive=10,
+            topic="big/#",
+            pause_at=1024 * 1024,
+            pause_ms=3000,
+            delay_ms=0,
+        ),
+        heap="64K",
+    )
     dev.wait_for("PAUSED", timeout=30)
     b.kill()
     b.start()  # the retained message comes back from the persistence file
@@ -155,9 +165,19 @@ def test_keepalive_survives_a_payload_slower_than_the_keepalive(broker, device):
     # 64 chunks of 4 KiB, 60 ms apart: about 4 s against a 1 s keepalive, which
     # Mosquitto enforces at 1.5 s.
     client_id = f"slow-{uuid.uuid4().hex[:6]}"
-    dev = device(SLOW.format(client_id=client_id, host=broker.host, port=broker.port,
-                             keepalive=1, topic=topic, pause_at=1 << 30, pause_ms=0, delay_ms=60),
-                 heap="64K")
+    dev = device(
+        SLOW.format(
+            client_id=client_id,
+            host=broker.host,
+            port=broker.port,
+            keepalive=1,
+            topic=topic,
+            pause_at=1 << 30,
+            pause_ms=0,
+            delay_ms=60,
+        ),
+        heap="64K",
+    )
     out = dev.wait(timeout=60)
     assert "disconnected" not in out and "ATTEMPT 2" not in out, out
     m = re.search(r"MSG (\d+) (\w+)", out)
@@ -205,8 +225,9 @@ asyncio.run(main())
 """
 
 
-def test_qos1_both_ways_wildcards_and_a_raising_handler_does_not_stall(broker, mqtt_client,
-                                                                       device):
+def test_qos1_both_ways_wildcards_and_a_raising_handler_does_not_stall(
+    broker, mqtt_client, device
+):
     prefix = f"w{uuid.uuid4().hex[:6]}"
     seen: list[tuple[str, bytes, int]] = []
     ready = threading.Event()
@@ -219,14 +240,14 @@ def test_qos1_both_ways_wildcards_and_a_raising_handler_does_not_stall(broker, m
     dev.wait_for("READY")
     host.publish(f"{prefix}/z/temp", b"from host", qos=1).wait_for_publish(10)
     out = dev.wait(timeout=30)
-    handled = re.findall(r"^HANDLER (\w+) (\S+) (\d) (.*)$", out, re.M)
+    handled = re.findall(r"^HANDLER (\w+) (\S+) (\d) (.*)$", out, re.MULTILINE)
     assert handled == [
         ("temp", f"{prefix}/x/temp", "1", "b'1'"),
         ("all", f"{prefix}/y/other", "1", "b'2'"),
         ("temp", f"{prefix}/x/temp", "1", "b'3'"),
         ("temp", f"{prefix}/z/temp", "1", "b'from host'"),
     ], out
-    assert "handler for %s/boom failed" % prefix in out and "ValueError: handler bug" in out
+    assert f"handler for {prefix}/boom failed" in out and "ValueError: handler bug" in out
     assert "disconnected" not in out and "STOPPED" in out
     # The device's QoS 1 publishes reached another client, at QoS 1.
     assert (f"{prefix}/y/other", b"2", 1) in seen
@@ -266,8 +287,9 @@ asyncio.run(main())
 
 
 def test_wifi_down_is_noticed_and_the_client_reconnects_when_it_returns(broker, boards):
-    board = boards.create(framework=True,
-                          files={"main.py": NET.format(host=broker.host, port=broker.port)})
+    board = boards.create(
+        framework=True, files={"main.py": NET.format(host=broker.host, port=broker.port)}
+    )
     rb = boards.start(board, heap="100K")
     rb.wait_for("CONNECTED 1")
     board.set_network(False)

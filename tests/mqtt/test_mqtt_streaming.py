@@ -62,17 +62,30 @@ asyncio.run(main())
 
 
 def receiver(broker, filters, expect, publish=()):
-    return RECEIVER.format(host=broker.host, port=broker.port, filters=list(filters),
-                           expect=expect, publish=list(publish))
+    return RECEIVER.format(
+        host=broker.host,
+        port=broker.port,
+        filters=list(filters),
+        expect=expect,
+        publish=list(publish),
+    )
 
 
 def messages(output: str) -> dict[str, dict]:
     out = {}
-    for m in re.finditer(r"^MSG (\S+) (\d+) (\d+) (\d) (\d) (\w+) (-?\d+) (\d+)$", output, re.M):
+    for m in re.finditer(
+        r"^MSG (\S+) (\d+) (\d+) (\d) (\d) (\w+) (-?\d+) (\d+)$", output, re.MULTILINE
+    ):
         topic, size, got, qos, retain, sha, heap, peak = m.groups()
-        out[topic] = {"size": int(size), "got": int(got), "qos": int(qos),
-                      "retain": bool(int(retain)), "sha": sha, "heap": int(heap),
-                      "peak": int(peak)}
+        out[topic] = {
+            "size": int(size),
+            "got": int(got),
+            "qos": int(qos),
+            "retain": bool(int(retain)),
+            "sha": sha,
+            "heap": int(heap),
+            "peak": int(peak),
+        }
     return out
 
 

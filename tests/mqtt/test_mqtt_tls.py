@@ -21,17 +21,63 @@ def tls_broker(broker_factory, tmp_path):
     d = tmp_path / "pki"
     d.mkdir()
     for name in ("ca", "other-ca"):
-        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
-                "-subj", f"/CN=Mpy-BLOX test {name}", cwd=d)
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=d)
+        openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN=Mpy-BLOX test {name}",
+            cwd=d,
+        )
+    openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+        cwd=d,
+    )
     (d / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf", cwd=d)
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        cwd=d,
+    )
     port = free_port()
-    b = broker_factory(f"listener {port} 127.0.0.1\ncafile {d}/ca.pem\n"
-                       f"certfile {d}/server.pem\nkeyfile {d}/server.key\n")
+    b = broker_factory(
+        f"listener {port} 127.0.0.1\ncafile {d}/ca.pem\n"
+        f"certfile {d}/server.pem\nkeyfile {d}/server.key\n"
+    )
     b.tls_port = port
     b.pki = d
     return b
@@ -77,8 +123,12 @@ asyncio.run(main())
 
 def test_tls_with_a_ca_from_flash_verifies_the_broker_and_streams(tls_broker, device):
     size = 8_000
-    dev = device(TLS_DEVICE.format(port=tls_broker.tls_port, ca=str(tls_broker.pki / "ca.pem"),
-                                   wait_s=20, size=size), heap="100K")
+    dev = device(
+        TLS_DEVICE.format(
+            port=tls_broker.tls_port, ca=str(tls_broker.pki / "ca.pem"), wait_s=20, size=size
+        ),
+        heap="100K",
+    )
     out = dev.wait(timeout=60)
     assert "CONNECTED" in out and "STOPPED" in out, out
     m = re.search(r"MSG (\d+) (\w+)", out)
@@ -87,9 +137,12 @@ def test_tls_with_a_ca_from_flash_verifies_the_broker_and_streams(tls_broker, de
 
 
 def test_tls_refuses_a_broker_signed_by_another_ca_and_keeps_retrying(tls_broker, device):
-    dev = device(TLS_DEVICE.format(port=tls_broker.tls_port,
-                                   ca=str(tls_broker.pki / "other-ca.pem"), wait_s=2, size=1),
-                 heap="100K")
+    dev = device(
+        TLS_DEVICE.format(
+            port=tls_broker.tls_port, ca=str(tls_broker.pki / "other-ca.pem"), wait_s=2, size=1
+        ),
+        heap="100K",
+    )
     out = dev.wait(timeout=30)
     assert "NOT CONNECTED" in out, out
     assert len(re.findall(r"connecting to 127.0.0.1:\d+ failed", out)) >= 2, out
