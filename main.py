@@ -4,16 +4,19 @@
 # First, before anything imports from /lib, finish or undo an update that a
 # reset interrupted. mpypi_recover.py sits at the flash root, which no update
 # writes, so this step never depends on a file an update replaces
-# (docs/protocol.md, "Boot recovery").
+# (docs/protocol.md, "Boot recovery"). It is dropped afterwards: its heap goes
+# back before the app starts.
+import sys
+
 try:
     import mpypi_recover
 
     mpypi_recover.recover()
 except Exception as e:  # a failed recovery must not stop the agent that can fix it
-    import sys
-
     print("E main: update recovery failed:", repr(e))
     sys.print_exception(e)
+sys.modules.pop("mpypi_recover", None)
+mpypi_recover = None
 import mpy_blox.app
 
 mpy_blox.app.main()

@@ -8,8 +8,7 @@
 import os
 import sys
 import json
-
-from mpypi_recover import file_sha256
+import hashlib
 
 SRC_INDEX = "/.mpypi/src.json"
 
@@ -63,6 +62,26 @@ def src_index(root=""):
         return index if isinstance(index, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def file_sha256(path):
+    """Lower-case hex SHA256 of a file, or None if it cannot be read.
+
+    As mpypi_recover.file_sha256: kept here so that an idle agent does not hold
+    the recovery module in its heap.
+    """
+    buf = bytearray(512)
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while True:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                h.update(memoryview(buf)[:n])
+    except OSError:
+        return None
+    return "%064x" % int.from_bytes(h.digest(), "big")
 
 
 def src_sha256(path, root=""):

