@@ -93,6 +93,7 @@ class Agent:
         self.wake = asyncio.Event()
         self.seq = 0
         self.last = None
+        self.current = None  # the package being worked on, for status
 
     async def start(self):
         _confirm()
@@ -162,13 +163,14 @@ class Agent:
             self.wake.clear()
             while self.pending:
                 to, (payload, retained) = self.pending.popitem()
+                self.current = None
                 try:
                     await self._handle(payload, to, retained)
                 except ValueError as e:  # InvalidUpdate: a short reason for status
-                    await self._failed(str(e))
+                    await self._failed(str(e), self.current)
                 except Exception as e:  # noqa: BLE001  (the agent must stay up for a fix)
                     log.exception("update failed", e)
-                    await self._failed(repr(e)[:100])
+                    await self._failed(repr(e)[:100], self.current)
                 gc.collect()
 
     async def _failed(self, error, package=None):
@@ -214,12 +216,14 @@ class Agent:
         inst.preflight(needed)
         try:
             for entry in needed:
+                self.current = _label(entry)
                 await self._download(inst, entry)
                 await self._status("verifying", package=_label(entry))
                 inst.stage(entry)
         except BaseException:
             inst.abort()
             raise
+        self.current = None
         await self._status("installing")
         inst.commit()
         self._save_last("ok", seq)
@@ -262,7 +266,8 @@ class Agent:
         # its PUBACK, which the handler's receive loop would have to read.
         label = _label(t.entry)
         total = t.entry["size"]
-        shown = -1
+        await self._status("downloading", package=label, done=0, total=total)
+        shown = 0
         idle_ms = 0
         while not t.finished.is_set():
             try:

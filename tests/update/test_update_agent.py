@@ -13,7 +13,7 @@ from update_kit import REPO, make_src, make_wheel
 
 KEY = "0123456789abcdef" * 4
 CHANNEL = "agent-test"
-HEAP = "128K"
+HEAP = "192K"
 USER_MAIN_V2 = b"""
 import asyncio
 async def user_main():
