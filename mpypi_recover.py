@@ -36,7 +36,7 @@ _STAGE = "/.mpypi/stage"
 _JOURNAL = "/.mpypi/journal"
 _APPLIED = "/.mpypi/applied"
 _HEAD = b"mpypi-journal 1\n"
-_CHUNK = 2048
+_CHUNK = 1024  # one buffer for hashing and copying; small: the heap may be fragmented
 
 
 def _log(msg):
@@ -69,7 +69,7 @@ def _makedirs(path):
 
 def file_sha256(path, buf=None):
     """Lower-case hex SHA256 of a file, or None if it cannot be read."""
-    buf = buf or bytearray(_CHUNK)
+    buf = buf or bytearray(256)
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:

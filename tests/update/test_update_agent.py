@@ -7,9 +7,9 @@ import threading
 import time
 
 import pytest
+from update_kit import REPO, make_src, make_wheel
 
 from mpy_blox.update import manifest
-from update_kit import REPO, make_src, make_wheel
 
 KEY = "0123456789abcdef" * 4
 CHANNEL = "agent-test"
@@ -61,16 +61,20 @@ class Watcher:
 @pytest.fixture
 def agent_board(boards, full_mpy, broker):
     def make(key: str | None = KEY, auto_update: bool = True):
-        settings = {"mqtt": {"server": broker.host, "port": broker.port},
-                    "update": {"channel": CHANNEL, "auto_update": auto_update}}
+        settings = {
+            "mqtt": {"server": broker.host, "port": broker.port},
+            "update": {"channel": CHANNEL, "auto_update": auto_update},
+        }
         board = boards.create()
         board.put_tree(full_mpy, "lib/mpy_blox")
-        files = {"main.py": (REPO / "main.py").read_bytes(),
-                 # compiled, as it should be deployed: the installer imports it
-                 # at commit time, when compiling 7 KB of source may not fit.
-                 "mpypi_recover.mpy": (full_mpy.parent / "mpypi_recover.mpy").read_bytes(),
-                 "settings.json": json.dumps(settings).encode(),
-                 "user_main.py": b"async def user_main():\n    print('USER v1')\n"}
+        files = {
+            "main.py": (REPO / "main.py").read_bytes(),
+            # compiled, as it should be deployed: the installer imports it
+            # at commit time, when compiling 7 KB of source may not fit.
+            "mpypi_recover.mpy": (full_mpy.parent / "mpypi_recover.mpy").read_bytes(),
+            "settings.json": json.dumps(settings).encode(),
+            "user_main.py": b"async def user_main():\n    print('USER v1')\n",
+        }
         if key:
             files["provision.json"] = json.dumps({"update.key": key}).encode()
         for path, data in files.items():
@@ -93,7 +97,8 @@ def publish_update(client, pkgs, seq, key=KEY, to=f"channels/{CHANNEL}"):
 
 
 def test_signed_list_is_installed_over_mqtt_then_the_board_reboots_into_it(
-        agent_board, boards, mqtt_client, broker):
+    agent_board, boards, mqtt_client, broker
+):
     board = agent_board()
     watch = Watcher(mqtt_client(), board.device_id)
     rb = boards.start(board, heap=HEAP)
@@ -125,15 +130,17 @@ def test_signed_list_is_installed_over_mqtt_then_the_board_reboots_into_it(
     forged = manifest.encode_list([s.entry], 6, "not the key", f"channels/{CHANNEL}")
     publish(pub, f"mpypi/nodes/{board.device_id}/cmd", forged, retain=False)
     watch.wait_status(state="failed", error="bad signature")
-    publish(pub, f"mpypi/nodes/{board.device_id}/cmd", manifest.encode_list([s.entry]),
-            retain=False)
+    publish(
+        pub, f"mpypi/nodes/{board.device_id}/cmd", manifest.encode_list([s.entry]), retain=False
+    )
     watch.wait_status(state="failed", error="unsigned list refused: this device has an update key")
     assert rb.boots() == 2
     publish(pub, f"mpypi/channels/{CHANNEL}", b"", retain=True)  # leave the broker clean
 
 
 def test_tampered_package_is_refused_over_mqtt_and_the_board_keeps_its_code(
-        agent_board, boards, mqtt_client):
+    agent_board, boards, mqtt_client
+):
     board = agent_board()
     watch = Watcher(mqtt_client(), board.device_id)
     rb = boards.start(board, heap=HEAP)

