@@ -13,7 +13,7 @@ import re
 
 import pytest
 from test_update_board import expected_sets, run_to_done, wheel_v1, wheel_v2
-from update_kit import board_files, clone_board, make_src
+from update_kit import REPO, board_files, clone_board, make_src
 
 from mpy_blox.update import manifest
 
@@ -81,3 +81,26 @@ def test_power_cut_at_every_block_write_leaves_old_or_new_set(boards, update_boa
         f"{fs}: {total} block writes, cut at each: "
         f"{results.count('old')} old, {results.count('new')} new, all converged"
     )
+
+
+def test_real_main_py_finishes_an_interrupted_commit_before_the_app_imports(
+    boards, update_board, tmp_path
+):
+    board = template(update_board, boards, "littlefs")
+    total = count_writes(boards, board, tmp_path)
+    # The last write of the install is the applied marker: cutting there leaves a
+    # complete journal whose files are all moved but not yet marked applied.
+    b = clone_board(board, tmp_path / "cut")
+    rb = boards.start(b, cut_at=total, once=True)
+    rb.wait(timeout=60)
+    # Now boot with the framework's own main.py and an app that reports what it runs.
+    b.write("main.py", (REPO / "main.py").read_bytes())
+    b.write(
+        "lib/mpy_blox/app.py",
+        b"def main():\n    import demo_pkg, mpypi_recover\n"
+        b"    print('APP runs demo_pkg', demo_pkg.VERSION, mpypi_recover.state())\n",
+    )
+    rb = boards.start(b)
+    rb.wait_for(r"APP runs demo_pkg 2\.0 applied")
+    out = rb.console()
+    assert out.index("finishing an interrupted update") < out.index("APP runs")
