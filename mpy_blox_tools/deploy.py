@@ -57,12 +57,21 @@ def mpremote(port: str | None, *args: str, timeout: float = TIMEOUT) -> str:
     raise MpyBloxError(f"device {port or '(auto)'}: {lines[-1] if lines else 'mpremote failed'}")
 
 
+# Where deploy-lib puts the installer and the wheel for the time of the install.
+WORK = "/_deploy"
+
 INSTALL = """
-import gc
+import gc, os, sys
+sys.path.insert(0, {work!r})
 gc.collect()
 from mpy_blox.update.install import install
 entry = {entry!r}
-done = install([entry], lambda e: open({path!r}, "rb"))
+try:
+    done = install([entry], lambda e: open({work!r} + "/package.whl", "rb"))
+finally:
+    sys.path.pop(0)
+    for m in [m for m in sys.modules if m.startswith("mpy_blox")]:
+        del sys.modules[m]
 print("mpy-blox-deploy:", "installed" if done else "unchanged", entry["name"], entry["version"])
 """
 
@@ -76,18 +85,24 @@ def deploy_lib(port: str | None, wheel_path: Path | None = None, platform: str =
     print(f"deploy-lib: installing {package.label} ({len(package.data)} bytes) on "
           f"{port or 'the first device'}", flush=True)
     with tempfile.TemporaryDirectory(prefix="mpy-blox-deploy-") as tmp:
-        # What the device sees at /remote: the installer, compiled (compiling its
-        # source on the device would take more heap than the install), and the wheel.
+        # The device's own installer, compiled (compiling its source on the device
+        # would take more heap than the install), goes to a work folder on the flash
+        # with the wheel: `mpremote mount` would cost the install heap it needs.
+        work = Path(tmp) / "work"
         for name, data in build.compile_tree(build.SOURCE, package.entry["version"],
                                              build.PLATFORMS[platform]).items():
-            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
-            (Path(tmp) / name).write_bytes(data)
-        build.compile_source(REPO / RECOVERY, RECOVERY, build.PLATFORMS[platform],
-                             Path(tmp) / RECOVERY.replace(".py", ".mpy"))
-        (Path(tmp) / "package.whl").write_bytes(package.data)
-        out = mpremote(port, "fs", "cp", str(REPO / RECOVERY), ":/" + RECOVERY, "+",
-                       "mount", tmp, "exec",
-                       INSTALL.format(entry=package.entry, path="/remote/package.whl"))
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            (work / name).write_bytes(data)
+        (work / "package.whl").write_bytes(package.data)
+        try:
+            out = mpremote(port, "fs", "cp", str(REPO / RECOVERY), ":/" + RECOVERY, "+",
+                           "fs", "cp", "-r", str(work) + "/", ":" + WORK, "+",
+                           "exec", INSTALL.format(entry=package.entry, work=WORK))
+        finally:
+            try:
+                mpremote(port, "fs", "rm", "-r", ":" + WORK)
+            except MpyBloxError:
+                pass  # never copied, or the device is gone: nothing to clean
     result = next((line for line in out.splitlines() if line.startswith("mpy-blox-deploy:")), "")
     if not result:
         raise MpyBloxError(f"deploy-lib: the device did not confirm the install:\n{out.strip()}")
