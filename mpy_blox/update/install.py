@@ -20,16 +20,15 @@ import mpypi_recover as recover
 from mpy_blox.log import get_logger
 from mpy_blox.update import state
 from mpy_blox.update.manifest import InvalidUpdate
-from mpy_blox.update.zipwheel import Wheel, record_hash, read_record
 
 _STAGE = "/.mpypi/stage"
-_RESERVE_BLOCKS = const(8)  # LittleFS copy-on-write metadata, the journal
+RESERVE_BLOCKS = const(8)  # LittleFS copy-on-write metadata, the journal
 _CHUNK = const(1024)
 
 log = get_logger("update")
 
 
-def _hex(digest):
+def hex_digest(digest):
     return binascii.hexlify(digest).decode()
 
 
@@ -55,7 +54,7 @@ class Download:
         size = self.entry["size"]
         if size is not None and self.done != size:
             raise InvalidUpdate("truncated package: %d of %d bytes" % (self.done, size))
-        if _hex(self._h.digest()) != self.entry["pkg_sha256"]:
+        if hex_digest(self._h.digest()) != self.entry["pkg_sha256"]:
             raise InvalidUpdate("SHA256 mismatch")
 
     def close(self):
@@ -90,7 +89,7 @@ class Installer:
         """Refuse before downloading: wheel tags, and sizes against free flash."""
         free, block = state.fs_free(self.root)
         self.block = block
-        need = _RESERVE_BLOCKS * block
+        need = RESERVE_BLOCKS * block
         for e in needed:
             tag = e.get("tag")
             if tag and not state.tag_matches(tag, self.device):
@@ -113,7 +112,7 @@ class Installer:
         free, block = state.fs_free(self.root)
         limit = entry["size"]
         if limit is None:
-            limit = free - _RESERVE_BLOCKS * block
+            limit = free - RESERVE_BLOCKS * block
         return Download(self._stage(len(self.ops)), entry, limit)
 
     def stage(self, entry):
@@ -128,8 +127,10 @@ class Installer:
             return
         path = self._stage(i) + ".whl"
         os.rename(self._stage(i), path)
+        from mpy_blox.update.stagewheel import stage_wheel
+
         try:
-            self._stage_wheel(entry, path)
+            stage_wheel(self, entry, path)
         finally:
             os.remove(path)
 
@@ -157,86 +158,6 @@ class Installer:
             cost += self._cost(target)
         self.ops.append(("P", target, new_hex, old, cost))
 
-    def _stage_wheel(self, entry, path):
-        w = Wheel(path, os.stat(path)[6])
-        try:
-            found = {}
-            usize_total = 0
-            for name, method, csize, usize, off in w.entries():
-                found[name] = (method, csize, usize, off)
-                usize_total += usize
-            dist = w.dist_info
-            want = "%s-%s.dist-info" % (state.normalize(entry["name"]), entry["version"])
-            if dist is None or dist.lower() != want.lower():
-                raise InvalidUpdate("wheel is %s, the list says %s" % (dist, want))
-            free, block = state.fs_free(self.root)
-            if usize_total + (len(found) + _RESERVE_BLOCKS) * block > free:
-                raise InvalidUpdate("does not fit: wheel unpacks to %d bytes" % usize_total)
-            self._check_tag(w, found.get(dist + "/WHEEL"))
-            rec = found.get(dist + "/RECORD")
-            if rec is None:
-                raise InvalidUpdate("wheel without RECORD")
-            i = len(self.ops)
-            with open(self._stage(i), "wb") as out:
-                w.copy_entry(rec[0], rec[1], rec[2], rec[3], out, rec[2])
-            record = read_record(self._stage(i))
-            os.remove(self._stage(i))
-            if len(record) != len(found) - 1:
-                raise InvalidUpdate("RECORD does not match the wheel's files")
-            for name, (method, csize, usize, off) in found.items():
-                if name == dist + "/RECORD":
-                    self._add_record(w, name, rec)
-                    continue
-                want_hash, want_size = record.get(name, (None, 0))
-                if want_hash is None:
-                    raise InvalidUpdate("file not in RECORD: " + name)
-                staged = self._stage(len(self.ops))
-                with open(staged, "wb") as out:
-                    digest, n = w.copy_entry(method, csize, usize, off, out, want_size)
-                if n != want_size or record_hash(digest) != want_hash:
-                    raise InvalidUpdate("RECORD mismatch: " + name)
-                self._add("/lib/" + name, _hex(digest), staged)
-            self._stale(entry, found)
-        finally:
-            w.close()
-
-    def _add_record(self, w, name, rec):
-        staged = self._stage(len(self.ops))
-        with open(staged, "wb") as out:
-            digest, _ = w.copy_entry(rec[0], rec[1], rec[2], rec[3], out, rec[2])
-        self._add("/lib/" + name, _hex(digest), staged)
-
-    def _check_tag(self, w, wheel_file):
-        if wheel_file is None:
-            raise InvalidUpdate("wheel without WHEEL file")
-        method, csize, usize, off = wheel_file
-        if usize > 2048:
-            raise InvalidUpdate("WHEEL file too large")
-        import io
-
-        out = io.BytesIO()
-        w.copy_entry(method, csize, usize, off, out, usize)
-        tags = [ln[4:].strip() for ln in out.getvalue().decode().split("\n")
-                if ln.startswith("Tag:")]
-        for tag in tags:
-            if state.tag_matches(tag, self.device):
-                return
-        raise InvalidUpdate("wheel tag %s does not run on this device" % ",".join(tags))
-
-    def _stale(self, entry, found):
-        # An upgrade removes the old version's files that the new one lacks,
-        # and its whole .dist-info folder.
-        have = state.installed_wheels(self.root).get(state.normalize(entry["name"]))
-        if have is None:
-            return
-        old_dist = "/lib/" + have[1]
-        for name in read_record(self.root + old_dist + "/RECORD"):
-            if name not in found and not name.startswith(have[1] + "/"):
-                self._delete("/lib/" + name)
-        for name in os.listdir(self.root + old_dist):
-            if have[1] + "/" + name not in found:
-                self._delete(old_dist + "/" + name)
-
     def _delete(self, target):
         old = self._old(target)
         if old is not None:
@@ -253,7 +174,7 @@ class Installer:
             self.abort()
             return False
         # apply() must never run out of flash half-way: refuse now if it could.
-        need = sum(op[4] for op in self.ops if op) + _RESERVE_BLOCKS * self.block
+        need = sum(op[4] for op in self.ops if op) + RESERVE_BLOCKS * self.block
         free = state.fs_free(self.root)[0]
         if need > free:
             self.abort()
@@ -265,7 +186,7 @@ class Installer:
                 for line in self._journal_lines():
                     h.update(line)
                     f.write(line)
-                f.write(b"end %s\n" % _hex(h.digest()))
+                f.write(b"end %s\n" % hex_digest(h.digest()))
         except OSError:
             recover._remove(journal)  # no complete journal: nothing happened
             self.abort()

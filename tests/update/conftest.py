@@ -25,6 +25,7 @@ CORE = [
     "update/state.py",
     "update/zipwheel.py",
     "update/install.py",
+    "update/stagewheel.py",
 ]
 
 
