@@ -114,29 +114,50 @@ async def _mqtt_up(mqtt, cfg, nd):
 
 
 def _import(name):
-    # The two big parts are imported first, on a clean heap: compiling or
-    # loading them later, between long-lived boot objects, can fail for want of
-    # a large enough contiguous block even with plenty of heap free in total.
+    # An optional part that fails to import (MemoryError on a small heap, a
+    # syntax error) is logged and left out; whatever it had half-imported is
+    # dropped again so the rest of the boot gets that heap back.
+    before = list(sys.modules)
     try:
         return __import__(name, None, None, ("_",))
     except ImportError as e:
-        if ("'%s'" % name) not in str(e) and "mpy_blox.update'" not in str(e):
-            log.exception("cannot import %s", e, name)
-        return None
+        if ("'%s'" % name) in str(e) or "mpy_blox.update'" in str(e):
+            return None  # not installed
+        failure = e
     except Exception as e:  # noqa: BLE001  (MemoryError, SyntaxError: run without it)
-        log.exception("cannot import %s", e, name)
-        return None
+        failure = e
+    for mod in [m for m in sys.modules if m not in before]:
+        parent, _, leaf = mod.rpartition(".")
+        try:
+            delattr(sys.modules[parent], leaf)
+        except (KeyError, AttributeError):
+            pass
+        del sys.modules[mod]
+    gc.collect()
+    log.exception("cannot import %s: running without it (free heap %d)", failure, name,
+                  gc.mem_free())
+    return None
 
 
 async def _run():
     global config, client, node
-    mqtt = _import("mpy_blox.mqtt")
-    agent = _import("mpy_blox.update.agent")
-    from mpy_blox.node import Node, device_id
-
+    # Order matters on a 100 KB heap, which every import fragments (measured on
+    # the unix port: 49 KB free in total, no free block over 8 KB). The
+    # configuration comes first, while its buffers still find room, and its
+    # boot-only modules are dropped again; then the two large parts, MQTT
+    # client and update agent, before the small ones, so that what a failed
+    # import leaves behind are holes the small ones can still use. Without the
+    # agent (not installed, or no room) the device runs and stays reachable.
     config = _configure()
-    node = Node(device_id(), config, _boot_count())
+    boot_count = _boot_count()
     _forget("provision", "secure", "hmac")
+    asyncio.Event, asyncio.wait_for  # noqa: B018  (asyncio loads these lazily: now)
+    mqtt = _import("mpy_blox.mqtt")
+    agent = _import("mpy_blox.update.agent") if mqtt is not None else None
+    from mpy_blox.node import Node, device_id
+    from mpy_blox.supervisor import Supervisor
+
+    node = Node(device_id(), config, boot_count)
     log.info("%s boot %d", node.device_id, node.boot_count)
     await _wlan_up(config)
     if mqtt is None:
@@ -146,9 +167,9 @@ async def _run():
             client = await _mqtt_up(mqtt, config, node)
         except Exception as e:  # noqa: BLE001  (no MQTT is no reason to stop user code)
             log.exception("MQTT failed to start", e)
-    if agent is None:
-        log.info("no update agent installed")
-    elif client is not None:
+    if agent is None or client is None:
+        log.info("no update agent")
+    else:
         try:
             await agent.start(client, config, node)
         except Exception as e:  # noqa: BLE001  (a broken agent must not stop the device)
@@ -158,8 +179,6 @@ async def _run():
         node.safe_mode = reason
         await node.publish_info()
         await node.publish_status("safe_mode")
-
-    from mpy_blox.supervisor import Supervisor
 
     sup = Supervisor(config, safe_mode)
     asyncio.get_event_loop().set_exception_handler(sup.handle_exception)

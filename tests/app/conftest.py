@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent.parent
 MAIN_PY = (REPO / "main.py").read_text()
+RECOVER = REPO / "mpypi_recover.py"
 
 # A user_main that proves it can read the configuration, then idles.
 IDLE_USER_MAIN = """
@@ -35,18 +37,35 @@ def settings_for():
     return make
 
 
+@pytest.fixture(scope="session")
+def runtime_tree(tmp_path_factory) -> Path:
+    """mpy_blox without the update agent: the runtime's own tests need no agent, and
+    compiling the agent from source too does not fit a 100K heap (see docs/runtime.md)."""
+    dest = tmp_path_factory.mktemp("runtime") / "mpy_blox"
+    shutil.copytree(
+        REPO / "mpy_blox", dest, ignore=shutil.ignore_patterns("update", "__pycache__")
+    )
+    return dest
+
+
 @pytest.fixture
-def app_board(boards):
-    """An app-managed board: main.py, the framework, and the given files."""
+def app_board(boards, runtime_tree):
+    """An app-managed board: main.py, mpypi_recover.py, the framework, and the given files.
+
+    framework: "runtime" (mpy_blox without the update agent), "full" (all of it, as
+    sources) or None (install your own).
+    """
 
     def make(
         settings: str | dict | None = None,
         provision: dict | None = None,
         user_main: str | None = IDLE_USER_MAIN,
-        framework: bool = True,
+        framework: str | None = "runtime",
         **kwargs,
     ):
         files = {"main.py": MAIN_PY}
+        if RECOVER.exists():  # the update agent's boot step, as deploy-app installs it
+            files["mpypi_recover.py"] = RECOVER.read_text()
         if settings is not None:
             files["settings.json"] = (
                 settings if isinstance(settings, str) else json.dumps(settings)
@@ -55,7 +74,10 @@ def app_board(boards):
             files["provision.json"] = json.dumps(provision)
         if user_main is not None:
             files["user_main.py"] = user_main
-        return boards.create(framework=framework, files=files, **kwargs)
+        board = boards.create(framework=framework == "full", files=files, **kwargs)
+        if framework == "runtime":
+            board.put_tree(runtime_tree, "lib/mpy_blox")
+        return board
 
     return make
 
