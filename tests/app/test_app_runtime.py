@@ -245,3 +245,17 @@ def test_an_error_escaping_everything_is_logged_and_resets_instead_of_a_dead_rep
     rb.wait_for(r"USER exit", count=2, timeout=30)  # booted again
     assert rb.boots() == 2
     assert ">>> " not in rb.console()
+
+
+def test_a_heap_too_small_for_everything_still_boots_reachable_and_says_why(
+    app_board, boards, broker, settings_for, watch
+):
+    # All of mpy_blox as sources (update agent included) on a 100K board: whatever
+    # does not fit is logged and left out, and the device stays on MQTT.
+    board = app_board(settings_for(broker), framework="full")
+    w = watch(board)
+    rb = boards.start(board, heap="100K")
+    rb.wait_for(r"booted; free heap \d+ bytes")
+    w.wait("status", state="online")
+    out = rb.console()
+    assert "fatal" not in out and rb.boots() == 1
