@@ -104,6 +104,9 @@ async def main():
     c = MQTTClient("tls", "127.0.0.1", {port}, ssl=True, backoff_min_ms=200,
                    ssl_params={{"ca_file": {ca!r}, "server_hostname": "localhost"}})
     await c.subscribe("tls/echo", handler)
+    import gc
+    gc.collect()
+    print("FREE", gc.mem_free())
     c.start()
     try:
         await asyncio.wait_for(c.connected(), {wait_s})
