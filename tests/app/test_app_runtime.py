@@ -192,16 +192,7 @@ def _compiled_framework(source_tree, dest):
     [
         ("source", "runtime"),
         ("mpy", "runtime"),
-        pytest.param(
-            "mpy",
-            "full",
-            marks=pytest.mark.xfail(
-                reason="runtime + MQTT client + update agent do not yet fit a 100K heap on "
-                "the 64-bit unix port: 640-byte allocations fail with ~25 KB free "
-                "(docs/runtime.md, Memory)",
-                strict=False,
-            ),
-        ),
+        ("mpy", "full"),
     ],
 )
 def test_the_app_boots_and_idles_in_a_100k_heap(
