@@ -118,3 +118,36 @@ def test_each_malformed_packet_drops_the_connection_with_a_reason_and_reconnects
     assert "MSG t/ok 0 0 b'fine'" in out and "STOPPED" in out, out
     assert "Traceback" not in out
     assert broker.connections == len(MALFORMED) + 1
+
+
+REFUSED = """
+import asyncio
+from mpy_blox.mqtt import MQTTClient, Will
+c = MQTTClient("refused", "127.0.0.1", {port}, user="dev", password="wrong", keepalive_s=7,
+               will=Will("st", "offline"), backoff_min_ms=20, backoff_max_ms=40)
+async def main():
+    c.start()
+    await asyncio.sleep_ms(400)
+    print("CONNECTED" if c.is_connected else "NOT CONNECTED")
+asyncio.run(main())
+"""
+
+
+def test_a_refused_connect_is_logged_by_reason_and_retried(fake_broker, device):
+    connects = []
+
+    def script(broker, conn, n):
+        _, body = read_packet(conn)
+        connects.append(body)
+        conn.sendall(b"\x20\x02\x00\x04")  # bad user name or password
+
+    broker = fake_broker(script)
+    out = device(REFUSED.format(port=broker.port), heap="64K").wait(timeout=30)
+    assert "NOT CONNECTED" in out
+    assert "failed (ConnectError: connection refused: bad user name or password)" in out, out
+    assert len(connects) >= 2  # it keeps trying
+    # MQTT 3.1.1; flags user, password, will (QoS 1, retained), clean session; keepalive 7.
+    assert connects[0] == (
+        b"\x00\x04MQTT\x04\xee\x00\x07"
+        b"\x00\x07refused\x00\x02st\x00\x07offline\x00\x03dev\x00\x05wrong"
+    )

@@ -298,3 +298,57 @@ def test_wifi_down_is_noticed_and_the_client_reconnects_when_it_returns(broker, 
     board.set_network(True)
     rb.wait_for("CONNECTED 2")
     rb.wait_for("STOPPED")
+
+
+WILL = """
+import asyncio
+from mpy_blox.mqtt import MQTTClient, Will
+async def main():
+    c = MQTTClient({cid!r}, {host!r}, {port}, will=Will({topic!r}, "offline"))
+    c.start()
+    await c.connected()
+    await c.publish({topic!r}, "online", retain=True, qos=1)
+    print("ONLINE")
+    if {clean}:
+        await c.stop()
+        print("STOPPED")
+    else:
+        await asyncio.sleep(60)  # killed by the test
+asyncio.run(main())
+"""
+
+
+def test_the_will_is_published_when_the_device_dies_but_not_after_stop(broker, device):
+    statuses = {}
+    for clean in (True, False):
+        topic = f"will/{uuid.uuid4().hex[:8]}"
+        code = WILL.format(
+            cid=topic.replace("/", "-"),
+            host=broker.host,
+            port=broker.port,
+            topic=topic,
+            clean=clean,
+        )
+        dev = device(code, heap="64K")
+        dev.wait_for("STOPPED" if clean else "ONLINE")
+        dev.stop()  # the process dies: the broker sees the socket close without DISCONNECT
+        got = threading.Event()
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"w-{uuid.uuid4().hex[:6]}")
+
+        def on_message(client, userdata, m, topic=topic, got=got):
+            statuses[topic] = m.payload
+            got.set()
+
+        c.on_message = on_message
+        c.connect(broker.host, broker.port)
+        c.loop_start()
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                c.subscribe(topic, qos=1)
+                if got.wait(1) and statuses.get(topic) == (b"online" if clean else b"offline"):
+                    break
+        finally:
+            c.loop_stop()
+            c.disconnect()
+        assert statuses.get(topic) == (b"online" if clean else b"offline"), (clean, statuses)
