@@ -26,6 +26,7 @@ def test_provision_json_is_ingested_encrypted_and_deleted_and_survives_reboot(
     rb.wait_for(r"USER up, psk=psk-Secret-1 password=mqtt-Secret-2")
     w.wait("status", state="online")
     rb.stop()
+    assert w.wait("status", state="offline")  # the will: the link died without DISCONNECT
     assert "provision.json" not in board.ls()
 
     nvs = json.dumps(board.nvs())
@@ -93,3 +94,28 @@ def test_a_blob_copied_from_another_device_is_refused(app_board, boards, broker,
     rb = boards.start(second)
     rb.wait_for(r"USER up, psk=None password=None")
     assert "integrity check failed: corrupted, or from another device" in rb.console()
+
+
+def test_a_power_cut_at_any_block_write_of_the_delete_keeps_the_secrets(
+    app_board, boards, broker, settings_for
+):
+    # Count the block writes of provisioning (up to the moment the file is gone)...
+    secrets = {"wlan.psk": "psk-Secret-1", "mqtt.password": "pw-2"}
+    probe = app_board(settings_for(broker), secrets, user_main=None)
+    rb = boards.start(probe)
+    rb.wait_for(r"/provision.json removed")
+    writes = probe.block_writes()
+    rb.stop()
+    assert 1 <= writes <= 8
+    print(f"provisioning boot: {writes} block write(s) before the file is gone")
+    # ...then cut the power at each of them: after the next boot the secrets are
+    # stored exactly once and the file is gone, whatever the cut interrupted.
+    for cut in range(1, writes + 1):
+        board = app_board(settings_for(broker), secrets)
+        rb = boards.start(board, cut_at=cut, once=True)
+        rb.wait()
+        rb = boards.start(board)
+        rb.wait_for(r"USER up, psk=psk-Secret-1 password=pw-2")
+        rb.stop()
+        assert "provision.json" not in board.ls(), cut
+        assert sorted(board.nvs()["mpy_blox"]) == ["boot_count", "secure"]

@@ -6,6 +6,9 @@ NVS is a dict-backed stand-in with the ESP32 errors; the board tests use the rea
 import hashlib
 import hmac
 import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent.parent
 
 FAKE_NVS = """
 import json, os
@@ -200,3 +203,41 @@ print(provision.ingest(s, {str(prov)!r}), sorted(SecureStore(nvs, UID).load().it
     assert "is malformed" in lines[4] and "file kept" in lines[4] and lines[5] == "False"
     assert lines[6] == "True [('wlan.ssid', 'other')]"
     assert prov.exists() is False
+
+
+def test_unprovision_clears_the_store(run_mpy):
+    out = run_mpy(
+        FAKE_NVS
+        + """
+from mpy_blox.secure import SecureStore
+from mpy_blox import provision
+nvs = FakeNVS()
+SecureStore(nvs, UID).save({"wlan.psk": "x"})
+provision.unprovision(SecureStore(nvs, UID))
+provision.unprovision(SecureStore(nvs, UID))  # twice: nothing left to erase is fine
+s = SecureStore(nvs, UID)
+print(s.load(), s.state, "secure" in nvs.d)
+""",
+        heap="32K",
+    )
+    assert out.splitlines()[-1] == "{} empty False"
+
+
+def test_the_example_files_are_valid_and_read_as_documented(run_mpy):
+    settings = REPO / "examples" / "settings.json"
+    assert json.loads((REPO / "settings.json").read_text()) == json.loads(settings.read_text())
+    assert all(
+        isinstance(v, str)
+        for v in json.loads((REPO / "examples" / "provision.json").read_text()).values()
+    )
+    out = run_mpy(
+        f"""
+from mpy_blox.config import Config, load_settings
+c = Config(load_settings({str(settings)!r}))
+print(c.get_str("mqtt.server"), c.get_int("mqtt.port"), c.get_str("mqtt.username"),
+      c.get_bool("mqtt.ssl"), c.get_dict("mqtt.ssl_params"), c.get_str("update.channel"),
+      c.get_bool("update.auto_update"), c.get_int("app.crash_limit"), c.get_str("logging.level"))
+""",
+        heap="32K",
+    )
+    assert out.strip() == "127.0.0.1 1883 None False {} stable True 5 INFO"
