@@ -54,9 +54,6 @@ class Connection:
         self.error = None  # the first read error: every later read raises it again
         self.tx_ms = time.ticks_ms()
 
-    def fileno(self):
-        return self._sock.fileno() if hasattr(self._sock, "fileno") else -1
-
     def close(self):
         self._sock.close()
 
