@@ -129,6 +129,10 @@ class Agent:
         if error:
             self.last["error"] = error
         try:
+            try:
+                os.mkdir("/.mpypi")
+            except OSError:
+                pass  # it exists
             with open(_LAST, "w") as f:
                 json.dump(self.last, f)
         except OSError as e:
