@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
 import pytest
-from update_kit import REPO, make_src, make_wheel
+from update_kit import REPO, make_src, make_wheel, sha256
 
 from mpy_blox.update import manifest
 
@@ -162,3 +163,41 @@ def test_tampered_package_is_refused_over_mqtt_and_the_board_keeps_its_code(
 def board_file_unchanged(rb) -> bool:
     time.sleep(0.5)
     return rb.boots() == 1 and "USER v2" not in rb.console()
+
+
+def test_broker_killed_mid_download_the_update_installs_after_it_returns(
+    boards, full_mpy, broker_factory, mqtt_client
+):
+    own = broker_factory()
+    settings = {
+        "mqtt": {"server": own.host, "port": own.port},
+        "update": {"channel": CHANNEL, "auto_update": True},
+    }
+    board = boards.create(flash_size="16M")
+    board.put_tree(full_mpy, "lib/mpy_blox")
+    for path, data in {
+        "main.py": (REPO / "main.py").read_bytes(),
+        "mpypi_recover.mpy": (full_mpy.parent / "mpypi_recover.mpy").read_bytes(),
+        "settings.json": json.dumps(settings).encode(),
+        "provision.json": json.dumps({"update.key": KEY}).encode(),
+        "user_main.py": b"async def user_main():\n    print('USER v1')\n",
+    }.items():
+        board.write(path, data)
+    rb = boards.start(board, heap=HEAP)
+    rb.wait_for("USER v1", timeout=30)
+    watch = Watcher(mqtt_client(own), board.device_id)
+    big = make_src("big.bin", os.urandom(6 * 1024 * 1024))
+    user = make_src("user_main.py", b"async def user_main():\n    print('USER v2')\n")
+    pub = mqtt_client(own)
+    publish_update(pub, [big, user], seq=3)
+    watch.wait_status(state="downloading", package="big.bin")
+    own.kill()  # no clean shutdown, no saved retained messages
+    time.sleep(1)
+    own.start()
+    pub = mqtt_client(own)
+    publish_update(pub, [big, user], seq=3)  # the publisher republishes what was lost
+    rb.wait_for("USER v2", timeout=60)
+    out = rb.console()
+    rb.stop()
+    assert "broken" in out and "retrying" in out, out  # the download was cut, then retried
+    assert sha256(board.cat("big.bin")) == big.sha
