@@ -1,9 +1,9 @@
 # The virtual board's SPI flash: a block device over an image file on the host.
 #
 # Implements the extended block protocol (readblocks/writeblocks with an offset,
-# ioctl) that VfsLfs2 and VfsFat use on an ESP32. Every writeblocks() call is one
-# "block write": it is counted, and the board can lose power at a chosen one so
-# tests can cut an install at every write it makes.
+# ioctl) that VfsLfs2 and VfsFat use on an ESP32. Every writeblocks() call and
+# every sector erase is one "block write": it is counted, and the board can lose
+# power at a chosen one so tests can cut an install at every write it makes.
 import os
 
 _IOCTL_BLOCK_COUNT = 4
@@ -30,17 +30,20 @@ class Flash:
         if n != len(buf):
             raise OSError(5)  # EIO: the image is shorter than the filesystem thinks
 
-    def writeblocks(self, block, buf, offset=0):
+    def _count(self):
         self.writes += 1
         if self.writes == self._cut_at:
-            # Power fails before this write reaches the flash: everything written
-            # so far is on the image (posix writes are unbuffered), nothing more.
+            # Power fails before this operation reaches the flash: everything
+            # written so far is on the image (posix writes are unbuffered).
             self._on_cut(self.writes)
-        self._image.seek(block * self._block_size + offset)
-        self._image.write(buf)
         if self._counter:
             self._counter.seek(0)
             self._counter.write(b"%10d\n" % self.writes)
+
+    def writeblocks(self, block, buf, offset=0):
+        self._count()
+        self._image.seek(block * self._block_size + offset)
+        self._image.write(buf)
 
     def ioctl(self, op, arg):
         if op == _IOCTL_BLOCK_COUNT:
@@ -48,8 +51,25 @@ class Flash:
         if op == _IOCTL_BLOCK_SIZE:
             return self._block_size
         if op == _IOCTL_BLOCK_ERASE:
-            return 0  # NOR erase is not emulated: littlefs checks its data by CRC
+            # A NOR erase sets the sector to 0xFF, and littlefs relies on it: a
+            # sector it erased but never programmed must not show its old data
+            # (stale metadata could then pass for current after a power cut).
+            # An erase is a flash operation like a write: counted, and cuttable.
+            self._count()
+            self._image.seek(arg * self._block_size)
+            self._image.write(_erased(self._block_size))
+            return 0
         return 0  # init, deinit, sync: nothing to do for a file
+
+
+_ERASED = None
+
+
+def _erased(size):
+    global _ERASED
+    if _ERASED is None or len(_ERASED) != size:
+        _ERASED = b"\xff" * size
+    return _ERASED
 
 
 def open_image(board):
