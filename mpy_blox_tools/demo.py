@@ -42,7 +42,8 @@ def _step(text: str) -> None:
     print(f"\n==> {text}", flush=True)
 
 
-def run_demo(workdir: Path | None = None, boards: int = BOARDS, timeout: float = 120) -> int:
+def run_demo(workdir: Path | None = None, boards: int = BOARDS, timeout: float = 120,
+             heap: str = "100K") -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mpy-blox-demo-") as tmp:
         work = Path(workdir or tmp)
@@ -68,7 +69,7 @@ def run_demo(workdir: Path | None = None, boards: int = BOARDS, timeout: float =
                       "their serial ports (as make deploy-app)")
                 for i in range(boards):
                     board = Board.create(work / f"board{i + 1}")
-                    rb = RunningBoard(board).start()
+                    rb = RunningBoard(board, heap=heap).start()
                     running.append(rb)
                     rb.wait_for(r"\[vboard\] boot 1")
                     print(f"-- {board.device_id} on {rb.serial_port}")

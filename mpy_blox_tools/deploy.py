@@ -25,6 +25,7 @@ from mpy_blox_tools.errors import MpyBloxError
 
 REPO = Path(__file__).resolve().parent.parent
 RECOVERY = "mpypi_recover.py"  # at the flash root, outside /lib: see docs/protocol.md
+RECOVERY_MPY = "mpypi_recover.mpy"  # shipped compiled: compiling it at boot costs heap
 TIMEOUT = 300
 
 
@@ -62,6 +63,10 @@ WORK = "/_deploy"
 
 INSTALL = """
 import gc, os, sys
+try:
+    os.remove("/mpypi_recover.py")  # an older deploy's source copy would shadow the .mpy
+except OSError:
+    pass
 sys.path.insert(0, {work!r})
 gc.collect()
 from mpy_blox.update.install import install
@@ -94,8 +99,10 @@ def deploy_lib(port: str | None, wheel_path: Path | None = None, platform: str =
             (work / name).parent.mkdir(parents=True, exist_ok=True)
             (work / name).write_bytes(data)
         (work / "package.whl").write_bytes(package.data)
+        recovery = Path(tmp) / RECOVERY_MPY
+        build.compile_source(REPO / RECOVERY, RECOVERY, build.PLATFORMS[platform], recovery)
         try:
-            out = mpremote(port, "fs", "cp", str(REPO / RECOVERY), ":/" + RECOVERY, "+",
+            out = mpremote(port, "fs", "cp", str(recovery), ":/" + RECOVERY_MPY, "+",
                            "fs", "cp", "-r", str(work) + "/", ":" + WORK, "+",
                            "exec", INSTALL.format(entry=package.entry, work=WORK))
         finally:

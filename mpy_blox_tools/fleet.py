@@ -94,7 +94,8 @@ def format_table(devices: list[Device]) -> str:
               "FLASH", "LAST SEEN")
     rows = [header]
     for d in devices:
-        others = ", ".join(f"{k} {v}" for k, v in sorted(d.packages.items()) if k != "mpy-blox")
+        others = ", ".join(f"{k} {v}" for k, v in sorted(d.packages.items())
+                           if k.lower().replace("-", "_") != "mpy_blox")
         result = d.last_update + (f": {d.error}" if d.error else "")
         rows.append((d.device_id, d.state, d.framework or "-", others or "-", d.channel or "-",
                      result or "-", _kb(d.mem_free), _kb(d.fs_free), d.last_seen or "-"))

@@ -70,10 +70,10 @@ class Watcher:
         self.changed.set()
 
     def _installed(self, info: dict) -> bool:
-        packages = info.get("packages") or {}
+        packages = {normalize(k): v for k, v in (info.get("packages") or {}).items()}
         src = info.get("src") or {}
         for e in self.entries:
-            if e["type"] == "wheel" and packages.get(e["name"]) != e["version"]:
+            if e["type"] == "wheel" and packages.get(normalize(e["name"])) != e["version"]:
                 return False
             if e["type"] == "src" and src.get(e["path"]) != e["pkg_sha256"]:
                 return False
@@ -84,20 +84,24 @@ class Watcher:
         deadline = time.monotonic() + timeout
         tty = out.isatty()
         drawn = 0
-        last = ""
+        shown: dict[str, str] = {}
         while True:
             with self.lock:
-                rows = [self._line(p) for p in sorted(self.devices.values(),
-                                                      key=lambda p: p.device_id)]
+                rows = {p.device_id: self._line(p) for p in sorted(
+                    self.devices.values(), key=lambda p: p.device_id)}
                 finished = self.devices and all(p.outcome != WAITING
                                                 for p in self.devices.values())
-            text = "\n".join(rows)
-            if text != last:
-                if tty and drawn:
-                    out.write(f"\x1b[{drawn}F\x1b[J")
-                out.write(text + "\n")
+            if rows != shown:
+                if tty:  # redraw the block of lines in place
+                    if drawn:
+                        out.write(f"\x1b[{drawn}F\x1b[J")
+                    out.write("\n".join(rows.values()) + "\n")
+                    drawn = len(rows)
+                else:  # a log: only the lines that changed
+                    out.write("".join(line + "\n" for d, line in rows.items()
+                                      if shown.get(d) != line))
                 out.flush()
-                drawn, last = len(rows), text
+                shown = rows
             if finished or time.monotonic() >= deadline:
                 break
             self.changed.wait(0.2)
@@ -120,6 +124,11 @@ class Watcher:
             rows.append((p.device_id, "ok" if p.outcome == DONE else "FAILED", p.detail))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def normalize(name: str) -> str:
+    """Wheel names compare as the device compares them (mpy_blox.update.state)."""
+    return name.lower().replace("-", "_").replace(".", "_")
 
 
 def _versions(info: dict) -> str:
