@@ -3,7 +3,8 @@
 Devices report on their retained `mpypi/nodes/{id}/status` (progress) and `info`
 (what is installed). A device is done when its `info` shows every package of the
 list installed; it failed when its `status` says `failed` or `rolled_back` after the
-list was published; otherwise it timed out.
+list was published; otherwise it timed out. Retained reports (what the device said
+before this publish) are shown but never decide the outcome.
 """
 
 from __future__ import annotations
@@ -57,16 +58,17 @@ class Watcher:
                 p = self.devices[device_id] = Progress(device_id)
             live = not msg.retain
             p.heard |= live
-            if kind == "info" and self._installed(body):
+            # Only a live report counts: a retained info that already lists the
+            # versions says nothing about whether the device accepted this list.
+            # A device that failed reports its (old, maybe equal) versions after.
+            if kind == "info" and live and p.outcome != FAILED and self._installed(body):
                 p.outcome, p.state, p.detail = DONE, "updated", _versions(body)
-            elif kind == "status" and p.outcome != DONE:
+            elif kind == "status" and p.outcome == WAITING:
                 state = str(body.get("state") or "?")
                 p.state = state
                 p.detail = _detail(body)
                 if live and state in ("failed", "rolled_back"):
                     p.outcome = FAILED
-                elif live:
-                    p.outcome = WAITING
         self.changed.set()
 
     def _installed(self, info: dict) -> bool:
@@ -79,8 +81,9 @@ class Watcher:
                 return False
         return True
 
-    def wait(self, timeout: float, out=sys.stdout) -> bool:
+    def wait(self, timeout: float, out=None) -> bool:
         """Show progress until every device is done or failed, or `timeout`; True if all done."""
+        out = out or sys.stdout
         deadline = time.monotonic() + timeout
         tty = out.isatty()
         drawn = 0

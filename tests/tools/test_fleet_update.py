@@ -1,0 +1,93 @@
+"""Publishing to real virtual boards: --wait outcomes, status of a live fleet, the demo."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+
+import pytest
+
+from mpy_blox_tools import deploy, fleet, mqtt, publish
+from mpy_blox_tools.cli import main as cli
+from mpy_blox_tools.demo import run_demo
+
+# The heap the boards get here.
+HEAP = "256K"
+USER_MAIN = "import asyncio\n\nasync def user_main():\n    print('{tag} running')\n    await asyncio.sleep(3600)\n"
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(publish, "STATE_DIR", tmp_path / "state")
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def fleet_of(boards, broker, tmp_path):
+    """Deployed, running boards (as make deploy-app does), on channel `t-<n>`."""
+
+    def make(n: int, key: str | None, channel: str):
+        settings = tmp_path / "settings.json"
+        settings.write_text(json.dumps({"mqtt": {"server": broker.host, "port": broker.port},
+                                        "update": {"channel": channel, "auto_update": True}}))
+        provision = tmp_path / "provision.json"
+        provision.write_text(json.dumps({"update.key": key} if key else {}))
+        user_main = tmp_path / "user_main.py"
+        user_main.write_text(USER_MAIN.format(tag="v1"))
+        running = []
+        for _ in range(n):
+            rb = boards.start(boards.create(), heap=HEAP)
+            rb.wait_for(r"\[vboard\] boot 1")
+            deploy.deploy_app(rb.serial_port, settings, provision if key else None, user_main)
+            running.append(rb)
+        for rb in running:
+            rb.wait_for("v1 running", timeout=60)
+        return running
+
+    return make
+
+
+def test_wait_succeeds_when_every_device_reports_the_new_versions(fleet_of, broker, tmp_path, capsys):
+    key = secrets.token_hex(32)
+    (tmp_path / "key").write_text(key)
+    running = fleet_of(2, key, "t-ok")
+    (tmp_path / "user_main.py").write_text(USER_MAIN.format(tag="v2"))
+    ids = [rb.board.device_id for rb in running]
+    status = cli(["publish", "--broker", broker.url, "--key-file", "key", "--dev",
+                  "--device-ids", *ids, "--extra-src-files", "user_main.py", "--wait", "120"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    summary = out[out.index("DEVICE"):]
+    for d in ids:
+        assert f"{d}" in summary and "ok" in summary
+    for rb in running:
+        rb.wait_for("v2 running", timeout=60)
+    devices = {d.device_id: d for d in fleet.fetch(mqtt.BrokerURL(broker.host, broker.port))}
+    assert all(".dev" in devices[d].framework and devices[d].last_update == "ok" for d in ids)
+
+
+def test_wait_fails_with_the_reason_of_a_device_that_refuses(fleet_of, broker, tmp_path, capsys):
+    running = fleet_of(1, secrets.token_hex(32), "t-refuse")
+    device = running[0].board.device_id
+    # No key on this side: the keyed device must refuse the unsigned list.
+    status = cli(["publish", "--broker", broker.url, "--device-ids", device, "--wait", "60"])
+    out = capsys.readouterr().out
+    assert status == 1
+    row = next(line for line in out[out.index("DEVICE"):].splitlines() if device in line)
+    assert "FAILED" in row and "unsigned" in row
+
+
+def test_wait_fails_for_a_device_that_never_answers(broker, tmp_path, capsys):
+    status = cli(["publish", "--broker", broker.url, "--device-ids", "esp32-0000000000ff",
+                  "--wait", "2"])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert "esp32-0000000000ff  FAILED  no answer in 2s" in out
+
+
+def test_the_demo_runs_to_completion(tmp_path, capsys):
+    assert run_demo(tmp_path / "demo", boards=2, heap=HEAP) == 0
+    out = capsys.readouterr().out
+    assert out.count("user_main v2 says hello") == 2
+    assert "demo finished in" in out
