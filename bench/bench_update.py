@@ -1,0 +1,164 @@
+"""Update agent end to end: publish -> installed, against the raw-socket limit.
+
+For src packages of 64 KiB, 1 MiB and 4 MiB on a virtual board with a 100K heap and
+16 MiB of flash, running the full app:
+
+- end to end: from the moment the publisher starts sending until the board reports
+  `rebooting` after `installing` (so the download, the SHA256 check, the staging and
+  the journalled commit are in; the reboot into the new code is not);
+- download: from the board's first `downloading` report to its `installing` report;
+- raw socket: the same bytes sent by a plain TCP server to a board whose main.py
+  reads them into one 4 KiB buffer, hashes them and writes them to a file on the
+  same kind of flash (the limit: no MQTT, no checks, no commit).
+
+Ratios compare within the run (the machine is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from pathlib import Path
+
+from mpy_blox_tools import deploy, mqtt, publish
+from mpy_blox_tools.broker import Mosquitto
+from mpy_blox_tools.vboard.board import Board
+from mpy_blox_tools.vboard.process import RunningBoard
+
+TITLE = "Update end to end vs raw socket into flash, 100K heap"
+SIZES = {"64 KiB": 64 * 1024, "1 MiB": 1024 * 1024, "4 MiB": 4 * 1024 * 1024}
+HEAP = "100K"
+FLASH = "16M"
+
+RAW_MAIN = """
+import socket, hashlib, time, gc
+buf = bytearray(4096)
+mv = memoryview(buf)
+for size in {sizes}:
+    gc.collect()
+    s = socket.socket()
+    t0 = time.ticks_us()
+    s.connect(socket.getaddrinfo("127.0.0.1", {port})[0][-1])
+    h = hashlib.sha256()
+    got = 0
+    with open("/raw.bin", "wb") as f:
+        while got < size:
+            n = s.readinto(mv)
+            if not n:
+                break
+            h.update(mv[:n])
+            f.write(mv[:n])
+            got += n
+    s.close()
+    print("RAW", size, got, time.ticks_diff(time.ticks_us(), t0), gc.mem_free())
+"""
+
+
+def _raw_limit(workdir: Path) -> dict[int, float]:
+    """Seconds for each size through a raw socket into a file on the board's flash."""
+    payloads = {size: os.urandom(size) for size in SIZES.values()}
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve():
+        for size in SIZES.values():
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(payloads[size])
+
+    threading.Thread(target=serve, daemon=True).start()
+    board = Board.create(workdir / "raw", flash_size=FLASH)
+    board.write("main.py", RAW_MAIN.format(sizes=list(SIZES.values()), port=port).encode())
+    with RunningBoard(board, heap=HEAP) as rb:
+        rb.wait_for(r"RAW %d " % SIZES["4 MiB"], timeout=120)
+        out = rb.console()
+    server.close()
+    return {int(m[0]): int(m[2]) / 1e6 for m in re.findall(r"^RAW (\d+) (\d+) (\d+)", out, re.M)}
+
+
+class _Timeline:
+    """When the board's live status reports reached each state, per publish."""
+
+    def __init__(self, client, device_id: str) -> None:
+        self.events: list[tuple[float, str]] = []
+        self.lock = threading.Lock()
+        client.message_callback_add(f"mpypi/nodes/{device_id}/status", self._on)
+        client.subscribe(f"mpypi/nodes/{device_id}/status", qos=1)
+
+    def _on(self, client, userdata, msg) -> None:
+        if msg.retain or not msg.payload:
+            return
+        state = json.loads(msg.payload).get("state", "")
+        with self.lock:
+            self.events.append((time.monotonic(), state))
+
+    def wait_installed(self, since: float, timeout: float = 300) -> dict[str, float]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                ev = [(t, s) for t, s in self.events if t >= since]
+            states = [s for _, s in ev]
+            if "failed" in states:
+                raise RuntimeError(f"update failed: {ev}")
+            if "installing" in states and "rebooting" in states[states.index("installing"):]:
+                first = {}
+                for t, s in ev:
+                    first.setdefault(s, t)
+                i = states.index("installing")
+                done = next(t for t, s in ev[i:] if s == "rebooting")
+                return {"downloading": first.get("downloading", since),
+                        "installing": first["installing"], "rebooting": done}
+            time.sleep(0.01)
+        raise TimeoutError("no install within the timeout")
+
+
+def run(workdir: Path) -> list[dict]:
+    raw = _raw_limit(workdir)
+    key = secrets.token_hex(32)
+    rows = []
+    with Mosquitto(workdir / "broker", persistence=False,
+                   extra_config="max_packet_size 16777216") as broker:
+        url = mqtt.BrokerURL(broker.host, broker.port)
+        settings = workdir / "settings.json"
+        settings.write_text(json.dumps({"mqtt": {"server": broker.host, "port": broker.port},
+                                        "logging": {"level": "WARNING"},
+                                        "update": {"channel": "bench", "auto_update": True}}))
+        (workdir / "provision.json").write_text(json.dumps({"update.key": key}))
+        board = Board.create(workdir / "board", flash_size=FLASH)
+        with RunningBoard(board, heap=HEAP) as rb:
+            rb.wait_for(r"\[vboard\] boot 1")
+            deploy.deploy_app(rb.serial_port, settings, workdir / "provision.json")
+            rb.wait_for(r"\[vboard\] boot 2")
+            client = mqtt.connect(url)
+            timeline = _Timeline(client, board.device_id)
+            time.sleep(2)  # the app is up and subscribed
+            for label, size in SIZES.items():
+                blob = workdir / f"blob{size}.bin"
+                blob.write_bytes(os.urandom(size))
+                package = publish.src_package(blob, "data/blob.bin")
+                t0 = time.monotonic()
+                publish.publish_update(url, [package], channel="bench", key=key.encode(),
+                                       client=client, log=lambda *a: None)
+                marks = timeline.wait_installed(t0)
+                e2e = marks["rebooting"] - t0
+                download = marks["installing"] - marks["downloading"]
+                rb.wait_for(r"\[vboard\] boot \d+", count=rb.boots() + 1, timeout=60)
+                for path, seconds in (("update e2e", e2e), ("update download", download),
+                                      ("raw socket", raw[size])):
+                    rows.append({"payload": label, "path": path, "seconds": round(seconds, 3),
+                                 "MiB/s": round(size / 1048576 / seconds, 2),
+                                 "vs raw": round(raw[size] / seconds, 2)})
+                time.sleep(2)  # back up after the reboot
+            mqtt.disconnect(client)
+            free = re.findall(r"free heap (\d+)", rb.console())
+        if free:
+            rows.append({"payload": "-", "path": "min free heap logged by the board",
+                         "seconds": "", "MiB/s": "", "vs raw": min(map(int, free))})
+    return rows
+
+
