@@ -124,9 +124,12 @@ def read_journal(root=""):
                 yield "D", w[1], w[2], None, w[3]
 
 
-def apply(root=""):
-    """Roll a complete journal forward, then mark it applied."""
-    buf = bytearray(_CHUNK)
+def apply(root="", buf=None):
+    """Roll a complete journal forward, then mark it applied.
+
+    `buf`: the installer's one buffer, so a commit allocates none.
+    """
+    buf = buf or bytearray(_CHUNK)
     for kind, i, target, new, old in read_journal(root):
         t = root + target
         n = root + _STAGE + "/n" + i

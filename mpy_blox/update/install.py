@@ -12,6 +12,12 @@
 #       inst.stage(entry)              # verify and extract into the stage
 #   inst.commit(seq)                   # the atomic switch-over; then reset
 # install(entries, open_package) runs all of it synchronously (tests, tools).
+#
+# Memory (docs/protocol.md): one buffer for the whole install; the journal's
+# operations are written to a stage file as they are planned, not kept; what
+# lives through the install is allocated before the downloads, after a
+# collect, so the per-file garbage never strands it between free blocks.
+import gc
 import os
 import hashlib
 import binascii
@@ -22,6 +28,7 @@ from mpy_blox.update import state
 from mpy_blox.update.manifest import InvalidUpdate
 
 _STAGE = "/.mpypi/stage"
+_OPS = "/.mpypi/stage/ops"  # the journal's body while the stage is built
 RESERVE_BLOCKS = const(8)  # LittleFS copy-on-write metadata, the journal
 _CHUNK = const(1024)
 
@@ -65,12 +72,21 @@ class Installer:
     def __init__(self, root="", device=None):
         self.root = root
         self.device = device  # (mpy, platform) for tests; None: this device
-        self.ops = []  # (kind, target, new sha, old sha or None, flash it costs)
+        self.buf = bytearray(_CHUNK)  # the one buffer of the whole install
+        self.n = 0  # the next stage file index
+        self.changes = 0  # operations written to the journal's body
+        self.cost = 0  # flash that apply() needs for them
+        self._ops = None
         self._src = None
+        self._wheels = False
         self.block = 4096
 
     def _stage(self, i):
         return self.root + _STAGE + "/n%d" % i
+
+    def _next(self):
+        self.n += 1
+        return self.n - 1
 
     def plan(self, entries):
         """The entries whose package differs from what is installed."""
@@ -81,7 +97,7 @@ class Installer:
                 have = wheels.get(state.normalize(e["name"]))
                 if have is None or have[0] != e["version"]:
                     needed.append(e)
-            elif state.src_sha256(e["path"], self.root) != e["pkg_sha256"]:
+            elif state.src_sha256(e["path"], self.root, self.buf) != e["pkg_sha256"]:
                 needed.append(e)
         return needed
 
@@ -101,11 +117,21 @@ class Installer:
         if need > free:
             raise InvalidUpdate("does not fit: needs %d bytes, %d free" % (need, free))
         self.begin()
+        if any(e["type"] == "wheel" for e in needed):
+            # Loaded now, before the downloads, and the decoder's block kept:
+            # later the heap holds download and MQTT garbage.
+            gc.collect()
+            from mpy_blox.update import stagewheel  # noqa: F401
+            from mpy_blox.update import zipwheel
+
+            self._wheels = True
+            zipwheel.hold_reserve()
 
     def begin(self):
         """Start from a clean stage (an applied earlier set is confirmed)."""
         recover.confirm(self.root)
         recover._makedirs(self.root + _STAGE + "/x")
+        self._ops = open(self.root + _OPS, "w")
 
     def download(self, entry):
         """A Download sink for `entry`, written into the stage."""
@@ -113,20 +139,19 @@ class Installer:
         limit = entry["size"]
         if limit is None:
             limit = free - RESERVE_BLOCKS * block
-        return Download(self._stage(len(self.ops)), entry, limit)
+        return Download(self._stage(self.n), entry, limit)
 
     def stage(self, entry):
         """Verify a downloaded package and stage what it installs."""
-        i = len(self.ops)
         if entry["type"] == "src":
             target = "/" + entry["path"]
-            self._add(target, entry["pkg_sha256"], self._stage(i))
+            self._add(target, entry["pkg_sha256"], self._next())
             if self._src is None:
                 self._src = state.src_index(self.root)
             self._src[entry["path"]] = entry["pkg_sha256"]
             return
-        path = self._stage(i) + ".whl"
-        os.rename(self._stage(i), path)
+        path = self._stage(self.n) + ".whl"
+        os.rename(self._stage(self.n), path)
         from mpy_blox.update.stagewheel import stage_wheel
 
         try:
@@ -135,7 +160,7 @@ class Installer:
             os.remove(path)
 
     def _old(self, target):
-        return recover.file_sha256(self.root + target)
+        return recover.file_sha256(self.root + target, self.buf)
 
     def _cost(self, path):
         # Flash that a copy of this file takes during apply(), in whole blocks.
@@ -145,23 +170,28 @@ class Installer:
             return 0
         return (size // self.block + 2) * self.block
 
-    def _add(self, target, new_hex, staged):
-        # A file that is already there, byte for byte, needs no operation.
+    def _add(self, target, new_hex, i):
+        """Plan to put stage file i at target (nothing if it is already there)."""
+        staged = self._stage(i)
         old = self._old(target)
         if old == new_hex:
             os.remove(staged)
-            self.ops.append(None)
             return
         # apply() writes the target and a backup of the old file.
         cost = (os.stat(staged)[6] // self.block + 2) * self.block
         if old is not None:
             cost += self._cost(target)
-        self.ops.append(("P", target, new_hex, old, cost))
+        self._op("P %d %s %s %s\n" % (i, target, new_hex, old or "-"), cost)
 
     def _delete(self, target):
         old = self._old(target)
         if old is not None:
-            self.ops.append(("D", target, None, old, self._cost(target)))
+            self._op("D %d %s %s\n" % (self._next(), target, old), self._cost(target))
+
+    def _op(self, line, cost):
+        self._ops.write(line)
+        self.changes += 1
+        self.cost += cost
 
     def commit(self):
         """Write the journal and switch over; True if anything changed."""
@@ -170,55 +200,63 @@ class Installer:
         except OSError:
             self.abort()
             raise
-        if not any(self.ops):
+        if not self.changes:
             self.abort()
             return False
         # apply() must never run out of flash half-way: refuse now if it could.
-        need = sum(op[4] for op in self.ops if op) + RESERVE_BLOCKS * self.block
+        need = self.cost + RESERVE_BLOCKS * self.block
         free = state.fs_free(self.root)[0]
         if need > free:
             self.abort()
             raise InvalidUpdate("does not fit: installing needs %d bytes, %d free" % (need, free))
-        h = hashlib.sha256()
+        self._close()
         journal = self.root + recover._JOURNAL
         try:
-            with open(journal, "wb") as f:
-                for line in self._journal_lines():
-                    h.update(line)
-                    f.write(line)
-                f.write(b"end %s\n" % hex_digest(h.digest()))
+            self._write_journal(journal)
         except OSError:
             recover._remove(journal)  # no complete journal: nothing happened
             self.abort()
             raise
-        log.info("committing %d file operations", sum(1 for op in self.ops if op))
-        recover.apply(self.root)
+        log.info("committing %d file operations", self.changes)
+        recover.apply(self.root, self.buf)
         return True
+
+    def _write_journal(self, journal):
+        h = hashlib.sha256(recover._HEAD)
+        mv = memoryview(self.buf)
+        with open(self.root + _OPS, "rb") as body, open(journal, "wb") as f:
+            f.write(recover._HEAD)
+            while True:
+                n = body.readinto(self.buf)
+                if not n:
+                    break
+                h.update(mv[:n])
+                f.write(mv[:n])
+            f.write(b"end %s\n" % hex_digest(h.digest()))
+
+    def _close(self):
+        if self._ops is not None:
+            self._ops.close()
+            self._ops = None
+        if self._wheels:
+            from mpy_blox.update import zipwheel
+
+            zipwheel.drop_reserve()
 
     def _stage_src_index(self):
         if self._src is None:
             return
         import json
 
-        staged = self._stage(len(self.ops))
-        with open(staged, "w") as f:
+        i = self._next()
+        with open(self._stage(i), "w") as f:
             json.dump(self._src, f)
-        self._add(state.SRC_INDEX, recover.file_sha256(staged), staged)
-
-    def _journal_lines(self):
-        yield recover._HEAD
-        for i, op in enumerate(self.ops):
-            if op is None:
-                continue
-            kind, target, new, old, _ = op
-            if kind == "P":
-                yield ("P %d %s %s %s\n" % (i, target, new, old or "-")).encode()
-            else:
-                yield ("D %d %s %s\n" % (i, target, old)).encode()
+        self._add(state.SRC_INDEX, recover.file_sha256(self._stage(i), self.buf), i)
 
     def abort(self):
         """Forget everything staged: the device is as it was."""
-        self.ops = []
+        self._close()
+        self.n = self.changes = self.cost = 0
         self._src = None
         recover._clean_stage(self.root)
 
@@ -233,7 +271,7 @@ def install(entries, open_package, root="", device=None):
     if not needed:
         return []
     inst.preflight(needed)
-    buf = bytearray(_CHUNK)
+    buf = inst.buf
     mv = memoryview(buf)
     try:
         for entry in needed:

@@ -64,13 +64,13 @@ def src_index(root=""):
         return {}
 
 
-def file_sha256(path):
+def file_sha256(path, buf=None):
     """Lower-case hex SHA256 of a file, or None if it cannot be read.
 
     As mpypi_recover.file_sha256: kept here so that an idle agent does not hold
-    the recovery module in its heap.
+    the recovery module in its heap. `buf`: the caller's buffer, if it has one.
     """
-    buf = bytearray(512)
+    buf = buf or bytearray(512)
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -84,8 +84,8 @@ def file_sha256(path):
     return "%064x" % int.from_bytes(h.digest(), "big")
 
 
-def src_sha256(path, root=""):
-    return file_sha256(root + "/" + path)
+def src_sha256(path, root="", buf=None):
+    return file_sha256(root + "/" + path, buf)
 
 
 def device_tag():

@@ -1,8 +1,13 @@
-# Read a staged wheel from flash through its central directory and extract
-# it, verified against its RECORD, into staging files.
+# Read a staged wheel from flash through its central directory, entry by
+# entry, and inflate one entry at a time.
 #
-# Memory: one fixed buffer, one central-directory record at a time, one deflate
-# window; the only thing that grows is the RECORD table (one tuple a file).
+# Memory: nothing here grows with the number of entries. The caller's one
+# buffer carries headers and data; a walk over the directory creates only
+# short-lived objects, so a wheel of hundreds of files leaves the heap as it
+# found it (a table of entries, built next to short-lived garbage, is what
+# fragmented a 100 KB heap). The deflate decoder (about 1.3 KB of state plus
+# the window) is the one big allocation: `reserve` keeps a block for it that
+# is given back right before each inflate and taken again after.
 # A wheel is a zip: we support stored (0) and deflated (8) entries, no zip64,
 # no encryption, no symlinks, no `.data` folder, and refuse anything else
 # before writing a byte.
@@ -12,7 +17,6 @@
 # see docs/protocol.md); a wheel without it is a standard wheel (wbits 15). The
 # window must fit the free heap or the wheel is refused before allocating it.
 import gc
-import io
 import struct
 import hashlib
 import binascii
@@ -20,34 +24,36 @@ import binascii
 from mpy_blox.update.manifest import InvalidUpdate
 from mpy_blox.update.paths import check_wheel_path
 
-_CHUNK = const(1024)
 _EOCD = const(22)
 _MAX_COMMENT = const(256)
 _CDH = const(46)
 _LFH = const(30)
 _MAX_NAME = const(255)
-_MAX_FILES = const(1000)
-_WINDOW_MARGIN = const(4096)  # the decoder's own state (~1.4 KB), and some slack
+MAX_FILES = const(1000)
+_WINDOW_MARGIN = const(4096)  # the decoder's own state (~1.3 KB), and some slack
+# The block kept for one inflate: a wbits-10 window, the decoder's state and
+# the output file's cache (up to 1 KB on LittleFS), with headers.
+RESERVE = const(4096)
 _S_IFMT = const(0o170000)
 _S_IFLNK = const(0o120000)
 
+_reserve = None
 
-class _Section(io.IOBase):
-    # A bounded reader over the compressed bytes of one entry: deflate reads
-    # ahead, and must never read the next entry's header as data.
-    def __init__(self, f, n):
-        self.f = f
-        self.n = n
 
-    def readinto(self, buf):
-        if self.n <= 0:
-            return 0
-        mv = memoryview(buf)
-        if len(mv) > self.n:
-            mv = mv[: self.n]
-        k = self.f.readinto(mv)
-        self.n -= k
-        return k
+def hold_reserve():
+    """Keep a block for the decoder, taken where it fits now (after a collect)."""
+    global _reserve
+    _reserve = None
+    gc.collect()
+    try:
+        _reserve = bytearray(RESERVE)
+    except MemoryError:
+        _reserve = None  # the window check still decides, later
+
+
+def drop_reserve():
+    global _reserve
+    _reserve = None
 
 
 def _wbits(comment):
@@ -80,27 +86,30 @@ def window_fits(wbits):
 
 
 class Wheel:
-    """A staged wheel file; iterate its entries, extract them verified."""
+    """A staged wheel file; walk its directory, extract entries verified.
 
-    def __init__(self, path, size):
+    `buf` (at least 512 bytes) is the caller's: used for headers and data.
+    """
+
+    def __init__(self, path, size, buf):
         self.f = open(path, "rb")
-        self.buf = bytearray(_CHUNK)
+        self.buf = buf
         self.dist_info = None
-        n = min(size, _EOCD + _MAX_COMMENT)
+        n = min(size, _EOCD + _MAX_COMMENT, len(buf))
         if n < _EOCD:
             raise InvalidUpdate("not a wheel (too short)")
         self.f.seek(size - n)
-        tail = memoryview(self.buf)[:n]
+        tail = memoryview(buf)[:n]
         self.f.readinto(tail)
         i = bytes(tail).rfind(b"PK\x05\x06")
         if i < 0:
             raise InvalidUpdate("not a wheel (no zip directory)")
-        disk, cd_disk, _, count, cd_size, cd_off, clen = struct.unpack(
-            "<HHHHIIH", tail[i + 4 : i + _EOCD]
+        disk, cd_disk, _, count, cd_size, cd_off, clen = struct.unpack_from(
+            "<HHHHIIH", buf, i + 4
         )
         if disk or cd_disk or count == 0xFFFF or cd_off == 0xFFFFFFFF:
             raise InvalidUpdate("zip64 or multi-disk wheels are not supported")
-        if cd_off + cd_size > size - n + i or count > _MAX_FILES:
+        if cd_off + cd_size > size - n + i or count > MAX_FILES:
             raise InvalidUpdate("corrupt wheel directory")
         self.wbits = _wbits(bytes(tail[i + _EOCD : i + _EOCD + clen]))
         self.count = count
@@ -110,19 +119,22 @@ class Wheel:
         self.f.close()
 
     def entries(self):
-        """Yield (name, method, csize, usize, local header offset), all checked."""
+        """Yield (name, method, csize, usize, local header offset), all checked.
+
+        Only short-lived objects: call it once to check, again to extract.
+        """
         pos = self.cd_off
-        hdr = memoryview(self.buf)[:_CDH]
+        buf = self.buf
         for _ in range(self.count):
             self.f.seek(pos)
-            if self.f.readinto(hdr) != _CDH or hdr[:4] != b"PK\x01\x02":
+            if self.f.readinto(memoryview(buf)[:_CDH]) != _CDH or buf[:4] != b"PK\x01\x02":
                 raise InvalidUpdate("corrupt wheel directory")
             (made_by, _, flags, method, _, _, _, csize, usize, nlen, xlen, clen, _, _, attrs,
-             off) = struct.unpack("<HHHHHHIIIHHHHHII", hdr[4:])
+             off) = struct.unpack_from("<HHHHHHIIIHHHHHII", buf, 4)
             if nlen > _MAX_NAME:
                 raise InvalidUpdate("wheel entry name too long")
-            self.f.readinto(memoryview(self.buf)[_CDH : _CDH + nlen])
-            name = bytes(self.buf[_CDH : _CDH + nlen]).decode()
+            self.f.readinto(memoryview(buf)[_CDH : _CDH + nlen])
+            name = str(memoryview(buf)[_CDH : _CDH + nlen], "utf-8")
             pos += _CDH + nlen + xlen + clen
             if name.endswith("/"):
                 continue  # a folder entry: folders follow from the files
@@ -135,34 +147,25 @@ class Wheel:
                 raise InvalidUpdate("zip64 wheel entry: " + name)
             if made_by >> 8 == 3 and (attrs >> 16) & _S_IFMT == _S_IFLNK:
                 raise InvalidUpdate("symlink in wheel: " + name)
-            top = name.split("/")[0]
+            top = name[: name.find("/")] if "/" in name else name
             if top.endswith(".data"):
                 raise InvalidUpdate("wheel .data folders are not supported")
             if top.endswith(".dist-info") and name.count("/") == 1:
-                if self.dist_info not in (None, top):
+                if self.dist_info is None:
+                    self.dist_info = top
+                elif self.dist_info != top:
                     raise InvalidUpdate("wheel has two .dist-info folders")
-                self.dist_info = top
             yield name, method, csize, usize, off
 
-    def open_entry(self, method, csize, off):
-        """A reader of one entry's uncompressed bytes (readinto)."""
-        hdr = memoryview(self.buf)[:_LFH]
+    def _data_start(self, off):
+        buf = self.buf
         self.f.seek(off)
-        if self.f.readinto(hdr) != _LFH or hdr[:4] != b"PK\x03\x04":
+        if self.f.readinto(memoryview(buf)[:_LFH]) != _LFH or buf[:4] != b"PK\x03\x04":
             raise InvalidUpdate("corrupt wheel entry header")
-        nlen, xlen = struct.unpack("<HH", hdr[26:30])
-        self.f.seek(off + _LFH + nlen + xlen)
-        section = _Section(self.f, csize)
-        if method == 0:
-            return section
-        import deflate
-
-        if not window_fits(self.wbits):
-            raise InvalidUpdate(self._window_error())
-        try:
-            return deflate.DeflateIO(section, deflate.RAW, self.wbits)
-        except MemoryError:
-            raise InvalidUpdate(self._window_error())
+        nlen, xlen = struct.unpack_from("<HH", buf, 26)
+        start = off + _LFH + nlen + xlen
+        self.f.seek(start)
+        return start
 
     def _window_error(self):
         # Also raised for a MemoryError while inflating: the window is allocated
@@ -170,19 +173,57 @@ class Wheel:
         return "wheel needs a %d-byte deflate window (wbits %d): not enough free heap" % (
             1 << self.wbits, self.wbits)
 
-    def copy_entry(self, method, csize, usize, off, out, limit):
-        """Stream one entry into file `out`; return (sha256 digest, size)."""
-        src = self.open_entry(method, csize, off)
-        h = hashlib.sha256()
-        mv = memoryview(self.buf)
-        total = 0
-        while True:
-            try:
-                n = src.readinto(mv)
-            except (OSError, ValueError):
+    def copy_entry(self, method, csize, off, out, limit):
+        """Stream one entry into `out` (a path, a stream or None), never past
+        `limit` bytes; return (sha256 digest, size)."""
+        global _reserve
+        kept = _reserve is not None
+        _reserve = None  # the decoder and the output file's cache go there
+        gc.collect()
+        src = None
+        f = None
+        try:
+            start = self._data_start(off)
+            if method == 8:
+                import deflate
+
+                if not window_fits(self.wbits):
+                    raise InvalidUpdate(self._window_error())
+                try:
+                    src = deflate.DeflateIO(self.f, deflate.RAW, self.wbits)
+                except MemoryError:
+                    raise InvalidUpdate(self._window_error())
+            f = open(out, "wb") if isinstance(out, str) else out
+            digest, total = self._copy(src, csize, f, limit)
+            # Deflate reads its input a byte at a time, straight from the wheel
+            # file: an entry whose data runs past its own size is corrupt.
+            if self.f.tell() - start > csize:
                 raise InvalidUpdate("corrupt compressed data in wheel")
-            except MemoryError:  # the window is allocated at the first read
-                raise InvalidUpdate(self._window_error())
+            return digest, total
+        finally:
+            if f is not None and f is not out:
+                f.close()
+            src = f = None
+            if kept:
+                hold_reserve()
+
+    def _copy(self, src, csize, out, limit):
+        h = hashlib.sha256()
+        buf = self.buf
+        mv = memoryview(buf)
+        total = 0
+        left = csize  # a stored entry: exactly its compressed bytes
+        while True:
+            if src is None:
+                n = self.f.readinto(mv[: min(len(buf), left)]) if left else 0
+                left -= n
+            else:
+                try:
+                    n = src.readinto(mv)
+                except (OSError, ValueError, EOFError):
+                    raise InvalidUpdate("corrupt compressed data in wheel")
+                except MemoryError:  # the window is allocated at the first read
+                    raise InvalidUpdate(self._window_error())
             if not n:
                 break
             total += n
@@ -198,27 +239,3 @@ def record_hash(digest):
     """RECORD's form of a digest: sha256=<urlsafe base64, no padding>."""
     b = binascii.b2a_base64(digest).strip().rstrip(b"=")
     return "sha256=" + b.decode().replace("+", "-").replace("/", "_")
-
-
-def read_record(path):
-    """{file: (hash, size)} from a staged RECORD (lines path,hash,size)."""
-    table = {}
-    with open(path) as f:
-        while True:
-            line = f.readline()
-            if not line:
-                return table
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.rsplit(",", 2)
-            if len(parts) != 3 or parts[0].startswith('"'):
-                raise InvalidUpdate("malformed RECORD line")
-            name, digest, size = parts
-            if name.endswith("/RECORD") and not digest:
-                continue  # RECORD does not list its own hash
-            if not digest.startswith("sha256=") or not size.isdigit():
-                raise InvalidUpdate("RECORD entry without sha256 and size: " + name)
-            if name in table or len(table) >= _MAX_FILES:
-                raise InvalidUpdate("malformed RECORD")
-            table[name] = (digest, int(size))
