@@ -4,13 +4,16 @@
 
 Does what mpy_blox_tools.deploy.deploy_lib does (the compiled install core and the
 wheel copied to /_deploy, then `install()` run by `mpremote exec` right after the
-soft reset it makes), with samples of the heap: free and largest free block before
-the import, after it, and at the busiest points of the install (each staged
-file at its first write, when an inflated entry's window is allocated, and each
-file hashed), each
-after a gc.collect(). The sampling costs time, not heap worth mentioning.
+soft reset it makes), with samples of the heap, each after a gc.collect(): free
+before the import; free and largest free block (found by allocating) after it, at
+the busiest points of the install (each staged file at its first write, when an
+inflated entry's decoder and window are allocated, and each file hashed) and after
+it. The sampling costs time, not heap worth mentioning; it collects more often than
+the install alone, so it flatters fragmentation a little. (No largest-block probe
+before the import: on the virtual board, a 50 KB probe block freed just before it
+made the import of mpy_blox.log fail with a MemoryError for 320 bytes.)
 `--files N` installs a generated wheel of N small modules instead of the
-framework's.
+framework's (add `--flash-size 4M` from about 150 files).
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ except OSError:
     pass
 sys.path.insert(0, {work!r})
 gc.collect()
-print("HEAP before-import free %d largest %d" % (gc.mem_free(), _largest()))
+print("HEAP before-import free %d" % gc.mem_free())
+micropython.mem_info()
 try:
     from mpy_blox.update.install import install
 except MemoryError as e:
