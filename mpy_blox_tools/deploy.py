@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     port = args.device
     try:
+        _port_args(port)  # a wrong port is reported before anything is built
         if args.target == "lib":
             deploy_lib(port, Path(args.wheel) if args.wheel else None)
         elif args.target == "app":
