@@ -116,14 +116,15 @@ class Installer:
             need += 2 * (size + block)
         if need > free:
             raise InvalidUpdate("does not fit: needs %d bytes, %d free" % (need, free))
-        self.begin()
-        if any(e["type"] == "wheel" for e in needed):
-            # Loaded now, before the downloads, and the decoder's block kept:
-            # later the heap holds download and MQTT garbage.
+        wheels = any(e["type"] == "wheel" for e in needed)
+        if wheels:
+            # Loaded now, before anything is written or downloaded (later the
+            # heap holds download and MQTT garbage), and the decoder's block kept.
             gc.collect()
             from mpy_blox.update import stagewheel  # noqa: F401
             from mpy_blox.update import zipwheel
-
+        self.begin()
+        if wheels:
             self._wheels = True
             zipwheel.hold_reserve()
 
