@@ -1,5 +1,8 @@
 # The app-managed runtime: main.py calls main(); everything runs in one asyncio loop.
 #
+# An accepted update list makes the next boot an install boot instead
+# (mpy_blox.update.installboot, docs/protocol.md).
+#
 # Boot: settings.json -> logging level -> secure store + /provision.json ->
 # boot_count -> WLAN -> MQTT (info/status on every connect, will = offline) ->
 # update agent (if installed) -> user_main() under the supervisor. Boot waits
@@ -22,6 +25,7 @@ client = None
 node = None
 
 _FATAL_RESET_MS = const(5000)
+_PENDING = "ib_to"  # NVS mpypi: mpy_blox.update.record.PENDING
 
 
 def _boot_count():
@@ -153,6 +157,9 @@ async def _run():
     _forget("provision", "secure", "hmac")
     asyncio.Event, asyncio.wait_for  # noqa: B018  (asyncio loads these lazily: now)
     mqtt = _import("mpy_blox.mqtt")
+    ib = _install_boot() if mqtt is not None else None
+    if ib is not None:
+        await ib.run(config, mqtt, boot_count)  # ends in a reset
     agent = _import("mpy_blox.update.agent") if mqtt is not None else None
     from mpy_blox.node import Node, device_id
     from mpy_blox.supervisor import Supervisor
@@ -197,6 +204,21 @@ def _grow_qstr_pool():
     # printable characters now grows the pool while the heap is still whole.
     for c in range(32, 127):
         chr(c)
+
+
+def _install_boot():
+    # An update list is pending (docs/protocol.md, "The install boot"): the
+    # install boot module instead of the app's, imported after the MQTT client
+    # as the agent is. If it cannot be imported, the app boots and its agent
+    # reports the failure.
+    import esp32
+
+    try:
+        if not esp32.NVS("mpypi").get_i32(_PENDING):
+            return None
+    except OSError:  # ESP_ERR_NVS_NOT_FOUND: never any
+        return None
+    return _import("mpy_blox.update.installboot")
 
 
 def main():

@@ -49,6 +49,7 @@ class Node:
         self.client = None
         self.safe_mode = None  # the reason, once the supervisor gave up on user code
         self.info_extra = {}  # fields owned by the update agent
+        self.state = "online"  # the status every (re)connect publishes; an install boot's differs
 
     def info(self):
         import mpy_blox
@@ -71,12 +72,12 @@ class Node:
         info.update(self.info_extra)
         return info
 
-    async def _publish(self, leaf, payload):
+    async def _publish(self, leaf, payload, qos=1):
         client = self.client
         if client is None or not client.is_connected:
             return False
         try:
-            await client.publish(topic(self.device_id, leaf), payload, retain=True, qos=1)
+            await client.publish(topic(self.device_id, leaf), payload, retain=True, qos=qos)
             return True
         except OSError as e:  # MQTTError: the link went away; the next connect republishes
             log.warning("cannot publish %s: %r", leaf, e)
@@ -85,16 +86,19 @@ class Node:
     async def publish_info(self):
         return await self._publish("info", json.dumps(self.info()))
 
-    async def publish_status(self, state, **fields):
-        """Publish `status`; while in safe mode, online/idle read as safe_mode."""
+    async def publish_status(self, state, qos=1, **fields):
+        """Publish `status`; while in safe mode, online/idle read as safe_mode.
+
+        qos=0 is for progress: a QoS 1 publish waits for its PUBACK, which
+        sits behind a package the receive loop is still streaming."""
         if self.safe_mode is not None:
             fields["safe_mode"] = True
             if state in ("online", "idle", "safe_mode"):
                 state = "safe_mode"
                 fields.setdefault("error", self.safe_mode)
         fields["state"] = state
-        return await self._publish("status", json.dumps(fields))
+        return await self._publish("status", json.dumps(fields), qos)
 
     async def on_connect(self):
         await self.publish_info()
-        await self.publish_status("online")
+        await self.publish_status(self.state)

