@@ -1,0 +1,179 @@
+# Install over MQTT: fetch a retained list, and install its packages
+# downloading each from its retained topic straight into the stage.
+#
+# Used by the install boot (mpy_blox.update.installboot); the handlers run in
+# the client's receive loop and only stream into the installer's sinks.
+import gc
+import asyncio
+
+from mpy_blox.log import get_logger
+from mpy_blox.update import record
+
+_CHUNK = const(1024)
+_PROGRESS_MS = const(1000)  # at most one downloading status a second
+_STALL_S = const(30)  # no byte for this long: the package is not on the broker
+_RETRIES = const(5)
+_MAX_LIST = const(16384)  # manifest.MAX_LIST_BYTES
+
+log = get_logger("update")
+
+
+class _Transfer:
+    # One package download; `handler` runs in the client's receive loop.
+    def __init__(self, inst, entry):
+        self.inst = inst
+        self.entry = entry
+        self.done = 0
+        self.error = None
+        self.finished = asyncio.Event()
+
+    async def handler(self, msg):
+        if self.finished.is_set():
+            return  # a second delivery of the retained package
+        size = self.entry["size"]
+        if size is not None and msg.size != size:
+            from mpy_blox.update.manifest import InvalidUpdate
+
+            self.error = InvalidUpdate("size mismatch: %d bytes published, %d listed"
+                                       % (msg.size, size))
+            self.finished.set()
+            return
+        buf = bytearray(_CHUNK)
+        mv = memoryview(buf)
+        sink = self.inst.download(self.entry)
+        try:
+            while True:
+                n = await msg.readinto(buf)
+                if not n:
+                    break
+                sink.write(mv[:n])
+                self.done += n
+            sink.close()
+            sink.finish()
+        except (ValueError, OSError) as e:  # InvalidUpdate is a ValueError
+            self.error = e
+        finally:
+            sink.close()
+            self.finished.set()
+
+
+class Fetcher:
+    def __init__(self, client, node):
+        self.client = client  # the started MQTTClient
+        self.node = node
+        self.current = None  # the package being worked on, for status
+
+    async def status(self, st, qos=1, **fields):
+        await record.status(self.node, st, qos, **fields)
+
+    async def fetch_list(self, to):
+        """The list retained on mpypi/{to}, as the agent accepted it (or newer)."""
+        from mpy_blox.update.manifest import InvalidUpdate
+
+        got = []
+        arrived = asyncio.Event()
+
+        async def handler(msg):
+            if msg.size and not arrived.is_set():
+                try:
+                    got.append(await msg.read(_MAX_LIST))
+                except ValueError:
+                    got.append(b"")  # too long: decode_list refuses it
+                arrived.set()
+
+        topic = "mpypi/" + to
+        await self.client.subscribe(topic, handler)
+        try:
+            await asyncio.wait_for(arrived.wait(), _STALL_S)
+        except asyncio.TimeoutError:
+            raise InvalidUpdate("update list no longer on the broker") from None
+        finally:
+            try:
+                await self.client.unsubscribe(topic)
+            except OSError:
+                pass  # not connected: nothing subscribed any more
+        return got[0]
+
+    async def install(self, entries):
+        """Plan, pre-flight, download, stage, commit; True if anything was installed."""
+        from mpy_blox.update.install import Installer
+
+        inst = Installer()
+        needed = inst.plan(entries)
+        if not needed:
+            return False
+        inst.preflight(needed)
+        try:
+            for entry in needed:
+                self.current = _label(entry)
+                await self._download(inst, entry)
+                await self.status("verifying", package=self.current)
+                inst.stage(entry)
+                gc.collect()
+        except BaseException:
+            inst.abort()
+            raise
+        self.current = None
+        await self.status("installing")
+        inst.commit()
+        return True
+
+    async def _download(self, inst, entry):
+        from mpy_blox.update.manifest import InvalidUpdate, package_topic
+
+        topic = package_topic(entry)
+        error = None
+        for _ in range(_RETRIES):
+            await self.client.connected()
+            t = _Transfer(inst, entry)
+            try:
+                await self.client.subscribe(topic, t.handler)
+                await self._follow(t)
+            except OSError as e:
+                t.error = e
+            finally:
+                try:
+                    await self.client.unsubscribe(topic)
+                except OSError:
+                    pass  # not connected: a new connection has no subscription
+            if t.error is None:
+                return
+            if isinstance(t.error, InvalidUpdate):
+                raise t.error
+            error = t.error
+            log.warning("download of %s broken (%r): retrying", topic, error)
+        raise InvalidUpdate("download failed: %r" % error)
+
+    async def _follow(self, t):
+        # Progress from here, not from the handler, and at QoS 0: a QoS 1
+        # publish waits for its PUBACK, which the receive loop reads only after
+        # the package it is streaming; QoS 0 goes out at once.
+        label = _label(t.entry)
+        total = t.entry["size"]
+        status = self.status
+        await status("downloading", 0, package=label, done=0, total=total)
+        shown = 0
+        idle_ms = 0
+        while not t.finished.is_set():
+            try:
+                await asyncio.wait_for_ms(t.finished.wait(), _PROGRESS_MS)
+            except asyncio.TimeoutError:
+                pass
+            if t.finished.is_set():
+                break
+            if not self.client.is_connected:
+                raise OSError("broker connection lost")
+            if t.done != shown:
+                shown = t.done
+                idle_ms = 0
+                await status("downloading", 0, package=label, done=t.done, total=total)
+            else:
+                idle_ms += _PROGRESS_MS
+                if idle_ms > _STALL_S * 1000:
+                    from mpy_blox.update.manifest import InvalidUpdate
+
+                    raise InvalidUpdate("package not on the broker: " + label)
+
+
+def _label(entry):
+    return entry.get("name") or entry.get("path")
