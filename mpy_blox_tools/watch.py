@@ -61,7 +61,8 @@ class Watcher:
             # Only a live report counts: a retained info that already lists the
             # versions says nothing about whether the device accepted this list.
             # A device that failed reports its (old, maybe equal) versions after.
-            if kind == "info" and live and p.outcome != FAILED and self._installed(body):
+            if kind == "info" and live and p.outcome != FAILED and self._installed(body) \
+                    and _last_result(body) not in ("failed", "rolled_back"):
                 p.outcome, p.state, p.detail = DONE, "updated", _versions(body)
             elif kind == "status" and p.outcome == WAITING:
                 state = str(body.get("state") or "?")
@@ -127,6 +128,11 @@ class Watcher:
             rows.append((p.device_id, "ok" if p.outcome == DONE else "FAILED", p.detail))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _last_result(info: dict) -> str:
+    last = info.get("last_update")
+    return str(last.get("result") or "") if isinstance(last, dict) else ""
 
 
 def normalize(name: str) -> str:
