@@ -46,8 +46,8 @@ class Watcher:
 
     def _on_message(self, client, userdata, msg) -> None:
         parts = msg.topic.split("/")
-        if len(parts) != 4 or not msg.payload:
-            return
+        if len(parts) != 4 or parts[3] not in ("info", "status") or not msg.payload:
+            return  # our own commands come back on this filter too
         device_id, kind = parts[2], parts[3]
         body = fleet._decode(msg.payload)
         with self.lock:
