@@ -87,9 +87,10 @@ mounted-repl: setup
 	@echo "mounted-repl: $(CURDIR) mounted at /remote on $(or $(DEVICE),first device)"
 	@$(MPREMOTE) mount . repl
 
+# Workstation code (device code follows MicroPython's style: see docs/STYLE notes).
 lint: setup
-	$(VENV)/bin/ruff check mpy_blox_tools tests scripts
-	$(VENV)/bin/ruff format --check mpy_blox_tools tests scripts
+	$(VENV)/bin/ruff check mpy_blox_tools tests scripts bench
+	$(VENV)/bin/ruff format --check mpy_blox_tools tests/tools tests/test_*.py tests/conftest.py bench scripts
 
 clean:
 	rm -rf dist .boards .pytest_cache

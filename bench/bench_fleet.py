@@ -19,21 +19,30 @@ from mpy_blox_tools.vboard.process import RunningBoard
 
 TITLE = "Fleet update: one publish to 1, 10 and 50 virtual boards"
 SIZES = (1, 10, 50)
-USER_MAIN = "import asyncio\n\nasync def user_main():\n    print('{tag}')\n    await asyncio.sleep(3600)\n"
+USER_MAIN = (
+    "import asyncio\n\nasync def user_main():\n    print('{tag}')\n    await asyncio.sleep(3600)\n"
+)
 
 
 def _template(work: Path, broker: Mosquitto, key: str) -> Board:
     """One deployed board whose folder is copied for the others (deploying 50 is slow)."""
     settings = work / "settings.json"
-    settings.write_text(json.dumps({"mqtt": {"server": broker.host, "port": broker.port},
-                                    "update": {"channel": "bench", "auto_update": True}}))
+    settings.write_text(
+        json.dumps(
+            {
+                "mqtt": {"server": broker.host, "port": broker.port},
+                "update": {"channel": "bench", "auto_update": True},
+            }
+        )
+    )
     (work / "provision.json").write_text(json.dumps({"update.key": key}))
     (work / "user_main.py").write_text(USER_MAIN.format(tag="v1"))
     board = Board.create(work / "template")
     with RunningBoard(board) as rb:
         rb.wait_for(r"\[vboard\] boot 1")
-        deploy.deploy_app(rb.serial_port, settings, work / "provision.json",
-                          work / "user_main.py", reset=False)
+        deploy.deploy_app(
+            rb.serial_port, settings, work / "provision.json", work / "user_main.py", reset=False
+        )
     return board
 
 
@@ -63,26 +72,39 @@ def run(workdir: Path) -> list[dict]:
                 for rb in running:
                     rb.wait_for("v1", timeout=120)
                 (workdir / "user_main.py").write_text(USER_MAIN.format(tag=f"v2-{size}"))
-                packages = [publish.wheel_package(build.build(out_dir=workdir / "dist", dev=True)),
-                            publish.src_package(workdir / "user_main.py")]
+                packages = [
+                    publish.wheel_package(build.build(out_dir=workdir / "dist", dev=True)),
+                    publish.src_package(workdir / "user_main.py"),
+                ]
                 client = mqtt.connect(url)
                 watcher = watch.Watcher([p.entry for p in packages], channel=None)
                 watcher.attach(client, tuple(b.device_id for b in boards))
                 started = time.monotonic()
-                sent = publish.publish_update(url, packages, channel="bench",
-                                              key=key.encode(), client=client,
-                                              log=lambda *a: None).payload_bytes
+                sent = publish.publish_update(
+                    url,
+                    packages,
+                    channel="bench",
+                    key=key.encode(),
+                    client=client,
+                    log=lambda *a: None,
+                ).payload_bytes
                 with open("/dev/null", "w") as quiet:
                     ok = watcher.wait(300, out=quiet)
                 elapsed = time.monotonic() - started
                 mqtt.disconnect(client)
                 done = sum(p.outcome == watch.DONE for p in watcher.devices.values())
-                rows.append({"boards": size, "updated": done, "seconds": elapsed,
-                             "s per board": elapsed / size, "publisher bytes": sent,
-                             "bytes per board": sent // size, "all ok": ok})
+                rows.append(
+                    {
+                        "boards": size,
+                        "updated": done,
+                        "seconds": elapsed,
+                        "s per board": elapsed / size,
+                        "publisher bytes": sent,
+                        "bytes per board": sent // size,
+                        "all ok": ok,
+                    }
+                )
             finally:
                 for rb in running:
                     rb.stop()
     return rows
-
-

@@ -105,14 +105,17 @@ class _Timeline:
             states = [s for _, s in ev]
             if "failed" in states:
                 raise RuntimeError(f"update failed: {ev}")
-            if "installing" in states and "rebooting" in states[states.index("installing"):]:
+            if "installing" in states and "rebooting" in states[states.index("installing") :]:
                 first = {}
                 for t, s in ev:
                     first.setdefault(s, t)
                 i = states.index("installing")
                 done = next(t for t, s in ev[i:] if s == "rebooting")
-                return {"downloading": first.get("downloading", since),
-                        "installing": first["installing"], "rebooting": done}
+                return {
+                    "downloading": first.get("downloading", since),
+                    "installing": first["installing"],
+                    "rebooting": done,
+                }
             time.sleep(0.01)
         raise TimeoutError("no install within the timeout")
 
@@ -121,13 +124,20 @@ def run(workdir: Path) -> list[dict]:
     raw = _raw_limit(workdir)
     key = secrets.token_hex(32)
     rows = []
-    with Mosquitto(workdir / "broker", persistence=False,
-                   extra_config="max_packet_size 16777216") as broker:
+    with Mosquitto(
+        workdir / "broker", persistence=False, extra_config="max_packet_size 16777216"
+    ) as broker:
         url = mqtt.BrokerURL(broker.host, broker.port)
         settings = workdir / "settings.json"
-        settings.write_text(json.dumps({"mqtt": {"server": broker.host, "port": broker.port},
-                                        "logging": {"level": "WARNING"},
-                                        "update": {"channel": "bench", "auto_update": True}}))
+        settings.write_text(
+            json.dumps(
+                {
+                    "mqtt": {"server": broker.host, "port": broker.port},
+                    "logging": {"level": "WARNING"},
+                    "update": {"channel": "bench", "auto_update": True},
+                }
+            )
+        )
         (workdir / "provision.json").write_text(json.dumps({"update.key": key}))
         board = Board.create(workdir / "board", flash_size=FLASH)
         with RunningBoard(board, heap=HEAP) as rb:
@@ -142,23 +152,43 @@ def run(workdir: Path) -> list[dict]:
                 blob.write_bytes(os.urandom(size))
                 package = publish.src_package(blob, "data/blob.bin")
                 t0 = time.monotonic()
-                publish.publish_update(url, [package], channel="bench", key=key.encode(),
-                                       client=client, log=lambda *a: None)
+                publish.publish_update(
+                    url,
+                    [package],
+                    channel="bench",
+                    key=key.encode(),
+                    client=client,
+                    log=lambda *a: None,
+                )
                 marks = timeline.wait_installed(t0)
                 e2e = marks["rebooting"] - t0
                 download = marks["installing"] - marks["downloading"]
                 rb.wait_for(r"\[vboard\] boot \d+", count=rb.boots() + 1, timeout=60)
-                for path, seconds in (("update e2e", e2e), ("update download", download),
-                                      ("raw socket", raw[size])):
-                    rows.append({"payload": label, "path": path, "seconds": round(seconds, 3),
-                                 "MiB/s": round(size / 1048576 / seconds, 2),
-                                 "vs raw": round(raw[size] / seconds, 2)})
+                for path, seconds in (
+                    ("update e2e", e2e),
+                    ("update download", download),
+                    ("raw socket", raw[size]),
+                ):
+                    rows.append(
+                        {
+                            "payload": label,
+                            "path": path,
+                            "seconds": round(seconds, 3),
+                            "MiB/s": round(size / 1048576 / seconds, 2),
+                            "vs raw": round(raw[size] / seconds, 2),
+                        }
+                    )
                 time.sleep(2)  # back up after the reboot
             mqtt.disconnect(client)
             free = re.findall(r"free heap (\d+)", rb.console())
         if free:
-            rows.append({"payload": "-", "path": "min free heap logged by the board",
-                         "seconds": "", "MiB/s": "", "vs raw": min(map(int, free))})
+            rows.append(
+                {
+                    "payload": "-",
+                    "path": "min free heap logged by the board",
+                    "seconds": "",
+                    "MiB/s": "",
+                    "vs raw": min(map(int, free)),
+                }
+            )
     return rows
-
-

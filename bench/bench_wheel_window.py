@@ -45,14 +45,16 @@ def run(workdir: Path) -> list[dict]:
         proc = micropython.run_snippet(INFLATE.format(path=str(path), wbits=wbits), heap="200K")
         out = proc.stdout.decode().split()
         ok = proc.returncode == 0 and int(out[0]) == len(largest)
-        rows.append({
-            "wbits": wbits,
-            "window": 2**wbits,
-            "files": len(files),
-            "mpy bytes": total,
-            "deflated": deflated,
-            "ratio": deflated / total,
-            "vs wbits 15": deflated / size15,
-            "inflate heap": int(out[1]) if ok else "failed",
-        })
+        rows.append(
+            {
+                "wbits": wbits,
+                "window": 2**wbits,
+                "files": len(files),
+                "mpy bytes": total,
+                "deflated": deflated,
+                "ratio": deflated / total,
+                "vs wbits 15": deflated / size15,
+                "inflate heap": int(out[1]) if ok else "failed",
+            }
+        )
     return rows

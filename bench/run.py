@@ -44,8 +44,11 @@ def main(argv: list[str]) -> int:
     sys.path.insert(0, str(HERE.parent))
     names = argv or sorted(p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py"))
     RESULTS.mkdir(exist_ok=True)
-    report = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": platform.platform(), "benchmarks": {}}
+    report = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": platform.platform(),
+        "benchmarks": {},
+    }
     failed = 0
     for name in names:
         module = importlib.import_module(f"bench_{name}")
@@ -54,7 +57,7 @@ def main(argv: list[str]) -> int:
             started = time.monotonic()
             try:
                 rows = module.run(Path(tmp))
-            except Exception as e:  # noqa: BLE001  (report it, run the others)
+            except Exception as e:
                 print(f"FAILED: {type(e).__name__}: {e}")
                 failed += 1
                 continue

@@ -28,8 +28,11 @@ def find_mosquitto() -> str | None:
     found = shutil.which("mosquitto")
     if found:
         return found
-    for candidate in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto",
-                      "/opt/homebrew/sbin/mosquitto"):
+    for candidate in (
+        "/usr/sbin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+        "/opt/homebrew/sbin/mosquitto",
+    ):
         if os.access(candidate, os.X_OK):
             return candidate
     return None
@@ -55,9 +58,17 @@ def wait_for_port(host: str, port: int, timeout: float) -> bool:
 class Mosquitto:
     """A Mosquitto process on 127.0.0.1:`port`, configured in `directory`."""
 
-    def __init__(self, directory: str | Path, *, port: int | None = None, extra_config: str = "",
-                 persistence: bool = True, allow_anonymous: bool = True,
-                 host: str = "127.0.0.1", log_to_stdout: bool = False) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        port: int | None = None,
+        extra_config: str = "",
+        persistence: bool = True,
+        allow_anonymous: bool = True,
+        host: str = "127.0.0.1",
+        log_to_stdout: bool = False,
+    ) -> None:
         self.executable = find_mosquitto()
         if not self.executable:
             raise MpyBloxError(INSTALL_HINT)
@@ -68,25 +79,27 @@ class Mosquitto:
         self.config_file = self.dir / "mosquitto.conf"
         self.log_file = self.dir / "mosquitto.log"
         self.config_file.write_text(
-            "\n".join([
-                f"listener {self.port} {self.host}",
-                # Started as root, Mosquitto drops to user "mosquitto", who cannot
-                # write this folder; stay who we are instead.
-                "user root" if os.geteuid() == 0 else "",
-                f"allow_anonymous {'true' if allow_anonymous else 'false'}",
-                f"persistence {'true' if persistence else 'false'}",
-                f"persistence_location {self.dir}/",
-                "autosave_interval 1",
-                "log_dest stdout" if log_to_stdout else f"log_dest file {self.log_file}",
-                "log_type error",
-                "log_type warning",
-                "log_type notice",
-                "log_type information",
-                "connection_messages true",
-                "log_timestamp true",
-                extra_config,
-                "",
-            ])
+            "\n".join(
+                [
+                    f"listener {self.port} {self.host}",
+                    # Started as root, Mosquitto drops to user "mosquitto", who cannot
+                    # write this folder; stay who we are instead.
+                    "user root" if os.geteuid() == 0 else "",
+                    f"allow_anonymous {'true' if allow_anonymous else 'false'}",
+                    f"persistence {'true' if persistence else 'false'}",
+                    f"persistence_location {self.dir}/",
+                    "autosave_interval 1",
+                    "log_dest stdout" if log_to_stdout else f"log_dest file {self.log_file}",
+                    "log_type error",
+                    "log_type warning",
+                    "log_type notice",
+                    "log_type information",
+                    "connection_messages true",
+                    "log_timestamp true",
+                    extra_config,
+                    "",
+                ]
+            )
         )
         self.process: subprocess.Popen | None = None
 
@@ -102,7 +115,9 @@ class Mosquitto:
         log = open(self.log_file, "ab")
         self.process = subprocess.Popen(
             [self.executable, "-c", str(self.config_file)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
         log.close()
         if not wait_for_port(self.host, self.port, timeout):
@@ -147,15 +162,27 @@ def run_broker(directory: Path, port: int, bind: str, password_file: Path | None
     extra = ""
     if password_file:
         if not password_file.is_file():
-            raise MpyBloxError(f"{password_file}: no such password file (make one with "
-                               "mosquitto_passwd -c FILE USER)")
+            raise MpyBloxError(
+                f"{password_file}: no such password file (make one with "
+                "mosquitto_passwd -c FILE USER)"
+            )
         extra = f"password_file {password_file.resolve()}"
-    broker = Mosquitto(directory, port=port, host=bind, extra_config=extra,
-                       allow_anonymous=password_file is None, log_to_stdout=True)
-    print(f"mpy-blox: Mosquitto on {broker.url}, retained messages kept in {broker.dir}",
-          flush=True)
+    broker = Mosquitto(
+        directory,
+        port=port,
+        host=bind,
+        extra_config=extra,
+        allow_anonymous=password_file is None,
+        log_to_stdout=True,
+    )
+    print(
+        f"mpy-blox: Mosquitto on {broker.url}, retained messages kept in {broker.dir}", flush=True
+    )
     if bind not in ("127.0.0.1", "localhost", "::1") and password_file is None:
-        print("mpy-blox: warning: anyone on your network can publish code to your devices; "
-              "use --password-file and see examples/mosquitto/", flush=True)
+        print(
+            "mpy-blox: warning: anyone on your network can publish code to your devices; "
+            "use --password-file and see examples/mosquitto/",
+            flush=True,
+        )
     broker.exec_foreground()
     return 0  # not reached

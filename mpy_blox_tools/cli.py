@@ -23,17 +23,22 @@ def _vboard_create(args: argparse.Namespace) -> int:
         # Through the board's serial port, exactly as `make deploy-app` on hardware.
         with RunningBoard(board) as rb:
             rb.wait_for(r"\[vboard\] boot 1")
-            deploy.deploy_app(rb.serial_port, Path(args.settings),
-                              Path(args.provision) if args.provision else None,
-                              Path(args.user_main) if args.user_main else None, reset=False)
+            deploy.deploy_app(
+                rb.serial_port,
+                Path(args.settings),
+                Path(args.provision) if args.provision else None,
+                Path(args.user_main) if args.user_main else None,
+                reset=False,
+            )
     return 0
 
 
 def _vboard_run(args: argparse.Namespace) -> int:
     from mpy_blox_tools.vboard.supervisor import run_board
 
-    return run_board(args.dir, heap=args.heap, cut_at=args.cut_at, once=args.once,
-                     quiet=args.quiet)
+    return run_board(
+        args.dir, heap=args.heap, cut_at=args.cut_at, once=args.once, quiet=args.quiet
+    )
 
 
 def _vboard_ls(args: argparse.Namespace) -> int:
@@ -77,9 +82,14 @@ def _add_vboard(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device-id", help="esp32-<12 hex digits> (default: random)")
     p.add_argument("--fs", choices=FILESYSTEMS, default="littlefs")
     p.add_argument("--flash", default=DEFAULT_FLASH, help="flash size (default 2M)")
-    p.add_argument("--app", action="store_true",
-                   help="deploy the framework and main.py (as make deploy-lib deploy-app)")
-    p.add_argument("--settings", default="settings.json", help="with --app (default settings.json)")
+    p.add_argument(
+        "--app",
+        action="store_true",
+        help="deploy the framework and main.py (as make deploy-lib deploy-app)",
+    )
+    p.add_argument(
+        "--settings", default="settings.json", help="with --app (default settings.json)"
+    )
     p.add_argument("--provision", help="with --app: a provision.json to ingest at first boot")
     p.add_argument("--user-main", help="with --app: a user_main.py")
     p.set_defaults(func=_vboard_create)
@@ -87,8 +97,13 @@ def _add_vboard(sub: argparse._SubParsersAction) -> None:
     p = vsub.add_parser("run", help="boot the board; prints its serial port; stops on SIGTERM")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--heap", default=micropython.DEFAULT_HEAP, help="heap size (default 100K)")
-    p.add_argument("--cut-at", type=int, default=0, metavar="N",
-                   help="cut the power at the Nth flash block write of the first boot")
+    p.add_argument(
+        "--cut-at",
+        type=int,
+        default=0,
+        metavar="N",
+        help="cut the power at the Nth flash block write of the first boot",
+    )
     p.add_argument("--once", action="store_true", help="switch off instead of rebooting")
     p.add_argument("--quiet", action="store_true", help="do not echo the console")
     p.set_defaults(func=_vboard_run)
@@ -160,8 +175,9 @@ def _status(args: argparse.Namespace) -> int:
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="table of the fleet from the retained info/status topics")
-    p.add_argument("--broker", help="mqtt[s]://[user[:password]@]host[:port] "
-                   "(default: from ./settings.json)")
+    p.add_argument(
+        "--broker", help="mqtt[s]://[user[:password]@]host[:port] (default: from ./settings.json)"
+    )
     p.add_argument("--json", action="store_true", help="JSON for scripts")
     p.set_defaults(func=_status)
 
@@ -171,15 +187,22 @@ def _broker(args: argparse.Namespace) -> int:
 
     from mpy_blox_tools.broker import run_broker
 
-    return run_broker(Path(args.dir), args.port, args.bind,
-                      Path(args.password_file) if args.password_file else None)
+    return run_broker(
+        Path(args.dir),
+        args.port,
+        args.bind,
+        Path(args.password_file) if args.password_file else None,
+    )
 
 
 def _add_broker(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("broker", help="run a local MQTT broker (Mosquitto) for your devices")
     p.add_argument("--port", type=int, default=1883)
-    p.add_argument("--bind", default="127.0.0.1",
-                   help="address to listen on (0.0.0.0 for devices on your network)")
+    p.add_argument(
+        "--bind",
+        default="127.0.0.1",
+        help="address to listen on (0.0.0.0 for devices on your network)",
+    )
     p.add_argument("--dir", default=".mpy-blox/broker", help="where retained messages are kept")
     p.add_argument("--password-file", help="a mosquitto_passwd file: no anonymous access")
     p.set_defaults(func=_broker)
@@ -196,7 +219,14 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_demo)
 
 
-PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_build, _add_publish, _add_status, _add_broker, _add_vboard, _add_demo]
+PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_build,
+    _add_publish,
+    _add_status,
+    _add_broker,
+    _add_vboard,
+    _add_demo,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,8 +42,9 @@ def _step(text: str) -> None:
     print(f"\n==> {text}", flush=True)
 
 
-def run_demo(workdir: Path | None = None, boards: int = BOARDS, timeout: float = 120,
-             heap: str = "100K") -> int:
+def run_demo(
+    workdir: Path | None = None, boards: int = BOARDS, timeout: float = 120, heap: str = "100K"
+) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mpy-blox-demo-") as tmp:
         work = Path(workdir or tmp)
@@ -55,36 +56,57 @@ def run_demo(workdir: Path | None = None, boards: int = BOARDS, timeout: float =
             print(f"broker: {broker.url}")
             url = mqtt.BrokerURL(broker.host, broker.port)
             settings = work / "settings.json"
-            settings.write_text(json.dumps({
-                "logging": {"level": "INFO"},
-                "mqtt": {"server": broker.host, "port": broker.port},
-                "update": {"channel": CHANNEL, "auto_update": True},
-            }, indent=2))
+            settings.write_text(
+                json.dumps(
+                    {
+                        "logging": {"level": "INFO"},
+                        "mqtt": {"server": broker.host, "port": broker.port},
+                        "update": {"channel": CHANNEL, "auto_update": True},
+                    },
+                    indent=2,
+                )
+            )
             (work / "provision.json").write_text(json.dumps({"update.key": key}))
             (work / "user_main.py").write_text(USER_MAIN.format(version="v1"))
             wheel_v1 = build.build(out_dir=work / "dist")
             running: list[RunningBoard] = []
             try:
-                _step(f"creating {boards} virtual boards and deploying the framework over "
-                      "their serial ports (as make deploy-app)")
+                _step(
+                    f"creating {boards} virtual boards and deploying the framework over "
+                    "their serial ports (as make deploy-app)"
+                )
                 for i in range(boards):
                     board = Board.create(work / f"board{i + 1}")
                     rb = RunningBoard(board, heap=heap).start()
                     running.append(rb)
                     rb.wait_for(r"\[vboard\] boot 1")
                     print(f"-- {board.device_id} on {rb.serial_port}")
-                    deploy.deploy_app(rb.serial_port, settings, work / "provision.json",
-                                      work / "user_main.py", wheel_v1)
+                    deploy.deploy_app(
+                        rb.serial_port,
+                        settings,
+                        work / "provision.json",
+                        work / "user_main.py",
+                        wheel_v1,
+                    )
                 _step("waiting for every board to come online")
                 for rb in running:
                     rb.wait_for("user_main v1 says hello", timeout=timeout)
                 _show_fleet(url)
                 _step("publishing the current source as a dev version with a new user_main.py")
                 (work / "user_main.py").write_text(USER_MAIN.format(version="v2"))
-                status = publish.run(Namespace(
-                    broker=str(url), key_file=str(work / "update.key"), device_ids=None,
-                    channel=CHANNEL, extra_src_files=[str(work / "user_main.py")], wheel=None,
-                    platform="esp32", dev=True, wait=timeout))
+                status = publish.run(
+                    Namespace(
+                        broker=str(url),
+                        key_file=str(work / "update.key"),
+                        device_ids=None,
+                        channel=CHANNEL,
+                        extra_src_files=[str(work / "user_main.py")],
+                        wheel=None,
+                        platform="esp32",
+                        dev=True,
+                        wait=timeout,
+                    )
+                )
                 if status:
                     print("mpy-blox: the demo update did not reach every board", file=sys.stderr)
                     return status

@@ -33,8 +33,9 @@ def _port_args(port: str | None) -> list[str]:
     if not port:
         return []  # mpremote connects to the first device it finds
     if "/" in port and not os.path.exists(port):
-        raise MpyBloxError(f"device {port} not found (is it plugged in? `mpremote devs` lists "
-                           "serial ports)")
+        raise MpyBloxError(
+            f"device {port} not found (is it plugged in? `mpremote devs` lists serial ports)"
+        )
     return ["connect", port]
 
 
@@ -44,7 +45,9 @@ def mpremote(port: str | None, *args: str, timeout: float = TIMEOUT) -> str:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise MpyBloxError(f"device {port or '(auto)'} did not answer within {timeout:.0f}s") from None
+        raise MpyBloxError(
+            f"device {port or '(auto)'} did not answer within {timeout:.0f}s"
+        ) from None
     out = proc.stdout + proc.stderr
     if proc.returncode == 0 and "Traceback (most recent call last)" not in proc.stdout:
         return proc.stdout
@@ -87,24 +90,41 @@ def deploy_lib(port: str | None, wheel_path: Path | None = None, platform: str =
 
     source = wheel_path or build.build(platform=platform)
     package = publish.wheel_package(Path(source))
-    print(f"deploy-lib: installing {package.label} ({len(package.data)} bytes) on "
-          f"{port or 'the first device'}", flush=True)
+    print(
+        f"deploy-lib: installing {package.label} ({len(package.data)} bytes) on "
+        f"{port or 'the first device'}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="mpy-blox-deploy-") as tmp:
         # The device's own installer, compiled (compiling its source on the device
         # would take more heap than the install), goes to a work folder on the flash
         # with the wheel: `mpremote mount` would cost the install heap it needs.
         work = Path(tmp) / "work"
-        for name, data in build.compile_tree(build.SOURCE, package.entry["version"],
-                                             build.PLATFORMS[platform]).items():
+        for name, data in build.compile_tree(
+            build.SOURCE, package.entry["version"], build.PLATFORMS[platform]
+        ).items():
             (work / name).parent.mkdir(parents=True, exist_ok=True)
             (work / name).write_bytes(data)
         (work / "package.whl").write_bytes(package.data)
         recovery = Path(tmp) / RECOVERY_MPY
         build.compile_source(REPO / RECOVERY, RECOVERY, build.PLATFORMS[platform], recovery)
         try:
-            out = mpremote(port, "fs", "cp", str(recovery), ":/" + RECOVERY_MPY, "+",
-                           "fs", "cp", "-r", str(work) + "/", ":" + WORK, "+",
-                           "exec", INSTALL.format(entry=package.entry, work=WORK))
+            out = mpremote(
+                port,
+                "fs",
+                "cp",
+                str(recovery),
+                ":/" + RECOVERY_MPY,
+                "+",
+                "fs",
+                "cp",
+                "-r",
+                str(work) + "/",
+                ":" + WORK,
+                "+",
+                "exec",
+                INSTALL.format(entry=package.entry, work=WORK),
+            )
         finally:
             try:
                 mpremote(port, "fs", "rm", "-r", ":" + WORK)
@@ -117,15 +137,29 @@ def deploy_lib(port: str | None, wheel_path: Path | None = None, platform: str =
     return result.split()[1]
 
 
-def deploy_app(port: str | None, settings: Path, provision: Path | None,
-               user_main: Path | None = None, wheel_path: Path | None = None,
-               reset: bool = True) -> None:
+def deploy_app(
+    port: str | None,
+    settings: Path,
+    provision: Path | None,
+    user_main: Path | None = None,
+    wheel_path: Path | None = None,
+    reset: bool = True,
+) -> None:
     """deploy-lib, then main.py, settings and provisioning; the device reboots into the app."""
     _check_json(settings)
     deploy_lib(port, wheel_path)
     print(f"deploy-app: main.py and {settings.name} -> device", flush=True)
-    args = ["fs", "cp", str(REPO / "main.py"), ":/main.py", "+",
-            "fs", "cp", str(settings), ":/settings.json"]
+    args = [
+        "fs",
+        "cp",
+        str(REPO / "main.py"),
+        ":/main.py",
+        "+",
+        "fs",
+        "cp",
+        str(settings),
+        ":/settings.json",
+    ]
     if user_main:
         args += ["+", "fs", "cp", str(user_main), ":/user_main.py"]
     if provision and provision.exists():
@@ -143,8 +177,9 @@ def deploy_app(port: str | None, settings: Path, provision: Path | None,
 
 def provision(port: str | None, path: Path) -> None:
     if not path.exists():
-        raise MpyBloxError(f"no {path}: copy examples/provision.json to {path} and fill in "
-                           "your secrets")
+        raise MpyBloxError(
+            f"no {path}: copy examples/provision.json to {path} and fill in your secrets"
+        )
     _check_json(path)
     print(f"provision: {path} -> device (ingested into NVS at the next boot, then deleted)")
     mpremote(port, "fs", "cp", str(path), ":/provision.json")
@@ -152,8 +187,13 @@ def provision(port: str | None, path: Path) -> None:
 
 def unprovision(port: str | None) -> None:
     print("unprovision: clearing the secure store in NVS")
-    mpremote(port, "mount", str(REPO), "exec",
-             "from mpy_blox.provision import unprovision\nunprovision()")
+    mpremote(
+        port,
+        "mount",
+        str(REPO),
+        "exec",
+        "from mpy_blox.provision import unprovision\nunprovision()",
+    )
 
 
 PURGE = """
@@ -194,12 +234,18 @@ def _check_json(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mpy_blox_tools.deploy",
-                                description="Install Mpy-BLOX on a device over serial.")
-    p.add_argument("target", choices=("lib", "app", "user", "provision", "unprovision",
-                                      "purge-lib"))
-    p.add_argument("--device", default=os.environ.get("DEVICE") or None,
-                   help="serial port (default: the first device mpremote finds)")
+    p = argparse.ArgumentParser(
+        prog="python -m mpy_blox_tools.deploy",
+        description="Install Mpy-BLOX on a device over serial.",
+    )
+    p.add_argument(
+        "target", choices=("lib", "app", "user", "provision", "unprovision", "purge-lib")
+    )
+    p.add_argument(
+        "--device",
+        default=os.environ.get("DEVICE") or None,
+        help="serial port (default: the first device mpremote finds)",
+    )
     p.add_argument("--settings", default="settings.json")
     p.add_argument("--provision", default="provision.json")
     p.add_argument("--user-main", default="user_main.py")
@@ -212,9 +258,13 @@ def main(argv: list[str] | None = None) -> int:
             deploy_lib(port, Path(args.wheel) if args.wheel else None)
         elif args.target == "app":
             user_main = Path(args.user_main)
-            deploy_app(port, Path(args.settings), Path(args.provision),
-                       user_main if user_main.exists() else None,
-                       Path(args.wheel) if args.wheel else None)
+            deploy_app(
+                port,
+                Path(args.settings),
+                Path(args.provision),
+                user_main if user_main.exists() else None,
+                Path(args.wheel) if args.wheel else None,
+            )
         elif args.target == "user":
             deploy_user(port, Path(args.user_main))
         elif args.target == "provision":

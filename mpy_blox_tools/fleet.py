@@ -66,10 +66,14 @@ def devices_from(messages: dict[str, bytes]) -> list[Device]:
         d.seq = info.get("seq")
         last = info.get("last_update") or {}
         d.last_update = str(last.get("result") or "") if isinstance(last, dict) else ""
-        d.error = str(status.get("error") or (last.get("error") if isinstance(last, dict) else "")
-                      or "")
-        d.mem_free, d.fs_free, d.boot_count = (info.get("mem_free"), info.get("fs_free"),
-                                               info.get("boot_count"))
+        d.error = str(
+            status.get("error") or (last.get("error") if isinstance(last, dict) else "") or ""
+        )
+        d.mem_free, d.fs_free, d.boot_count = (
+            info.get("mem_free"),
+            info.get("fs_free"),
+            info.get("boot_count"),
+        )
         d.last_seen = _when(status.get("at")) or _when(info.get("at"))
     return sorted(devices.values(), key=lambda d: d.device_id)
 
@@ -90,15 +94,38 @@ def _kb(n) -> str:
 def format_table(devices: list[Device]) -> str:
     if not devices:
         return "no devices have reported on this broker"
-    header = ("DEVICE", "STATE", "FRAMEWORK", "PACKAGES", "CHANNEL", "LAST UPDATE", "HEAP",
-              "FLASH", "LAST SEEN")
+    header = (
+        "DEVICE",
+        "STATE",
+        "FRAMEWORK",
+        "PACKAGES",
+        "CHANNEL",
+        "LAST UPDATE",
+        "HEAP",
+        "FLASH",
+        "LAST SEEN",
+    )
     rows = [header]
     for d in devices:
-        others = ", ".join(f"{k} {v}" for k, v in sorted(d.packages.items())
-                           if k.lower().replace("-", "_") != "mpy_blox")
+        others = ", ".join(
+            f"{k} {v}"
+            for k, v in sorted(d.packages.items())
+            if k.lower().replace("-", "_") != "mpy_blox"
+        )
         result = d.last_update + (f": {d.error}" if d.error else "")
-        rows.append((d.device_id, d.state, d.framework or "-", others or "-", d.channel or "-",
-                     result or "-", _kb(d.mem_free), _kb(d.fs_free), d.last_seen or "-"))
+        rows.append(
+            (
+                d.device_id,
+                d.state,
+                d.framework or "-",
+                others or "-",
+                d.channel or "-",
+                result or "-",
+                _kb(d.mem_free),
+                _kb(d.fs_free),
+                d.last_seen or "-",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 

@@ -1,7 +1,7 @@
 """MQTT on the workstation: broker URLs, a connected paho client with clear errors.
 
-    mqtt://[user[:password]@]host[:port]     (port 1883)
-    mqtts://[user[:password]@]host[:port]    (TLS, port 8883, system CA store)
+mqtt://[user[:password]@]host[:port]     (port 1883)
+mqtts://[user[:password]@]host[:port]    (TLS, port 8883, system CA store)
 """
 
 from __future__ import annotations
@@ -45,9 +45,13 @@ class BrokerURL:
             port = parts.port or (8883 if tls else 1883)
         except ValueError:
             raise MpyBloxError(f"broker {url!r}: bad port") from None
-        return cls(parts.hostname, port, tls,
-                   unquote(parts.username) if parts.username else None,
-                   unquote(parts.password) if parts.password is not None else None)
+        return cls(
+            parts.hostname,
+            port,
+            tls,
+            unquote(parts.username) if parts.username else None,
+            unquote(parts.password) if parts.password is not None else None,
+        )
 
     @classmethod
     def from_settings(cls, path: Path = Path("settings.json")) -> BrokerURL:
@@ -60,19 +64,26 @@ class BrokerURL:
             raise MpyBloxError(f"{path}: {e}") from None
         mqtt = settings.get("mqtt") or {}
         tls = bool(mqtt.get("ssl"))
-        return cls(mqtt.get("server") or "127.0.0.1", int(mqtt.get("port") or (8883 if tls else 1883)),
-                   tls, mqtt.get("username"), os.environ.get("MPY_BLOX_MQTT_PASSWORD"))
+        return cls(
+            mqtt.get("server") or "127.0.0.1",
+            int(mqtt.get("port") or (8883 if tls else 1883)),
+            tls,
+            mqtt.get("username"),
+            os.environ.get("MPY_BLOX_MQTT_PASSWORD"),
+        )
 
     def __str__(self) -> str:
         user = f"{self.username}@" if self.username else ""
         return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
 
 
-def connect(broker: BrokerURL, client_id: str | None = None,
-            timeout: float = CONNECT_TIMEOUT) -> paho.Client:
+def connect(
+    broker: BrokerURL, client_id: str | None = None, timeout: float = CONNECT_TIMEOUT
+) -> paho.Client:
     """A paho client, connected, with its network loop running; clear errors otherwise."""
-    client = paho.Client(CallbackAPIVersion.VERSION2,
-                         client_id=client_id or f"mpy-blox-{uuid.uuid4().hex[:12]}")
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=client_id or f"mpy-blox-{uuid.uuid4().hex[:12]}"
+    )
     if broker.username is not None:
         client.username_pw_set(broker.username, broker.password)
     if broker.tls:
@@ -106,8 +117,9 @@ def disconnect(client: paho.Client) -> None:
     client.loop_stop()
 
 
-def collect_retained(client: paho.Client, topic_filter: str, quiet: float = 0.5,
-                     limit: float = 5.0) -> dict[str, bytes]:
+def collect_retained(
+    client: paho.Client, topic_filter: str, quiet: float = 0.5, limit: float = 5.0
+) -> dict[str, bytes]:
     """Retained messages on `topic_filter`: {topic: payload}, once the flow has gone quiet."""
     messages: dict[str, bytes] = {}
     last = [time.monotonic()]

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +91,9 @@ def src_package(local: Path, device_path: str | None = None) -> Package:
     try:
         check_src_path(device_path)
     except InvalidUpdate as e:
-        raise MpyBloxError(f"{local}: cannot publish to device path {device_path!r}: {e}") from None
+        raise MpyBloxError(
+            f"{local}: cannot publish to device path {device_path!r}: {e}"
+        ) from None
     data = _read(local)
     entry = manifest.src_entry(device_path, hashlib.sha256(data).hexdigest(), len(data))
     return Package(entry, data, str(local))
@@ -118,8 +119,10 @@ def load_key(key_file: str | None) -> bytes | None:
         if not text:
             return None
     if len(text) < 16 or any(c.isspace() for c in text):
-        raise MpyBloxError(f"key {'file ' + key_file if key_file else 'in $' + KEY_ENV}: "
-                           "expected one line of at least 16 characters (e.g. 64 hex digits)")
+        raise MpyBloxError(
+            f"key {'file ' + key_file if key_file else 'in $' + KEY_ENV}: "
+            "expected one line of at least 16 characters (e.g. 64 hex digits)"
+        )
     return text.encode()
 
 
@@ -162,9 +165,16 @@ class Published:
     entries: list[dict]
 
 
-def publish_update(broker: mqtt.BrokerURL, packages: list[Package], *, channel: str | None = None,
-                   device_ids: tuple[str, ...] = (), key: bytes | None = None,
-                   client=None, log=print) -> Published:
+def publish_update(
+    broker: mqtt.BrokerURL,
+    packages: list[Package],
+    *,
+    channel: str | None = None,
+    device_ids: tuple[str, ...] = (),
+    key: bytes | None = None,
+    client=None,
+    log=print,
+) -> Published:
     """Publish `packages` and a list naming them to `channel` and/or each device's cmd."""
     if not channel and not device_ids:
         raise MpyBloxError("nothing to publish to: give a channel or device ids")
@@ -179,7 +189,8 @@ def publish_update(broker: mqtt.BrokerURL, packages: list[Package], *, channel: 
         seq = next_seq(client, broker) if key else None
         entries = [p.entry for p in packages]
         targets = ([manifest.channel_topic(channel)] if channel else []) + [
-            manifest.node_topic(d, "cmd") for d in device_ids]
+            manifest.node_topic(d, "cmd") for d in device_ids
+        ]
         for topic in targets:
             suffix = topic.removeprefix("mpypi/")
             payload = manifest.encode_list(entries, seq, key, suffix if key else None)
@@ -220,10 +231,14 @@ def run(args) -> int:
         if args.wait:
             watcher = watch.Watcher([p.entry for p in packages], channel=channel)
             watcher.attach(client, device_ids)
-        done = publish_update(broker, packages, channel=channel, device_ids=device_ids, key=key,
-                              client=client)
-        print(f"published {len(packages)} package(s), {done.payload_bytes} bytes, "
-              f"to {', '.join(done.list_topics)}", flush=True)
+        done = publish_update(
+            broker, packages, channel=channel, device_ids=device_ids, key=key, client=client
+        )
+        print(
+            f"published {len(packages)} package(s), {done.payload_bytes} bytes, "
+            f"to {', '.join(done.list_topics)}",
+            flush=True,
+        )
         if watcher is None:
             return 0
         ok = watcher.wait(args.wait)
@@ -239,19 +254,39 @@ def run(args) -> int:
 
 def add_arguments(p) -> None:
     """The flags of `mpy-blox publish` and scripts/publish_ota_update.py (DESIGN §6)."""
-    p.add_argument("--device-ids", nargs="+", metavar="ID",
-                   help="send the list to these devices' cmd topics (installed even with "
-                        "auto-update off)")
-    p.add_argument("--channel", help="publish the list on mpypi/channels/NAME "
-                   "(default: update.channel of ./settings.json when no --device-ids)")
+    p.add_argument(
+        "--device-ids",
+        nargs="+",
+        metavar="ID",
+        help="send the list to these devices' cmd topics (installed even with auto-update off)",
+    )
+    p.add_argument(
+        "--channel",
+        help="publish the list on mpypi/channels/NAME "
+        "(default: update.channel of ./settings.json when no --device-ids)",
+    )
     p.add_argument("--dev", action="store_true", help="build a dev version, unique per build")
-    p.add_argument("--platform", choices=("esp32", "unix"), default="esp32",
-                   help="the platform to build for (default esp32)")
-    p.add_argument("--extra-src-files", nargs="+", metavar="FILE[:PATH]",
-                   help="source files to install at PATH on the device (default: the file name)")
+    p.add_argument(
+        "--platform",
+        choices=("esp32", "unix"),
+        default="esp32",
+        help="the platform to build for (default esp32)",
+    )
+    p.add_argument(
+        "--extra-src-files",
+        nargs="+",
+        metavar="FILE[:PATH]",
+        help="source files to install at PATH on the device (default: the file name)",
+    )
     p.add_argument("--wheel", help="publish this wheel instead of building the framework")
-    p.add_argument("--broker", help="mqtt[s]://[user[:password]@]host[:port] "
-                   "(default: mqtt of ./settings.json)")
+    p.add_argument(
+        "--broker",
+        help="mqtt[s]://[user[:password]@]host[:port] (default: mqtt of ./settings.json)",
+    )
     p.add_argument("--key-file", help=f"the update key, to sign the list (or ${KEY_ENV})")
-    p.add_argument("--wait", type=float, metavar="SECONDS",
-                   help="follow the devices and exit non-zero unless all updated in time")
+    p.add_argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="follow the devices and exit non-zero unless all updated in time",
+    )

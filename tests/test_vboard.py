@@ -34,8 +34,9 @@ if n + 1 < 3:
 
 
 def test_board_runs_boot_py_then_main_py_from_its_flash(boards):
-    board = boards.create(files={"boot.py": "print('in boot.py')\nX = 42\n",
-                                 "main.py": "print('in main.py', X)\n"})
+    board = boards.create(
+        files={"boot.py": "print('in boot.py')\nX = 42\n", "main.py": "print('in main.py', X)\n"}
+    )
     rb = boards.start(board)
     m = rb.wait_for(r"in boot\.py\s+in main\.py 42")
     assert m
@@ -127,8 +128,9 @@ def test_mpremote_copies_lists_and_executes_on_a_running_board(boards, tmp_path)
     src.write_text("GREETING = 'hello from the workstation'\n")
 
     def mpremote(*args: str) -> str:
-        proc = subprocess.run([*MPREMOTE, "connect", port, *args], capture_output=True,
-                              text=True, timeout=30)
+        proc = subprocess.run(
+            [*MPREMOTE, "connect", port, *args], capture_output=True, text=True, timeout=30
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc.stdout
 
@@ -203,7 +205,9 @@ NEW = "".join(("new%d" % i) * 200 for i in range(6))
 
 
 def _cut_and_check(boards, fs: str, cuts: list[int] | None, snapshot_dir) -> tuple[int, int]:
-    board = boards.create(fs=fs, flash_size="256K", files={"data.txt": OLD, "main.py": REWRITE_MAIN})
+    board = boards.create(
+        fs=fs, flash_size="256K", files={"data.txt": OLD, "main.py": REWRITE_MAIN}
+    )
     image = board.dir / "flash.img"
     pristine = snapshot_dir / f"{fs}.img"
     shutil.copy(image, pristine)
@@ -237,7 +241,9 @@ def test_power_cut_at_every_block_write_of_a_rename_leaves_old_or_new(boards, tm
 def test_power_cut_on_fat_is_emulated_too(boards, tmp_path):
     # FAT is not power-safe (rename replaces by delete+create): the emulation must
     # still cut exactly, which the update agent's FAT path relies on in its tests.
-    board = boards.create(fs="fat", flash_size="256K", files={"data.txt": OLD, "main.py": REWRITE_MAIN})
+    board = boards.create(
+        fs="fat", flash_size="256K", files={"data.txt": OLD, "main.py": REWRITE_MAIN}
+    )
     rb = boards.start(board, cut_at=2, once=True)
     assert rb.wait(timeout=30) == 0
     assert "power-cut at block write 2" in rb.console()
@@ -246,7 +252,13 @@ def test_power_cut_on_fat_is_emulated_too(boards, tmp_path):
 
 def test_boards_on_fat_and_posix_boot_and_keep_files(boards):
     for fs in ("fat", "posix"):
-        board = boards.create(fs=fs, files={"main.py": "with open('/made.txt', 'w') as f:\n    f.write('%s')\nprint('made')\n" % fs})
+        board = boards.create(
+            fs=fs,
+            files={
+                "main.py": "with open('/made.txt', 'w') as f:\n    f.write('%s')\nprint('made')\n"
+                % fs
+            },
+        )
         rb = boards.start(board)
         rb.wait_for("made")
         rb.stop()
@@ -288,7 +300,9 @@ print("back")
 
 
 def test_sigterm_switches_the_board_off_and_leaves_no_process(boards):
-    board = boards.create(files={"main.py": "import time\nprint('on')\nwhile True:\n    time.sleep(1)\n"})
+    board = boards.create(
+        files={"main.py": "import time\nprint('on')\nwhile True:\n    time.sleep(1)\n"}
+    )
     rb = boards.start(board)
     rb.wait_for("on")
     supervisor = rb.process.pid
@@ -314,8 +328,10 @@ def test_a_running_board_refuses_flash_access_from_the_workstation(boards, capsy
 
 def test_vboard_cli_creates_lists_puts_and_cats(tmp_path, capsys):
     d = tmp_path / "b"
-    assert cli(["vboard", "create", str(d), "--device-id", "esp32-0123456789ab",
-                "--flash", "512K"]) == 0
+    assert (
+        cli(["vboard", "create", str(d), "--device-id", "esp32-0123456789ab", "--flash", "512K"])
+        == 0
+    )
     assert "esp32-0123456789ab" in capsys.readouterr().out
     src = tmp_path / "user_main.py"
     src.write_text("async def user_main():\n    pass\n")
@@ -328,12 +344,18 @@ def test_vboard_cli_creates_lists_puts_and_cats(tmp_path, capsys):
     assert Board(d).config["flash_size"] == 512 * 1024
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["vboard", "ls", "/nonexistent/board"], "not a virtual board"),
-    (["vboard", "create", "{tmp}/x", "--device-id", "kitchen"], "an ESP32's id is 'esp32-'"),
-    (["vboard", "create", "{tmp}/x", "--flash", "lots"], "not a size"),
-    (["vboard", "cat", "{board}", "missing.txt"], "cat missing.txt: no such file or directory"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["vboard", "ls", "/nonexistent/board"], "not a virtual board"),
+        (["vboard", "create", "{tmp}/x", "--device-id", "kitchen"], "an ESP32's id is 'esp32-'"),
+        (["vboard", "create", "{tmp}/x", "--flash", "lots"], "not a size"),
+        (
+            ["vboard", "cat", "{board}", "missing.txt"],
+            "cat missing.txt: no such file or directory",
+        ),
+    ],
+)
 def test_vboard_cli_errors_are_one_clear_line(tmp_path, capsys, argv, message):
     board = Board.create(tmp_path / "board")
     argv = [a.format(tmp=tmp_path, board=board.dir) for a in argv]

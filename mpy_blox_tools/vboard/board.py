@@ -58,7 +58,9 @@ class Board:
         if (directory / "board.json").exists():
             raise MpyBloxError(f"{directory}: a board exists there already")
         if fs not in FILESYSTEMS:
-            raise MpyBloxError(f"unknown filesystem {fs!r}: choose one of {', '.join(FILESYSTEMS)}")
+            raise MpyBloxError(
+                f"unknown filesystem {fs!r}: choose one of {', '.join(FILESYSTEMS)}"
+            )
         if device_id is None:
             unique_id = secrets.token_hex(6)
         else:
@@ -120,8 +122,15 @@ class Board:
         """Run one flash operation through MicroPython; return its standard output."""
         with self.lock():
             proc = subprocess.run(
-                [micropython.executable(), "-X", "heapsize=256K",
-                 str(FIRMWARE / "_vb_tool.py"), str(self.dir), op, *args],
+                [
+                    micropython.executable(),
+                    "-X",
+                    "heapsize=256K",
+                    str(FIRMWARE / "_vb_tool.py"),
+                    str(self.dir),
+                    op,
+                    *args,
+                ],
                 capture_output=True,
                 cwd=FIRMWARE,
             )
@@ -207,4 +216,3 @@ class Board:
             return (self.run_dir / "serial").read_text().strip() or None
         except FileNotFoundError:
             return None
-

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from mpy_blox_tools import micropython
 from mpy_blox_tools.errors import MpyBloxError
@@ -20,8 +19,15 @@ from mpy_blox_tools.vboard.board import Board
 
 
 class RunningBoard:
-    def __init__(self, board: Board, *, heap: str | int = micropython.DEFAULT_HEAP,
-                 cut_at: int = 0, once: bool = False, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        board: Board,
+        *,
+        heap: str | int = micropython.DEFAULT_HEAP,
+        cut_at: int = 0,
+        once: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.board = board
         self.heap = heap
         self.cut_at = cut_at
@@ -34,8 +40,17 @@ class RunningBoard:
         log = self.board.console_log
         self._log_start = log.stat().st_size if log.exists() else 0
         (self.board.run_dir / "serial").unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "mpy_blox_tools.cli", "vboard", "run", str(self.board.dir),
-               "--quiet", "--heap", str(self.heap)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mpy_blox_tools.cli",
+            "vboard",
+            "run",
+            str(self.board.dir),
+            "--quiet",
+            "--heap",
+            str(self.heap),
+        ]
         if self.cut_at:
             cmd += ["--cut-at", str(self.cut_at)]
         if self.once:
@@ -44,7 +59,10 @@ class RunningBoard:
         errors = self.board.run_dir / "supervisor.err"
         with open(errors, "wb") as err:  # a file, not a pipe: nobody must drain it
             self.process = subprocess.Popen(
-                cmd, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
+                cmd,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
                 env={**os.environ, **(self.env or {})},
             )
         deadline = time.monotonic() + timeout
@@ -80,10 +98,13 @@ class RunningBoard:
             if len(matches) >= count:
                 return matches[count - 1]
             if self.process and self.process.poll() is not None:
-                raise MpyBloxError(f"board stopped while waiting for {pattern!r}:\n{self.console()}")
+                raise MpyBloxError(
+                    f"board stopped while waiting for {pattern!r}:\n{self.console()}"
+                )
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no {pattern!r} on the console in {timeout}s:\n"
-                                   f"{self.console()[-3000:]}")
+                raise TimeoutError(
+                    f"no {pattern!r} on the console in {timeout}s:\n{self.console()[-3000:]}"
+                )
             time.sleep(0.02)
 
     def boots(self) -> int:

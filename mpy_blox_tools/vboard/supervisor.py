@@ -42,7 +42,9 @@ EMULATION_HEAP = 20 * 1024
 # What the unix port's REPL prints on entering the raw REPL and on leaving it.
 RAW_REPL_BANNER = b"raw REPL; CTRL-B to exit"
 FRIENDLY_REPL_BANNER = b'Type "help()" for more information.'
-SOFT_REBOOT = b"MPY: soft reboot\r\n"  # boots in a row under a second before the supervisor slows down
+SOFT_REBOOT = (
+    b"MPY: soft reboot\r\n"  # boots in a row under a second before the supervisor slows down
+)
 
 
 class Supervisor:
@@ -102,8 +104,10 @@ class Supervisor:
         (run / "supervisor.pid").write_text(f"{os.getpid()}\n")
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
-        previous = {s: signal.signal(s, self._on_signal) for s in
-                    (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        previous = {
+            s: signal.signal(s, self._on_signal)
+            for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        }
         old_wakeup = signal.set_wakeup_fd(wake_w)
         self.log(f"board {self.board.device_id} serial port: {port}")
         print(f"serial port: {port}", flush=True)
@@ -149,16 +153,20 @@ class Supervisor:
     def _on_signal(self, signum, frame) -> None:
         self._stop = True
 
-    def _boot(self, cause: int, board_master: int, board_slave: int, user_master: int,
-              wake_r: int) -> tuple[int, str]:
+    def _boot(
+        self, cause: int, board_master: int, board_slave: int, user_master: int, wake_r: int
+    ) -> tuple[int, str]:
         run = self.board.run_dir
         (run / "reason").write_bytes(b"")
         termios.tcflush(board_slave, termios.TCIFLUSH)  # a UART's FIFO is empty after reset
         # Every boot: a board killed in the REPL leaves the tty in its raw mode.
         _set_board_tty(board_slave)
         self.boots += 1
-        self.log(f"boot {self.boots} (reset cause {cause}, heap {self.heap}"
-                 + (f", power cut at block write {self.cut_at}" if self.cut_at else "") + ")")
+        self.log(
+            f"boot {self.boots} (reset cause {cause}, heap {self.heap}"
+            + (f", power cut at block write {self.cut_at}" if self.cut_at else "")
+            + ")"
+        )
         # A soft reset from the raw REPL comes back to the raw REPL without
         # running main.py, as on the ESP32: that is how mpremote gets a clean board.
         raw = cause == SOFT_RESET and self._raw_repl
@@ -170,10 +178,20 @@ class Supervisor:
             "VBOARD_RAW_REPL": "1" if raw else "",
         }
         self._child = subprocess.Popen(
-            [micropython.executable(), "-X", f"heapsize={self.heap + EMULATION_HEAP}", "-i",
-             str(FIRMWARE / "_vb_rom.py")],
-            stdin=board_slave, stdout=board_slave, stderr=board_slave,
-            cwd=FIRMWARE, env=env, preexec_fn=_take_terminal, close_fds=True,
+            [
+                micropython.executable(),
+                "-X",
+                f"heapsize={self.heap + EMULATION_HEAP}",
+                "-i",
+                str(FIRMWARE / "_vb_rom.py"),
+            ],
+            stdin=board_slave,
+            stdout=board_slave,
+            stderr=board_slave,
+            cwd=FIRMWARE,
+            env=env,
+            preexec_fn=_take_terminal,
+            close_fds=True,
         )
         self._raw_repl = False
         if raw:
@@ -275,13 +293,17 @@ def _classify(reason: str, status: int) -> tuple[int, str]:
     return HARD_RESET, f"crashed with status {status}"
 
 
-def run_board(directory: str | Path, *, heap: str = micropython.DEFAULT_HEAP, cut_at: int = 0,
-              once: bool = False, quiet: bool = False) -> int:
+def run_board(
+    directory: str | Path,
+    *,
+    heap: str = micropython.DEFAULT_HEAP,
+    cut_at: int = 0,
+    once: bool = False,
+    quiet: bool = False,
+) -> int:
     """`mpy-blox vboard run`: boot the board in `directory` until signalled."""
     board = Board(directory)
     if cut_at < 0:
         raise MpyBloxError("--cut-at: a block write number, 1 or more")
     echo = None if quiet else sys.stdout.buffer
     return Supervisor(board, heap=heap, cut_at=cut_at, echo=echo, once=once).run()
-
-

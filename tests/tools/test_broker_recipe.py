@@ -13,20 +13,34 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "examples" / "mosquitto"
 DEVICE = "esp32-840d8ed29760"
 # Lines of the recipe that name machine paths or listeners; the test supplies its own.
-MACHINE_SPECIFIC = ("listener", "certfile", "keyfile", "password_file", "acl_file",
-                    "persistence_location")
+MACHINE_SPECIFIC = (
+    "listener",
+    "certfile",
+    "keyfile",
+    "password_file",
+    "acl_file",
+    "persistence_location",
+)
 
 
 @pytest.fixture
 def fleet_broker(broker_factory, tmp_path):
     pwfile = tmp_path / "passwd"
-    for i, (user, password) in enumerate([("publisher", "pub-secret"), (DEVICE, "dev-secret"),
-                                          ("esp32-000000000002", "other")]):
-        subprocess.run(["mosquitto_passwd", "-b"] + ([] if i else ["-c"])
-                       + [str(pwfile), user, password], check=True)
-    kept = [line for line in (RECIPE / "mosquitto.conf").read_text().splitlines()
-            if line.strip() and not line.startswith("#")
-            and line.split()[0] not in MACHINE_SPECIFIC and line.split()[0] != "allow_anonymous"]
+    for i, (user, password) in enumerate(
+        [("publisher", "pub-secret"), (DEVICE, "dev-secret"), ("esp32-000000000002", "other")]
+    ):
+        subprocess.run(
+            ["mosquitto_passwd", "-b"] + ([] if i else ["-c"]) + [str(pwfile), user, password],
+            check=True,
+        )
+    kept = [
+        line
+        for line in (RECIPE / "mosquitto.conf").read_text().splitlines()
+        if line.strip()
+        and not line.startswith("#")
+        and line.split()[0] not in MACHINE_SPECIFIC
+        and line.split()[0] != "allow_anonymous"
+    ]
     extra = "\n".join(kept + [f"password_file {pwfile}", f"acl_file {RECIPE / 'mpypi.acl'}"])
     return broker_factory(extra, allow_anonymous=False)
 
@@ -58,13 +72,18 @@ def _retained(broker, topic) -> bytes | None:
 
 def test_a_device_cannot_publish_lists_packages_or_another_devices_status(fleet_broker):
     dev = _client(fleet_broker, DEVICE, "dev-secret")
-    for topic in ("mpypi/channels/stable", f"mpypi/packages/wheel/{'ab' * 32}",
-                  f"mpypi/packages/src/user_main.py/{'cd' * 32}",
-                  "mpypi/nodes/esp32-000000000002/status", "mpypi/nodes/esp32-000000000002/cmd"):
+    for topic in (
+        "mpypi/channels/stable",
+        f"mpypi/packages/wheel/{'ab' * 32}",
+        f"mpypi/packages/src/user_main.py/{'cd' * 32}",
+        "mpypi/nodes/esp32-000000000002/status",
+        "mpypi/nodes/esp32-000000000002/cmd",
+    ):
         dev.publish(topic, b"evil", qos=1, retain=True).wait_for_publish(5)
         assert _retained(fleet_broker, topic) is None, topic
-    dev.publish(f"mpypi/nodes/{DEVICE}/status", b'{"state": "idle"}', qos=1,
-                retain=True).wait_for_publish(5)
+    dev.publish(
+        f"mpypi/nodes/{DEVICE}/status", b'{"state": "idle"}', qos=1, retain=True
+    ).wait_for_publish(5)
     assert _retained(fleet_broker, f"mpypi/nodes/{DEVICE}/status") == b'{"state": "idle"}'
     dev.loop_stop()
     dev.disconnect()
@@ -72,8 +91,12 @@ def test_a_device_cannot_publish_lists_packages_or_another_devices_status(fleet_
 
 def test_a_device_reads_lists_packages_and_only_its_own_commands(fleet_broker):
     pub = _client(fleet_broker, "publisher", "pub-secret")
-    for topic in ("mpypi/channels/stable", f"mpypi/nodes/{DEVICE}/cmd",
-                  "mpypi/nodes/esp32-000000000002/cmd", f"mpypi/packages/wheel/{'ab' * 32}"):
+    for topic in (
+        "mpypi/channels/stable",
+        f"mpypi/nodes/{DEVICE}/cmd",
+        "mpypi/nodes/esp32-000000000002/cmd",
+        f"mpypi/packages/wheel/{'ab' * 32}",
+    ):
         pub.publish(topic, topic.encode(), qos=1, retain=True).wait_for_publish(5)
     dev = _client(fleet_broker, DEVICE, "dev-secret")
     got: dict[str, bytes] = {}
@@ -81,8 +104,11 @@ def test_a_device_reads_lists_packages_and_only_its_own_commands(fleet_broker):
     dev.subscribe("mpypi/#", qos=1)
     deadline = threading.Event()
     deadline.wait(1.0)
-    assert set(got) == {"mpypi/channels/stable", f"mpypi/nodes/{DEVICE}/cmd",
-                        f"mpypi/packages/wheel/{'ab' * 32}"}
+    assert set(got) == {
+        "mpypi/channels/stable",
+        f"mpypi/nodes/{DEVICE}/cmd",
+        f"mpypi/packages/wheel/{'ab' * 32}",
+    }
     for c in (dev, pub):
         c.loop_stop()
         c.disconnect()

@@ -33,7 +33,7 @@ def test_dev_builds_get_unique_pep440_versions_newer_than_each_other(tmp_path):
     v2 = build.dev_version("0.7.0", now=1_800_000_000.002)
     assert Version(v1).is_devrelease and Version(v1).base_version == "0.7.0"
     assert Version(v2) > Version(v1)
-    assert build.dev_version("1.0.0rc1.post2") .startswith("1.0.0rc1.post2.dev")
+    assert build.dev_version("1.0.0rc1.post2").startswith("1.0.0rc1.post2.dev")
     path = build.build(out_dir=tmp_path, dev=True)
     assert ".dev" in path.name
 
@@ -79,11 +79,14 @@ print(mpy_blox.__version__, mpy_blox.__file__, mpy_blox.log.__file__)
 def test_entries_are_deflated_with_the_device_window(tmp_path):
     big = (bytes(range(256)) * 64) + b"x" * 5000  # repeats far apart need a big window
     files = {"pkg/a.bin": big}
-    path = wheel.assemble(tmp_path / "t-1-py3-none-any.whl", "t", "1", "py3-none-any", files,
-                          generator="test")
+    path = wheel.assemble(
+        tmp_path / "t-1-py3-none-any.whl", "t", "1", "py3-none-any", files, generator="test"
+    )
     with zipfile.ZipFile(path) as z:
         info = z.getinfo("pkg/a.bin")
-        raw = path.read_bytes()[info.header_offset + 30 + len(info.filename):][: info.compress_size]
+        raw = path.read_bytes()[info.header_offset + 30 + len(info.filename) :][
+            : info.compress_size
+        ]
     import zlib
 
     d = zlib.decompressobj(-wheel.DEVICE_WBITS)  # a window of 2**DEVICE_WBITS is enough
@@ -108,7 +111,9 @@ def test_a_compile_error_is_reported_with_the_compiler_output(tmp_path, capsys):
     pkg.mkdir()
     (pkg / "__init__.py").write_text('__version__ = "1.0"\n')
     (pkg / "broken.py").write_text("def f(:\n    pass\n")
-    with pytest.raises(build.MpyBloxError, match=r"(?s)mpy-cross failed on mpy_blox/broken.py:\n.*SyntaxError"):
+    with pytest.raises(
+        build.MpyBloxError, match=r"(?s)mpy-cross failed on mpy_blox/broken.py:\n.*SyntaxError"
+    ):
         build.build(out_dir=tmp_path / "dist", source_dir=pkg)
 
 
@@ -121,6 +126,9 @@ def test_build_cli_prints_the_wheel_path(tmp_path, capsys, monkeypatch):
 
 
 def test_build_cli_runs_as_a_console_script(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mpy_blox_tools.cli", "build", "--platform",
-                           "nope"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mpy_blox_tools.cli", "build", "--platform", "nope"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "invalid choice" in proc.stderr

@@ -32,7 +32,13 @@ def board(boards):
 
 
 def _lib_files(rb) -> dict[str, str]:
-    out = subprocess.run([".venv/bin/mpremote", "connect", rb.serial_port, "exec", """
+    out = subprocess.run(
+        [
+            ".venv/bin/mpremote",
+            "connect",
+            rb.serial_port,
+            "exec",
+            """
 import os, hashlib, binascii
 def walk(p):
     for e in os.ilistdir(p):
@@ -45,7 +51,13 @@ def walk(p):
                 h.update(f.read())
             print(q, binascii.hexlify(h.digest()).decode())
 walk("/lib")
-"""], cwd=REPO, capture_output=True, text=True, timeout=60)
+""",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return dict(line.split() for line in out.stdout.splitlines() if line.startswith("/lib"))
 
 
@@ -60,7 +72,9 @@ def _wheel(tmp_path: Path, version: str, extra_module: bool) -> Path:
     return build.build(out_dir=tmp_path / f"dist-{version}", source_dir=src, version=version)
 
 
-def test_deploy_lib_installs_then_changes_nothing_then_upgrades_removing_stale_files(board, tmp_path):
+def test_deploy_lib_installs_then_changes_nothing_then_upgrades_removing_stale_files(
+    board, tmp_path
+):
     b, rb = board
     v1 = _wheel(tmp_path, "1.0.0", extra_module=True)
     v2 = _wheel(tmp_path, "2.0.0", extra_module=False)
@@ -90,14 +104,16 @@ def test_each_target_prints_one_line_saying_what_it_does(board, tmp_path):
     out = make("deploy-user", rb.serial_port, user_main=str(user))
     assert out.returncode == 0 and out.stdout.startswith(f"deploy-user: {user} -> device")
     out = make("purge-lib", rb.serial_port)
-    assert out.returncode == 0 and out.stdout.strip() == "purge-lib: removing everything under /lib"
+    assert (
+        out.returncode == 0 and out.stdout.strip() == "purge-lib: removing everything under /lib"
+    )
     rb.stop()
     assert b.cat("user_main.py") == user.read_bytes()
     assert b.ls("lib") == {}
 
 
 def test_purge_lib_empties_lib(board):
-    b, rb = board
+    _b, rb = board
     assert make("deploy-lib", rb.serial_port).returncode == 0
     assert _lib_files(rb)
     assert make("purge-lib", rb.serial_port).returncode == 0
@@ -121,12 +137,13 @@ def test_provision_refuses_without_a_file_and_copies_it_otherwise(board, tmp_pat
 
 
 def test_mounted_repl_imports_from_the_working_tree(board, tmp_path):
-    b, rb = board
+    _b, rb = board
     pid, fd = pty.fork()
     if pid == 0:
         os.chdir(REPO)
-        os.execvp("make", ["make", "--no-print-directory", "mounted-repl",
-                           f"DEVICE={rb.serial_port}"])
+        os.execvp(
+            "make", ["make", "--no-print-directory", "mounted-repl", f"DEVICE={rb.serial_port}"]
+        )
     seen = b""
     try:
         deadline = time.monotonic() + 60
@@ -143,7 +160,9 @@ def test_mounted_repl_imports_from_the_working_tree(board, tmp_path):
                 sent = True
                 seen = seen.replace(b">>>", b"")
         assert b"/remote" in seen and b"mounted at /remote" in seen
-        assert b"tree-ok" in seen.replace(b"tree /remote ok", b"tree-ok"), seen.decode(errors="replace")
+        assert b"tree-ok" in seen.replace(b"tree /remote ok", b"tree-ok"), seen.decode(
+            errors="replace"
+        )
     finally:
         os.write(fd, b"\x1d")  # Ctrl-] leaves mpremote's REPL
         time.sleep(0.3)
@@ -155,12 +174,19 @@ def test_mounted_repl_imports_from_the_working_tree(board, tmp_path):
         os.close(fd)
 
 
-@pytest.mark.parametrize("target", ["deploy-lib", "deploy-app", "provision", "unprovision",
-                                    "purge-lib", "deploy-user"])
+@pytest.mark.parametrize(
+    "target", ["deploy-lib", "deploy-app", "provision", "unprovision", "purge-lib", "deploy-user"]
+)
 def test_a_wrong_device_is_one_clear_error_line(target, tmp_path):
-    out = make(target, "/dev/no-such-port", provision=str(REPO / "examples" / "provision.json"),
-               user_main=str(REPO / "examples" / "user_main.py"))
+    out = make(
+        target,
+        "/dev/no-such-port",
+        provision=str(REPO / "examples" / "provision.json"),
+        user_main=str(REPO / "examples" / "user_main.py"),
+    )
     assert out.returncode != 0
     errors = [line for line in out.stderr.splitlines() if line.startswith("mpy-blox:")]
-    assert errors == ["mpy-blox: device /dev/no-such-port not found (is it plugged in? "
-                      "`mpremote devs` lists serial ports)"]
+    assert errors == [
+        "mpy-blox: device /dev/no-such-port not found (is it plugged in? "
+        "`mpremote devs` lists serial ports)"
+    ]

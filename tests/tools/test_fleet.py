@@ -15,13 +15,26 @@ def _publish(client, topic, value):
 def test_status_shows_devices_in_several_states(broker, mqtt_client, capsys):
     c = mqtt_client()
     base = "mpypi/nodes/esp32-%s/%s"
-    _publish(c, base % ("000000000001", "info"), {
-        "device_id": "esp32-000000000001", "framework": "0.7.0", "channel": "stable",
-        "packages": {"mpy-blox": "0.7.0", "sensors": "1.2"}, "mem_free": 51200,
-        "fs_free": 1048576, "last_update": {"result": "ok"}, "seq": 4})
+    _publish(
+        c,
+        base % ("000000000001", "info"),
+        {
+            "device_id": "esp32-000000000001",
+            "framework": "0.7.0",
+            "channel": "stable",
+            "packages": {"mpy-blox": "0.7.0", "sensors": "1.2"},
+            "mem_free": 51200,
+            "fs_free": 1048576,
+            "last_update": {"result": "ok"},
+            "seq": 4,
+        },
+    )
     _publish(c, base % ("000000000001", "status"), {"state": "idle"})
-    _publish(c, base % ("000000000002", "info"), {"framework": "0.6.0", "channel": "beta",
-                                                    "last_update": {"result": "failed"}})
+    _publish(
+        c,
+        base % ("000000000002", "info"),
+        {"framework": "0.6.0", "channel": "beta", "last_update": {"result": "failed"}},
+    )
     _publish(c, base % ("000000000002", "status"), {"state": "failed", "error": "sha256 mismatch"})
     _publish(c, base % ("000000000003", "status"), {"state": "offline"})
     _publish(c, base % ("000000000004", "status"), b"{not json")
@@ -76,8 +89,16 @@ def test_broker_command_keeps_retained_messages_across_restarts(tmp_path):
     from mpy_blox_tools.broker import free_port, wait_for_port
 
     port = free_port()
-    cmd = [sys.executable, "-m", "mpy_blox_tools.cli", "broker", "--port", str(port),
-           "--dir", str(tmp_path / "b")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mpy_blox_tools.cli",
+        "broker",
+        "--port",
+        str(port),
+        "--dir",
+        str(tmp_path / "b"),
+    ]
 
     def client():
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import secrets
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +13,13 @@ from mpy_blox_tools.demo import run_demo
 
 # The heap the boards get here.
 HEAP = "256K"
-USER_MAIN = "import asyncio\n\nasync def user_main():\n    print('{tag} running')\n    await asyncio.sleep(3600)\n"
+USER_MAIN = (
+    "import asyncio\n\nasync def user_main():\n"
+    "    print('{tag} running')\n    await asyncio.sleep(3600)\n"
+)
+    "import asyncio\n\nasync def user_main():\n"
+    "    print('{tag} running')\n    await asyncio.sleep(3600)\n"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -29,8 +34,14 @@ def fleet_of(boards, broker, tmp_path):
 
     def make(n: int, key: str | None, channel: str):
         settings = tmp_path / "settings.json"
-        settings.write_text(json.dumps({"mqtt": {"server": broker.host, "port": broker.port},
-                                        "update": {"channel": channel, "auto_update": True}}))
+        settings.write_text(
+            json.dumps(
+                {
+                    "mqtt": {"server": broker.host, "port": broker.port},
+                    "update": {"channel": channel, "auto_update": True},
+                }
+            )
+        )
         provision = tmp_path / "provision.json"
         provision.write_text(json.dumps({"update.key": key} if key else {}))
         user_main = tmp_path / "user_main.py"
@@ -48,17 +59,33 @@ def fleet_of(boards, broker, tmp_path):
     return make
 
 
-def test_wait_succeeds_when_every_device_reports_the_new_versions(fleet_of, broker, tmp_path, capsys):
+def test_wait_succeeds_when_every_device_reports_the_new_versions(
+    fleet_of, broker, tmp_path, capsys
+):
     key = secrets.token_hex(32)
     (tmp_path / "key").write_text(key)
     running = fleet_of(2, key, "t-ok")
     (tmp_path / "user_main.py").write_text(USER_MAIN.format(tag="v2"))
     ids = [rb.board.device_id for rb in running]
-    status = cli(["publish", "--broker", broker.url, "--key-file", "key", "--dev",
-                  "--device-ids", *ids, "--extra-src-files", "user_main.py", "--wait", "120"])
+    status = cli(
+        [
+            "publish",
+            "--broker",
+            broker.url,
+            "--key-file",
+            "key",
+            "--dev",
+            "--device-ids",
+            *ids,
+            "--extra-src-files",
+            "user_main.py",
+            "--wait",
+            "120",
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 0, out
-    summary = out[out.index("DEVICE"):]
+    summary = out[out.index("DEVICE") :]
     for d in ids:
         assert f"{d}" in summary and "ok" in summary
     for rb in running:
@@ -74,13 +101,14 @@ def test_wait_fails_with_the_reason_of_a_device_that_refuses(fleet_of, broker, t
     status = cli(["publish", "--broker", broker.url, "--device-ids", device, "--wait", "60"])
     out = capsys.readouterr().out
     assert status == 1
-    row = next(line for line in out[out.index("DEVICE"):].splitlines() if device in line)
+    row = next(line for line in out[out.index("DEVICE") :].splitlines() if device in line)
     assert "FAILED" in row and "unsigned" in row
 
 
 def test_wait_fails_for_a_device_that_never_answers(broker, tmp_path, capsys):
-    status = cli(["publish", "--broker", broker.url, "--device-ids", "esp32-0000000000ff",
-                  "--wait", "2"])
+    status = cli(
+        ["publish", "--broker", broker.url, "--device-ids", "esp32-0000000000ff", "--wait", "2"]
+    )
     out = capsys.readouterr().out
     assert status == 1
     assert "esp32-0000000000ff  FAILED  no answer in 2s" in out

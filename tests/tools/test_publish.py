@@ -43,8 +43,23 @@ def test_publish_puts_packages_then_a_signed_list_the_device_module_accepts(brok
     (tmp_path / "key").write_text(KEY + "\n")
     (tmp_path / "user_main.py").write_text("async def user_main():\n    pass\n")
     url = f"mqtt://{broker.host}:{broker.port}"
-    assert cli(["publish", "--broker", url, "--channel", "t1", "--key-file", "key",
-                "--extra-src-files", "user_main.py", "user_main.py:app/main2.py"]) == 0
+    assert (
+        cli(
+            [
+                "publish",
+                "--broker",
+                url,
+                "--channel",
+                "t1",
+                "--key-file",
+                "key",
+                "--extra-src-files",
+                "user_main.py",
+                "user_main.py:app/main2.py",
+            ]
+        )
+        == 0
+    )
     lists = _retained(broker, "mpypi/channels/t1")
     seq, entries = manifest.decode_list(lists["mpypi/channels/t1"], KEY.encode(), "channels/t1")
     assert seq >= 1
@@ -71,14 +86,24 @@ def test_seq_grows_across_publishes_and_across_workstations(broker, tmp_path, mo
     cmds = _retained(broker, "mpypi/nodes/+/cmd")
     seqs = {publish._seq_of(cmds[f"mpypi/nodes/esp32-00000000000{x}/cmd"]) for x in "ab"}
     assert seqs == {first + 1}
-    seq, _ = manifest.decode_list(cmds["mpypi/nodes/esp32-00000000000a/cmd"], KEY.encode(),
-                                  "nodes/esp32-00000000000a/cmd")
+    _seq, _ = manifest.decode_list(
+        cmds["mpypi/nodes/esp32-00000000000a/cmd"], KEY.encode(), "nodes/esp32-00000000000a/cmd"
+    )
     with pytest.raises(manifest.InvalidUpdate, match="list is for"):
         # a command for one device is not valid on another's topic
-        manifest.decode_list(cmds["mpypi/nodes/esp32-00000000000a/cmd"], KEY.encode(),
-                             "nodes/esp32-00000000000b/cmd")
-    _clear(broker, ["mpypi/channels/t2", "mpypi/nodes/esp32-00000000000a/cmd",
-                    "mpypi/nodes/esp32-00000000000b/cmd"])
+        manifest.decode_list(
+            cmds["mpypi/nodes/esp32-00000000000a/cmd"],
+            KEY.encode(),
+            "nodes/esp32-00000000000b/cmd",
+        )
+    _clear(
+        broker,
+        [
+            "mpypi/channels/t2",
+            "mpypi/nodes/esp32-00000000000a/cmd",
+            "mpypi/nodes/esp32-00000000000b/cmd",
+        ],
+    )
 
 
 def test_a_foreign_wheel_is_repacked_and_published_with_its_own_name(broker, tmp_path):
@@ -87,7 +112,10 @@ def test_a_foreign_wheel_is_repacked_and_published_with_its_own_name(broker, tmp
     src = tmp_path / "sensors-1.2.0-py3-none-any.whl"
     with zipfile.ZipFile(src, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("sensors/__init__.py", "X = 1\n" * 500)
-        z.writestr("sensors-1.2.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: sensors\nVersion: 1.2.0\n")
+        z.writestr(
+            "sensors-1.2.0.dist-info/METADATA",
+            "Metadata-Version: 2.1\nName: sensors\nVersion: 1.2.0\n",
+        )
         z.writestr("sensors-1.2.0.dist-info/WHEEL", "Wheel-Version: 1.0\nTag: py3-none-any\n")
         z.writestr("sensors-1.2.0.dist-info/RECORD", "")
     pkg = publish.wheel_package(src)
@@ -107,18 +135,23 @@ def test_unsigned_publish_uses_the_seed_format(broker, tmp_path):
     _clear(broker, ["mpypi/channels/t3"])
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--extra-src-files", "missing.py"], "missing.py: no such file"),
-    (["--extra-src-files", "user_main.py:a/+/b.py"], "unsafe character '+'"),
-    (["--extra-src-files", "user_main.py:x/#"], "unsafe character '#'"),
-    (["--extra-src-files", "user_main.py:../etc/passwd"], "unsafe path"),
-    (["--extra-src-files", "user_main.py:/abs.py"], "absolute path"),
-    (["--extra-src-files", "user_main.py:main.py"], "reserved path"),
-    (["--key-file", "nokey"], "key file nokey: no such file"),
-    (["--key-file", "shortkey"], "expected one line of at least 16 characters"),
-    (["--wheel", "not-a-wheel.whl"], "not a readable wheel"),
-])
-def test_bad_input_is_one_clear_line_and_publishes_nothing(broker, tmp_path, capsys, extra, message):
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--extra-src-files", "missing.py"], "missing.py: no such file"),
+        (["--extra-src-files", "user_main.py:a/+/b.py"], "unsafe character '+'"),
+        (["--extra-src-files", "user_main.py:x/#"], "unsafe character '#'"),
+        (["--extra-src-files", "user_main.py:../etc/passwd"], "unsafe path"),
+        (["--extra-src-files", "user_main.py:/abs.py"], "absolute path"),
+        (["--extra-src-files", "user_main.py:main.py"], "reserved path"),
+        (["--key-file", "nokey"], "key file nokey: no such file"),
+        (["--key-file", "shortkey"], "expected one line of at least 16 characters"),
+        (["--wheel", "not-a-wheel.whl"], "not a readable wheel"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_publishes_nothing(
+    broker, tmp_path, capsys, extra, message
+):
     (tmp_path / "user_main.py").write_text("pass\n")
     (tmp_path / "shortkey").write_text("abc\n")
     (tmp_path / "not-a-wheel.whl").write_text("hello")
@@ -136,9 +169,12 @@ def test_unreachable_broker_and_refused_login_are_one_clear_line(broker_factory,
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(pw), "publisher", "right"], check=True)
     b = broker_factory(f"password_file {pw}", allow_anonymous=False)
     script = [sys.executable, str(REPO / "scripts" / "publish_ota_update.py"), "--channel", "x"]
-    for url, message in [(f"mqtt://127.0.0.1:{free_port()}", "cannot reach the broker"),
-                         (f"mqtt://publisher:wrong@{b.host}:{b.port}", "refused the connection")]:
-        proc = subprocess.run([*script, "--broker", url], capture_output=True, text=True,
-                              cwd=tmp_path)
+    for url, message in [
+        (f"mqtt://127.0.0.1:{free_port()}", "cannot reach the broker"),
+        (f"mqtt://publisher:wrong@{b.host}:{b.port}", "refused the connection"),
+    ]:
+        proc = subprocess.run(
+            [*script, "--broker", url], capture_output=True, text=True, cwd=tmp_path
+        )
         assert proc.returncode == 1
         assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr

@@ -4,7 +4,6 @@
 # ioctl) that VfsLfs2 and VfsFat use on an ESP32. Every writeblocks() call and
 # every sector erase is one "block write": it is counted, and the board can lose
 # power at a chosen one so tests can cut an install at every write it makes.
-import os
 
 _IOCTL_BLOCK_COUNT = 4
 _IOCTL_BLOCK_SIZE = 5
@@ -90,8 +89,12 @@ def mount(board, image, root, counter=None, cut_at=0, on_cut=None):
         vfs.mount(image, root)
         return None
     flash = Flash(
-        image, board["block_size"], board["flash_size"] // board["block_size"],
-        counter, cut_at, on_cut,
+        image,
+        board["block_size"],
+        board["flash_size"] // board["block_size"],
+        counter,
+        cut_at,
+        on_cut,
     )
     if fs == "littlefs":
         vfs.mount(vfs.VfsLfs2(flash, progsize=_LFS_PROG_SIZE), root)

@@ -6,18 +6,19 @@
 # VBOARD_RESET_CAUSE (machine.*_RESET), VBOARD_CUT_AT (power cut at that block
 # write; 0 for none), VBOARD_RAW_REPL (set: skip main.py, as after a soft reset
 # from the raw REPL).
-import sys
 import json
-import vfs
 
 # This folder is sys.path[0]: these imports load the emulations, which stay in
 # sys.modules once the host filesystem is gone.
 import os
-import machine
-import esp32  # noqa: F401  (imported now: the host path is gone later)
-import network
-import _vb_host
+import sys
+
 import _vb_flash
+import _vb_host
+import esp32  # noqa: F401  (imported now: the host path is gone later)
+import machine
+import network
+import vfs
 
 
 def _start_board():
@@ -33,7 +34,11 @@ def _start_board():
     image = _vb_flash.open_image(board)
     vfs.umount("/")  # from here on, only files opened above reach the host
     _vb_flash.mount(
-        board, image, "/", writes, int(os.getenv("VBOARD_CUT_AT") or 0),
+        board,
+        image,
+        "/",
+        writes,
+        int(os.getenv("VBOARD_CUT_AT") or 0),
         lambda n: _vb_host.power_off("power-cut at block write %d" % n),
     )
     os.chdir("/")
@@ -52,7 +57,7 @@ def _run_file(path):
         exec(source, globals())
     except SystemExit:
         machine.soft_reset()  # sys.exit() in boot.py/main.py soft-resets the ESP32
-    except BaseException as e:  # noqa: BLE001  (the firmware reports everything)
+    except BaseException as e:
         sys.print_exception(e)
 
 

@@ -1,9 +1,9 @@
 # Works on a stopped virtual board's flash from the workstation:
 #   micropython _vb_tool.py BOARD_DIR format|ls|cat|put|putdir|rm|fill|df ARGS...
 # The host filesystem stays at "/"; the flash is mounted at /_flash.
-import sys
 import json
 import os
+import sys
 
 import _vb_flash
 

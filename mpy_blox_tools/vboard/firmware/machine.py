@@ -1,7 +1,7 @@
 # Emulated `machine` of an ESP32 on the virtual board.
 # Shadows the unix port's small built-in module and keeps what it has.
-from umachine import *  # noqa: F401,F403  (Signal, idle, mem8, ...)
 import _vb_host
+from umachine import *  # noqa: F403  (Signal, idle, mem8, ...)
 
 PWRON_RESET = 1
 HARD_RESET = 2
@@ -49,4 +49,3 @@ def lightsleep(time_ms=0):
     import time
 
     time.sleep_ms(time_ms)
-

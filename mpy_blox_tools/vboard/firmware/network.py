@@ -102,7 +102,9 @@ class WLAN:
         ap = _vb_host.board.get("wlan") or {}
         if not (self._s["active"] and _network_up()):
             return []
-        return [((ap.get("ssid") or "vboard").encode(), b"\x02\x00\x00\x00\x00\x01", 6, -55, 3, False)]
+        return [
+            ((ap.get("ssid") or "vboard").encode(), b"\x02\x00\x00\x00\x00\x01", 6, -55, 3, False)
+        ]
 
 
 def hostname(name=None):

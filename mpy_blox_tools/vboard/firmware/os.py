@@ -1,6 +1,7 @@
 # Emulated `os` of the virtual board: the unix port's, plus uname() as on an ESP32.
-from uos import *  # noqa: F401,F403
 import sys
+
+from uos import *  # noqa: F403
 
 _uname = None
 
@@ -12,8 +13,13 @@ def uname():
 
         v = sys.implementation.version
         release = "%d.%d.%d" % (v[0], v[1], v[2])
-        _uname = namedtuple("uname_result", ("sysname", "nodename", "release", "version", "machine"))(
-            "esp32", "esp32", release, "v" + release + " (virtual board)",
+        _uname = namedtuple(
+            "uname_result", ("sysname", "nodename", "release", "version", "machine")
+        )(
+            "esp32",
+            "esp32",
+            release,
+            "v" + release + " (virtual board)",
             "Virtual board (MicroPython unix port) with ESP32",
         )
     return _uname
