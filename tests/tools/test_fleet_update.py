@@ -17,9 +17,6 @@ USER_MAIN = (
     "import asyncio\n\nasync def user_main():\n"
     "    print('{tag} running')\n    await asyncio.sleep(3600)\n"
 )
-    "import asyncio\n\nasync def user_main():\n"
-    "    print('{tag} running')\n    await asyncio.sleep(3600)\n"
-)
 
 
 @pytest.fixture(autouse=True)
