@@ -82,13 +82,19 @@ class Agent:
             self.wake.clear()
             while self.pending:
                 to, (payload, retained) = self.pending.popitem()
+                error = None
                 try:
                     await self._handle(payload, to, retained)
                 except ValueError as e:  # InvalidUpdate: a short reason for status
-                    await self._failed(str(e))
+                    error = str(e)
                 except Exception as e:  # noqa: BLE001  (the agent must stay up for a fix)
                     log.exception("update failed", e)
-                    await self._failed(repr(e)[:100])
+                    error = repr(e)[:100]
+                try:
+                    if error is not None:
+                        await self._failed(error)
+                except Exception as e:  # noqa: BLE001  (out of heap, even to report it)
+                    log.exception("cannot report the failure", e)
                 gc.collect()
 
     async def _failed(self, error):

@@ -26,23 +26,6 @@ KEY = "fedcba9876543210" * 4
 # free heap before the first download and the end-to-end time of the upgrade.
 HEAP = "160K"
 USER_V1 = b"async def user_main():\n    print('USER v1')\n"
-# The virtual board allocates a 4 KiB buffer on the device heap at the first
-# sector erase of a boot (mpy_blox_tools/vboard/firmware/_vb_flash.py, _erased,
-# since a134c56), which littlefs on an ESP32 does not: late in a busy boot that
-# one block is not there and the write fails with MemoryError. This boot.py
-# makes the first erase happen on a whole heap, as a board that allocated the
-# buffer at mount would. Reported to the board's owner; drop it after the fix.
-BOOT_PY = b"""
-import gc
-import os
-b = bytes(512)
-with open("/.vb_erase", "wb") as f:
-    for _ in range(16):
-        f.write(b)
-b = None
-gc.collect()
-os.remove("/.vb_erase")
-"""
 USER_V2 = b"""
 import asyncio
 import mpy_blox
@@ -90,7 +73,6 @@ def app_board(boards, full_mpy, broker, channel):
             "settings.json": json.dumps(settings).encode(),
             "provision.json": json.dumps({"update.key": KEY}).encode(),
             "user_main.py": USER_V1,
-            "boot.py": BOOT_PY,
             **(files or {}),
         }.items():
             board.write(path, data)
