@@ -111,14 +111,16 @@ class Agent:
         seq, entries = manifest.decode_list(payload, self.key, to)
         digest = record.digest(payload)
         last = self.last or {}
+        # Finished, ok or failed: last_update says so, or NVS if it could not.
+        finished = last.get("list") == digest or record.finished_digest() == digest
         if seq is not None:
-            finished = last.get("at") == seq
+            finished = finished or last.get("at") == seq
             if seq < self.seq or (seq == self.seq and finished and not retained):
                 raise InvalidUpdate("replayed or older list: seq %d, device at %d"
                                     % (seq, self.seq))
             if seq == self.seq and finished:
                 return  # the retained list already installed: nothing to say
-        elif retained and last.get("list") == digest:
+        elif retained and finished:
             return  # the same unsigned list, seen again after a (re)connect
         if to.startswith("channels/") and not self.auto:
             self._refresh_info(available=seq)

@@ -17,6 +17,7 @@ TRIES = "ib_tries"  # NVS i32: install boots started for it
 CHANNEL = const(1)  # ib_to: mpypi/channels/{update.channel}
 CMD = const(2)  # ib_to: mpypi/nodes/{id}/cmd
 _DIGEST = "ib_list"  # NVS blob: the SHA256 of that list, for last_update
+FINISHED = "ib_fin"  # NVS i32: 1 once the install boot finished with that list
 _LAST = "/.mpypi/last.json"
 
 log = get_logger("update")
@@ -71,7 +72,7 @@ def pending():
 
 def set_pending(to, tries, seq=None, digest=None):
     """Commit the pending topic, the try count and (if given) a new seq and the
-    list's digest at once."""
+    list's digest at once. to == 0 marks that list finished (FINISHED)."""
     import esp32
 
     nvs = esp32.NVS(NVS)
@@ -79,6 +80,7 @@ def set_pending(to, tries, seq=None, digest=None):
         nvs.set_i32("seq", seq)
     if digest is not None:
         nvs.set_blob(_DIGEST, binascii.unhexlify(digest))
+    nvs.set_i32(FINISHED, 0 if to else 1)
     nvs.set_i32(PENDING, to)
     nvs.set_i32(TRIES, tries)
     nvs.commit()
@@ -94,6 +96,19 @@ def pending_digest():
     except OSError:
         return None
     return binascii.hexlify(buf).decode()
+
+
+def finished_digest():
+    """The digest of the last accepted list if an install boot finished with it
+    (ok or failed): in NVS, because last.json may fail to be written."""
+    import esp32
+
+    try:
+        if esp32.NVS(NVS).get_i32(FINISHED):
+            return pending_digest()
+    except OSError:
+        pass  # never any install boot
+    return None
 
 
 def digest(payload):
