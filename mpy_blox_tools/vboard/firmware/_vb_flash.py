@@ -22,6 +22,9 @@ class Flash:
         self._cut_at = cut_at  # 0: never
         self._on_cut = on_cut
         self.writes = 0
+        # Allocated at boot, within the emulation's own heap allowance: an erase
+        # must not take heap from the board's code at the moment it runs.
+        self._erased = b"\xff" * 256
 
     def readblocks(self, block, buf, offset=0):
         self._image.seek(block * self._block_size + offset)
@@ -56,19 +59,11 @@ class Flash:
             # An erase is a flash operation like a write: counted, and cuttable.
             self._count()
             self._image.seek(arg * self._block_size)
-            self._image.write(_erased(self._block_size))
+            for _ in range(self._block_size // len(self._erased)):
+                self._image.write(self._erased)
             return 0
         return 0  # init, deinit, sync: nothing to do for a file
 
-
-_ERASED = None
-
-
-def _erased(size):
-    global _ERASED
-    if _ERASED is None or len(_ERASED) != size:
-        _ERASED = b"\xff" * size
-    return _ERASED
 
 
 def open_image(board):
