@@ -38,9 +38,14 @@ class _Transfer:
                                        % (msg.size, size))
             self.finished.set()
             return
-        buf = bytearray(_CHUNK)
+        try:
+            buf = bytearray(_CHUNK)
+            sink = self.inst.download(self.entry)
+        except (OSError, MemoryError) as e:  # reported as such, not as a stall
+            self.error = e
+            self.finished.set()
+            return
         mv = memoryview(buf)
-        sink = self.inst.download(self.entry)
         try:
             while True:
                 n = await msg.readinto(buf)
@@ -138,8 +143,8 @@ class Fetcher:
                     pass  # not connected: a new connection has no subscription
             if t.error is None:
                 return
-            if isinstance(t.error, InvalidUpdate):
-                raise t.error
+            if isinstance(t.error, (InvalidUpdate, MemoryError)):
+                raise t.error  # a retry would fare no better
             error = t.error
             log.warning("download of %s broken (%r): retrying", topic, error)
         raise InvalidUpdate("download failed: %r" % error)
