@@ -11,6 +11,9 @@ _IOCTL_BLOCK_ERASE = 6
 # A NOR flash programs 256-byte pages; littlefs then writes in units of that
 # (the unix port's default of 32 would count many more, smaller, writes).
 _LFS_PROG_SIZE = 256
+# What an erased sector reads as, 256 bytes at a time. A constant of this module:
+# it loads with the emulation, before the board's own code, and never moves.
+_ERASED = b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff" * 16
 
 
 class Flash:
@@ -24,7 +27,8 @@ class Flash:
         self.writes = 0
         # Allocated at boot, within the emulation's own heap allowance: an erase
         # must not take heap from the board's code at the moment it runs.
-        self._erased = b"\xff" * 256
+        self._erased = _ERASED
+        self._digits = bytearray(b"         0\n")
 
     def readblocks(self, block, buf, offset=0):
         self._image.seek(block * self._block_size + offset)
@@ -33,14 +37,22 @@ class Flash:
             raise OSError(5)  # EIO: the image is shorter than the filesystem thinks
 
     def _count(self):
+        # Runs inside the board's heap: it must allocate nothing, or the emulation
+        # would fragment the heap the board's code is measured against.
         self.writes += 1
         if self.writes == self._cut_at:
             # Power fails before this operation reaches the flash: everything
             # written so far is on the image (posix writes are unbuffered).
             self._on_cut(self.writes)
         if self._counter:
+            n = self.writes
+            i = 9
+            while i >= 0:
+                self._digits[i] = 0x30 + n % 10 if n or i == 9 else 0x20
+                n //= 10
+                i -= 1
             self._counter.seek(0)
-            self._counter.write(b"%10d\n" % self.writes)
+            self._counter.write(self._digits)
 
     def writeblocks(self, block, buf, offset=0):
         self._count()
@@ -59,8 +71,9 @@ class Flash:
             # An erase is a flash operation like a write: counted, and cuttable.
             self._count()
             self._image.seek(arg * self._block_size)
-            for _ in range(self._block_size // len(self._erased)):
-                self._image.write(self._erased)
+            left = self._block_size
+            while left > 0:
+                left -= self._image.write(self._erased)
             return 0
         return 0  # init, deinit, sync: nothing to do for a file
 
