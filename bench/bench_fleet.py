@@ -19,6 +19,7 @@ from mpy_blox_tools.vboard.process import RunningBoard
 
 TITLE = "Fleet update: one publish to 1, 10 and 50 virtual boards"
 SIZES = (1, 10, 50)
+HEAP = "160K"  # what the install boot needs on the 64-bit virtual board, with a margin
 USER_MAIN = (
     "import asyncio\n\nasync def user_main():\n    print('{tag}')\n    await asyncio.sleep(3600)\n"
 )
@@ -38,7 +39,7 @@ def _template(work: Path, broker: Mosquitto, key: str) -> Board:
     (work / "provision.json").write_text(json.dumps({"update.key": key}))
     (work / "user_main.py").write_text(USER_MAIN.format(tag="v1"))
     board = Board.create(work / "template")
-    with RunningBoard(board) as rb:
+    with RunningBoard(board, heap=HEAP) as rb:
         rb.wait_for(r"\[vboard\] boot 1")
         deploy.deploy_app(
             rb.serial_port, settings, work / "provision.json", work / "user_main.py", reset=False
@@ -65,7 +66,7 @@ def run(workdir: Path) -> list[dict]:
         template = _template(workdir, broker, key)
         for size in SIZES:
             boards = [_clone(template, workdir / f"fleet{size}-{i}", i) for i in range(size)]
-            running = [RunningBoard(b) for b in boards]
+            running = [RunningBoard(b, heap=HEAP) for b in boards]
             try:
                 for rb in running:
                     rb.start()

@@ -27,6 +27,9 @@ from mpy_blox_tools.vboard.process import RunningBoard
 
 BOARDS = 3
 CHANNEL = "demo"
+# The install boot needs about 136K on the virtual board, the 64-bit unix port
+# whose objects are larger than an ESP32's (docs/protocol.md, "The install boot").
+DEMO_HEAP = "160K"
 USER_MAIN = """\
 import asyncio
 
@@ -43,7 +46,7 @@ def _step(text: str) -> None:
 
 
 def run_demo(
-    workdir: Path | None = None, boards: int = BOARDS, timeout: float = 120, heap: str = "100K"
+    workdir: Path | None = None, boards: int = BOARDS, timeout: float = 120, heap: str = DEMO_HEAP
 ) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mpy-blox-demo-") as tmp:

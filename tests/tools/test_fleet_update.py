@@ -11,8 +11,9 @@ from mpy_blox_tools import deploy, fleet, mqtt, publish
 from mpy_blox_tools.cli import main as cli
 from mpy_blox_tools.demo import run_demo
 
-# The heap the boards get here.
-HEAP = "256K"
+# The heap the boards get here: what the install boot needs on the 64-bit virtual
+# board, with a margin (docs/protocol.md, "The install boot").
+HEAP = "160K"
 USER_MAIN = (
     "import asyncio\n\nasync def user_main():\n"
     "    print('{tag} running')\n    await asyncio.sleep(3600)\n"
