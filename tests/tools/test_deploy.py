@@ -190,3 +190,40 @@ def test_a_wrong_device_is_one_clear_error_line(target, tmp_path):
         "mpy-blox: device /dev/no-such-port not found (is it plugged in? "
         "`mpremote devs` lists serial ports)"
     ]
+
+
+def test_deploy_app_reboots_a_fresh_board_into_the_app_reporting_its_version(
+    boards, broker, tmp_path
+):
+    from mpy_blox_tools import fleet, mqtt
+
+    b = boards.create()
+    rb = boards.start(b)
+    rb.wait_for(r"\[vboard\] boot 1")
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"mqtt": {"server": broker.host, "port": broker.port}}))
+    provision = tmp_path / "provision.json"
+    provision.write_text(json.dumps({"update.key": "k" * 32}))
+    out = make(
+        "deploy-app",
+        rb.serial_port,
+        settings=str(settings),
+        provision=str(provision),
+        user_main=str(tmp_path / "none.py"),
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("deploy-lib: installing mpy-blox")
+    assert "deploy-app: device reset into the app" in lines
+    rb.wait_for(r"app: booted", timeout=60)
+    url = mqtt.BrokerURL(broker.host, broker.port)
+    deadline = time.monotonic() + 30
+    while True:
+        devices = {d.device_id: d for d in fleet.fetch(url, quiet=0.3)}
+        d = devices.get(b.device_id)
+        if d and d.framework:
+            break
+        assert time.monotonic() < deadline, "no info from the board"
+    assert d.framework == build.project_version() and d.state == "online"
+    rb.stop()
+    assert "provision.json" not in b.ls()
