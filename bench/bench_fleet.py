@@ -65,7 +65,10 @@ def run(workdir: Path) -> list[dict]:
         url = mqtt.BrokerURL(broker.host, broker.port)
         template = _template(workdir, broker, key)
         for size in SIZES:
-            boards = [_clone(template, workdir / f"fleet{size}-{i}", i) for i in range(size)]
+            boards = [
+                _clone(template, workdir / f"fleet{size}-{i}", size * 1000 + i)
+                for i in range(size)
+            ]
             running = [RunningBoard(b, heap=HEAP) for b in boards]
             try:
                 for rb in running:
@@ -92,6 +95,10 @@ def run(workdir: Path) -> list[dict]:
                 with open("/dev/null", "w") as quiet:
                     ok = watcher.wait(300, out=quiet)
                 elapsed = time.monotonic() - started
+                # New clones must boot on v1: take the retained list away again.
+                client.publish("mpypi/channels/bench", b"", qos=1, retain=True).wait_for_publish(
+                    10
+                )
                 mqtt.disconnect(client)
                 done = sum(p.outcome == watch.DONE for p in watcher.devices.values())
                 rows.append(

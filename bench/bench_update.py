@@ -1,8 +1,8 @@
 """Update agent end to end: publish -> installed, against the raw-socket limit.
 
-For src packages of 64 KiB, 1 MiB and 4 MiB on a virtual board with a 160K heap (what the install boot needs on
-the 64-bit unix port, with a margin) and
-16 MiB of flash, running the full app:
+For src packages of 64 KiB, 1 MiB and 4 MiB on a virtual board with a 160K heap
+(what the install boot needs on the 64-bit unix port, with a margin) and 16 MiB of
+flash, running the full app:
 
 - end to end: from the moment the publisher starts sending until the board reports
   `rebooting` after `installing` (so the agent's acceptance, the reset into the
