@@ -86,7 +86,9 @@ class Device:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.stop()
-            raise AssertionError(f"device still running after {timeout}s:\n{self.output()}")
+            raise AssertionError(
+                f"device still running after {timeout}s:\n{self.output()}"
+            ) from None
         self.wait_for("<exit>", timeout=5)
         return self.output()
 

@@ -78,7 +78,6 @@ class Flash:
         return 0  # init, deinit, sync: nothing to do for a file
 
 
-
 def open_image(board):
     """Open the flash: the image file, or the folder's VFS in posix mode."""
     import vfs
