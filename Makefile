@@ -35,8 +35,8 @@ $(POETRY): | $(PY)
 	$(PY) -m pip install --quiet "poetry>=2,<3"
 
 $(INSTALLED): pyproject.toml poetry.lock | $(POETRY)
-	@echo "mpy-blox: installing dependencies (poetry install)"
-	VIRTUAL_ENV=$(abspath $(VENV)) $(POETRY) install --no-interaction --quiet
+	@echo "mpy-blox: installing dependencies (poetry install --all-extras)"
+	VIRTUAL_ENV=$(abspath $(VENV)) $(POETRY) install --all-extras --no-interaction --quiet
 	@touch $@
 
 mosquitto:
