@@ -7,6 +7,7 @@ authentication, ACLs, TLS listeners, keepalive limits.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -157,32 +158,65 @@ class Mosquitto:
         self.stop()
 
 
-def run_broker(directory: Path, port: int, bind: str, password_file: Path | None) -> int:
-    """`mpy-blox broker`: a local Mosquitto, retained messages kept in `directory`."""
-    extra = ""
-    if password_file:
-        if not password_file.is_file():
-            raise MpyBloxError(
-                f"{password_file}: no such password file (make one with "
-                "mosquitto_passwd -c FILE USER)"
-            )
-        extra = f"password_file {password_file.resolve()}"
-    broker = Mosquitto(
-        directory,
-        port=port,
-        host=bind,
-        extra_config=extra,
-        allow_anonymous=password_file is None,
-        log_to_stdout=True,
-    )
-    print(
-        f"mpy-blox: Mosquitto on {broker.url}, retained messages kept in {broker.dir}", flush=True
-    )
+ENGINES = ("auto", "mosquitto", "amqtt")
+AMQTT_HINT = (
+    "the embedded broker needs amqtt: `make setup`, `poetry install --extras broker` "
+    "or `pip install 'mpy-blox-tools[broker]'`"
+)
+
+
+def amqtt_installed() -> bool:
+    return importlib.util.find_spec("amqtt") is not None
+
+
+def choose_engine(engine: str) -> str:
+    """`auto`: Mosquitto when it is installed, otherwise the embedded amqtt broker."""
+    if engine == "mosquitto" and not find_mosquitto():
+        raise MpyBloxError(INSTALL_HINT)
+    if engine == "amqtt" and not amqtt_installed():
+        raise MpyBloxError(AMQTT_HINT)
+    if engine != "auto":
+        return engine
+    if find_mosquitto():
+        return "mosquitto"
+    if amqtt_installed():
+        return "amqtt"
+    raise MpyBloxError(f"no MQTT broker: {INSTALL_HINT}; or {AMQTT_HINT}")
+
+
+def run_broker(
+    directory: Path, port: int, bind: str, password_file: Path | None, engine: str = "auto"
+) -> int:
+    """`mpy-blox broker`: a local broker in the foreground, retained messages kept in `directory`.
+
+    Mosquitto when it is installed (or `engine="mosquitto"`), otherwise the embedded
+    amqtt broker (`engine="amqtt"`); both read the same `mosquitto_passwd` file.
+    """
+    engine = choose_engine(engine)
+    if password_file and not password_file.is_file():
+        raise MpyBloxError(
+            f"{password_file}: no such password file (make one with mosquitto_passwd -c FILE USER)"
+        )
     if bind not in ("127.0.0.1", "localhost", "::1") and password_file is None:
         print(
             "mpy-blox: warning: anyone on your network can publish code to your devices; "
             "use --password-file and see examples/mosquitto/",
             flush=True,
         )
+    if engine == "amqtt":
+        from mpy_blox_tools.embedded_broker import run_embedded_broker
+
+        return run_embedded_broker(directory, port, bind, password_file)
+    broker = Mosquitto(
+        directory,
+        port=port,
+        host=bind,
+        extra_config=f"password_file {password_file.resolve()}" if password_file else "",
+        allow_anonymous=password_file is None,
+        log_to_stdout=True,
+    )
+    print(
+        f"mpy-blox: Mosquitto on {broker.url}, retained messages kept in {broker.dir}", flush=True
+    )
     broker.exec_foreground()
     return 0  # not reached

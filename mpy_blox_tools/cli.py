@@ -192,11 +192,15 @@ def _broker(args: argparse.Namespace) -> int:
         args.port,
         args.bind,
         Path(args.password_file) if args.password_file else None,
+        args.engine,
     )
 
 
 def _add_broker(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("broker", help="run a local MQTT broker (Mosquitto) for your devices")
+    p = sub.add_parser(
+        "broker",
+        help="run a local MQTT broker for your devices (Mosquitto, or the embedded amqtt)",
+    )
     p.add_argument("--port", type=int, default=1883)
     p.add_argument(
         "--bind",
@@ -205,6 +209,12 @@ def _add_broker(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dir", default=".mpy-blox/broker", help="where retained messages are kept")
     p.add_argument("--password-file", help="a mosquitto_passwd file: no anonymous access")
+    p.add_argument(
+        "--engine",
+        choices=("auto", "mosquitto", "amqtt"),
+        default="auto",
+        help="auto (default): Mosquitto when installed, otherwise the embedded amqtt broker",
+    )
     p.set_defaults(func=_broker)
 
 
