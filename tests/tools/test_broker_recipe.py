@@ -1,7 +1,12 @@
-"""examples/mosquitto: a device's credentials cannot push code; the publisher's can."""
+"""examples/mosquitto: a device's credentials cannot push code; the publisher's can;
+a board configured as a user does it logs in with its own id and installs an update."""
 
 from __future__ import annotations
 
+import json
+import re
+import secrets
+import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -9,9 +14,20 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from mpy_blox_tools import deploy, publish
+from mpy_blox_tools.mqtt import BrokerURL
+
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "examples" / "mosquitto"
 DEVICE = "esp32-840d8ed29760"
+OTHER = "esp32-000000000002"
+PASSWORDS = {"publisher": "pub-secret", DEVICE: "dev-secret", OTHER: "other"}
+# What the install boot needs on the 64-bit virtual board (docs/protocol.md).
+HEAP = "160K"
+USER_MAIN = (
+    "import asyncio\n\nasync def user_main():\n"
+    "    print('{tag} running')\n    await asyncio.sleep(3600)\n"
+)
 # Lines of the recipe that name machine paths or listeners; the test supplies its own.
 MACHINE_SPECIFIC = (
     "listener",
@@ -26,23 +42,21 @@ MACHINE_SPECIFIC = (
 @pytest.fixture
 def fleet_broker(broker_factory, tmp_path):
     pwfile = tmp_path / "passwd"
-    for i, (user, password) in enumerate(
-        [("publisher", "pub-secret"), (DEVICE, "dev-secret"), ("esp32-000000000002", "other")]
-    ):
+    for i, (user, password) in enumerate(PASSWORDS.items()):
         subprocess.run(
             ["mosquitto_passwd", "-b"] + ([] if i else ["-c"]) + [str(pwfile), user, password],
             check=True,
         )
-    kept = [
-        line
+    lines = [
+        line.split()
         for line in (RECIPE / "mosquitto.conf").read_text().splitlines()
-        if line.strip()
-        and not line.startswith("#")
-        and line.split()[0] not in MACHINE_SPECIFIC
-        and line.split()[0] != "allow_anonymous"
+        if line.strip() and not line.startswith("#")
     ]
+    kept = [" ".join(w) for w in lines if w[0] not in MACHINE_SPECIFIC + ("allow_anonymous",)]
+    # The broker's own config sets allow_anonymous: pass it the recipe's value.
+    anonymous = ["allow_anonymous", "true"] in lines
     extra = "\n".join(kept + [f"password_file {pwfile}", f"acl_file {RECIPE / 'mpypi.acl'}"])
-    return broker_factory(extra, allow_anonymous=False)
+    return broker_factory(extra, allow_anonymous=anonymous)
 
 
 def _client(broker, user, password):
@@ -124,3 +138,142 @@ def test_anonymous_clients_are_refused(fleet_broker):
     done.wait(5)
     c.loop_stop()
     assert result["r"].is_failure
+
+
+class _Watcher:
+    """A paho client logged in as `user`, collecting what reaches it on `topic_filter`."""
+
+    def __init__(self, broker, user: str, topic_filter: str) -> None:
+        self.got: list[tuple[str, bytes]] = []
+        self.client = _client(broker, user, PASSWORDS[user])
+        self.client.on_message = lambda c, u, msg: self.got.append((msg.topic, msg.payload))
+        self.client.subscribe(topic_filter, qos=1)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _logins(broker, user: str) -> int:
+    """How many times Mosquitto accepted a client logging in with user name `user`."""
+    return len(re.findall(rf"New client connected from .* u'{re.escape(user)}'\)", broker.log()))
+
+
+def test_a_board_logs_in_as_its_id_reports_and_installs_a_signed_update(
+    fleet_broker, boards, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(publish, "STATE_DIR", tmp_path / "state")
+    monkeypatch.chdir(tmp_path)  # the framework wheel is built into ./dist
+    key = secrets.token_hex(32)
+    # As a user sets a device up: its id as user name in settings.json, the password
+    # and the update key in provision.json, then make deploy-app.
+    settings = tmp_path / "settings.json"
+    settings.write_text(
+        json.dumps(
+            {
+                "mqtt": {
+                    "server": fleet_broker.host,
+                    "port": fleet_broker.port,
+                    "username": DEVICE,
+                },
+                "update": {"channel": "recipe", "auto_update": True},
+            }
+        )
+    )
+    provision = tmp_path / "provision.json"
+    provision.write_text(json.dumps({"mqtt.password": PASSWORDS[DEVICE], "update.key": key}))
+    user_main = tmp_path / "user_main.py"
+    user_main.write_text(USER_MAIN.format(tag="v1"))
+    board = boards.create(device_id=DEVICE)
+    rb = boards.start(board, heap=HEAP)
+    rb.wait_for(r"\[vboard\] boot 1")
+    deploy.deploy_app(rb.serial_port, settings, provision, user_main)
+    rb.wait_for("provisioned mqtt.password, update.key; /provision.json removed", timeout=30)
+    rb.wait_for("v1 running", timeout=60)
+    assert _logins(fleet_broker, DEVICE) == 1, fleet_broker.log()
+
+    # The publisher reads what the device reports about itself.
+    info = json.loads(_retained(fleet_broker, f"mpypi/nodes/{DEVICE}/info"))
+    assert info["device_id"] == DEVICE and info["channel"] == "recipe"
+    assert json.loads(_retained(fleet_broker, f"mpypi/nodes/{DEVICE}/status"))["state"] in (
+        "online",
+        "idle",
+    )
+
+    # Another device's credentials see nothing of this device's topics, its command
+    # included, and cannot overwrite its status.
+    other = _Watcher(fleet_broker, OTHER, f"mpypi/nodes/{DEVICE}/#")
+    try:
+        (tmp_path / "user_main.py").write_text(USER_MAIN.format(tag="v2"))
+        done = publish.publish_update(
+            BrokerURL(fleet_broker.host, fleet_broker.port, False, "publisher", "pub-secret"),
+            [publish.src_package(tmp_path / "user_main.py")],
+            device_ids=(DEVICE,),
+            key=key.encode(),
+        )
+        assert done.list_topics == [f"mpypi/nodes/{DEVICE}/cmd"]
+        package_topic = done.entries[0]["pkg_sha256"]
+        rb.wait_for("v2 running", timeout=60)
+        own = _retained(fleet_broker, f"mpypi/nodes/{DEVICE}/status")
+        other.client.publish(
+            f"mpypi/nodes/{DEVICE}/status", b'{"state": "failed"}', qos=1, retain=True
+        ).wait_for_publish(5)
+        assert _retained(fleet_broker, f"mpypi/nodes/{DEVICE}/status") == own
+        assert json.loads(own)["state"] in ("online", "idle")
+        assert other.got == []
+    finally:
+        other.close()
+
+    # The device fetched the list and the package with its own login: the app boot,
+    # the install boot and the app boot again.
+    assert _logins(fleet_broker, DEVICE) == 3, fleet_broker.log()
+    info = json.loads(_retained(fleet_broker, f"mpypi/nodes/{DEVICE}/info"))
+    assert info["last_update"]["result"] == "ok", info
+    assert info["src"]["user_main.py"] == package_topic
+    console = rb.console()
+    assert "refused" not in console and PASSWORDS[DEVICE] not in console
+
+    # The secret left the flash: provision.json is gone, settings.json never had it.
+    rb.stop()
+    assert "provision.json" not in board.ls()
+    kept = board.cat("settings.json").decode()
+    assert PASSWORDS[DEVICE] not in kept and "password" not in kept
+    assert PASSWORDS[DEVICE] not in (board.dir / "nvs.json").read_text()  # encrypted there
+
+
+def test_a_board_with_a_wrong_password_says_so_and_keeps_retrying(fleet_broker, boards, tmp_path):
+    runtime = tmp_path / "runtime" / "mpy_blox"  # the app without the update agent
+    shutil.copytree(
+        REPO / "mpy_blox", runtime, ignore=shutil.ignore_patterns("update", "__pycache__")
+    )
+    settings = {
+        "mqtt": {
+            "server": fleet_broker.host,
+            "port": fleet_broker.port,
+            "username": OTHER,
+            "wait_s": 2,
+        }
+    }
+    board = boards.create(
+        device_id=OTHER,
+        files={
+            "main.py": (REPO / "main.py").read_text(),
+            "mpypi_recover.py": (REPO / "mpypi_recover.py").read_text(),
+            "settings.json": json.dumps(settings),
+            "provision.json": json.dumps({"mqtt.password": "not-" + PASSWORDS[OTHER]}),
+            "user_main.py": USER_MAIN.format(tag="app"),
+        },
+    )
+    board.put_tree(runtime, "lib/mpy_blox")
+    rb = boards.start(board)
+    refused = (
+        r"mqtt: connecting to [\d.]+:\d+ failed \(ConnectError: connection refused: "
+        r"(not authori[sz]ed|bad user name or password)\)"
+    )
+    rb.wait_for(refused, count=3, timeout=30)
+    rb.wait_for("app running")  # user code runs without MQTT
+    assert rb.boots() == 1  # no crash, no reset
+    assert "not-" + PASSWORDS[OTHER] not in rb.console()
+    assert _logins(fleet_broker, OTHER) == 0
+    # Mosquitto 2.0 names no client it refused: "Client <unknown> disconnected, not authorised."
+    assert len(re.findall(r"disconnected, not authori[sz]ed", fleet_broker.log())) >= 3
