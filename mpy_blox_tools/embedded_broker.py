@@ -50,6 +50,18 @@ class MosquittoPasswordPlugin(BaseAuthPlugin):
         return encoded is not None and mosquitto_passwd.verify(session.password or "", encoded)
 
 
+class AnyonePlugin(BaseAuthPlugin):
+    """amqtt plugin: anyone may connect, as with Mosquitto's `allow_anonymous true`.
+
+    amqtt's own AnonymousAuthPlugin marks every session anonymous, and amqtt then keeps
+    no messages for an anonymous client that asked for a persistent session (clean
+    session false) while it is away; Mosquitto keeps them, and so does this.
+    """
+
+    async def authenticate(self, *, session: Session) -> bool:
+        return True
+
+
 def broker_config(
     retained_dir: Path, port: int, bind: str, password_file: Path | None
 ) -> BrokerConfig:
@@ -57,7 +69,7 @@ def broker_config(
     auth = (
         {f"{__name__}.MosquittoPasswordPlugin": {"password_file": str(password_file)}}
         if password_file
-        else {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+        else {f"{__name__}.AnyonePlugin": {}}
     )
     host = f"[{bind}]" if ":" in bind else bind
     return BrokerConfig(
