@@ -3,10 +3,10 @@
 It listens on one plain-TCP address, keeps retained messages on disk across restarts
 (`retained_store`), and with a password file admits only the users of a
 `mosquitto_passwd` file, the same file Mosquitto reads. amqtt 0.12 puts no limit on a
-packet's size (a 4 MiB package passes); QoS 0/1/2, will messages and sessions with
-clean-session false work as MQTT 3.1.1 says, but sessions live in memory only: after a
-restart a device subscribes again, as it does after every reconnect. SIGINT and SIGTERM
-stop it cleanly, after the last retained message is on disk.
+packet's size (a 4 MiB package passes at QoS 1); a session with clean-session false
+keeps QoS 1 messages for its absent client, but in memory only: after a restart a
+device subscribes again, as it does after every reconnect. SIGINT and SIGTERM stop it
+cleanly, after the last retained message is on disk.
 
 amqtt is an optional dependency (the `broker` extra): import this module only to run it.
 """
