@@ -2,7 +2,7 @@
 
 Retained messages survive a restart byte for byte, an empty payload clears a topic for
 good, a Mosquitto password file admits its users only, a 4 MiB package passes at QoS 1,
-and a virtual board boots, reports and installs an update through it.
+and a virtual board boots, reports, installs an update and goes offline through it.
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ def test_no_broker_at_all_names_both_ways_to_get_one(tmp_path, monkeypatch, caps
     assert "mpy-blox-tools[broker]" in err
 
 
-def test_a_virtual_board_reports_and_installs_an_update_through_the_embedded_broker(
+def test_a_virtual_board_reports_installs_an_update_and_its_will_fires_via_amqtt(
     embedded, boards, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setattr(publish, "STATE_DIR", tmp_path / "state")
@@ -300,3 +300,11 @@ def test_a_virtual_board_reports_and_installs_an_update_through_the_embedded_bro
     rb.wait_for("v2 running", timeout=60)
     devices = {d.device_id: d for d in fleet.fetch(mqtt.BrokerURL(b.host, b.port))}
     assert ".dev" in devices[device].framework and devices[device].last_update == "ok"
+    # Power off: the link dies without a DISCONNECT and the broker publishes the will.
+    rb.stop()
+    status_topic = f"mpypi/nodes/{device}/status"
+    deadline = time.monotonic() + 10
+    while json.loads(_retained(b, status_topic).get(status_topic, b"{}")).get("state") != (
+        "offline"
+    ):
+        assert time.monotonic() < deadline, b.log()
