@@ -78,10 +78,14 @@ def devices_from(messages: dict[str, bytes]) -> list[Device]:
     return sorted(devices.values(), key=lambda d: d.device_id)
 
 
-def fetch(broker: mqtt.BrokerURL, quiet: float = 0.5) -> list[Device]:
+def fetch(
+    broker: mqtt.BrokerURL, quiet: float | None = None, limit: float = mqtt.RETAINED_TIMEOUT
+) -> list[Device]:
+    """Every device's retained info and status, as rows. `quiet` is ignored: the
+    broker's answer marks the end of the retained messages (mqtt.collect_retained)."""
     client = mqtt.connect(broker)
     try:
-        messages = mqtt.collect_retained(client, NODES + "#", quiet=quiet)
+        messages = mqtt.collect_retained(client, NODES + "info", NODES + "status", limit=limit)
     finally:
         mqtt.disconnect(client)
     return devices_from(messages)

@@ -10,7 +10,6 @@ import json
 import os
 import ssl
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from mpy_blox_tools.errors import MpyBloxError
 
 CONNECT_TIMEOUT = 10.0
+RETAINED_TIMEOUT = 10.0  # for the broker to send what it retains, large packages and all
 
 
 @dataclass(frozen=True)
@@ -118,25 +118,69 @@ def disconnect(client: paho.Client) -> None:
 
 
 def collect_retained(
-    client: paho.Client, topic_filter: str, quiet: float = 0.5, limit: float = 5.0
+    client: paho.Client, *topic_filters: str, limit: float = RETAINED_TIMEOUT
 ) -> dict[str, bytes]:
-    """Retained messages on `topic_filter`: {topic: payload}, once the flow has gone quiet."""
+    """The messages the broker retains on `topic_filters`: {topic: payload}.
+
+    One SUBSCRIBE for all the filters, then an UNSUBSCRIBE of them: the broker
+    answers it after the retained messages it queued for the subscription, so the
+    UNSUBACK marks the end of them and no quiet period is waited for. Live
+    (non-retained) messages on the filters are left out. Raises MpyBloxError when
+    the broker does not answer within `limit` seconds (what arrived may be
+    incomplete, so it is not returned).
+    """
+    # Why the UNSUBACK is a marker. Mosquitto (src/handle_subscribe.c, 2.0 and
+    # later) queues a subscription's retained messages (retain__queue) while it
+    # handles the SUBSCRIBE, before it reads this client's next packet; it sends
+    # the SUBACK *first*, so the SUBACK is no marker, but the UNSUBACK it sends
+    # while handling our later UNSUBSCRIBE goes out behind them. That holds for
+    # QoS 0 only: QoS 0 messages are never held back by the inflight limit
+    # (db__ready_for_flight), whereas beyond 20 QoS 1 messages the rest wait for
+    # PUBACKs and the UNSUBACK would overtake them. The embedded amqtt broker
+    # awaits the retained publishes of a SUBSCRIBE before it handles the next
+    # UNSUBSCRIBE. paho calls the callbacks in the order packets arrive, on its
+    # network thread, so when on_unsubscribe sees our mid every retained message
+    # has been through on_message. Limits, as before: Mosquitto 2.0 drops what is
+    # past max_queued_messages (1000) queued for one client, and it writes the
+    # retained messages out at the end of the SUBSCRIBE only if this client's
+    # socket is not still backed up with earlier packets.
+    if not topic_filters or not all(isinstance(f, str) for f in topic_filters):
+        raise TypeError(f"collect_retained takes topic filters as strings: {topic_filters!r}")
+    filters = list(dict.fromkeys(topic_filters))
     messages: dict[str, bytes] = {}
-    last = [time.monotonic()]
-    lock = threading.Lock()
+    acked: set[int] = set()
+    cond = threading.Condition()
+    chained = client.on_unsubscribe
 
     def on_message(c, userdata, msg):
         if msg.retain:
-            with lock:
+            with cond:
                 messages[msg.topic] = msg.payload
-                last[0] = time.monotonic()
 
-    client.message_callback_add(topic_filter, on_message)
-    client.subscribe(topic_filter, qos=1)
-    start = time.monotonic()
-    while time.monotonic() - start < limit and time.monotonic() - last[0] < quiet:
-        time.sleep(0.05)
-    client.unsubscribe(topic_filter)
-    client.message_callback_remove(topic_filter)
-    with lock:
-        return dict(messages)
+    def on_unsubscribe(c, userdata, mid, reason_codes, properties):
+        with cond:
+            acked.add(mid)
+            cond.notify_all()
+        if chained is not None:
+            chained(c, userdata, mid, reason_codes, properties)
+
+    for f in filters:
+        client.message_callback_add(f, on_message)
+    client.on_unsubscribe = on_unsubscribe
+    try:
+        rc, _ = client.subscribe([(f, 0) for f in filters])
+        if rc == paho.MQTT_ERR_SUCCESS:
+            rc, mid = client.unsubscribe(filters)
+        if rc != paho.MQTT_ERR_SUCCESS:
+            raise MpyBloxError(f"cannot read retained messages: {paho.error_string(rc)}")
+        with cond:
+            if not cond.wait_for(lambda: mid in acked, timeout=limit):
+                raise MpyBloxError(
+                    f"no answer from the broker at {client.host}:{client.port} within "
+                    f"{limit:.0f}s while reading retained messages on {', '.join(filters)}"
+                )
+            return dict(messages)
+    finally:
+        client.on_unsubscribe = chained
+        for f in filters:
+            client.message_callback_remove(f)

@@ -143,9 +143,8 @@ def next_seq(client, broker: mqtt.BrokerURL) -> int:
     except (OSError, ValueError):
         local = {}
     highest = int(local.get(str(broker), 0))
-    for topic_filter in LIST_FILTERS:
-        for payload in mqtt.collect_retained(client, topic_filter, quiet=0.3).values():
-            highest = max(highest, _seq_of(payload))
+    for payload in mqtt.collect_retained(client, *LIST_FILTERS).values():
+        highest = max(highest, _seq_of(payload))
     seq = highest + 1
     if seq > MAX_SEQ:
         raise MpyBloxError("sequence numbers exhausted for this broker")
