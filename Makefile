@@ -48,7 +48,10 @@ test: setup mosquitto
 	if [ $$status -eq 5 ]; then echo "mpy-blox: no tests were collected"; fi; \
 	exit $$status
 
-demo: setup mosquitto
+# The demo prefers Mosquitto (installed here when we can) and otherwise runs
+# the embedded amqtt broker.
+demo: setup
+	@sh scripts/ensure-mosquitto.sh 2>/dev/null || echo "mpy-blox: no Mosquitto: the demo uses the embedded broker"
 	@$(VENV)/bin/mpy-blox demo
 
 # Benchmarks: tables on stdout, JSON in bench-results/. `make bench BENCH=mqtt` runs one.

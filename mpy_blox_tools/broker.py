@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -59,6 +60,8 @@ def wait_for_port(host: str, port: int, timeout: float) -> bool:
 class Mosquitto:
     """A Mosquitto process on 127.0.0.1:`port`, configured in `directory`."""
 
+    name = "Mosquitto"
+
     def __init__(
         self,
         directory: str | Path,
@@ -90,6 +93,9 @@ class Mosquitto:
                     f"persistence {'true' if persistence else 'false'}",
                     f"persistence_location {self.dir}/",
                     "autosave_interval 1",
+                    # Small packets (PUBACK, UNSUBACK) go out at once, not after
+                    # the client's delayed ACK: 40 ms a publish otherwise.
+                    "set_tcp_nodelay true",
                     "log_dest stdout" if log_to_stdout else f"log_dest file {self.log_file}",
                     "log_type error",
                     "log_type warning",
@@ -167,6 +173,62 @@ AMQTT_HINT = (
 
 def amqtt_installed() -> bool:
     return importlib.util.find_spec("amqtt") is not None
+
+
+class EmbeddedBroker:
+    """`mpy-blox broker --engine amqtt` as a child process, handled like Mosquitto."""
+
+    name = "embedded amqtt"
+
+    def __init__(self, directory: str | Path, *, port: int | None = None) -> None:
+        self.dir = Path(directory).resolve()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.log_file = self.dir / "broker.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 20) -> EmbeddedBroker:
+        log = open(self.log_file, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mpy_blox_tools.cli", "broker", "--engine", "amqtt"]
+            + ["--port", str(self.port), "--bind", self.host, "--dir", str(self.dir)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        if not wait_for_port(self.host, self.port, timeout):
+            self.stop()
+            raise MpyBloxError(f"the embedded broker did not start: see {self.log_file}")
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # retained messages are saved
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def local_broker(directory: str | Path, engine: str = "auto") -> Mosquitto | EmbeddedBroker:
+    """A loopback broker for the demo: Mosquitto, or the embedded one without it."""
+    if choose_engine(engine) == "mosquitto":
+        return Mosquitto(directory)
+    return EmbeddedBroker(directory)
 
 
 def choose_engine(engine: str) -> str:

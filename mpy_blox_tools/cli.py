@@ -221,11 +221,17 @@ def _add_broker(sub: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from mpy_blox_tools.demo import run_demo
 
-    return run_demo()
+    return run_demo(engine=args.engine)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the end-to-end demonstration on the embedded defaults")
+    p.add_argument(
+        "--engine",
+        choices=("auto", "mosquitto", "amqtt"),
+        default="auto",
+        help="the local broker: Mosquitto when installed, else the embedded amqtt (default auto)",
+    )
     p.set_defaults(func=_demo)
 
 

@@ -1,6 +1,6 @@
 """`mpy-blox demo` (= `make demo`): a fleet update, end to end, on the embedded defaults.
 
-1. start a local Mosquitto;
+1. start a local broker (Mosquitto, or the embedded one without it);
 2. create three virtual boards and deploy the framework on each over its serial
    port, exactly as `make deploy-app` does on hardware (settings pointing at the
    broker, an update key provisioned, a first user_main.py);
@@ -21,7 +21,7 @@ from argparse import Namespace
 from pathlib import Path
 
 from mpy_blox_tools import build, deploy, fleet, mqtt, publish
-from mpy_blox_tools.broker import Mosquitto
+from mpy_blox_tools.broker import local_broker
 from mpy_blox_tools.vboard.board import Board
 from mpy_blox_tools.vboard.process import RunningBoard
 
@@ -46,7 +46,11 @@ def _step(text: str) -> None:
 
 
 def run_demo(
-    workdir: Path | None = None, boards: int = BOARDS, timeout: float = 120, heap: str = DEMO_HEAP
+    workdir: Path | None = None,
+    boards: int = BOARDS,
+    timeout: float = 120,
+    heap: str = DEMO_HEAP,
+    engine: str = "auto",
 ) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mpy-blox-demo-") as tmp:
@@ -54,8 +58,9 @@ def run_demo(
         work.mkdir(parents=True, exist_ok=True)
         key = secrets.token_hex(32)
         (work / "update.key").write_text(key + "\n")
-        _step("starting a local Mosquitto broker")
-        with Mosquitto(work / "broker") as broker:
+        broker = local_broker(work / "broker", engine)
+        _step(f"starting a local broker ({broker.name})")
+        with broker:
             print(f"broker: {broker.url}")
             url = mqtt.BrokerURL(broker.host, broker.port)
             settings = work / "settings.json"

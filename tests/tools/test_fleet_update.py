@@ -117,3 +117,11 @@ def test_the_demo_runs_to_completion(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("user_main v2 says hello") == 2
     assert "demo finished in" in out
+
+
+def test_the_demo_runs_on_the_embedded_broker_without_mosquitto(tmp_path, capsys):
+    pytest.importorskip("amqtt")
+    assert run_demo(tmp_path / "demo", boards=1, heap=HEAP, engine="amqtt") == 0
+    out = capsys.readouterr().out
+    assert "starting a local broker (embedded amqtt)" in out
+    assert out.count("user_main v2 says hello") == 1
