@@ -24,6 +24,7 @@ _REASONS = {
     1: "unacceptable protocol version",
     2: "client identifier rejected",
     3: "server unavailable",
-    4: "bad user name or password",
-    5: "not authorized",
+    # What a user can fix: the device's credentials (docs/configuration.md).
+    4: "bad user name or password (check mqtt.username, mqtt.password)",
+    5: "not authorized (check mqtt.username, mqtt.password)",
 }

@@ -144,7 +144,10 @@ def test_a_refused_connect_is_logged_by_reason_and_retried(fake_broker, device):
     broker = fake_broker(script)
     out = device(REFUSED.format(port=broker.port), heap="64K").wait(timeout=30)
     assert "NOT CONNECTED" in out
-    assert "failed (ConnectError: connection refused: bad user name or password)" in out, out
+    assert (
+        "failed (ConnectError: connection refused: bad user name or password "
+        "(check mqtt.username, mqtt.password))" in out
+    ), out
     assert len(connects) >= 2  # it keeps trying
     # MQTT 3.1.1; flags user, password, will (QoS 1, retained), clean session; keepalive 7.
     assert connects[0] == (

@@ -268,7 +268,8 @@ def test_a_board_with_a_wrong_password_says_so_and_keeps_retrying(fleet_broker, 
     rb = boards.start(board)
     refused = (
         r"mqtt: connecting to [\d.]+:\d+ failed \(ConnectError: connection refused: "
-        r"(not authori[sz]ed|bad user name or password)\)"
+        r"(not authori[sz]ed|bad user name or password) "
+        r"\(check mqtt\.username, mqtt\.password\)\)"
     )
     rb.wait_for(refused, count=3, timeout=30)
     rb.wait_for("app running")  # user code runs without MQTT
