@@ -19,12 +19,14 @@
 # Operation i stages its new file at /.mpypi/stage/n<i> and keeps the replaced
 # file at /.mpypi/stage/b<i> until the new set is confirmed. Every step is
 # idempotent and decided by the state of the files, so apply() can be cut and
-# rerun any number of times. Files are moved by verified copy, never by
-# rename: FAT renames are not atomic (onto an existing file MicroPython removes
-# the target first), and on LittleFS the exhaustive power-cut test found a
-# cross-folder rename cut at one block write that lost the file (docs/
-# protocol.md). A copy is checked by SHA256 on every rerun, and its source (the
-# staged file, or the target before its backup is verified) is never modified.
+# rerun any number of times. A file moves by rename where renames are atomic
+# (LittleFS, whose cross-folder renames are power-safe by design): the commit
+# then writes no file data at all. On FAT a rename is not atomic (FatFs writes
+# the new entry, then removes the old one: a cut between leaves two entries on
+# one cluster chain), so there a file moves by verified copy: a copy is checked
+# by SHA256 on every rerun, and its source (the staged file, or the target
+# before its backup is verified) is never modified. Never is a file renamed
+# onto an existing one. See docs/protocol.md, "The journal".
 # After the last step /.mpypi/applied is written: the set is complete and kept
 # with its backups until confirm() (or a future rollback()) ends the journal.
 import os
@@ -83,6 +85,28 @@ def file_sha256(path, buf=None):
     return "%064x" % int.from_bytes(h.digest(), "big")
 
 
+def renames_atomic(root=""):
+    """True where apply() moves files by rename: not on FAT.
+
+    FAT is the one file system MicroPython mounts whose renames are not atomic,
+    and the one that ignores case: it finds /.mpypi as /.MPYPI. Asking costs no
+    write. (The journal's folder exists whenever there is a journal to apply.)
+    """
+    return not _exists(root + "/.MPYPI")
+
+
+def _move(src, dst, buf, rename):
+    if not rename:
+        _copy(src, dst, buf)
+        return
+    _makedirs(dst)
+    if _exists(dst) and _exists(src):
+        # Not there after a clean stage; anything found there failed its hash
+        # (a file put back by hand): never rename onto it.
+        _remove(dst)
+    os.rename(src, dst)
+
+
 def _copy(src, dst, buf):
     _makedirs(dst)
     with open(src, "rb") as fi, open(dst, "wb") as fo:
@@ -130,16 +154,19 @@ def apply(root="", buf=None):
     `buf`: the installer's one buffer, so a commit allocates none.
     """
     buf = buf or bytearray(_CHUNK)
+    rename = renames_atomic(root)
     for kind, i, target, new, old in read_journal(root):
         t = root + target
         n = root + _STAGE + "/n" + i
         b = root + _STAGE + "/b" + i
-        # The target is still the old file until its backup is verified.
+        # The target is still the old file until its backup is verified. With
+        # renames, a missing file hashes to None at once: the first run reads
+        # no file; only a rerun after a cut hashes what is already moved.
         if old != "-" and file_sha256(b, buf) != old:
-            _copy(t, b, buf)
+            _move(t, b, buf, rename)
         if kind == "P":
             if file_sha256(t, buf) != new:
-                _copy(n, t, buf)
+                _move(n, t, buf, rename)
         else:
             _remove(t)
             _rmdir_empty(t)
@@ -183,12 +210,28 @@ def state(root=""):
     return "applied" if _applied(root) else "pending"
 
 
+def _settle(root):
+    # LittleFS repairs a rename or a folder relocation that a power cut
+    # interrupted only at the first write after power-up; until then a read can
+    # miss a folder being moved (the exhaustive power-cut test found /.mpypi/stage
+    # missing to stat() but there to mkdir()). An mkdir of the journal's folder
+    # is such a write and changes nothing. Without that folder (it lives in the
+    # root, which LittleFS never relocates) there is nothing to recover, and a
+    # boot writes nothing.
+    if _exists(root + _DIR):
+        try:
+            os.mkdir(root + _DIR)
+        except OSError:
+            pass
+
+
 def recover(root=""):
     """Boot step: roll an interrupted commit forward, or discard a cut-short one.
 
     Returns what it did: 'none', 'applied' (an applied set awaits confirm),
     'rolled_forward' or 'discarded'.
     """
+    _settle(root)
     s = state(root)
     if s == "none":
         if _exists(root + _APPLIED):  # a confirm was cut after its journal went

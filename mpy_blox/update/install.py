@@ -80,6 +80,7 @@ class Installer:
         self._src = None
         self._wheels = False
         self.block = 4096
+        self.rename = False  # apply() moves by rename (LittleFS), else by copy
 
     def _stage(self, i):
         return self.root + _STAGE + "/n%d" % i
@@ -132,6 +133,7 @@ class Installer:
         """Start from a clean stage (an applied earlier set is confirmed)."""
         recover.confirm(self.root)
         recover._makedirs(self.root + _STAGE + "/x")
+        self.rename = recover.renames_atomic(self.root)
         self._ops = open(self.root + _OPS, "w")
 
     def download(self, entry):
@@ -164,7 +166,10 @@ class Installer:
         return recover.file_sha256(self.root + target, self.buf)
 
     def _cost(self, path):
-        # Flash that a copy of this file takes during apply(), in whole blocks.
+        # Flash that a copy of this file takes during apply(), in whole blocks;
+        # a rename takes none beyond the folder's metadata.
+        if self.rename:
+            return self.block
         try:
             size = os.stat(self.root + path)[6]
         except OSError:
@@ -179,7 +184,7 @@ class Installer:
             os.remove(staged)
             return
         # apply() writes the target and a backup of the old file.
-        cost = (os.stat(staged)[6] // self.block + 2) * self.block
+        cost = self._cost(staged)
         if old is not None:
             cost += self._cost(target)
         self._op("P %d %s %s %s\n" % (i, target, new_hex, old or "-"), cost)
@@ -281,8 +286,9 @@ def install(entries, open_package, root="", device=None):
             try:
                 size = getattr(reader, "size", None)
                 if size is not None and entry["size"] is not None and size != entry["size"]:
-                    raise InvalidUpdate("size mismatch: %d bytes published, %d listed"
-                                        % (size, entry["size"]))
+                    raise InvalidUpdate(
+                        "size mismatch: %d bytes published, %d listed" % (size, entry["size"])
+                    )
                 while True:
                     n = reader.readinto(buf)
                     if not n:

@@ -123,3 +123,20 @@ def test_4mib_src_installs_with_a_64k_heap(boards, update_board):
     out = run_to_done(boards, board, heap="64K")
     assert "INSTALLED 1" in out, out
     assert sha256(board.cat("big.bin")) == s.sha
+
+
+def test_the_commit_renames_on_littlefs_and_copies_on_fat(boards, update_board):
+    # FAT renames are not atomic, LittleFS's are (mpypi_recover.renames_atomic):
+    # on LittleFS the commit moves the staged file, on FAT it writes it again.
+    # Both take about as many block writes to write the data once.
+    s = make_src("big.bin", os.urandom(512 * 1024))
+    writes = {}
+    for fs in ("littlefs", "fat"):
+        board = update_board(
+            board_files([s], manifest.encode_list([s.entry])), flash_size="4M", fs=fs
+        )
+        out = run_to_done(boards, board)
+        assert "INSTALLED 1" in out, out
+        assert sha256(board.cat("big.bin")) == s.sha
+        writes[fs] = board.block_writes()
+    assert writes["littlefs"] < 0.75 * writes["fat"], writes  # measured: 662 vs 1314
