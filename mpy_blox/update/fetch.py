@@ -10,6 +10,10 @@ from mpy_blox.log import get_logger
 from mpy_blox.update import record
 
 _CHUNK = const(1024)
+# A 4 KiB chunk (a flash sector) takes a quarter of the reads, hashes and
+# writes of a 1 KiB one; only where the heap has plenty left.
+_BIG_CHUNK = const(4096)
+_BIG_FREE = const(32768)
 _PROGRESS_MS = const(1000)  # at most one downloading status a second
 _STALL_S = const(30)  # no byte for this long: the package is not on the broker
 _RETRIES = const(5)
@@ -39,7 +43,7 @@ class _Transfer:
             self.finished.set()
             return
         try:
-            buf = bytearray(_CHUNK)
+            buf = bytearray(_BIG_CHUNK if gc.mem_free() > _BIG_FREE else _CHUNK)
             sink = self.inst.download(self.entry)
         except (OSError, MemoryError) as e:  # reported as such, not as a stall
             self.error = e
