@@ -67,13 +67,13 @@ def _forget(*names):
     # Boot-only modules: dropping them returns their bytecode to the heap, which
     # the MQTT client and the update agent need more (compiling from source even
     # more so: it wants large contiguous blocks).
-    import mpy_blox
-
-    for name in names:
-        sys.modules.pop("mpy_blox." + name, None)
+    for name in names:  # "provision", "mqtt.client": under mpy_blox
+        name = "mpy_blox." + name
+        sys.modules.pop(name, None)
+        parent, _, leaf = name.rpartition(".")
         try:
-            delattr(mpy_blox, name)
-        except AttributeError:
+            delattr(sys.modules[parent], leaf)
+        except (KeyError, AttributeError):  # the parent went first, or never had it
             pass
     gc.collect()
 
@@ -93,7 +93,7 @@ async def _wlan_up(cfg):
         log.warning("no WLAN yet: carrying on, it keeps retrying")
 
 
-async def _mqtt_up(mqtt, cfg, nd):
+async def _mqtt_up(mqtt, cfg, nd, announce=True):
     server = cfg.get_str("mqtt.server")
     if not server:
         log.error("no mqtt.server configured: running without MQTT and updates")
@@ -108,7 +108,8 @@ async def _mqtt_up(mqtt, cfg, nd):
         ssl=cfg.get_bool("mqtt.ssl", False), ssl_params=cfg.get_dict("mqtt.ssl_params", {}),
     )
     nd.client = c
-    c.add_connect_callback(nd.on_connect)
+    if announce:  # info and status on every connect
+        c.add_connect_callback(nd.on_connect)
     c.start()
     try:
         await asyncio.wait_for(c.connected(), cfg.get_int("mqtt.wait_s", 30))
@@ -159,7 +160,10 @@ async def _run():
     mqtt = _import("mpy_blox.mqtt")
     ib = _install_boot() if mqtt is not None else None
     if ib is not None:
-        await ib.run(config, mqtt, boot_count)  # ends in a reset
+        mqtt = None  # the install boot drops the client's modules to commit
+        ib = ib.InstallBoot(config, boot_count)
+        await ib.download()
+        return ib  # main() goes on with it, after this loop
     agent = _import("mpy_blox.update.agent") if mqtt is not None else None
     from mpy_blox.node import Node, device_id
     from mpy_blox.supervisor import Supervisor
@@ -225,7 +229,12 @@ def main():
     """Run the device forever; on any unexpected error, log it and reset."""
     try:
         _grow_qstr_pool()
-        asyncio.run(_run())
+        ib = asyncio.run(_run())  # the app never returns; an install boot does
+        # A new loop: the old one's finished tasks, and the stopped MQTT client
+        # with them, can go (mpy_blox/update/installboot.py).
+        asyncio.new_event_loop()
+        ib.commit()
+        asyncio.run(ib.report())  # ends in a reset
     except KeyboardInterrupt:
         raise  # Ctrl-C over USB (mpremote) must reach the REPL
     except BaseException as e:  # noqa: BLE001  (the device must never stop at a REPL)

@@ -1,5 +1,5 @@
-# Install over MQTT: fetch a retained list, and install its packages
-# downloading each from its retained topic straight into the stage.
+# Download over MQTT: fetch a retained list, and download its packages, each
+# from its retained topic straight into the stage, verified (SHA256, size).
 #
 # Used by the install boot (mpy_blox.update.installboot); the handlers run in
 # the client's receive loop and only stream into the installer's sinks.
@@ -103,29 +103,32 @@ class Fetcher:
                 pass  # not connected: nothing subscribed any more
         return got[0]
 
-    async def install(self, entries):
-        """Plan, pre-flight, download, stage, commit; True if anything was installed."""
+    async def download(self, entries):
+        """Plan, pre-flight and download every package into the stage.
+
+        Returns the Installer holding the downloads (its finish() stages and
+        commits them), or None when nothing is needed.
+        """
         from mpy_blox.update.install import Installer
 
         inst = Installer()
         needed = inst.plan(entries)
         if not needed:
-            return False
-        inst.preflight(needed)
+            return None
+        inst.preflight(needed, wheel_code=False)
         try:
             for entry in needed:
                 self.current = _label(entry)
                 await self._download(inst, entry)
+                # Its size and SHA256 checked; a wheel's files (RECORD) are
+                # checked while it is staged, under "installing".
                 await self.status("verifying", package=self.current)
-                inst.stage(entry)
                 gc.collect()
         except BaseException:
             inst.abort()
             raise
         self.current = None
-        await self.status("installing")
-        inst.commit()
-        return True
+        return inst
 
     async def _download(self, inst, entry):
         from mpy_blox.update.manifest import InvalidUpdate, package_topic

@@ -10,7 +10,9 @@
 #       ...                            # inst.preflight(needed) first
 #       sink = inst.download(entry)    # sink.write(chunk) ..., sink.finish()
 #       inst.stage(entry)              # verify and extract into the stage
-#   inst.commit(seq)                   # the atomic switch-over; then reset
+#   inst.commit()                      # the atomic switch-over; then reset
+# or every download first, then inst.finish() (stage all, commit): the
+# install boot frees the MQTT client's heap in between.
 # install(entries, open_package) runs all of it synchronously (tests, tools).
 #
 # Memory (docs/protocol.md): one buffer for the whole install; the journal's
@@ -79,6 +81,7 @@ class Installer:
         self._ops = None
         self._src = None
         self._wheels = False
+        self.downloads = []  # (entry, stage index): downloaded, not staged yet
         self.block = 4096
         self.rename = False  # apply() moves by rename (LittleFS), else by copy
 
@@ -102,8 +105,13 @@ class Installer:
                 needed.append(e)
         return needed
 
-    def preflight(self, needed):
-        """Refuse before downloading: wheel tags, and sizes against free flash."""
+    def preflight(self, needed, wheel_code=True):
+        """Refuse before downloading: wheel tags, and sizes against free flash.
+
+        wheel_code: load the wheel stager now and keep a block for its decoder,
+        for staging right after each download; False when staging comes after
+        the caller has freed heap (the install boot drops the MQTT client).
+        """
         free, block = state.fs_free(self.root)
         self.block = block
         need = RESERVE_BLOCKS * block
@@ -117,7 +125,7 @@ class Installer:
             need += 2 * (size + block)
         if need > free:
             raise InvalidUpdate("does not fit: needs %d bytes, %d free" % (need, free))
-        wheels = any(e["type"] == "wheel" for e in needed)
+        wheels = wheel_code and any(e["type"] == "wheel" for e in needed)
         if wheels:
             # Loaded now, before anything is written or downloaded (later the
             # heap holds download and MQTT garbage), and the decoder's block kept.
@@ -142,19 +150,34 @@ class Installer:
         limit = entry["size"]
         if limit is None:
             limit = free - RESERVE_BLOCKS * block
-        return Download(self._stage(self.n), entry, limit)
+        i = self._take(entry)
+        if i is not None:  # a retry: the broken download goes
+            recover._remove(self._stage(i))
+        i = self._next()
+        self.downloads.append((entry, i))
+        return Download(self._stage(i), entry, limit)
+
+    def _take(self, entry):
+        # The stage index of entry's download, no longer listed; None if none.
+        for k in range(len(self.downloads)):
+            if self.downloads[k][0] is entry:
+                return self.downloads.pop(k)[1]
+        return None
 
     def stage(self, entry):
         """Verify a downloaded package and stage what it installs."""
+        i = self._take(entry)
+        if i is None:
+            raise ValueError("not downloaded: " + (entry.get("name") or entry["path"]))
         if entry["type"] == "src":
             target = "/" + entry["path"]
-            self._add(target, entry["pkg_sha256"], self._next())
+            self._add(target, entry["pkg_sha256"], i)
             if self._src is None:
                 self._src = state.src_index(self.root)
             self._src[entry["path"]] = entry["pkg_sha256"]
             return
-        path = self._stage(self.n) + ".whl"
-        os.rename(self._stage(self.n), path)
+        path = self._stage(i) + ".whl"
+        os.rename(self._stage(i), path)
         from mpy_blox.update.stagewheel import stage_wheel
 
         try:
@@ -198,6 +221,17 @@ class Installer:
         self._ops.write(line)
         self.changes += 1
         self.cost += cost
+
+    def finish(self):
+        """Stage every download, then commit(); True if anything changed."""
+        try:
+            while self.downloads:
+                self.stage(self.downloads[0][0])
+                gc.collect()
+        except BaseException:
+            self.abort()
+            raise
+        return self.commit()
 
     def commit(self):
         """Write the journal and switch over; True if anything changed."""
@@ -264,6 +298,7 @@ class Installer:
         self._close()
         self.n = self.changes = self.cost = 0
         self._src = None
+        self.downloads = []
         recover._clean_stage(self.root)
 
 

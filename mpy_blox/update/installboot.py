@@ -2,12 +2,24 @@
 #
 # mpy_blox.app runs this instead of the app while NVS mpypi/ib_to is set:
 # WLAN, MQTT and the install core only (no user code, no supervisor, no agent).
-# It fetches the retained list again, downloads each package from its retained
-# topic straight into the stage, stages, commits, and resets into the new code.
+# Three phases, each in its own run of the asyncio loop (mpy_blox.app.main):
+#
+#   download()  online: fetch the retained list again, download each package
+#               from its retained topic straight into the stage (its size and
+#               SHA256 checked), publish "installing", hang up;
+#   commit()    offline, with the MQTT client's modules dropped: stage (the
+#               wheel decoder, RECORD checks) and commit. The loop in between
+#               is what lets their heap go: asyncio keeps a task that was
+#               cancelled or awaited while asleep reachable until its loop
+#               ends, and with it the stopped client;
+#   report()    the install core dropped, the client back: info and status
+#               (rebooting, failed or idle), then the reset.
+#
 # No loop: each start counts itself in NVS first and every outcome clears
 # ib_to, so an install boot that dies (power cut, crash) runs at most
 # _MAX_TRIES times. A power cut leaves the old or the new set (the journal).
 import gc
+import sys
 
 from mpy_blox import app
 from mpy_blox.log import get_logger
@@ -19,85 +31,135 @@ _MAX_TRIES = const(3)
 log = get_logger("update")
 
 
-async def run(config, mqtt, boot_count):
-    """The install boot, from mpy_blox.app once the configuration and MQTT
-    module are loaded (mqtt not None); it ends in a reset."""
-    import machine
-    from mpy_blox.node import Node, device_id
+class InstallBoot:
+    def __init__(self, config, boot_count):
+        from mpy_blox.node import Node, device_id
 
-    to, tries = record.pending()
-    tries += 1
-    record.set_pending(to, tries)  # counted before anything else can fail
-    node = app.node = Node(device_id(), config, boot_count)
-    node.state = "installing"
-    log.info("%s install boot %d (attempt %d)", node.device_id, boot_count, tries)
-    error = None
-    seq = record.nvs_seq()
-    if tries > _MAX_TRIES:
-        error = "install boot did not finish in %d attempts" % _MAX_TRIES
-        # Before the network, which may be what keeps failing. Named as the
-        # agent accepted it, so that the app does not take it up again.
-        signed = config.get_str("update.key") and seq or None
-        _done(error, signed, record.pending_digest())
-    record.info(node, seq, record.load_last())  # before the connect: its info carries it
-    await app._wlan_up(config)
-    client = app.client = await app._mqtt_up(mqtt, config, node)
-    if error is None and (client is None or not client.is_connected):
-        log.error("install boot without a broker: retrying after a reset")
-        machine.reset()  # counted: after _MAX_TRIES the app boots again
-    # The install core after the connection has its buffers (it takes fewer,
-    # smaller blocks); without room for it, the next attempt may fare better.
-    if error is None and app._import("mpy_blox.update.install") is None:
-        log.error("no room for the install core: retrying after a reset")
-        machine.reset()  # counted
-    ib = Fetcher(client, node)
-    installed = False
-    if error is None:
-        if to == record.CMD:
-            to = "nodes/%s/cmd" % node.device_id
+        self.config = config
+        self.to, self.tries = record.pending()
+        self.tries += 1
+        record.set_pending(self.to, self.tries)  # counted before anything else can fail
+        node = self.node = app.node = Node(device_id(), config, boot_count)
+        node.state = "installing"
+        log.info("%s install boot %d (attempt %d)", node.device_id, boot_count, self.tries)
+        self.seq = record.nvs_seq()
+        self.listed = self.digest = None  # the list being installed: its seq and SHA256
+        self.error = None  # the short reason of a failure, for status
+        self.package = None  # the package it concerns
+        self.inst = None  # the Installer holding the downloads
+        self.installed = False
+        self.finished = False  # last_update written, ib_to cleared
+
+    async def download(self):
+        """Phase 1: fetch the list and download what it needs; then hang up."""
+        import machine
+
+        config, node = self.config, self.node
+        if self.tries > _MAX_TRIES:
+            self.error = "install boot did not finish in %d attempts" % _MAX_TRIES
+            # Before the network, which may be what keeps failing. Named as the
+            # agent accepted it, so that the app does not take it up again.
+            signed = config.get_str("update.key") and self.seq or None
+            self._done(signed, record.pending_digest())
+        record.info(node, self.seq, record.load_last())  # before the connect: its info carries it
+        await app._wlan_up(config)
+        client = app.client = await app._mqtt_up(sys.modules["mpy_blox.mqtt"], config, node)
+        if self.error is None and (client is None or not client.is_connected):
+            log.error("install boot without a broker: retrying after a reset")
+            machine.reset()  # counted: after _MAX_TRIES the app boots again
+        # The install core after the connection has its buffers (it takes fewer,
+        # smaller blocks); without room for it, the next attempt may fare better.
+        if self.error is None and app._import("mpy_blox.update.install") is None:
+            log.error("no room for the install core: retrying after a reset")
+            machine.reset()  # counted
+        if self.error is None:
+            ib = Fetcher(client, node)
+            try:
+                await self._fetch(ib)
+                if self.inst is not None:
+                    await ib.status("installing")
+            except ValueError as e:  # InvalidUpdate: a short reason for status
+                self.error = str(e)
+            except Exception as e:  # noqa: BLE001  (report it; the app boots next either way)
+                log.exception("download failed", e)
+                self.error = repr(e)[:100]
+            self.package = ib.current
+            ib = None
+        if client is not None:
+            # Cleanly (no will): the retained status stays "installing".
+            await client.stop()
+        app.client = node.client = client = None
+
+    async def _fetch(self, ib):
+        from mpy_blox.update import manifest
+
+        if self.to == record.CMD:
+            to = "nodes/%s/cmd" % self.node.device_id
         else:
-            to = "channels/" + config.get_str("update.channel", "stable")
-        listed = digest = None
-        try:
-            from mpy_blox.update import manifest
+            to = "channels/" + self.config.get_str("update.channel", "stable")
+        payload = await ib.fetch_list(to)
+        self.digest = record.digest(payload)
+        key = self.config.get_str("update.key") or None
+        listed, entries = manifest.decode_list(payload, key, to)
+        payload = None
+        self.listed = listed
+        if listed is not None:
+            if listed < self.seq:
+                raise manifest.InvalidUpdate("replayed or older list: seq %d, device at %d"
+                                             % (listed, self.seq))
+            if listed > self.seq:  # a newer list replaced the accepted one: accept it
+                record.set_pending(record.pending()[0], self.tries, listed, self.digest)
+                self.seq = listed
+        gc.collect()
+        log.info("install boot; free heap %d bytes", gc.mem_free())
+        self.inst = await ib.download(entries)
 
-            payload = await ib.fetch_list(to)
-            digest = record.digest(payload)
-            key = config.get_str("update.key") or None
-            listed, entries = manifest.decode_list(payload, key, to)
-            payload = None
-            if listed is not None:
-                if listed < seq:
-                    raise manifest.InvalidUpdate("replayed or older list: seq %d, device at %d"
-                                                 % (listed, seq))
-                if listed > seq:  # a newer list replaced the accepted one: accept it
-                    record.set_pending(record.pending()[0], tries, listed, digest)
-                    seq = listed
-            gc.collect()
-            log.info("install boot; free heap %d bytes", gc.mem_free())
-            installed = await ib.install(entries)
-        except ValueError as e:  # InvalidUpdate: a short reason for status
-            error = str(e)
-        except Exception as e:  # noqa: BLE001  (report it; the app boots next either way)
-            log.exception("install failed", e)
-            error = repr(e)[:100]
-        _done(error, listed, digest)
-    record.info(node, seq, record.load_last())
-    await node.publish_info()
-    if error is not None:
-        log.error("update failed: %s", error)
-        await ib.status("failed", error=error, package=ib.current)
-    elif installed:
-        log.info("update installed: resetting")
-        await ib.status("rebooting", seq=listed)
-    else:
-        await ib.status("idle")
-    machine.reset()
+    def commit(self):
+        """Phase 2, between two runs of the loop: stage and commit, offline."""
+        app._forget(*[m[9:] for m in sys.modules if m.startswith("mpy_blox.mqtt")])
+        inst, self.inst = self.inst, None
+        if inst is not None and self.error is None:
+            log.info("staging; free heap %d bytes", gc.mem_free())
+            try:
+                self.installed = inst.finish()
+            except ValueError as e:  # InvalidUpdate
+                self.error = str(e)
+            except Exception as e:  # noqa: BLE001  (reported; the old set stays)
+                log.exception("install failed", e)
+                self.error = repr(e)[:100]
+        inst = None
+        if not self.finished:
+            self._done(self.listed, self.digest)
 
+    async def report(self):
+        """Phase 3: reconnect without the install core; report; reset."""
+        import machine
 
-def _done(error, seq=None, digest=None):
-    # last_update names the list (seq and digest) even when it failed, so the
-    # retained copy is not taken up again: a new list (a new seq) is needed.
-    # Then nothing is pending: the next boot is the app's.
-    record.save_last("failed" if error else "ok", seq, error, digest)
-    record.set_pending(0, 0)
+        app._forget(*[m[9:] for m in sys.modules if m.startswith("mpy_blox.update.")
+                      and m[16:] not in ("record", "fetch", "installboot")])
+        sys.modules.pop("mpypi_recover", None)
+        gc.collect()
+        node = self.node
+        record.info(node, self.seq, record.load_last())
+        mqtt = app._import("mpy_blox.mqtt")
+        if mqtt is not None:  # else the app's next boot reports
+            app.client = await app._mqtt_up(mqtt, self.config, node, announce=False)
+        mqtt = None
+        await node.publish_info()
+        if self.error is not None:
+            log.error("update failed: %s", self.error)
+            await record.status(node, "failed", error=self.error, package=self.package)
+        elif self.installed:
+            log.info("update installed: resetting")
+            await record.status(node, "rebooting", seq=self.listed)
+        else:
+            await record.status(node, "idle")
+        machine.reset()
+
+    def _done(self, seq, digest):
+        # last_update names the list (seq and digest) even when it failed, so the
+        # retained copy is not taken up again: a new list (a new seq) is needed.
+        # Then nothing is pending: the next boot is the app's.
+        record.save_last("failed" if self.error else "ok", seq, self.error, digest)
+        record.set_pending(0, 0)
+        self.finished = True
