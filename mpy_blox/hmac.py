@@ -2,9 +2,12 @@
 #
 #   tag = hmac_sha256(key, iv, ciphertext)    # parts are hashed in order, no copy
 #   if not compare_digest(tag, expected): ...
+#
+# Device and workstation both use it (mpy_blox.update.manifest signs and checks
+# update lists on each), so it runs on CPython too: no const() here.
 import hashlib
 
-_BLOCK = const(64)  # SHA-256 block size
+_BLOCK = 64  # SHA-256 block size
 
 
 def _pad(key, byte):

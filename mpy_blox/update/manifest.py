@@ -1,8 +1,8 @@
 # The mpypi update list: THE wire format shared by the device and the publisher.
 #
-# Pure: imports only json, hashlib and binascii, so CPython >= 3.11 (the
-# publisher imports this file as mpy_blox.update.manifest) and MicroPython 1.22
-# run the same code. docs/protocol.md describes it for people.
+# Pure: imports only json, binascii and mpy_blox.hmac (itself hashlib only), so
+# CPython >= 3.11 (the publisher imports this file as mpy_blox.update.manifest)
+# and MicroPython 1.22 run the same code. docs/protocol.md describes it for people.
 #
 # Two forms are accepted on mpypi/channels/{channel} and mpypi/nodes/{id}/cmd:
 #
@@ -23,8 +23,10 @@
 #         {"type": "src", "path": "user_main.py", "pkg_sha256": "<hex>", "size": 210}]}
 #    The key is the UTF-8 bytes of the update.key setting, as provisioned.
 import binascii
-import hashlib
 import json
+
+from mpy_blox.hmac import compare_digest
+from mpy_blox.hmac import hmac_sha256 as _hmac
 
 FORMAT_VERSION = 1
 SIGNED_HEADER = b"mpypi-hmac-sha256 "
@@ -37,27 +39,10 @@ class InvalidUpdate(ValueError):
 
 
 def hmac_sha256(key, data):
-    """HMAC-SHA256 (RFC 2104): MicroPython has no hmac module."""
+    """HMAC-SHA256 of `data` under `key` (the `update.key` text, or bytes)."""
     if isinstance(key, str):
         key = key.encode()
-    if len(key) > 64:
-        key = hashlib.sha256(key).digest()
-    key = key + bytes(64 - len(key))
-    inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
-    inner.update(data)
-    outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
-    outer.update(inner.digest())
-    return outer.digest()
-
-
-def _equal(a, b):
-    # Constant time: a forger must not learn the MAC byte by byte.
-    if len(a) != len(b):
-        return False
-    r = 0
-    for x, y in zip(a, b):
-        r |= x ^ y
-    return r == 0
+    return _hmac(key, data)
 
 
 def _sha(value):
@@ -124,7 +109,7 @@ def decode_list(payload, key=None, to=None):
                 mac = binascii.unhexlify(payload[len(SIGNED_HEADER):nl])
             except ValueError:
                 raise InvalidUpdate("malformed signature")
-            if not _equal(mac, hmac_sha256(key, body)):
+            if not compare_digest(mac, hmac_sha256(key, body)):
                 raise InvalidUpdate("bad signature")
         doc = _json(bytes(body))
         if not isinstance(doc, dict) or doc.get("v") != FORMAT_VERSION:
