@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from mpy_blox_tools.child import end_process
 from mpy_blox_tools.errors import MpyBloxError
 
 INSTALL_HINT = (
@@ -57,10 +58,72 @@ def wait_for_port(host: str, port: int, timeout: float) -> bool:
     return False
 
 
-class Mosquitto:
-    """A Mosquitto process on 127.0.0.1:`port`, configured in `directory`."""
+class LocalBroker:
+    """A broker child process on `host`:`port`, its files in `directory`."""
+
+    name = "broker"
+    log_name = "broker.log"
+
+    def __init__(self, directory: str | Path, port: int | None, host: str) -> None:
+        self.dir = Path(directory).resolve()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.host = host
+        self.port = port or free_port()
+        self.log_file = self.dir / self.log_name
+        self.process: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 20) -> LocalBroker:
+        log = open(self.log_file, "ab")
+        self.process = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        log.close()
+        if not wait_for_port(self.host, self.port, timeout):
+            self.stop()
+            raise MpyBloxError(
+                f"{self.name} did not start on port {self.port}: see {self.log_file}"
+            )
+        return self
+
+    def stop(self) -> None:
+        """Stop cleanly (SIGTERM: retained messages are saved)."""
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Die at once, as a crashed broker does (SIGKILL: no save)."""
+        self._signal(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def _signal(self, signum: int) -> None:
+        if self.process:
+            end_process(self.process, signum)
+        self.process = None
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace")
+
+    def __enter__(self) -> LocalBroker:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class Mosquitto(LocalBroker):
+    """Mosquitto on `host`:`port`, configured in `directory`."""
 
     name = "Mosquitto"
+    log_name = "mosquitto.log"
 
     def __init__(
         self,
@@ -76,12 +139,8 @@ class Mosquitto:
         self.executable = find_mosquitto()
         if not self.executable:
             raise MpyBloxError(INSTALL_HINT)
-        self.dir = Path(directory).resolve()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.host = host
-        self.port = port or free_port()
+        super().__init__(directory, port, host)
         self.config_file = self.dir / "mosquitto.conf"
-        self.log_file = self.dir / "mosquitto.log"
         self.config_file.write_text(
             "\n".join(
                 [
@@ -108,60 +167,13 @@ class Mosquitto:
                 ]
             )
         )
-        self.process: subprocess.Popen | None = None
 
     def exec_foreground(self) -> None:
         """Become the broker process (for `mpy-blox broker`): signals reach it directly."""
         os.execv(self.executable, [self.executable, "-c", str(self.config_file)])
 
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 10) -> Mosquitto:
-        log = open(self.log_file, "ab")
-        self.process = subprocess.Popen(
-            [self.executable, "-c", str(self.config_file)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        log.close()
-        if not wait_for_port(self.host, self.port, timeout):
-            self.stop()
-            raise MpyBloxError(f"mosquitto did not start on port {self.port}: see {self.log_file}")
-        return self
-
-    def stop(self) -> None:
-        """Stop cleanly (SIGTERM: persistence is saved)."""
-        self._signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        """Die at once, as a crashed broker does (SIGKILL: no save)."""
-        self._signal(signal.SIGKILL)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def _signal(self, signum: int) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signum)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-    def log(self) -> str:
-        return self.log_file.read_text(errors="replace")
-
-    def __enter__(self) -> Mosquitto:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def command(self) -> list[str]:
+        return [self.executable, "-c", str(self.config_file)]
 
 
 ENGINES = ("auto", "mosquitto", "amqtt")
@@ -175,53 +187,23 @@ def amqtt_installed() -> bool:
     return importlib.util.find_spec("amqtt") is not None
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(LocalBroker):
     """`mpy-blox broker --engine amqtt` as a child process, handled like Mosquitto."""
 
     name = "embedded amqtt"
 
     def __init__(self, directory: str | Path, *, port: int | None = None) -> None:
-        self.dir = Path(directory).resolve()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.host = "127.0.0.1"
-        self.port = port or free_port()
-        self.log_file = self.dir / "broker.log"
-        self.process: subprocess.Popen | None = None
+        super().__init__(directory, port, "127.0.0.1")
 
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 20) -> EmbeddedBroker:
-        log = open(self.log_file, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mpy_blox_tools.cli", "broker", "--engine", "amqtt"]
-            + ["--port", str(self.port), "--bind", self.host, "--dir", str(self.dir)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        log.close()
-        if not wait_for_port(self.host, self.port, timeout):
-            self.stop()
-            raise MpyBloxError(f"the embedded broker did not start: see {self.log_file}")
-        return self
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # retained messages are saved
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-    def __enter__(self) -> EmbeddedBroker:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "mpy_blox_tools.cli", "broker", "--engine", "amqtt"] + [
+            "--port",
+            str(self.port),
+            "--bind",
+            self.host,
+            "--dir",
+            str(self.dir),
+        ]
 
 
 def local_broker(directory: str | Path, engine: str = "auto") -> Mosquitto | EmbeddedBroker:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 
 from mpy_blox_tools import micropython
+from mpy_blox_tools.child import end_process
 from mpy_blox_tools.errors import MpyBloxError
 from mpy_blox_tools.vboard.board import Board
 
@@ -114,13 +114,8 @@ class RunningBoard:
         return self.process.wait(timeout=timeout)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process:
+            end_process(self.process)
         self.process = None
 
     def __enter__(self) -> RunningBoard:
