@@ -14,7 +14,7 @@ from micropython import const
 
 from mpy_blox.log import get_logger
 from mpy_blox.mqtt import dial, packet
-from mpy_blox.mqtt.errors import MQTTError, ProtocolError
+from mpy_blox.mqtt.errors import MQTTError, ProtocolError, SubscribeError
 from mpy_blox.mqtt.message import Message
 from mpy_blox.mqtt.topic import check_filter, matches
 
@@ -124,7 +124,7 @@ class MQTTClient:
             code = await self._request(pid, packet.subscribe(pid, topic_filter, qos))
             if code == packet.SUBACK_FAILURE:
                 self._forget(topic_filter)
-                raise MQTTError("subscription to %s refused by the broker" % topic_filter)
+                raise SubscribeError("subscription to %s refused by the broker" % topic_filter)
 
     async def unsubscribe(self, topic_filter):
         self._forget(topic_filter)

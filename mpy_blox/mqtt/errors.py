@@ -12,6 +12,10 @@ class ProtocolError(MQTTError):
     """The broker sent something that is not MQTT 3.1.1: the connection is dropped."""
 
 
+class SubscribeError(MQTTError):
+    """The broker refused a subscription (SUBACK 0x80); it is not kept."""
+
+
 class ConnectError(MQTTError):
     """The broker refused CONNECT; `code` is the CONNACK return code."""
 

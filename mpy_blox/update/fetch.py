@@ -77,6 +77,7 @@ class Fetcher:
 
     async def fetch_list(self, to):
         """The list retained on mpypi/{to}, as the agent accepted it (or newer)."""
+        from mpy_blox.mqtt.errors import SubscribeError
         from mpy_blox.update.manifest import InvalidUpdate
 
         got = []
@@ -91,7 +92,16 @@ class Fetcher:
                 arrived.set()
 
         topic = "mpypi/" + to
-        await self.client.subscribe(topic, handler)
+        try:
+            await self.client.subscribe(topic, handler)
+        except SubscribeError:
+            raise
+        except OSError as e:
+            # The link dropped before the SUBACK (a broker may close a new
+            # connection while it ends the old session of the same client id):
+            # the client subscribes again when it reconnects, and the retained
+            # list comes then.
+            log.warning("subscribing to the list broke (%r): waiting for the reconnect", e)
         try:
             await asyncio.wait_for(arrived.wait(), _STALL_S)
         except asyncio.TimeoutError:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
+import threading
 import time
 import uuid
 
@@ -158,6 +160,93 @@ def test_the_staging_gets_the_mqtt_clients_heap_back(
     before = int(re.search(r"install boot; free heap (\d+)", out).group(1))
     staging = int(re.search(r"staging; free heap (\d+)", out).group(1))
     assert staging > before + 15000, out  # the client's 21 KB or so came back
+
+
+
+def _packet_size(data: bytes) -> int:
+    """The size of the MQTT packet at the start of `data`; 0 if its header is incomplete."""
+    length, shift = 0, 0
+    for i, byte in enumerate(data[1:5], start=1):
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return 1 + i + length
+    return 0
+
+
+class DroppingProxy:
+    """A TCP relay to the broker that cuts connection number `drop_on` at its
+    first SUBSCRIBE (as a broker may close a new connection while it ends the
+    old session of the same client id)."""
+
+    def __init__(self, broker, drop_on: int) -> None:
+        self.target = (broker.host, broker.port)
+        self.drop_on = drop_on
+        self.connections = 0
+        self.dropped = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            upstream = socket.create_connection(self.target)
+            cut = self.connections == self.drop_on
+            for args in ((client, upstream, cut), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=args, daemon=True).start()
+
+    def _pipe(self, src, dst, cut: bool) -> None:
+        pending = b""
+        try:
+            while data := src.recv(65536):
+                if not cut:
+                    dst.sendall(data)
+                    continue
+                pending += data
+                while (size := _packet_size(pending)) and len(pending) >= size:
+                    if pending[0] == 0x82:  # SUBSCRIBE
+                        self.dropped.set()
+                        raise OSError("cut")
+                    dst.sendall(pending[:size])
+                    pending = pending[size:]
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_a_link_lost_before_the_lists_suback_is_ridden_out(
+    app_board, boards, broker, mqtt_client, channel
+):
+    # Connection 1 is the app's; 2 the install boot's, cut at its first SUBSCRIBE:
+    # that of the list. The client subscribes again when it reconnects.
+    proxy = DroppingProxy(broker, drop_on=2)
+    try:
+        board = app_board(
+            {"mqtt": {"server": "127.0.0.1", "port": proxy.port}, "update": {"channel": channel}}
+        )
+        watch = Watcher(mqtt_client(), board.device_id)
+        rb = boards.start(board, heap=HEAP)
+        rb.wait_for("USER v1", timeout=30)
+        user = make_src("user_main.py", USER_V2)
+        publish_update(mqtt_client(), channel, [user], seq=5)
+        rb.wait_for("USER v2 on framework", timeout=60)
+        assert proxy.dropped.is_set()
+        assert "subscribing to the list broke" in rb.console()
+        assert wait_info(watch, seq=5)["last_update"]["result"] == "ok"
+    finally:
+        proxy.close()
 
 
 def test_a_failing_install_boot_reports_failed_and_boots_the_app_without_looping(
