@@ -155,7 +155,7 @@ async def _run():
     # agent (not installed, or no room) the device runs and stays reachable.
     config = _configure()
     boot_count = _boot_count()
-    _forget("provision", "secure", "hmac")
+    _forget("provision", "secure")  # not hmac: the update list needs it again
     asyncio.Event, asyncio.wait_for  # noqa: B018  (asyncio loads these lazily: now)
     mqtt = _import("mpy_blox.mqtt")
     ib = _install_boot() if mqtt is not None else None
