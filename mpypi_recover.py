@@ -92,7 +92,7 @@ def renames_atomic(root=""):
     and the one that ignores case: it finds /.mpypi as /.MPYPI. Asking costs no
     write. (The journal's folder exists whenever there is a journal to apply.)
     """
-    return not _exists(root + "/.MPYPI")
+    return not _exists(root + _DIR.upper())
 
 
 def _move(src, dst, buf, rename):

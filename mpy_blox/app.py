@@ -78,6 +78,12 @@ def _forget(*names):
     gc.collect()
 
 
+def _forget_all(prefix, keep=()):
+    # Every loaded module under mpy_blox.<prefix>, but those named in `keep`.
+    loaded = [m[9:] for m in sys.modules if m.startswith("mpy_blox." + prefix)]  # 9: "mpy_blox."
+    _forget(*[m for m in loaded if m not in keep])
+
+
 async def _wlan_up(cfg):
     ssid = cfg.get_str("wlan.ssid")
     if not ssid:

@@ -196,14 +196,10 @@ class EmbeddedBroker(LocalBroker):
         super().__init__(directory, port, "127.0.0.1")
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "mpy_blox_tools.cli", "broker", "--engine", "amqtt"] + [
-            "--port",
-            str(self.port),
-            "--bind",
-            self.host,
-            "--dir",
-            str(self.dir),
-        ]
+        return [
+            sys.executable, "-m", "mpy_blox_tools.cli", "broker", "--engine", "amqtt",
+            "--port", str(self.port), "--bind", self.host, "--dir", str(self.dir),
+        ]  # fmt: skip
 
 
 def local_broker(directory: str | Path, engine: str = "auto") -> Mosquitto | EmbeddedBroker:

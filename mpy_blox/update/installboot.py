@@ -116,7 +116,7 @@ class InstallBoot:
 
     def commit(self):
         """Phase 2, between two runs of the loop: stage and commit, offline."""
-        app._forget(*[m[9:] for m in sys.modules if m.startswith("mpy_blox.mqtt")])
+        app._forget_all("mqtt")
         inst, self.inst = self.inst, None
         if inst is not None and self.error is None:
             log.info("staging; free heap %d bytes", gc.mem_free())
@@ -135,8 +135,7 @@ class InstallBoot:
         """Phase 3: reconnect without the install core; report; reset."""
         import machine
 
-        app._forget(*[m[9:] for m in sys.modules if m.startswith("mpy_blox.update.")
-                      and m[16:] not in ("record", "fetch", "installboot")])
+        app._forget_all("update.", ("update.record", "update.fetch", "update.installboot"))
         sys.modules.pop("mpypi_recover", None)
         gc.collect()
         node = self.node

@@ -91,6 +91,15 @@ def publish_update(client, channel, pkgs, seq, packages=None):
     publish(client, "mpypi/" + to, manifest.encode_list([p.entry for p in pkgs], seq, KEY, to))
 
 
+def booted_on_v1(app_board, boards, mqtt_client, settings: dict | None = None):
+    """A board running USER v1 (the app), watched: (board, watcher, running board)."""
+    board = app_board(settings)
+    watch = Watcher(mqtt_client(), board.device_id)
+    rb = boards.start(board, heap=HEAP)
+    rb.wait_for("USER v1", timeout=30)
+    return board, watch, rb
+
+
 def pending(board) -> bool:
     return board.nvs().get("mpypi", {}).get("ib_to", ["i32", 0])[1] != 0
 
@@ -116,10 +125,7 @@ def wait_info(watch: Watcher, timeout: float = 15, **fields) -> dict:
 def test_framework_upgrade_and_user_main_install_through_the_install_boot(
     app_board, boards, mqtt_client, channel, framework_wheel
 ):
-    board = app_board()
-    watch = Watcher(mqtt_client(), board.device_id)
-    rb = boards.start(board, heap=HEAP)
-    rb.wait_for("USER v1", timeout=30)
+    board, watch, rb = booted_on_v1(app_board, boards, mqtt_client)
     user = make_src("user_main.py", USER_V2)
     started = time.monotonic()
     publish_update(mqtt_client(), channel, [framework_wheel, user], seq=7)
@@ -233,12 +239,10 @@ def test_a_link_lost_before_the_lists_suback_is_ridden_out(
     # that of the list. The client subscribes again when it reconnects.
     proxy = DroppingProxy(broker, drop_on=2)
     try:
-        board = app_board(
-            {"mqtt": {"server": "127.0.0.1", "port": proxy.port}, "update": {"channel": channel}}
+        mqtt = {"server": "127.0.0.1", "port": proxy.port}
+        _, watch, rb = booted_on_v1(
+            app_board, boards, mqtt_client, {"mqtt": mqtt, "update": {"channel": channel}}
         )
-        watch = Watcher(mqtt_client(), board.device_id)
-        rb = boards.start(board, heap=HEAP)
-        rb.wait_for("USER v1", timeout=30)
         user = make_src("user_main.py", USER_V2)
         publish_update(mqtt_client(), channel, [user], seq=5)
         rb.wait_for("USER v2 on framework", timeout=60)
@@ -252,10 +256,7 @@ def test_a_link_lost_before_the_lists_suback_is_ridden_out(
 def test_a_failing_install_boot_reports_failed_and_boots_the_app_without_looping(
     app_board, boards, mqtt_client, channel
 ):
-    board = app_board()
-    watch = Watcher(mqtt_client(), board.device_id)
-    rb = boards.start(board, heap=HEAP)
-    rb.wait_for("USER v1", timeout=30)
+    _, watch, rb = booted_on_v1(app_board, boards, mqtt_client)
     user = make_src("user_main.py", USER_V2)
     publish_update(mqtt_client(), channel, [user], seq=3,
                    packages={user.sha: USER_V2.replace(b"v2", b"v3")})
@@ -291,10 +292,7 @@ def test_an_install_boot_that_cannot_finish_gives_up_after_three_attempts(app_bo
 def test_power_cut_during_the_install_boot_converges_to_the_new_set(
     app_board, boards, mqtt_client, channel, framework_wheel
 ):
-    board = app_board()
-    watch = Watcher(mqtt_client(), board.device_id)
-    rb = boards.start(board, heap=HEAP)
-    rb.wait_for("USER v1", timeout=30)
+    board, watch, rb = booted_on_v1(app_board, boards, mqtt_client)
     big = make_src("big.bin", os.urandom(512 * 1024))
     user = make_src("user_main.py", USER_V2)
     publish_update(mqtt_client(), channel, [framework_wheel, big, user], seq=9)
@@ -311,10 +309,7 @@ def test_power_cut_during_the_install_boot_converges_to_the_new_set(
 def test_a_list_that_needs_nothing_costs_one_install_boot_and_reports_idle(
     app_board, boards, mqtt_client, channel
 ):
-    board = app_board()
-    watch = Watcher(mqtt_client(), board.device_id)
-    rb = boards.start(board, heap=HEAP)
-    rb.wait_for("USER v1", timeout=30)
+    _, watch, rb = booted_on_v1(app_board, boards, mqtt_client)
     publish_update(mqtt_client(), channel, [make_src("user_main.py", USER_V1)], seq=2)
     watch.wait_status(state="idle")
     rb.wait_for("USER v1", timeout=30, count=2)
