@@ -25,6 +25,10 @@ client = None
 node = None
 
 _FATAL_RESET_MS = const(5000)
+# What the framework loads after user_main: the MQTT client and the update
+# agent (39 KB), the connection, tasks and first messages (12 KB), measured on
+# the 64-bit virtual board, where objects are twice their ESP32 size.
+_FRAMEWORK_HEAP = const(52 * 1024)
 _PENDING = "ib_to"  # NVS mpypi: mpy_blox.update.record.PENDING
 
 
@@ -63,12 +67,10 @@ def _configure():
     return cfg.Config(settings, store.values)
 
 
-def _forget(*names):
-    # Boot-only modules: dropping them returns their bytecode to the heap, which
-    # the MQTT client and the update agent need more (compiling from source even
-    # more so: it wants large contiguous blocks).
-    for name in names:  # "provision", "mqtt.client": under mpy_blox
-        name = "mpy_blox." + name
+def _drop(names):
+    # Unload modules (full names): out of sys.modules and their parent package,
+    # so their bytecode goes back to the heap at the next collection.
+    for name in names:
         sys.modules.pop(name, None)
         parent, _, leaf = name.rpartition(".")
         try:
@@ -76,6 +78,13 @@ def _forget(*names):
         except (KeyError, AttributeError):  # the parent went first, or never had it
             pass
     gc.collect()
+
+
+def _forget(*names):
+    # Boot-only modules: dropping them returns their bytecode to the heap, which
+    # the MQTT client and the update agent need more (compiling from source even
+    # more so: it wants large contiguous blocks).
+    _drop(["mpy_blox." + name for name in names])  # "provision", "mqtt.client"
 
 
 def _forget_all(prefix, keep=()):
@@ -137,14 +146,7 @@ def _import(name):
         failure = e
     except Exception as e:  # noqa: BLE001  (MemoryError, SyntaxError: run without it)
         failure = e
-    for mod in [m for m in sys.modules if m not in before]:
-        parent, _, leaf = mod.rpartition(".")
-        try:
-            delattr(sys.modules[parent], leaf)
-        except (KeyError, AttributeError):
-            pass
-        del sys.modules[mod]
-    gc.collect()
+    _drop([m for m in sys.modules if m not in before])
     log.exception("cannot import %s: running without it (free heap %d)", failure, name,
                   gc.mem_free())
     return None
@@ -153,29 +155,40 @@ def _import(name):
 async def _run():
     global config, client, node
     # Order matters on a 100 KB heap, which every import fragments (measured on
-    # the unix port: 49 KB free in total, no free block over 8 KB). The
-    # configuration comes first, while its buffers still find room, and its
-    # boot-only modules are dropped again; then the two large parts, MQTT
-    # client and update agent, before the small ones, so that what a failed
-    # import leaves behind are holes the small ones can still use. Without the
-    # agent (not installed, or no room) the device runs and stays reachable.
+    # the unix port after all imports: 27 KB free, no free block over 700
+    # bytes). The configuration comes first, while its buffers still find
+    # room, and its boot-only modules are dropped again. Then, with the
+    # framework as .mpy, user_main.py, whose compiling needs KB-sized blocks
+    # (Supervisor.preload), but only if it leaves the framework its room; a
+    # framework of .py sources needs those blocks more and compiles first.
+    # Then the two large parts, MQTT client and update agent, before the small
+    # ones, so that what a failed import leaves behind are holes the small
+    # ones can still use. Without the agent (not installed, or no room) the
+    # device runs and stays reachable.
     config = _configure()
     boot_count = _boot_count()
+    install = _install_pending()
     _forget("provision", "secure")  # not hmac: the update list needs it again
     asyncio.Event, asyncio.wait_for  # noqa: B018  (asyncio loads these lazily: now)
-    mqtt = _import("mpy_blox.mqtt")
-    ib = _install_boot() if mqtt is not None else None
-    if ib is not None:
-        mqtt = None  # the install boot drops the client's modules to commit
-        ib = ib.InstallBoot(config, boot_count)
-        await ib.download()
-        return ib  # main() goes on with it, after this loop
+    mqtt = None
+    if install:
+        mqtt = _import("mpy_blox.mqtt")
+        ib = _import("mpy_blox.update.installboot") if mqtt is not None else None
+        if ib is not None:
+            mqtt = None  # the install boot drops the client's modules to commit
+            ib = ib.InstallBoot(config, boot_count)
+            await ib.download()
+            return ib  # main() goes on with it, after this loop
+        # It cannot be imported: the app boots and its agent reports the failure.
+    sup = None
+    if sys.modules["mpy_blox"].__file__.endswith(".mpy"):  # else the framework compiles first
+        node, sup = _node_and_supervisor(config, boot_count)
+        sup.preload(_FRAMEWORK_HEAP, _drop)
+    if mqtt is None:
+        mqtt = _import("mpy_blox.mqtt")
     agent = _import("mpy_blox.update.agent") if mqtt is not None else None
-    from mpy_blox.node import Node, device_id
-    from mpy_blox.supervisor import Supervisor
-
-    node = Node(device_id(), config, boot_count)
-    log.info("%s boot %d", node.device_id, node.boot_count)
+    if sup is None:
+        node, sup = _node_and_supervisor(config, boot_count)
     await _wlan_up(config)
     if mqtt is None:
         log.error("no MQTT client: running without MQTT and updates")
@@ -191,19 +204,21 @@ async def _run():
             await agent.start(client, config, node)
         except Exception as e:  # noqa: BLE001  (a broken agent must not stop the device)
             log.exception("update agent failed to start", e)
-
-    async def safe_mode(reason):
-        node.safe_mode = reason
-        await node.publish_info()
-        await node.publish_status("safe_mode")
-
-    sup = Supervisor(config, safe_mode)
     asyncio.get_event_loop().set_exception_handler(sup.handle_exception)
     gc.collect()
     log.info("booted; free heap %d bytes", gc.mem_free())
     await sup.run()
     while True:  # the background tasks (WLAN, MQTT, agent) keep the device going
         await asyncio.sleep(3600)
+
+
+def _node_and_supervisor(cfg, boot_count):
+    from mpy_blox.node import Node, device_id
+    from mpy_blox.supervisor import Supervisor
+
+    nd = Node(device_id(), cfg, boot_count)
+    log.info("%s boot %d", nd.device_id, nd.boot_count)
+    return nd, Supervisor(cfg, nd)
 
 
 def _grow_qstr_pool():
@@ -216,19 +231,15 @@ def _grow_qstr_pool():
         chr(c)
 
 
-def _install_boot():
-    # An update list is pending (docs/protocol.md, "The install boot"): the
-    # install boot module instead of the app's, imported after the MQTT client
-    # as the agent is. If it cannot be imported, the app boots and its agent
-    # reports the failure.
+def _install_pending():
+    # An update list is pending (docs/protocol.md, "The install boot"): this
+    # boot runs mpy_blox.update.installboot instead of the app.
     import esp32
 
     try:
-        if not esp32.NVS("mpypi").get_i32(_PENDING):
-            return None
+        return esp32.NVS("mpypi").get_i32(_PENDING) != 0
     except OSError:  # ESP_ERR_NVS_NOT_FOUND: never any
-        return None
-    return _import("mpy_blox.update.installboot")
+        return False
 
 
 def main():

@@ -11,6 +11,8 @@
 #   reset; MQTT and the update agent stay up so a fixed user_main.py can be
 #   pushed over the air (the agent resets the board after installing it).
 # - user_main returning: logged; not restarted.
+# - preload(): the app may import user_main early in boot, for the heap's sake;
+#   it still starts only in run().
 import asyncio
 import gc
 import sys
@@ -24,16 +26,17 @@ log = get_logger("user_main")
 
 
 class Supervisor:
-    def __init__(self, config, on_safe_mode=None, module="user_main"):
+    def __init__(self, config, node=None, module="user_main"):
         self.module = module
         self.limit = max(1, config.get_int("app.crash_limit", 5))
         self.window_ms = config.get_int("app.crash_window_s", 60) * 1000
         self.delay_ms = max(0, config.get_int("app.restart_delay_ms", 1000))
-        self.on_safe_mode = on_safe_mode  # async fn(reason)
+        self.node = node  # says so in info and status, once in safe mode
         self.safe_mode = None  # the reason, once in safe mode
         self.failures = []  # ticks_ms of recent failures, at most `limit`
         self._user = None  # the running user_main task
         self._crashed = None  # an exception of a user task, seen by the loop handler
+        self.preloaded = None  # see preload(): (user_main or None,), or its exception
 
     def _load(self):
         sys.modules.pop(self.module, None)  # a restart reimports a fixed file
@@ -48,6 +51,38 @@ class Supervisor:
         if fn is None:
             raise AttributeError("%s.py has no %s()" % (self.module, self.module))
         return fn
+
+    def preload(self, keep_free, drop_modules):
+        """Import user_main now, early in boot; run() starts it later.
+
+        Loading the framework's .mpy files leaves the heap in pieces too small
+        for the parser, which wants KB-sized blocks (its rule stack alone is
+        1 KB on the 64-bit unix port). But the device must stay reachable for
+        a fix: a user_main that leaves less than `keep_free` bytes for the
+        framework is unloaded again (`drop_modules(names)`), and run() imports
+        it after the framework, where a MemoryError ends in safe mode on a
+        device that is online. A failure is kept for run() to report.
+        """
+        before = list(sys.modules)
+        try:
+            self.preloaded = (self._load(),)
+        except Exception as e:  # noqa: BLE001  (reported by run(), as a late import would be)
+            self.preloaded = e
+        gc.collect()
+        if isinstance(self.preloaded, tuple):
+            if gc.mem_free() >= keep_free:
+                return
+            self.preloaded = None
+            log.info("imported after the framework: %d bytes free", gc.mem_free())
+        drop_modules([m for m in sys.modules if m not in before])
+
+    def _user_main_fn(self):
+        early, self.preloaded = self.preloaded, None
+        if early is None:
+            return self._load()
+        if isinstance(early, Exception):
+            raise early
+        return early[0]
 
     def handle_exception(self, loop, context):
         # The loop's handler: a task nobody awaits died. Framework tasks handle
@@ -78,7 +113,7 @@ class Supervisor:
         while True:
             self._crashed = None
             try:
-                fn = self._load()
+                fn = self._user_main_fn()
                 if fn is None:
                     return
                 log.info("starting")
@@ -103,8 +138,10 @@ class Supervisor:
                 self.safe_mode = "user_main failed %d times in %d s" % (
                     self.limit, self.window_ms // 1000)
                 log.error("safe mode: %s; user code stays stopped until reset", self.safe_mode)
-                if self.on_safe_mode is not None:
-                    await self.on_safe_mode(self.safe_mode)
+                if self.node is not None:
+                    self.node.safe_mode = self.safe_mode
+                    await self.node.publish_info()
+                    await self.node.publish_status("safe_mode")
                 return
             log.info("restarting in %d ms", delay_ms)
             await asyncio.sleep_ms(delay_ms)

@@ -222,7 +222,59 @@ def test_the_app_boots_and_idles_in_a_100k_heap(
         f"info.mem_free {info['mem_free']}, update agent {agent}"
     )
     assert "fatal" not in out
-    assert int(m.group(1)) > 16 * 1024
+    assert int(m.group(1)) > 14 * 1024  # with user_main loaded: .mpy boards load it early
+
+
+def test_the_full_framework_boots_with_heap_to_spare_below_100k(
+    app_board, boards, broker, settings_for, tmp_path
+):
+    # The margin, not just the fit: 6 KB under 100K the full .mpy framework still
+    # starts its agent and runs the example. A change that costs heap, or leaves it
+    # in smaller pieces (the parser needs KB-sized blocks), fails here first.
+    example = (REPO / "examples" / "user_main.py").read_text()
+    board = app_board(
+        settings_for(broker, user={"interval_s": 1}), user_main=example, framework=None
+    )
+    board.put_tree(_compiled_framework(REPO / "mpy_blox", tmp_path / "mpy"), "lib/mpy_blox")
+    rb = boards.start(board, heap="94K")
+    rb.wait_for(r"user_main is alive 2")
+    out = rb.console()
+    assert "cannot import" not in out
+    assert "update agent failed" not in out and "no update agent" not in out
+
+
+# 24 KB at import: more than user code may take ahead of the framework on a 100K board.
+GREEDY_AT_IMPORT = """
+import asyncio
+HOARD = bytearray(24 * 1024)
+print("USER imported")
+async def user_main():
+    while True:
+        await asyncio.sleep(1)
+"""
+
+
+def test_a_user_main_too_big_to_load_first_cannot_cost_the_device_its_network(
+    app_board, boards, broker, settings_for, watch, tmp_path
+):
+    # An .mpy framework imports user_main before itself, while the heap has the
+    # blocks the parser needs, but never at the price of MQTT and the agent: this
+    # one is unloaded again and imported last, where it fails into safe mode on a
+    # device that can still be sent a fix.
+    board = app_board(
+        settings_for(broker, **FAST_RESTARTS), user_main=GREEDY_AT_IMPORT, framework=None
+    )
+    board.put_tree(_compiled_framework(REPO / "mpy_blox", tmp_path / "mpy"), "lib/mpy_blox")
+    w = watch(board)
+    rb = boards.start(board, heap="100K")
+    rb.wait_for(r"user_main: imported after the framework: \d+ bytes free")
+    status = w.wait("status", state="safe_mode")
+    assert "failed 3 times" in status["error"]
+    out = rb.console()
+    assert "USER imported" in out.split("imported after the framework")[0]  # it was loaded first
+    assert "MemoryError" in out
+    assert "cannot import" not in out and "no update agent" not in out
+    assert "seq" in w.wait("info", safe_mode=True)  # an agent field: the agent is up
 
 
 def test_an_error_escaping_everything_is_logged_and_resets_instead_of_a_dead_repl(
