@@ -74,15 +74,18 @@ def devices_from(messages: dict[str, bytes]) -> list[Device]:
             info.get("fs_free"),
             info.get("boot_count"),
         )
-        d.last_seen = _when(status.get("at")) or _when(info.get("at"))
+        # A device whose status is not offline holds a connection: its will has
+        # not fired, so the broker has heard from it within 1.5 keepalives.
+        connected = d.state not in ("offline", "unknown")
+        d.last_seen = (
+            _when(status.get("at")) or _when(info.get("at")) or ("now" if connected else "")
+        )
     return sorted(devices.values(), key=lambda d: d.device_id)
 
 
-def fetch(
-    broker: mqtt.BrokerURL, quiet: float | None = None, limit: float = mqtt.RETAINED_TIMEOUT
-) -> list[Device]:
-    """Every device's retained info and status, as rows. `quiet` is ignored: the
-    broker's answer marks the end of the retained messages (mqtt.collect_retained)."""
+def fetch(broker: mqtt.BrokerURL, limit: float = mqtt.RETAINED_TIMEOUT) -> list[Device]:
+    """Every device's retained info and status, as rows (one round trip: the
+    broker's answer marks the end of the retained messages, mqtt.collect_retained)."""
     client = mqtt.connect(broker)
     try:
         messages = mqtt.collect_retained(client, NODES + "info", NODES + "status", limit=limit)

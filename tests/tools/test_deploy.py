@@ -219,11 +219,12 @@ def test_deploy_app_reboots_a_fresh_board_into_the_app_reporting_its_version(
     url = mqtt.BrokerURL(broker.host, broker.port)
     deadline = time.monotonic() + 30
     while True:
-        devices = {d.device_id: d for d in fleet.fetch(url, quiet=0.3)}
+        devices = {d.device_id: d for d in fleet.fetch(url)}
         d = devices.get(b.device_id)
         if d and d.framework:
             break
         assert time.monotonic() < deadline, "no info from the board"
+        time.sleep(0.2)
     assert d.framework == build.project_version() and d.state == "online"
     rb.stop()
     assert "provision.json" not in b.ls()

@@ -45,9 +45,11 @@ def test_status_shows_devices_in_several_states(broker, mqtt_client, capsys):
     row1 = next(line for line in lines if "000000000001" in line)
     assert "idle" in row1 and "0.7.0" in row1 and "sensors 1.2" in row1 and "50K" in row1
     assert "1024K" in row1 and "stable" in row1 and " ok " in row1 + " "
+    assert row1.endswith(" now")  # connected: its will has not fired
     row2 = next(line for line in lines if "000000000002" in line)
     assert "failed: sha256 mismatch" in row2 and "beta" in row2
-    assert "offline" in next(line for line in lines if "000000000003" in line)
+    row3 = next(line for line in lines if "000000000003" in line)
+    assert "offline" in row3 and row3.endswith(" -")  # no wall clock: not known when
     assert "unknown" in next(line for line in lines if "000000000004" in line)
 
     assert cli(["status", "--broker", url, "--json"]) == 0
