@@ -110,6 +110,20 @@ def test_raising_user_main_is_logged_with_traceback_and_restarted(
     assert "safe mode" not in out
 
 
+def test_a_user_main_that_does_not_compile_is_reported_once_per_attempt(
+    app_board, boards, broker, settings_for, watch
+):
+    # The first attempt is the early import in boot: its failure is kept and
+    # reported when user code would start, like every later attempt.
+    board = app_board(settings_for(broker, **FAST_RESTARTS), user_main="async def user_main(:\n")
+    w = watch(board)
+    rb = boards.start(board)
+    assert "failed 3 times" in w.wait("status", state="safe_mode")["error"]
+    out = rb.console()
+    assert out.count("user_main: failed: SyntaxError") == 3, out
+    assert out.index("user_main: failed: SyntaxError") > out.index("booted; free heap")
+
+
 def test_memory_error_in_user_code_collects_logs_free_heap_and_restarts(
     app_board, boards, broker, settings_for, watch
 ):
