@@ -34,7 +34,7 @@ from mpy_blox_tools.vboard.process import RunningBoard
 
 TITLE = "Update end to end vs raw socket into flash, 160K heap"
 SIZES = {"64 KiB": 64 * 1024, "1 MiB": 1024 * 1024, "4 MiB": 4 * 1024 * 1024}
-# The install boot needs about 124K on the 64-bit virtual board (docs/protocol.md).
+# The install boot needs about 126K on the 64-bit virtual board (docs/protocol.md).
 HEAP = os.environ.get("MPY_BLOX_BENCH_HEAP", "160K")
 FLASH = "16M"
 

@@ -27,7 +27,7 @@ from mpy_blox_tools.vboard.process import RunningBoard
 
 BOARDS = 3
 CHANNEL = "demo"
-# The install boot needs about 124K on the virtual board, the 64-bit unix port
+# The install boot needs about 126K on the virtual board, the 64-bit unix port
 # whose objects are larger than an ESP32's (docs/protocol.md, "The install boot").
 DEMO_HEAP = "160K"
 USER_MAIN = """\

@@ -17,7 +17,7 @@ from mpy_blox.update import manifest
 KEY = "0123456789abcdef" * 4
 CHANNEL = "agent-test"
 # The agent accepts lists in the app at 100K; the install boot that follows
-# needs 124K on the virtual board (docs/protocol.md, "The install boot"):
+# needs 126K on the virtual board (docs/protocol.md, "The install boot"):
 # these tests use 160K, for margin. test_update_installboot.py measures the heap.
 HEAP = "160K"
 USER_MAIN_V2 = b"""

@@ -23,7 +23,7 @@ from update_kit import REPO, make_src, make_wheel, sha256
 from mpy_blox.update import manifest
 
 KEY = "fedcba9876543210" * 4
-# The app accepts a list at 100K; the install boot needs 124K on the virtual
+# The app accepts a list at 100K; the install boot needs 126K on the virtual
 # board (docs/protocol.md, "The install boot": where the heap goes). -s prints the
 # free heap before the first download and the end-to-end time of the upgrade;
 # MPYBLOX_IB_HEAP=128K runs them on another heap.
