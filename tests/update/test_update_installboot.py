@@ -153,11 +153,12 @@ def test_framework_upgrade_and_user_main_install_through_the_install_boot(
 def test_the_staging_gets_the_mqtt_clients_heap_back(
     app_board, boards, mqtt_client, channel, framework_wheel
 ):
-    # 128K: below the 136K the install boot needed while the client stayed loaded
-    # for the staging (docs/protocol.md, "The install boot"); the stopped client
-    # is only freed by the new loop between the phases.
+    # 132K: below the 136K the install boot needed while the client stayed loaded
+    # for the staging (docs/protocol.md, "The install boot"), and clear of the
+    # 126K it needs now; the stopped client is only freed by the new loop
+    # between the phases.
     board = app_board()
-    rb = boards.start(board, heap="128K")
+    rb = boards.start(board, heap="132K")
     rb.wait_for("USER v1", timeout=30)
     user = make_src("user_main.py", USER_V2)
     publish_update(mqtt_client(), channel, [framework_wheel, user], seq=7)
