@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from app_kit import compiled_framework
+
+from mpy_blox_tools import build
 
 REPO = Path(__file__).resolve().parent.parent.parent
 MAIN_PY = (REPO / "main.py").read_text()
@@ -47,6 +48,22 @@ def runtime_tree(tmp_path_factory) -> Path:
         REPO / "mpy_blox", dest, ignore=shutil.ignore_patterns("update", "__pycache__")
     )
     return dest
+
+
+def compiled_framework(source_tree: Path, dest: Path) -> Path:
+    """A mpy_blox tree compiled to .mpy by the wheel builder, as the device wheel ships it."""
+    march = build.PLATFORMS["unix"]
+    for name, data in build.compile_tree(source_tree, build.project_version(), march).items():
+        out = dest.parent / name  # name: "mpy_blox/..."
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(data)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def full_mpy_tree(tmp_path_factory) -> Path:
+    """All of mpy_blox compiled, as the device wheel installs it."""
+    return compiled_framework(REPO / "mpy_blox", tmp_path_factory.mktemp("full-mpy") / "mpy_blox")
 
 
 @pytest.fixture(scope="session")
