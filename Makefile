@@ -90,7 +90,7 @@ mounted-repl: setup
 	@echo "mounted-repl: $(CURDIR) mounted at /remote on $(or $(DEVICE),first device)"
 	@$(MPREMOTE) mount . repl
 
-# Workstation code (device code follows MicroPython's style: see docs/STYLE notes).
+# Workstation and device code, tests included (device code keeps MicroPython idioms).
 lint: setup
 	$(VENV)/bin/ruff check mpy_blox_tools tests scripts bench
 	$(VENV)/bin/ruff format --check mpy_blox_tools tests/tools tests/test_*.py tests/conftest.py bench scripts

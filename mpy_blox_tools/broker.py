@@ -100,10 +100,6 @@ class LocalBroker:
         """Die at once, as a crashed broker does (SIGKILL: no save)."""
         self._signal(signal.SIGKILL)
 
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
     def _signal(self, signum: int) -> None:
         if self.process:
             end_process(self.process, signum)

@@ -9,7 +9,6 @@ before this publish) are shown but never decide the outcome.
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
@@ -166,12 +165,3 @@ def _detail(status: dict) -> str:
         return f"{package}: {status['error']}" if package else str(status["error"])
     return str(package)
 
-
-def dumps(watcher: Watcher) -> str:
-    return json.dumps(
-        {
-            p.device_id: {"outcome": p.outcome, "detail": p.detail}
-            for p in watcher.devices.values()
-        },
-        indent=2,
-    )

@@ -26,8 +26,8 @@ from zlib_ng import zlib_ng
 from mpy_blox_tools.errors import MpyBloxError
 
 # 1 KiB window: ~10 KB of device heap to inflate (measured on the unix port, see
-# docs/build.md), and within a few percent of wbits 15 on .mpy files, whose
-# repetitions are short-range.
+# "The deflate window rule" in docs/protocol.md), and within a few percent of
+# wbits 15 on .mpy files, whose repetitions are short-range.
 DEVICE_WBITS = 10
 LEVEL = 9
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip can hold: reproducible
