@@ -119,8 +119,10 @@ class Agent:
                 raise InvalidUpdate("replayed or older list: seq %d, device at %d"
                                     % (seq, self.seq))
             if seq == self.seq and finished:
-                return  # the retained list already installed: nothing to say
+                log.info("list seq %d seen again: already done", seq)  # tests wait for it
+                return  # the retained list already installed: nothing to publish
         elif retained and finished:
+            log.info("list seen again: already done")
             return  # the same unsigned list, seen again after a (re)connect
         if to.startswith("channels/") and not self.auto:
             self._refresh_info(available=seq)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from conftest import read_packet, remaining_length
 
 # Device side: connect with a quick backoff, print each (re)connection, run `body`.
@@ -43,6 +41,16 @@ def publish(topic: bytes, payload: bytes, qos: int = 0, pid: int = 0, dup: bool 
     return bytes([first]) + remaining_length(len(body) + len(payload)) + body + payload
 
 
+def hold_until_closed(conn, timeout: float = 10) -> None:
+    """Keep the connection until the device closes it (what a script waits for)."""
+    conn.settimeout(timeout)
+    try:
+        while conn.recv(1024):
+            pass
+    except OSError:  # TimeoutError included
+        pass
+
+
 def answer_subscribe(conn) -> None:
     first, body = read_packet(conn)
     assert first == 0x82, first
@@ -56,7 +64,7 @@ def test_qos1_puback_is_sent_after_the_handler_and_duplicates_are_tolerated(fake
         broker.accept_connect(conn)
         answer_subscribe(conn)
         if n:
-            time.sleep(5)
+            hold_until_closed(conn)
             return
         msg = publish(b"t/a", b"hello", qos=1, pid=0x1234)
         dup = publish(b"t/a", b"hello", qos=1, pid=0x1234, dup=True)
@@ -64,7 +72,7 @@ def test_qos1_puback_is_sent_after_the_handler_and_duplicates_are_tolerated(fake
         for _ in range(4):
             seen.append(read_packet(conn))
         conn.sendall(b"\xe0\x00")  # not a packet a broker sends: the device reconnects
-        time.sleep(5)
+        hold_until_closed(conn)
 
     broker = fake_broker(script)
     dev = device(DEVICE.format(port=broker.port, connections=2), heap="64K")
@@ -103,10 +111,10 @@ def test_each_malformed_packet_drops_the_connection_with_a_reason_and_reconnects
             conn.sendall(MALFORMED[n][1])
             # The truncated packet is cut by our close; the others the client drops.
             if MALFORMED[n][0] != "truncated":
-                time.sleep(2)
+                hold_until_closed(conn)
         else:
             conn.sendall(publish(b"t/ok", b"fine"))
-            time.sleep(5)
+            hold_until_closed(conn)
 
     broker = fake_broker(script)
     dev = device(DEVICE.format(port=broker.port, connections=len(MALFORMED) + 1), heap="64K")

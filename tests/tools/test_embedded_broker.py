@@ -174,10 +174,12 @@ def test_a_4_mib_package_reaches_a_qos_1_persistent_subscriber_that_was_away(emb
     device = paho.Client(
         paho.CallbackAPIVersion.VERSION2, client_id="esp32-persistent", clean_session=False
     )
+    subscribed = threading.Event()
+    device.on_subscribe = lambda *args: subscribed.set()
     device.connect(b.host, b.port, keepalive=5)
     device.loop_start()
     device.subscribe("mpypi/packages/#", qos=1)
-    time.sleep(0.3)
+    assert subscribed.wait(10)  # the SUBACK: the broker holds the subscription
     device.loop_stop()
     device.disconnect()
     package = os.urandom(4 * 2**20)

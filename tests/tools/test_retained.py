@@ -92,6 +92,7 @@ def test_a_steady_flow_of_live_messages_neither_delays_it_nor_gets_collected(loa
     b, lists = loaded
     publisher = mqtt_client(b)
     stop = threading.Event()
+    flowing = threading.Event()
 
     def keep_publishing():
         n = 0
@@ -99,13 +100,15 @@ def test_a_steady_flow_of_live_messages_neither_delays_it_nor_gets_collected(loa
             publisher.publish("mpypi/channels/live", b"[%d]" % n, qos=0)
             publisher.publish(f"mpypi/nodes/esp32-{n % 7:012d}/cmd", b"live", qos=0)
             n += 1
+            if n == 20:
+                flowing.set()
             time.sleep(0.005)
 
     flow = threading.Thread(target=keep_publishing, daemon=True)
     flow.start()
     c = mqtt.connect(mqtt.BrokerURL(b.host, b.port))
     try:
-        time.sleep(0.2)  # the flow is under way before and all along
+        assert flowing.wait(10)  # the flow is under way before and all along
         limit = 10.0
         start = time.monotonic()
         got = mqtt.collect_retained(c, *publish.LIST_FILTERS, limit=limit)

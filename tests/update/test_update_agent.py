@@ -134,7 +134,7 @@ def test_signed_list_is_installed_over_mqtt_then_the_board_reboots_into_it(
 
     # After the reboot the retained list is seen again: nothing downloaded.
     n = len(watch.statuses)
-    time.sleep(1)
+    rb.wait_for("list seq 5 seen again: already done", timeout=30)
     assert not any(st.get("state") == "downloading" for st in watch.statuses[n:])
 
     # Replayed (live), forged and unsigned lists are refused and reported.
@@ -170,7 +170,7 @@ def test_tampered_package_is_refused_over_mqtt_and_the_board_keeps_its_code(
 
 def board_file_unchanged(rb) -> bool:
     rb.wait_for("USER v1", count=2)  # the install boot failed: the app is back
-    time.sleep(0.5)
+    rb.wait_for(r"list seq \d+ seen again: already done", timeout=30)  # and does not retry it
     return rb.boots() == 3 and "USER v2" not in rb.console()
 
 
@@ -201,7 +201,7 @@ def test_broker_killed_mid_download_the_update_installs_after_it_returns(
     publish_update(pub, [big, user], seq=3)
     watch.wait_status(state="downloading", package="big.bin")
     own.kill()  # no clean shutdown, no saved retained messages
-    time.sleep(1)
+    rb.wait_for("broken", timeout=30)  # the board saw the download cut
     own.start()
     pub = mqtt_client(own)
     publish_update(pub, [big, user], seq=3)  # the publisher republishes what was lost

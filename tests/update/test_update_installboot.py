@@ -265,7 +265,8 @@ def test_a_failing_install_boot_reports_failed_and_boots_the_app_without_looping
     rb.wait_for("USER v1", timeout=30, count=2)
     wait_info(watch, seq=3)
     assert watch.info["last_update"]["result"] == "failed"
-    time.sleep(3)  # the retained list is seen again by the app: it must not install again
+    # The retained list is seen again by the app: it must not install again.
+    rb.wait_for("list seq 3 seen again: already done", timeout=30)
     assert rb.boots() == 3, rb.console()
     assert "USER v2" not in rb.console()
 
@@ -283,7 +284,6 @@ def test_an_install_boot_that_cannot_finish_gives_up_after_three_attempts(app_bo
     assert out.count("install boot without a broker") == 3, out
     assert "install boot did not finish in 3 attempts" in out
     assert rb.boots() == 5  # three install boots, the one that gives up, the app
-    time.sleep(1)
     rb.stop()
     assert not pending(board)
     last = json.loads(board.cat(".mpypi/last.json"))
@@ -316,5 +316,5 @@ def test_a_list_that_needs_nothing_costs_one_install_boot_and_reports_idle(
     rb.wait_for("USER v1", timeout=30, count=2)
     assert wait_info(watch, seq=2)["last_update"]["result"] == "ok"
     assert "downloading" not in states(watch)
-    time.sleep(2)  # the retained list, seen again by the app, is done
+    rb.wait_for("list seq 2 seen again: already done", timeout=30)  # and not installed again
     assert rb.boots() == 3
