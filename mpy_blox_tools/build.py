@@ -85,6 +85,24 @@ def compile_tree(source_dir: Path, version: str, march: str) -> dict[str, bytes]
     return files
 
 
+def compile_framework(
+    dest: Path, source_dir: Path = SOURCE, version: str | None = None, platform: str = "unix"
+) -> Path:
+    """Compile `source_dir` (a mpy_blox tree) into `dest`/mpy_blox, with
+    mpypi_recover.mpy beside it, as the device wheel and deploy-app lay them out on a
+    device; return the compiled mpy_blox folder. Tests and benchmarks boot from it."""
+    march = PLATFORMS[platform]
+    files = compile_tree(source_dir, version or project_version(), march)
+    recover = REPO / "mpypi_recover.py"
+    dest.mkdir(parents=True, exist_ok=True)
+    compile_source(recover, recover.name, march, dest / "mpypi_recover.mpy")
+    for name, data in files.items():  # name: "mpy_blox/..."
+        out = dest / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(data)
+    return dest / source_dir.name
+
+
 def build(
     platform: str = "esp32",
     dev: bool = False,

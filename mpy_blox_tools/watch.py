@@ -164,4 +164,3 @@ def _detail(status: dict) -> str:
     if status.get("error"):
         return f"{package}: {status['error']}" if package else str(status["error"])
     return str(package)
-

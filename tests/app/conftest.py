@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from pathlib import Path
 
 import pytest
-
-from mpy_blox_tools import build
 
 REPO = Path(__file__).resolve().parent.parent.parent
 MAIN_PY = (REPO / "main.py").read_text()
@@ -39,42 +36,8 @@ def settings_for():
     return make
 
 
-@pytest.fixture(scope="session")
-def runtime_tree(tmp_path_factory) -> Path:
-    """mpy_blox without the update agent: the runtime's own tests need no agent, and
-    compiling the agent from source too does not fit a 100K heap (see docs/runtime.md)."""
-    dest = tmp_path_factory.mktemp("runtime") / "mpy_blox"
-    shutil.copytree(
-        REPO / "mpy_blox", dest, ignore=shutil.ignore_patterns("update", "__pycache__")
-    )
-    return dest
-
-
-def compiled_framework(source_tree: Path, dest: Path) -> Path:
-    """A mpy_blox tree compiled to .mpy by the wheel builder, as the device wheel ships it."""
-    march = build.PLATFORMS["unix"]
-    for name, data in build.compile_tree(source_tree, build.project_version(), march).items():
-        out = dest.parent / name  # name: "mpy_blox/..."
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(data)
-    return dest
-
-
-@pytest.fixture(scope="session")
-def full_mpy_tree(tmp_path_factory) -> Path:
-    """All of mpy_blox compiled, as the device wheel installs it."""
-    return compiled_framework(REPO / "mpy_blox", tmp_path_factory.mktemp("full-mpy") / "mpy_blox")
-
-
-@pytest.fixture(scope="session")
-def runtime_mpy_tree(runtime_tree, tmp_path_factory) -> Path:
-    """The runtime_tree compiled: what a device runs, and what boots with room to spare
-    in 100K (compiling the MQTT client on the board leaves the heap at an edge)."""
-    return compiled_framework(runtime_tree, tmp_path_factory.mktemp("runtime-mpy") / "mpy_blox")
-
-
 @pytest.fixture
-def app_board(boards, runtime_tree, runtime_mpy_tree):
+def app_board(boards, runtime_src, runtime_mpy):
     """An app-managed board: main.py, mpypi_recover.py, the framework, and the given files.
 
     framework: "runtime" (mpy_blox without the update agent, as .mpy), "runtime-src"
@@ -101,9 +64,9 @@ def app_board(boards, runtime_tree, runtime_mpy_tree):
             files["user_main.py"] = user_main
         board = boards.create(framework=framework == "full", files=files, **kwargs)
         if framework == "runtime":
-            board.put_tree(runtime_mpy_tree, "lib/mpy_blox")
+            board.put_tree(runtime_mpy, "lib/mpy_blox")
         elif framework == "runtime-src":
-            board.put_tree(runtime_tree, "lib/mpy_blox")
+            board.put_tree(runtime_src, "lib/mpy_blox")
         return board
 
     return make

