@@ -19,6 +19,7 @@ import hashlib
 import struct
 import zipfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from zlib_ng import zlib_ng
@@ -52,23 +53,38 @@ def make_record(files: dict[str, bytes], record_path: str) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def write_zip(path: Path, files: dict[str, bytes], wbits: int = DEVICE_WBITS) -> None:
-    """Write `files` ({archive name: bytes}) as a deterministic zip deflated with `wbits`.
+@dataclass(frozen=True)
+class ZipEntry:
+    """One member of a zip: its bytes, how they are compressed, its unix mode.
 
-    Entries are sorted by name, except that the .dist-info files come last (as
-    wheel tools do, so RECORD is the final entry).
+    `wbits` None stores the data; otherwise it is raw-deflated with a 2**wbits window
+    (`deflated`, when the caller has already done so).
     """
-    names = sorted(files, key=lambda n: (".dist-info/" in n, n.endswith("/RECORD"), n))
+
+    name: str
+    data: bytes
+    wbits: int | None = DEVICE_WBITS
+    level: int = LEVEL
+    mode: int = 0o100644  # a regular file, rw-r--r--
+    deflated: bytes | None = None
+
+
+def zip_bytes(entries: Iterable[ZipEntry], comment: bytes = b"") -> bytes:
+    """A zip of `entries` in the order given: no zip64, no data descriptors, fixed
+    timestamps. The one zip writer of the project; `write_zip` decides what goes in."""
     local = bytearray()
     central = bytearray()
-    for name in names:
-        data = files[name]
-        raw = name.encode()
+    count = 0
+    for entry in entries:
+        data, raw = entry.data, entry.name.encode()
         crc = zipfile.crc32(data) & 0xFFFFFFFF
-        packed = deflate_raw(data, wbits)
-        method = 8
-        if len(packed) >= len(data):
-            packed, method = data, 0  # stored: deflate would only grow it
+        if entry.wbits is None:
+            packed, method = data, 0
+        else:
+            packed = entry.deflated
+            if packed is None:
+                packed = deflate_raw(data, entry.wbits, entry.level)
+            method = 8
         offset = len(local)
         local += struct.pack(
             "<4s5H3L2H",
@@ -85,11 +101,10 @@ def write_zip(path: Path, files: dict[str, bytes], wbits: int = DEVICE_WBITS) ->
             0,
         )
         local += raw + packed
-        # external attributes: a regular file, rw-r--r-- (no symlinks, ever)
         central += struct.pack(
             "<4s6H3L5H2L",
             b"PK\x01\x02",
-            (3 << 8) | _VERSION,
+            (3 << 8) | _VERSION,  # made by: unix, so the external attributes are a mode
             _VERSION,
             0,
             method,
@@ -103,25 +118,45 @@ def write_zip(path: Path, files: dict[str, bytes], wbits: int = DEVICE_WBITS) ->
             0,
             0,
             0,
-            (0o100644 << 16),
+            entry.mode << 16,
             offset,
         )
         central += raw
-    if len(local) > 0xFFFFFFFF or len(names) > 0xFFFF:
+        count += 1
+    if len(local) > 0xFFFFFFFF or count > 0xFFFF:
         raise MpyBloxError("wheel too large for a zip without zip64")
-    comment = b"wbits=%d" % wbits
     end = struct.pack(
         "<4s4H2LH",
         b"PK\x05\x06",
         0,
         0,
-        len(names),
-        len(names),
+        count,
+        count,
         len(central),
         len(local),
         len(comment),
     )
-    path.write_bytes(bytes(local + central + end + comment))
+    return bytes(local + central + end + comment)
+
+
+def write_zip(path: Path, files: dict[str, bytes], wbits: int = DEVICE_WBITS) -> None:
+    """Write `files` ({archive name: bytes}) as a deterministic zip deflated with `wbits`,
+    declared in the archive comment (docs/protocol.md).
+
+    Entries are sorted by name, except that the .dist-info files come last (as
+    wheel tools do, so RECORD is the final entry). Regular files only: no symlinks,
+    ever. An entry that deflate would only grow is stored.
+    """
+    names = sorted(files, key=lambda n: (".dist-info/" in n, n.endswith("/RECORD"), n))
+    entries = []
+    for name in names:
+        data = files[name]
+        packed = deflate_raw(data, wbits)
+        if len(packed) < len(data):
+            entries.append(ZipEntry(name, data, wbits, deflated=packed))
+        else:
+            entries.append(ZipEntry(name, data, None))
+    path.write_bytes(zip_bytes(entries, b"wbits=%d" % wbits))
 
 
 def wheel_name(distribution: str, version: str, tag: str) -> str:

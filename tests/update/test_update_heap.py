@@ -20,6 +20,7 @@ from test_update_refusals import V1, Device, refused
 from update_kit import make_src, make_wheel, sha256
 
 from mpy_blox.update import manifest
+from mpy_blox_tools import wheel
 
 # main.py of a board that does only what deploy-lib's `mpremote exec` does after
 # its soft reset: import the install core, install one wheel.
@@ -145,21 +146,14 @@ def test_record_naming_another_file_is_refused_and_nothing_changes(device):
 def test_zip_with_a_file_twice_is_refused_and_nothing_changes(device):
     w = make_wheel("demo-pkg", "2.0", {"demo_pkg/__init__.py": b"v2"})
     with zipfile.ZipFile(io.BytesIO(w.data)) as zf:
-        members = [(i, zf.read(i)) for i in zf.infolist()]
+        members = [(i.filename, zf.read(i)) for i in zf.infolist()]
         comment = zf.comment
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as zf:
-        for info, data in members:
-            zf.writestr(info, data, compress_type=zipfile.ZIP_STORED)
-            if info.filename == "demo_pkg/__init__.py":
-                # zipfile warns about the duplicate: that is the point.
-                import warnings
-
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    zf.writestr(info, data, compress_type=zipfile.ZIP_STORED)
-        zf.comment = comment
-    data = out.getvalue()
+    entries = []
+    for name, data in members:
+        entries.append(wheel.ZipEntry(name, data, None))
+        if name == "demo_pkg/__init__.py":
+            entries.append(wheel.ZipEntry(name, data, None))  # the same name again
+    data = wheel.zip_bytes(entries, comment)
     entry = dict(w.entry, pkg_sha256=sha256(data), size=len(data))
     out = device.run(manifest.encode_list([entry]), served={entry["pkg_sha256"]: data})
     refused(device, out, "RECORD does not match")

@@ -12,9 +12,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from update_kit import make_src, make_wheel, record_hash, sha256
+from update_kit import make_src, make_wheel, sha256
 
 from mpy_blox.update import manifest
+from mpy_blox_tools import wheel
 
 V1 = {"demo_pkg/__init__.py": b"VERSION = '1.0'\n"}
 SNIPPET = """
@@ -189,7 +190,7 @@ def test_record_hash_mismatch_is_refused_and_nothing_changes(device):
     good = make_wheel("demo-pkg", "2.0", files)
     with zipfile.ZipFile(io.BytesIO(good.data)) as zf:
         record = zf.read("demo_pkg-2.0.dist-info/RECORD").decode()
-    record = record.replace(record_hash(b"v2"), record_hash(b"v3"))
+    record = record.replace(wheel.record_hash(b"v2"), wheel.record_hash(b"v3"))
     w = make_wheel("demo-pkg", "2.0", files, record=record)
     refused(device, device.install(w), "RECORD mismatch: demo_pkg/__init__.py")
 

@@ -1,26 +1,23 @@
 """Helpers for the update tests: build wheels and lists, drive boards.
 
-`make_wheel` builds a wheel with CPython's zipfile, raw-deflated with a chosen
-window (`wbits`, declared in the archive comment as docs/protocol.md says) and a
-correct RECORD unless a test asks for a broken one.
+`make_wheel` builds a wheel with the product's zip writer (mpy_blox_tools.wheel),
+raw-deflated with a chosen window (`wbits`, declared in the archive comment as
+docs/protocol.md says) and a correct RECORD unless a test asks for a broken one.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import functools
 import hashlib
-import io
 import json
 import shutil
 import tempfile
-import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from mpy_blox.update import manifest
+from mpy_blox_tools import wheel
 
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = (Path(__file__).with_name("device_driver.py")).read_text()
@@ -32,23 +29,6 @@ def sha256(data: bytes) -> str:
 
 def record_hash(data: bytes) -> str:
     return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode().rstrip("=")
-
-
-@contextlib.contextmanager
-def _raw_deflate(wbits: int, level: int):
-    # zipfile always deflates with a 32K window: swap its compressor factory.
-    original = zipfile._get_compressor
-
-    def compressor(compress_type, compresslevel=None):
-        if compress_type == zipfile.ZIP_DEFLATED:
-            return zlib.compressobj(level, zlib.DEFLATED, -wbits)
-        return original(compress_type, compresslevel)
-
-    zipfile._get_compressor = compressor
-    try:
-        yield
-    finally:
-        zipfile._get_compressor = original
 
 
 @dataclass
@@ -90,19 +70,13 @@ def make_wheel(
         record if record is not None else "\n".join(lines) + "\n"
     ).encode()
     members.update(extra or {})
-    buf = io.BytesIO()
-    method = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
-    with _raw_deflate(wbits or 15, level), zipfile.ZipFile(buf, "w", method) as zf:
-        for path, data in members.items():
-            zf.writestr(zipfile.ZipInfo(path, (2024, 1, 1, 0, 0, 0)), data, compress_type=method)
-        if symlink:
-            info = zipfile.ZipInfo(symlink, (2024, 1, 1, 0, 0, 0))
-            info.create_system = 3
-            info.external_attr = 0o120777 << 16
-            zf.writestr(info, b"/etc/passwd")
-        if wbits is not None:
-            zf.comment = b"wbits=%d" % wbits
-    data = buf.getvalue()
+    # The product's zip writer, with what a test may ask for beyond it: a standard
+    # window (wbits None: 32 KiB, undeclared), stored entries, a symlink.
+    window = None if stored else (wbits or 15)
+    entries = [wheel.ZipEntry(path, d, window, level) for path, d in members.items()]
+    if symlink:
+        entries.append(wheel.ZipEntry(symlink, b"/etc/passwd", None, mode=0o120777))
+    data = wheel.zip_bytes(entries, b"wbits=%d" % wbits if wbits is not None else b"")
     entry = manifest.wheel_entry(
         name, version, sha256(data), len(data), tag if declare_tag else None
     )
