@@ -150,9 +150,20 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from mpy_blox_tools import publish
+    from mpy_blox_tools.publish import publish_release
 
-    return publish.run(args)
+    ok = publish_release(
+        broker=args.broker,
+        channel=args.channel,
+        device_ids=args.device_ids or (),
+        extra_src_files=args.extra_src_files or (),
+        wheel=args.wheel,
+        platform=args.platform,
+        dev=args.dev,
+        key_file=args.key_file,
+        wait=args.wait,
+    )
+    return 0 if ok else 1
 
 
 def _add_publish(sub: argparse._SubParsersAction) -> None:

@@ -50,8 +50,7 @@ def device_file(name: str) -> Path:
     if root is not None and (root / name).is_file():
         return root / name
     raise MpyBloxError(
-        f"{name} is not installed with mpy_blox_tools (expected {installed}): "
-        "reinstall the tools"
+        f"{name} is not installed with mpy_blox_tools (expected {installed}): reinstall the tools"
     )
 
 
@@ -95,4 +94,6 @@ def project_version() -> str:
     try:
         return importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
-        raise MpyBloxError(f"no version: {DISTRIBUTION} is neither installed nor a checkout")
+        raise MpyBloxError(
+            f"no version: {DISTRIBUTION} is neither installed nor a checkout"
+        ) from None
