@@ -117,6 +117,12 @@ def test_each_action_prints_one_line_saying_what_it_does(board, tmp_path, capsys
     assert b.ls("lib") == {}
 
 
+def test_unprovision_runs_the_framework_from_the_workstation_on_a_blank_board(board, capsys):
+    _b, rb = board
+    assert deploy("unprovision", rb.serial_port) == 0
+    assert capsys.readouterr().out == "unprovision: clearing the secure store in NVS\n"
+
+
 def test_purge_lib_empties_lib(board):
     _b, rb = board
     assert deploy("lib", rb.serial_port) == 0
