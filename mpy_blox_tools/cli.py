@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from mpy_blox_tools import micropython
+from mpy_blox_tools.broker import ENGINES
+from mpy_blox_tools.build import PLATFORMS
 from mpy_blox_tools.errors import MpyBloxError
 from mpy_blox_tools.vboard.board import DEFAULT_FLASH, FILESYSTEMS, Board
 
@@ -15,9 +19,7 @@ def _vboard_create(args: argparse.Namespace) -> int:
     board = Board.create(args.dir, device_id=args.device_id, fs=args.fs, flash_size=args.flash)
     print(f"created {board.device_id} in {board.dir} ({args.fs}, {args.flash} flash)")
     if args.app:
-        from pathlib import Path
-
-        from mpy_blox_tools import deploy
+        from mpy_blox_tools import deploy, resources
         from mpy_blox_tools.vboard.process import RunningBoard
 
         # Through the board's serial port, exactly as `make deploy-app` on hardware.
@@ -25,7 +27,7 @@ def _vboard_create(args: argparse.Namespace) -> int:
             rb.wait_for(r"\[vboard\] boot 1")
             deploy.deploy_app(
                 rb.serial_port,
-                Path(args.settings),
+                resources.settings_or_default(args.settings),
                 Path(args.provision) if args.provision else None,
                 Path(args.user_main) if args.user_main else None,
                 reset=False,
@@ -88,7 +90,8 @@ def _add_vboard(sub: argparse._SubParsersAction) -> None:
         help="deploy the framework and main.py (as make deploy-lib deploy-app)",
     )
     p.add_argument(
-        "--settings", default="settings.json", help="with --app (default settings.json)"
+        "--settings",
+        help="with --app (default ./settings.json, else the framework's defaults)",
     )
     p.add_argument("--provision", help="with --app: a provision.json to ingest at first boot")
     p.add_argument("--user-main", help="with --app: a user_main.py")
@@ -144,15 +147,26 @@ def _build(args: argparse.Namespace) -> int:
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build", help="build the device wheel into dist/ and print its path")
-    p.add_argument("--platform", choices=("esp32", "unix"), default="esp32")
+    p.add_argument("--platform", choices=PLATFORMS, default="esp32")
     p.add_argument("--dev", action="store_true", help="a dev version, unique to this build")
     p.set_defaults(func=_build)
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from mpy_blox_tools import publish
+    from mpy_blox_tools.publish import publish_release
 
-    return publish.run(args)
+    ok = publish_release(
+        broker=args.broker,
+        channel=args.channel,
+        device_ids=args.device_ids or (),
+        extra_src_files=args.extra_src_files or (),
+        wheel=args.wheel,
+        platform=args.platform,
+        dev=args.dev,
+        key_file=args.key_file,
+        wait=args.wait,
+    )
+    return 0 if ok else 1
 
 
 def _add_publish(sub: argparse._SubParsersAction) -> None:
@@ -183,8 +197,6 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
 
 
 def _broker(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from mpy_blox_tools.broker import run_broker
 
     return run_broker(
@@ -211,7 +223,7 @@ def _add_broker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--password-file", help="a mosquitto_passwd file: no anonymous access")
     p.add_argument(
         "--engine",
-        choices=("auto", "mosquitto", "amqtt"),
+        choices=ENGINES,
         default="auto",
         help="auto (default): Mosquitto when installed, otherwise the embedded amqtt broker",
     )
@@ -228,11 +240,90 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the end-to-end demonstration on the embedded defaults")
     p.add_argument(
         "--engine",
-        choices=("auto", "mosquitto", "amqtt"),
+        choices=ENGINES,
         default="auto",
         help="the local broker: Mosquitto when installed, else the embedded amqtt (default auto)",
     )
     p.set_defaults(func=_demo)
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from mpy_blox_tools import deploy, resources
+
+    port = args.device
+    deploy.check_port(port)  # a wrong port is reported before anything is built
+    wheel = Path(args.wheel) if getattr(args, "wheel", None) else None
+    if args.action == "lib":
+        deploy.deploy_lib(port, wheel)
+    elif args.action == "app":
+        user_main = Path(args.user_main)
+        deploy.deploy_app(
+            port,
+            resources.settings_or_default(args.settings),
+            Path(args.provision),
+            user_main if user_main.exists() else None,
+            wheel,
+        )
+    elif args.action == "user":
+        deploy.deploy_user(port, Path(args.user_main))
+    elif args.action == "provision":
+        deploy.provision(port, Path(args.provision))
+    elif args.action == "unprovision":
+        deploy.unprovision(port)
+    else:
+        deploy.purge_lib(port)
+    return 0
+
+
+# `mpy-blox deploy ACTION`: the Makefile's device targets and their variables.
+_DEPLOY_OPTIONS = {
+    "wheel": ("--wheel", {"help": "install this wheel instead of building the framework"}),
+    "settings": (
+        "--settings",
+        {"help": "copied as /settings.json (default ./settings.json, else the defaults)"},
+    ),
+    "provision": (
+        "--provision",
+        {"default": "provision.json", "help": "secrets for NVS (default provision.json)"},
+    ),
+    "user_main": (
+        "--user-main",
+        {"default": "user_main.py", "help": "your app (default user_main.py)"},
+    ),
+}
+_DEPLOY_ACTIONS = {
+    "lib": ("build the framework wheel and install it into /lib", ("wheel",)),
+    "app": (
+        "lib, then main.py, settings, user_main.py and provision.json when present; reset",
+        ("settings", "provision", "user_main", "wheel"),
+    ),
+    "user": ("copy user_main.py to the device", ("user_main",)),
+    "provision": ("copy provision.json (ingested into NVS at the next boot)", ("provision",)),
+    "unprovision": ("clear the secure store in NVS", ()),
+    "purge-lib": ("remove everything under /lib", ()),
+}
+
+
+def _add_deploy(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "deploy",
+        help="install Mpy-BLOX on a device over its serial port (the Makefile's targets)",
+        description="Install Mpy-BLOX on a device over its serial port, with mpremote "
+        "($MPY_BLOX_MPREMOTE names another, e.g. the Windows mpremote.exe under WSL2).",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, (helptext, options) in _DEPLOY_ACTIONS.items():
+        a = actions.add_parser(action, help=helptext, description=helptext)
+        a.add_argument(
+            "--device",
+            default=os.environ.get("DEVICE") or None,
+            metavar="PORT",
+            help="serial port (default: $DEVICE, else the first device mpremote finds)",
+        )
+        for name in options:
+            flag, kwargs = _DEPLOY_OPTIONS[name]
+            a.add_argument(flag, **kwargs)
+    p.set_defaults(func=_deploy)
 
 
 PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -242,6 +333,7 @@ PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_broker,
     _add_vboard,
     _add_demo,
+    _add_deploy,
 ]
 
 

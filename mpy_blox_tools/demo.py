@@ -17,7 +17,6 @@ import secrets
 import sys
 import tempfile
 import time
-from argparse import Namespace
 from pathlib import Path
 
 from mpy_blox_tools import build, deploy, fleet, mqtt, publish
@@ -102,22 +101,16 @@ def run_demo(
                 _show_fleet(url)
                 _step("publishing the current source as a dev version with a new user_main.py")
                 (work / "user_main.py").write_text(USER_MAIN.format(version="v2"))
-                status = publish.run(
-                    Namespace(
-                        broker=str(url),
-                        key_file=str(work / "update.key"),
-                        device_ids=None,
-                        channel=CHANNEL,
-                        extra_src_files=[str(work / "user_main.py")],
-                        wheel=None,
-                        platform="esp32",
-                        dev=True,
-                        wait=timeout,
-                    )
-                )
-                if status:
+                if not publish.publish_release(
+                    broker=url,
+                    key_file=work / "update.key",
+                    channel=CHANNEL,
+                    extra_src_files=[work / "user_main.py"],
+                    dev=True,
+                    wait=timeout,
+                ):
                     print("mpy-blox: the demo update did not reach every board", file=sys.stderr)
-                    return status
+                    return 1
                 for rb in running:
                     rb.wait_for("user_main v2 says hello", timeout=timeout)
                 _step("the fleet after the update")

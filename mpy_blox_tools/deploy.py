@@ -1,35 +1,40 @@
 """Installing Mpy-BLOX on a device over its serial port, with `mpremote`.
 
-The Makefile targets (`make deploy-lib DEVICE=/dev/ttyUSB0`, ...) call this module:
-
-    python -m mpy_blox_tools.deploy lib|app|user|provision|unprovision|purge-lib
-        [--device PORT] [--settings F] [--provision F] [--user-main F] [--wheel W]
+The Makefile targets (`make deploy-lib DEVICE=/dev/ttyUSB0`, ...) run `mpy-blox deploy
+lib|app|user|provision|unprovision|purge-lib`, which calls these functions.
 
 The framework wheel is installed by the device's own installer
-(`mpy_blox.update.install`), run from the working tree mounted on the device
-(`mpremote mount`), so a fresh device needs nothing beforehand and a serial
-install is verified (SHA256, RECORD) and atomic exactly as an update over MQTT is.
+(`mpy_blox.update.install`), sent compiled to a work folder on the flash with the
+wheel, so a fresh device needs nothing beforehand and a serial install is verified
+(SHA256, RECORD) and atomic exactly as an update over MQTT is.
+
+`mpremote` is the one installed with the tools, or the command named by
+$MPY_BLOX_MPREMOTE: under WSL2, which has no serial ports, the Windows `mpremote.exe`
+with `--device COM4`. A Windows executable gets the workstation's files by their
+Windows paths (`wslpath -w`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from mpy_blox_tools import resources
 from mpy_blox_tools.errors import MpyBloxError
 
-REPO = Path(__file__).resolve().parent.parent
-RECOVERY = "mpypi_recover.py"  # at the flash root, outside /lib: see docs/protocol.md
+MPREMOTE_ENV = "MPY_BLOX_MPREMOTE"
+RECOVERY = resources.RECOVERY  # at the flash root, outside /lib: see docs/protocol.md
 RECOVERY_MPY = "mpypi_recover.mpy"  # shipped compiled: compiling it at boot costs heap
 TIMEOUT = 300
 
 
-def _port_args(port: str | None) -> list[str]:
+def check_port(port: str | None) -> list[str]:
+    """mpremote's `connect PORT` arguments; a path that does not exist is an error."""
     if not port:
         return []  # mpremote connects to the first device it finds
     if "/" in port and not os.path.exists(port):
@@ -39,15 +44,47 @@ def _port_args(port: str | None) -> list[str]:
     return ["connect", port]
 
 
+def mpremote_command() -> list[str]:
+    """$MPY_BLOX_MPREMOTE (a path or a name on PATH), else the tools' own mpremote."""
+    named = os.environ.get(MPREMOTE_ENV, "").strip()
+    if not named:
+        return [sys.executable, "-m", "mpremote"]
+    found = shutil.which(named)
+    if not found:
+        raise MpyBloxError(f"{MPREMOTE_ENV}={named}: no such program")
+    return [found]
+
+
+def local_path(path: str | Path, folder: bool = False) -> str:
+    """A workstation path as the mpremote that runs sees it: a Windows program
+    (WSL2's `mpremote.exe`) gets the Windows path of a WSL2 file. `folder` ends it
+    with a separator (`fs cp -r FOLDER/ :DEST` copies what is inside)."""
+    command = mpremote_command()
+    if not command[0].lower().endswith(".exe"):
+        return str(path) + ("/" if folder else "")
+    try:
+        proc = subprocess.run(
+            ["wslpath", "-w", str(Path(path).resolve())],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise MpyBloxError(f"{path}: no Windows path for {command[0]} (wslpath: {e})") from None
+    return proc.stdout.strip() + ("\\" if folder else "")
+
+
 def mpremote(port: str | None, *args: str, timeout: float = TIMEOUT) -> str:
     """Run one mpremote command line against the device; its output, or a clear error."""
-    cmd = [sys.executable, "-m", "mpremote", *_port_args(port), *args]
+    cmd = [*mpremote_command(), *check_port(port), *args]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise MpyBloxError(
             f"device {port or '(auto)'} did not answer within {timeout:.0f}s"
         ) from None
+    except OSError as e:
+        raise MpyBloxError(f"cannot run {cmd[0]}: {e.strerror}") from None
     out = proc.stdout + proc.stderr
     if proc.returncode == 0 and "Traceback (most recent call last)" not in proc.stdout:
         return proc.stdout
@@ -107,19 +144,21 @@ def deploy_lib(port: str | None, wheel_path: Path | None = None, platform: str =
             (work / name).write_bytes(data)
         (work / "package.whl").write_bytes(package.data)
         recovery = Path(tmp) / RECOVERY_MPY
-        build.compile_source(REPO / RECOVERY, RECOVERY, build.PLATFORMS[platform], recovery)
+        build.compile_source(
+            resources.recovery_py(), RECOVERY, build.PLATFORMS[platform], recovery
+        )
         try:
             out = mpremote(
                 port,
                 "fs",
                 "cp",
-                str(recovery),
+                local_path(recovery),
                 ":/" + RECOVERY_MPY,
                 "+",
                 "fs",
                 "cp",
                 "-r",
-                str(work) + "/",
+                local_path(work, folder=True),
                 ":" + WORK,
                 "+",
                 "exec",
@@ -152,19 +191,19 @@ def deploy_app(
     args = [
         "fs",
         "cp",
-        str(REPO / "main.py"),
+        local_path(resources.main_py()),
         ":/main.py",
         "+",
         "fs",
         "cp",
-        str(settings),
+        local_path(settings),
         ":/settings.json",
     ]
     if user_main:
-        args += ["+", "fs", "cp", str(user_main), ":/user_main.py"]
+        args += ["+", "fs", "cp", local_path(user_main), ":/user_main.py"]
     if provision and provision.exists():
         _check_json(provision)
-        args += ["+", "fs", "cp", str(provision), ":/provision.json"]
+        args += ["+", "fs", "cp", local_path(provision), ":/provision.json"]
         print(f"deploy-app: {provision.name} -> device (ingested into NVS at boot, then deleted)")
     else:
         print("deploy-app: no provision file: the device keeps the secrets it has")
@@ -176,24 +215,34 @@ def deploy_app(
 
 
 def provision(port: str | None, path: Path) -> None:
+    """Copy a provision.json to the device: ingested into NVS at its next boot."""
     if not path.exists():
         raise MpyBloxError(
             f"no {path}: copy examples/provision.json to {path} and fill in your secrets"
         )
     _check_json(path)
     print(f"provision: {path} -> device (ingested into NVS at the next boot, then deleted)")
-    mpremote(port, "fs", "cp", str(path), ":/provision.json")
+    mpremote(port, "fs", "cp", local_path(path), ":/provision.json")
 
 
 def unprovision(port: str | None) -> None:
+    """Clear the device's secure store (NVS), with the framework's own code."""
     print("unprovision: clearing the secure store in NVS")
-    mpremote(
-        port,
-        "mount",
-        str(REPO),
-        "exec",
-        "from mpy_blox.provision import unprovision\nunprovision()",
-    )
+    # The framework's own code, from the workstation mounted on the device: only a
+    # copy of `mpy_blox/`, not the folder it is installed in (site-packages).
+    with tempfile.TemporaryDirectory(prefix="mpy-blox-deploy-") as tmp:
+        shutil.copytree(
+            resources.framework_dir(),
+            Path(tmp) / "mpy_blox",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+        mpremote(
+            port,
+            "mount",
+            local_path(tmp),
+            "exec",
+            "from mpy_blox.provision import unprovision\nunprovision()",
+        )
 
 
 PURGE = """
@@ -213,15 +262,17 @@ print("mpy-blox-deploy: /lib is empty")
 
 
 def purge_lib(port: str | None) -> None:
+    """Remove everything under /lib."""
     print("purge-lib: removing everything under /lib")
     mpremote(port, "exec", PURGE)
 
 
 def deploy_user(port: str | None, path: Path) -> None:
+    """Copy a user_main.py to the device's root."""
     if not path.exists():
         raise MpyBloxError(f"no {path}: write your `async def user_main()` there first")
     print(f"deploy-user: {path} -> device :/user_main.py")
-    mpremote(port, "fs", "cp", str(path), ":/user_main.py")
+    mpremote(port, "fs", "cp", local_path(path), ":/user_main.py")
 
 
 def _check_json(path: Path) -> None:
@@ -231,53 +282,3 @@ def _check_json(path: Path) -> None:
         raise MpyBloxError(f"{path}: no such file") from None
     except (OSError, ValueError) as e:
         raise MpyBloxError(f"{path}: not valid JSON ({e})") from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m mpy_blox_tools.deploy",
-        description="Install Mpy-BLOX on a device over serial.",
-    )
-    p.add_argument(
-        "target", choices=("lib", "app", "user", "provision", "unprovision", "purge-lib")
-    )
-    p.add_argument(
-        "--device",
-        default=os.environ.get("DEVICE") or None,
-        help="serial port (default: the first device mpremote finds)",
-    )
-    p.add_argument("--settings", default="settings.json")
-    p.add_argument("--provision", default="provision.json")
-    p.add_argument("--user-main", default="user_main.py")
-    p.add_argument("--wheel", help="install this wheel instead of building the framework")
-    args = p.parse_args(argv)
-    port = args.device
-    try:
-        _port_args(port)  # a wrong port is reported before anything is built
-        if args.target == "lib":
-            deploy_lib(port, Path(args.wheel) if args.wheel else None)
-        elif args.target == "app":
-            user_main = Path(args.user_main)
-            deploy_app(
-                port,
-                Path(args.settings),
-                Path(args.provision),
-                user_main if user_main.exists() else None,
-                Path(args.wheel) if args.wheel else None,
-            )
-        elif args.target == "user":
-            deploy_user(port, Path(args.user_main))
-        elif args.target == "provision":
-            provision(port, Path(args.provision))
-        elif args.target == "unprovision":
-            unprovision(port)
-        else:
-            purge_lib(port)
-    except MpyBloxError as e:
-        print(f"mpy-blox: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,6 +3,9 @@
     publish_update(broker, [wheel_package(p), src_package(f, "user_main.py")],
                    channel="stable", key=b"...")
 
+`publish_release(channel="stable", extra_src_files=["user_main.py"], wait=300)` is
+the whole `mpy-blox publish`: build, publish, follow the devices.
+
 The list format, its signature and the topics come from `mpy_blox.update.manifest`,
 the same module the devices run. Packages are published before the list that names
 them, so a device never sees a list whose packages are missing.
@@ -10,17 +13,19 @@ them, so a device never sees a list whose packages are missing.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from mpy_blox.update import manifest
 from mpy_blox.update.manifest import InvalidUpdate
 from mpy_blox.update.paths import check_src_path
-from mpy_blox_tools import mqtt, wheel
+from mpy_blox_tools import build, mqtt, wheel
 from mpy_blox_tools.errors import MpyBloxError
 
 KEY_ENV = "MPY_BLOX_UPDATE_KEY"
@@ -210,24 +215,44 @@ def default_channel(settings: Path = Path("settings.json")) -> str:
     return str(update.get("channel") or "stable")
 
 
-def run(args) -> int:
-    """`mpy-blox publish` / scripts/publish_ota_update.py, from parsed arguments."""
-    from mpy_blox_tools import build, watch
+def publish_release(
+    *,
+    broker: str | mqtt.BrokerURL | None = None,
+    channel: str | None = None,
+    device_ids: Sequence[str] = (),
+    extra_src_files: Sequence[str | Path] = (),
+    wheel: str | Path | None = None,
+    platform: str = "esp32",
+    dev: bool = False,
+    key_file: str | Path | None = None,
+    wait: float | None = None,
+) -> bool:
+    """Build (or take `wheel`), publish it with `extra_src_files` and, with `wait`,
+    follow the devices; True when published and every device updated in time.
 
-    broker = mqtt.BrokerURL.parse(args.broker) if args.broker else mqtt.BrokerURL.from_settings()
-    key = load_key(args.key_file)
-    device_ids = tuple(args.device_ids or ())
-    channel = args.channel or (None if device_ids else default_channel())
-    sources = [parse_src_arg(f) for f in args.extra_src_files or ()]
-    if args.wheel:
-        framework = wheel_package(Path(args.wheel))
+    What `mpy-blox publish` and scripts/publish_ota_update.py run, with the same
+    defaults: the broker and channel of ./settings.json, the key of $MPY_BLOX_UPDATE_KEY.
+    `extra_src_files` are `FILE` or `FILE:DEVICE_PATH`.
+    """
+    from mpy_blox_tools import watch
+
+    if broker is None:
+        broker = mqtt.BrokerURL.from_settings()
+    elif isinstance(broker, str):
+        broker = mqtt.BrokerURL.parse(broker)
+    key = load_key(str(key_file) if key_file else None)
+    device_ids = tuple(device_ids)
+    channel = channel or (None if device_ids else default_channel())
+    sources = [parse_src_arg(str(f)) for f in extra_src_files]
+    if wheel:
+        framework = wheel_package(Path(wheel))
     else:
-        framework = wheel_package(build.build(platform=args.platform, dev=args.dev))
+        framework = wheel_package(build.build(platform=platform, dev=dev))
     packages = [framework, *sources]
     client = mqtt.connect(broker)
     try:
         watcher = None
-        if args.wait:
+        if wait:
             watcher = watch.Watcher([p.entry for p in packages], channel=channel)
             watcher.attach(client, device_ids)
         done = publish_update(
@@ -239,20 +264,21 @@ def run(args) -> int:
             flush=True,
         )
         if watcher is None:
-            return 0
-        ok = watcher.wait(args.wait)
+            return True
+        ok = watcher.wait(wait)
         print()
         if not watcher.devices:
-            print(f"mpy-blox: no device on channel {channel} answered in {args.wait:.0f}s")
-            return 1
+            print(f"mpy-blox: no device on channel {channel} answered in {wait:.0f}s")
+            return False
         print(watcher.summary())
-        return 0 if ok else 1
+        return ok
     finally:
         mqtt.disconnect(client)
 
 
-def add_arguments(p) -> None:
-    """The flags of `mpy-blox publish` and scripts/publish_ota_update.py (DESIGN §6)."""
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `mpy-blox publish` and scripts/publish_ota_update.py (DESIGN §6),
+    named as the keyword arguments of `publish_release`."""
     p.add_argument(
         "--device-ids",
         nargs="+",
@@ -267,7 +293,7 @@ def add_arguments(p) -> None:
     p.add_argument("--dev", action="store_true", help="build a dev version, unique per build")
     p.add_argument(
         "--platform",
-        choices=("esp32", "unix"),
+        choices=build.PLATFORMS,
         default="esp32",
         help="the platform to build for (default esp32)",
     )

@@ -1,4 +1,5 @@
-"""The Makefile's device targets over mpremote, against a running virtual board."""
+"""`mpy-blox deploy` and the Makefile's device targets over mpremote, against a running
+virtual board."""
 
 from __future__ import annotations
 
@@ -7,14 +8,20 @@ import os
 import pty
 import select
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from mpy_blox_tools import build
+from mpy_blox_tools.cli import main as cli
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def deploy(action: str, device: str, *args: str) -> int:
+    return cli(["deploy", action, "--device", device, *args])
 
 
 def make(target: str, device: str, **variables: str) -> subprocess.CompletedProcess:
@@ -73,7 +80,7 @@ def _wheel(tmp_path: Path, version: str, extra_module: bool) -> Path:
 
 
 def test_deploy_lib_installs_then_changes_nothing_then_upgrades_removing_stale_files(
-    board, tmp_path
+    board, tmp_path, capsys
 ):
     b, rb = board
     v1 = _wheel(tmp_path, "1.0.0", extra_module=True)
@@ -85,53 +92,57 @@ def test_deploy_lib_installs_then_changes_nothing_then_upgrades_removing_stale_f
     assert "/lib/mpy_blox/retired.mpy" in files1
     assert "/lib/mpy_blox-1.0.0.dist-info/RECORD" in files1
     writes = b.block_writes()
-    again = make("deploy-lib", rb.serial_port, wheel=str(v1))
-    assert again.returncode == 0 and "unchanged mpy-blox 1.0.0" in again.stdout
+    assert deploy("lib", rb.serial_port, "--wheel", str(v1)) == 0
+    assert "unchanged mpy-blox 1.0.0" in capsys.readouterr().out
     assert _lib_files(rb) == files1
     assert b.block_writes() == writes  # not one flash write for an unchanged library
-    up = make("deploy-lib", rb.serial_port, wheel=str(v2))
-    assert up.returncode == 0 and "installed mpy-blox 2.0.0" in up.stdout, up.stdout + up.stderr
+    assert deploy("lib", rb.serial_port, "--wheel", str(v2)) == 0
+    assert "installed mpy-blox 2.0.0" in capsys.readouterr().out
     files2 = _lib_files(rb)
     assert "/lib/mpy_blox/retired.mpy" not in files2
     assert not any("1.0.0.dist-info" in f for f in files2)
     assert "/lib/mpy_blox-2.0.0.dist-info/METADATA" in files2
 
 
-def test_each_target_prints_one_line_saying_what_it_does(board, tmp_path):
+def test_each_action_prints_one_line_saying_what_it_does(board, tmp_path, capsys):
     b, rb = board
     user = tmp_path / "user_main.py"
     user.write_text("async def user_main():\n    print('mine')\n")
-    out = make("deploy-user", rb.serial_port, user_main=str(user))
-    assert out.returncode == 0 and out.stdout.startswith(f"deploy-user: {user} -> device")
-    out = make("purge-lib", rb.serial_port)
-    assert (
-        out.returncode == 0 and out.stdout.strip() == "purge-lib: removing everything under /lib"
-    )
+    assert deploy("user", rb.serial_port, "--user-main", str(user)) == 0
+    assert capsys.readouterr().out.startswith(f"deploy-user: {user} -> device")
+    assert deploy("purge-lib", rb.serial_port) == 0
+    assert capsys.readouterr().out.strip() == "purge-lib: removing everything under /lib"
     rb.stop()
     assert b.cat("user_main.py") == user.read_bytes()
     assert b.ls("lib") == {}
 
 
+def test_unprovision_runs_the_framework_from_the_workstation_on_a_blank_board(board, capsys):
+    _b, rb = board
+    assert deploy("unprovision", rb.serial_port) == 0
+    assert capsys.readouterr().out == "unprovision: clearing the secure store in NVS\n"
+
+
 def test_purge_lib_empties_lib(board):
     _b, rb = board
-    assert make("deploy-lib", rb.serial_port).returncode == 0
+    assert deploy("lib", rb.serial_port) == 0
     assert _lib_files(rb)
-    assert make("purge-lib", rb.serial_port).returncode == 0
+    assert deploy("purge-lib", rb.serial_port) == 0
     assert _lib_files(rb) == {}
 
 
-def test_provision_refuses_without_a_file_and_copies_it_otherwise(board, tmp_path):
+def test_provision_refuses_without_a_file_and_copies_it_otherwise(board, tmp_path, capsys):
     b, rb = board
-    missing = make("provision", rb.serial_port, provision=str(tmp_path / "nope.json"))
-    assert missing.returncode != 0
-    assert "no " in missing.stderr and "copy examples/provision.json" in missing.stderr
+    assert deploy("provision", rb.serial_port, "--provision", str(tmp_path / "nope.json")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mpy-blox: no ") and "copy examples/provision.json" in err
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    out = make("provision", rb.serial_port, provision=str(bad))
-    assert out.returncode != 0 and "not valid JSON" in out.stderr
+    assert deploy("provision", rb.serial_port, "--provision", str(bad)) == 1
+    assert "not valid JSON" in capsys.readouterr().err
     good = tmp_path / "p.json"
     good.write_text(json.dumps({"wlan.psk": "secret"}))
-    assert make("provision", rb.serial_port, provision=str(good)).returncode == 0
+    assert deploy("provision", rb.serial_port, "--provision", str(good)) == 0
     rb.stop()
     assert json.loads(b.cat("provision.json")) == {"wlan.psk": "secret"}
 
@@ -193,7 +204,7 @@ def test_a_wrong_device_is_one_clear_error_line(target, tmp_path):
 
 
 def test_deploy_app_reboots_a_fresh_board_into_the_app_reporting_its_version(
-    boards, broker, tmp_path
+    boards, broker, tmp_path, capsys
 ):
     from mpy_blox_tools import fleet, mqtt
 
@@ -204,15 +215,19 @@ def test_deploy_app_reboots_a_fresh_board_into_the_app_reporting_its_version(
     settings.write_text(json.dumps({"mqtt": {"server": broker.host, "port": broker.port}}))
     provision = tmp_path / "provision.json"
     provision.write_text(json.dumps({"update.key": "k" * 32}))
-    out = make(
-        "deploy-app",
+    status = deploy(
+        "app",
         rb.serial_port,
-        settings=str(settings),
-        provision=str(provision),
-        user_main=str(tmp_path / "none.py"),
+        "--settings",
+        str(settings),
+        "--provision",
+        str(provision),
+        "--user-main",
+        str(tmp_path / "none.py"),
     )
-    assert out.returncode == 0, out.stdout + out.stderr
-    lines = out.stdout.splitlines()
+    out = capsys.readouterr()
+    assert status == 0, out.out + out.err
+    lines = out.out.splitlines()
     assert lines[0].startswith("deploy-lib: installing mpy-blox")
     assert "deploy-app: device reset into the app" in lines
     rb.wait_for(r"app: booted", timeout=60)
@@ -228,3 +243,84 @@ def test_deploy_app_reboots_a_fresh_board_into_the_app_reporting_its_version(
     assert d.framework == build.project_version() and d.state == "online"
     rb.stop()
     assert "provision.json" not in b.ls()
+
+
+def test_deploy_help_lists_the_six_actions(capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli(["deploy", "--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    for action in ("lib", "app", "user", "provision", "unprovision", "purge-lib"):
+        assert f"    {action}" in out
+
+
+def _recorder(folder: Path, name: str = "mpremote") -> Path:
+    """A stand-in mpremote that appends its arguments, as JSON, to $RECORD."""
+    script = folder / name
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, sys\n"
+        "with open(os.environ['RECORD'], 'a') as f:\n"
+        "    f.write(json.dumps(sys.argv[1:]) + '\\n')\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+def _recorded(path: Path) -> list[list[str]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_mpy_blox_mpremote_names_the_mpremote_that_runs(tmp_path, monkeypatch):
+    record = tmp_path / "argv.jsonl"
+    monkeypatch.setenv("RECORD", str(record))
+    monkeypatch.setenv("MPY_BLOX_MPREMOTE", str(_recorder(tmp_path)))
+    user = tmp_path / "user_main.py"
+    user.write_text("async def user_main():\n    pass\n")
+    assert cli(["deploy", "user", "--device", "COM4", "--user-main", str(user)]) == 0
+    assert _recorded(record) == [["connect", "COM4", "fs", "cp", str(user), ":/user_main.py"]]
+
+
+def test_a_windows_mpremote_gets_windows_paths(tmp_path, monkeypatch):
+    """WSL2: `mpremote.exe` cannot open /tmp/...; it is given `wslpath -w`'s path."""
+    record = tmp_path / "argv.jsonl"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wslpath = bin_dir / "wslpath"
+    wslpath.write_text(
+        f"#!{sys.executable}\nimport sys\nprint('W:' + sys.argv[2].replace('/', '\\\\'))\n"
+    )
+    wslpath.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("RECORD", str(record))
+    monkeypatch.setenv("MPY_BLOX_MPREMOTE", str(_recorder(bin_dir, "mpremote.exe")))
+    provision = tmp_path / "provision.json"
+    provision.write_text("{}")
+    assert cli(["deploy", "provision", "--device", "COM4", "--provision", str(provision)]) == 0
+    [argv] = _recorded(record)
+    assert argv[:4] == ["connect", "COM4", "fs", "cp"]
+    assert argv[4] == "W:" + str(provision.resolve()).replace("/", "\\")
+    assert argv[5] == ":/provision.json"
+
+
+def test_make_passes_mpremote_to_the_device_targets(tmp_path):
+    record = tmp_path / "argv.jsonl"
+    fake = _recorder(tmp_path)
+    user = tmp_path / "user_main.py"
+    user.write_text("async def user_main():\n    pass\n")
+    env = {**os.environ, "RECORD": str(record)}
+    for target in ("deploy-user", "repl"):
+        out = subprocess.run(
+            ["make", "--no-print-directory", target, "DEVICE=COM4", f"MPREMOTE={fake}"]
+            + [f"USER_MAIN={user}"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+    assert _recorded(record) == [
+        ["connect", "COM4", "fs", "cp", str(user), ":/user_main.py"],
+        ["connect", "COM4", "repl"],
+    ]
