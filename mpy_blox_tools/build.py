@@ -90,7 +90,7 @@ def compile_framework(
     device; return the compiled mpy_blox folder. Tests and benchmarks boot from it."""
     march = PLATFORMS[platform]
     files = compile_tree(source_dir, version or project_version(), march)
-    recover = REPO / "mpypi_recover.py"
+    recover = resources.recovery_py()
     dest.mkdir(parents=True, exist_ok=True)
     compile_source(recover, recover.name, march, dest / "mpypi_recover.mpy")
     for name, data in files.items():  # name: "mpy_blox/..."
