@@ -62,6 +62,10 @@ for size in {sizes}:
 """
 
 
+# Logged once the app's agent has its subscriptions acknowledged (mpy_blox/app.py).
+APP_READY = r"app: booted; free heap"
+
+
 def _raw_limit(workdir: Path) -> dict[int, float]:
     """Seconds for each size through a raw socket into a file on the board's flash."""
     payloads = {size: os.urandom(size) for size in SIZES.values()}
@@ -134,7 +138,8 @@ def run(workdir: Path) -> list[dict]:
             json.dumps(
                 {
                     "mqtt": {"server": broker.host, "port": broker.port},
-                    "logging": {"level": "WARNING"},
+                    # INFO: the board says when it is up and subscribed, and its heap.
+                    "logging": {"level": "INFO"},
                     "update": {"channel": "bench", "auto_update": True},
                 }
             )
@@ -147,7 +152,8 @@ def run(workdir: Path) -> list[dict]:
             rb.wait_for(r"\[vboard\] boot 2")
             client = mqtt.connect(url)
             timeline = _Timeline(client, board.device_id)
-            time.sleep(2)  # the app is up and subscribed
+            booted = 1
+            rb.wait_for(APP_READY, count=booted, timeout=60)
             for label, size in SIZES.items():
                 blob = workdir / f"blob{size}.bin"
                 blob.write_bytes(os.urandom(size))
@@ -179,7 +185,8 @@ def run(workdir: Path) -> list[dict]:
                             "vs raw": round(raw[size] / seconds, 2),
                         }
                     )
-                time.sleep(2)  # back up after the reboot
+                booted += 1
+                rb.wait_for(APP_READY, count=booted, timeout=60)  # back, subscribed again
             mqtt.disconnect(client)
             free = re.findall(r"free heap (\d+)", rb.console())
         if free:
