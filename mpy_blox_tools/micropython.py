@@ -91,13 +91,23 @@ def _as_64(size_32: int) -> int:
     return -(-size_32 * INSTALL_EDGE_64 // INSTALL_EDGE_32 // 4096) * 4096
 
 
+# The one heap figure of each lane: what a board gets to run the app and the
+# install boot. On the 32-bit lane that is an ESP32's (100K); the 64-bit lane's
+# is derived from it by the measured edges (144K). The margin figure is where the
+# install boot must still pass (92K: 4K above the 32-bit edge; 64-bit: 132K).
+BOARD_HEAP_32 = parse_size(DEFAULT_HEAP)
+MARGIN_HEAP_32 = 92 * 1024
+BOARD_HEAP_64 = _as_64(BOARD_HEAP_32)
+MARGIN_HEAP_64 = _as_64(MARGIN_HEAP_32)
+
+
 @dataclass(frozen=True)
 class Lane:
     """A word size virtual boards run at, its executable and the heap figures it needs."""
 
     name: str  # "32-bit" or "64-bit"
     executable: str  # the `micropython` to run boards and snippets with
-    board_heap: int  # a board that runs the app and the install boot (an ESP32: 100K)
+    board_heap: int  # a board that runs the app and the install boot
     margin_heap: int  # below board_heap, where the install boot must still pass
 
     @property
@@ -106,25 +116,21 @@ class Lane:
         return format_size(self.board_heap)
 
 
-ESP32_HEAP = parse_size(DEFAULT_HEAP)
-ESP32_MARGIN_HEAP = 92 * 1024  # the install boot keeps ~4K above its 32-bit edge here
-
-
 def lane32() -> Lane | None:
     """The 32-bit lane (the ESP32's figures), or None without MPY_BLOX_MICROPYTHON32."""
     exe = executable32()
     if exe is None:
         return None
-    return Lane("32-bit", exe, ESP32_HEAP, ESP32_MARGIN_HEAP)
+    return Lane("32-bit", exe, BOARD_HEAP_32, MARGIN_HEAP_32)
 
 
 def lane64() -> Lane:
-    """The default executable's lane, with the 32-bit figures carried over by _as_64."""
-    return Lane("64-bit", executable(), _as_64(ESP32_HEAP), _as_64(ESP32_MARGIN_HEAP))
+    """The default executable's lane (normally the 64-bit PyPI build)."""
+    return Lane("64-bit", executable(), BOARD_HEAP_64, MARGIN_HEAP_64)
 
 
 def board_lane() -> Lane:
-    """The lane boards should use when nothing says otherwise: 32-bit when it is there."""
+    """The lane boards use when nothing says otherwise: 32-bit when it is there."""
     return lane32() or lane64()
 
 

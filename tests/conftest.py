@@ -125,6 +125,12 @@ def lane(request) -> Lane:
     return request.getfixturevalue("lane32" if request.param == "32-bit" else "lane64")
 
 
+@pytest.fixture(scope="session")
+def board_lane() -> Lane:
+    """The lane fleets and the demo use: 32-bit when its binary is there, else 64-bit."""
+    return micropython.board_lane()
+
+
 @pytest.fixture
 def run_mpy():
     """Run a device snippet on MicroPython (working-tree mpy_blox importable)."""
