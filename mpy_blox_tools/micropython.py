@@ -14,6 +14,7 @@ figures, in this one place, for tests, benchmarks and the demo.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -53,6 +54,20 @@ def executable32() -> str | None:
     if named and os.access(named, os.X_OK):
         return str(Path(named).resolve())
     return None
+
+
+@functools.cache
+def word_bits(path: str) -> int:
+    """32 or 64: the word size of the `micropython` at `path` (64 if it cannot say)."""
+    try:
+        proc = subprocess.run(
+            [path, "-c", "import sys; print(64 if sys.maxsize > 1 << 32 else 32)"],
+            capture_output=True,
+            timeout=30,
+        )
+        return 32 if proc.stdout.strip() == b"32" else 64
+    except (OSError, subprocess.SubprocessError):
+        return 64
 
 
 def parse_size(text: str | int) -> int:
