@@ -136,7 +136,8 @@ def test_framework_upgrade_and_user_main_install_through_the_install_boot(
     figure, lane, app_board, boards, mqtt_client, channel, framework_wheel
 ):
     # At the lane's board heap (32-bit: 100K, an ESP32's) and at its margin heap
-    # below it: the install boot needs less than a board has.
+    # below it (the measured edge, mpy_blox_tools.micropython): the install boot
+    # needs less than a board has.
     heap = lane.board_heap if figure == "board" else lane.margin_heap
     board, watch, rb = booted_on_v1(
         app_board, boards, mqtt_client, heap=micropython.format_size(heap), lane=lane
@@ -168,7 +169,7 @@ def test_framework_upgrade_and_user_main_install_through_the_install_boot(
 def test_the_staging_gets_the_mqtt_clients_heap_back(
     lane, app_board, boards, mqtt_client, channel, framework_wheel
 ):
-    # At the margin heap (32-bit: 92K; 64-bit: 132K, below the 136K the install boot
+    # At the margin heap (32-bit: 98K; 64-bit: 126K, below the 136K the install boot
     # needed there while the client stayed loaded for the staging, docs/protocol.md
     # "The install boot"); the stopped client is only freed by the new loop
     # between the phases.
