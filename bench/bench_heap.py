@@ -252,7 +252,7 @@ def run(workdir: Path) -> list[dict]:
     row(
         "board heap",
         "--heap of the board (the lane's board heap)",
-        {n: (f["heap"], "") for n, f in figures.items()},
+        {n: (micropython.format_size(f["heap"]), "") for n, f in figures.items()},
     )
     for key_, phase, meaning in PHASES:
         row(phase, meaning, {n: f["probes"].get(key_, ("-", "-")) for n, f in figures.items()})
@@ -264,7 +264,7 @@ def run(workdir: Path) -> list[dict]:
     row(
         "install edge",
         "the update installs at every --heap from this one to the board heap (no probe)",
-        {n: (f["edge"], "") for n, f in figures.items()},
+        {n: (micropython.format_size(f["edge"]), "") for n, f in figures.items()},
     )
     return rows
 
