@@ -46,6 +46,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+_HEAP_LINES: list[str] = []
+
+
+@pytest.fixture
+def heap_report(request):
+    """report(text): a heap figure the run shows at its end (pytest's summary), per test."""
+
+    def report(text: str) -> None:
+        print(text)
+        _HEAP_LINES.append(f"{request.node.nodeid.split('::')[-1]}: {text}")
+
+    return report
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _HEAP_LINES:
+        terminalreporter.section("heap figures (free heap measured by the boards)")
+        for line in _HEAP_LINES:
+            terminalreporter.write_line(line)
+
+
 def pytest_sessionstart(session):
     if not find_mosquitto():
         pytest.exit(INSTALL_HINT, returncode=3)

@@ -209,6 +209,7 @@ def test_the_app_boots_and_idles_in_a_100k_heap(
     watch,
     runtime_mpy_tree,
     full_mpy_tree,
+    heap_report,
 ):
     example = (REPO / "examples" / "user_main.py").read_text()
     settings = settings_for(broker, user={"interval_s": 1})
@@ -228,8 +229,8 @@ def test_the_app_boots_and_idles_in_a_100k_heap(
     if parts == "full":
         failed = "cannot import mpy_blox.update.agent" in out or "agent failed to start" in out
         agent = "did NOT fit" if failed else "started"
-    print(
-        f"\n{lane.name} lane, 100K board, {form}, {parts}: "
+    heap_report(
+        f"{lane.name} lane, 100K board, {form}, {parts}: "
         f"free heap after boot {m.group(1)} bytes, info.mem_free {info['mem_free']}, "
         f"update agent {agent}"
     )

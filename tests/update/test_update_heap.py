@@ -71,7 +71,7 @@ def install_on_board(boards, update_board, pkg, lane, board=None):
 
 
 def test_60_file_wheel_installs_then_upgrades_on_a_100k_board_after_a_reset(
-    lane, boards, update_board
+    lane, boards, update_board, heap_report
 ):
     v1 = many_files(60, "1.0")
     board, out = install_on_board(boards, update_board, make_wheel("many-pkg", "1.0", v1), lane)
@@ -95,7 +95,7 @@ def test_60_file_wheel_installs_then_upgrades_on_a_100k_board_after_a_reset(
     assert not any(re.match(r"lib/many_pkg/m05[5-9]\.py$", p) for p in files)
     assert not any(p.startswith("lib/many_pkg-1.0.dist-info") for p in files)
     heap = {k: int(v) for k, v in re.findall(r"HEAP (\S+) (\d+)", out)}
-    print(f"\n{lane.name} lane, 100K board, 60-file upgrade: free heap {heap}")
+    heap_report(f"{lane.name} lane, 100K board, 60-file upgrade: free heap {heap}")
     # Nothing per file outlives the install: the heap comes back (the modules stay).
     assert heap["after-install"] > heap["after-import"] - 16 * 1024, out
 

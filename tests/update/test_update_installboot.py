@@ -133,7 +133,7 @@ def wait_info(watch: Watcher, timeout: float = 15, **fields) -> dict:
 
 @pytest.mark.parametrize("figure", ["board", "margin"])
 def test_framework_upgrade_and_user_main_install_through_the_install_boot(
-    figure, lane, app_board, boards, mqtt_client, channel, framework_wheel
+    figure, lane, app_board, boards, mqtt_client, channel, framework_wheel, heap_report
 ):
     # At the lane's board heap (32-bit: 100K, an ESP32's) and at its margin heap
     # below it (the measured edge, mpy_blox_tools.micropython): the install boot
@@ -158,8 +158,9 @@ def test_framework_upgrade_and_user_main_install_through_the_install_boot(
     out = rb.console()
     assert rb.boots() == 3, out  # the app, the install boot, the new app
     free = re.search(r"install boot; free heap (\d+)", out)
-    print(f"\n{lane.name} lane, {micropython.format_size(heap)} board: install boot free heap "
-          f"{free and free.group(1)} bytes; framework update end to end: {elapsed:.1f} s")
+    heap_report(f"{lane.name} lane, {micropython.format_size(heap)} board: install boot "
+                f"free heap {free and free.group(1)} bytes; framework update end to end: "
+                f"{elapsed:.1f} s")
     rb.stop()
     assert not pending(board)
     assert board.nvs()["mpypi"]["seq"] == ["i32", 7]
@@ -167,7 +168,7 @@ def test_framework_upgrade_and_user_main_install_through_the_install_boot(
 
 
 def test_the_staging_gets_the_mqtt_clients_heap_back(
-    lane, app_board, boards, mqtt_client, channel, framework_wheel
+    lane, app_board, boards, mqtt_client, channel, framework_wheel, heap_report
 ):
     # At the margin heap (32-bit: 98K; 64-bit: 126K, below the 136K the install boot
     # needed there while the client stayed loaded for the staging, docs/protocol.md
@@ -182,7 +183,8 @@ def test_the_staging_gets_the_mqtt_clients_heap_back(
     out = rb.console()
     before = int(re.search(r"install boot; free heap (\d+)", out).group(1))
     staging = int(re.search(r"staging; free heap (\d+)", out).group(1))
-    print(f"\n{lane.name} lane: free heap {before} before the download, {staging} staging")
+    heap_report(f"{lane.name} lane, {micropython.format_size(lane.margin_heap)} board: free "
+                f"heap {before} before the download, {staging} staging")
     assert staging > before + CLIENT_HEAP[lane.name], out  # the client's heap came back
 
 
