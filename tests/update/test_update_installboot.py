@@ -32,8 +32,8 @@ KEY = "fedcba9876543210" * 4
 # the edges the figures are derived from.
 HEAP = micropython.format_size(micropython.BOARD_HEAP_64)
 # What the staging gets back from the stopped MQTT client, at least: about two
-# thirds of what was measured at the margin heap (64-bit: 23 KB more free at the
-# staging than before the download; 32-bit: 15 KB).
+# thirds of what was measured (64-bit: 23 KB more free at the staging than before
+# the download; 32-bit: 15 KB).
 CLIENT_HEAP = {"64-bit": 15000, "32-bit": 10000}
 USER_V1 = b"async def user_main():\n    print('USER v1')\n"
 USER_V2 = b"""
@@ -136,8 +136,8 @@ def test_framework_upgrade_and_user_main_install_through_the_install_boot(
     figure, lane, app_board, boards, mqtt_client, channel, framework_wheel, heap_report
 ):
     # At the lane's board heap (32-bit: 100K, an ESP32's) and at its margin heap
-    # below it (the measured edge, mpy_blox_tools.micropython): the install boot
-    # needs less than a board has.
+    # below it (1K above the measured edge, mpy_blox_tools.micropython): the
+    # install boot needs less than a board has.
     heap = lane.board_heap if figure == "board" else lane.margin_heap
     board, watch, rb = booted_on_v1(
         app_board, boards, mqtt_client, heap=micropython.format_size(heap), lane=lane
@@ -170,12 +170,12 @@ def test_framework_upgrade_and_user_main_install_through_the_install_boot(
 def test_the_staging_gets_the_mqtt_clients_heap_back(
     lane, app_board, boards, mqtt_client, channel, framework_wheel, heap_report
 ):
-    # At the margin heap (32-bit: 98K; 64-bit: 126K, below the 136K the install boot
-    # needed there while the client stayed loaded for the staging, docs/protocol.md
-    # "The install boot"); the stopped client is only freed by the new loop
-    # between the phases.
+    # At the lane's board heap (32-bit: 100K; 64-bit: 132K, below the 136K the
+    # install boot needed there while the client stayed loaded for the staging,
+    # docs/protocol.md "The install boot"); the stopped client is only freed by the
+    # new loop between the phases.
     board = app_board()
-    rb = boards.start(board, heap=micropython.format_size(lane.margin_heap), lane=lane)
+    rb = boards.start(board, heap=lane.heap, lane=lane)
     rb.wait_for("USER v1", timeout=30)
     user = make_src("user_main.py", USER_V2)
     publish_update(mqtt_client(), channel, [framework_wheel, user], seq=7)
@@ -183,8 +183,8 @@ def test_the_staging_gets_the_mqtt_clients_heap_back(
     out = rb.console()
     before = int(re.search(r"install boot; free heap (\d+)", out).group(1))
     staging = int(re.search(r"staging; free heap (\d+)", out).group(1))
-    heap_report(f"{lane.name} lane, {micropython.format_size(lane.margin_heap)} board: free "
-                f"heap {before} before the download, {staging} staging")
+    heap_report(f"{lane.name} lane, {lane.heap} board: free heap {before} before the "
+                f"download, {staging} staging")
     assert staging > before + CLIENT_HEAP[lane.name], out  # the client's heap came back
 
 
