@@ -23,7 +23,18 @@ PORT = $(if $(DEVICE),--device $(DEVICE))
 WHEEL_ARG = $(if $(WHEEL),--wheel $(WHEEL))
 REMOTE = "$(or $(MPREMOTE),$(VENV)/bin/mpremote)" $(if $(DEVICE),connect $(DEVICE))
 
-.PHONY: setup test demo bench soak lint mosquitto clean
+# The 32-bit lane (docs/runtime.md): a 32-bit MicroPython has an ESP32's object
+# sizes, so the tests' heap figures hold for the device. Used when
+# MPY_BLOX_MICROPYTHON32 names one; by default the one the team keeps beside the
+# repository, if it is there. MPY_BLOX_MICROPYTHON32= (empty) skips the lane.
+MICROPYTHON32_DEFAULT := $(abspath ../shared/tools/micropython32/micropython)
+ifeq ($(origin MPY_BLOX_MICROPYTHON32),undefined)
+ifneq ($(wildcard $(MICROPYTHON32_DEFAULT)),)
+export MPY_BLOX_MICROPYTHON32 := $(MICROPYTHON32_DEFAULT)
+endif
+endif
+
+.PHONY: setup test demo bench heap soak lint mosquitto lane32 clean
 .PHONY: deploy-lib deploy-app deploy-user provision unprovision purge-lib repl mounted-repl
 
 setup: $(INSTALLED)
@@ -45,24 +56,36 @@ $(INSTALLED): pyproject.toml poetry.lock | $(POETRY)
 mosquitto:
 	@sh scripts/ensure-mosquitto.sh
 
+# The 32-bit lane's binary runs (libc6-i386 installed when we can), or nothing to do.
+lane32:
+	@if [ -n "$$MPY_BLOX_MICROPYTHON32" ]; then \
+		sh scripts/ensure-libc6-i386.sh "$$MPY_BLOX_MICROPYTHON32" && \
+		echo "mpy-blox: 32-bit lane: $$MPY_BLOX_MICROPYTHON32"; \
+	else echo "mpy-blox: no 32-bit lane (MPY_BLOX_MICROPYTHON32 unset): its tests are skipped"; fi
+
 # pytest exits 5 when it collected no test: a broken suite, not a pass.
-test: setup mosquitto
+test: setup mosquitto lane32
 	@$(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "mpy-blox: no tests were collected"; fi; \
 	exit $$status
 
 # The demo prefers Mosquitto (installed here when we can) and otherwise runs
 # the embedded amqtt broker.
-demo: setup
+demo: setup lane32
 	@sh scripts/ensure-mosquitto.sh 2>/dev/null || echo "mpy-blox: no Mosquitto: the demo uses the embedded broker"
 	@$(VENV)/bin/mpy-blox demo
 
 # Benchmarks: tables on stdout, JSON in bench-results/. `make bench BENCH=mqtt` runs one.
-bench: setup mosquitto
+bench: setup mosquitto lane32
 	@$(PY) bench/run.py $(BENCH)
 
+# The heap at each phase of an update and the install boot's edge, 32-bit and
+# 64-bit side by side (bench/bench_heap.py); JSON in bench-results/.
+heap: setup mosquitto lane32
+	@$(PY) bench/run.py heap
+
 # The long, exhaustive variants of the tests (e.g. a power cut at every flash write).
-soak: setup mosquitto
+soak: setup mosquitto lane32
 	@$(PY) -m pytest --soak -m soak $(PYTEST_ARGS)
 
 # -- a device over its serial port (DEVICE=/dev/ttyUSB0, /dev/cu.usbserial-0001, COM4) --

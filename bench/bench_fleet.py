@@ -12,14 +12,16 @@ import secrets
 import time
 from pathlib import Path
 
-from mpy_blox_tools import build, deploy, mqtt, publish, watch
+from mpy_blox_tools import build, deploy, micropython, mqtt, publish, watch
 from mpy_blox_tools.broker import Mosquitto
 from mpy_blox_tools.vboard.board import Board
 from mpy_blox_tools.vboard.process import RunningBoard
 
-TITLE = "Fleet update: one publish to 1, 10 and 50 virtual boards"
+# The 32-bit lane at an ESP32's 100K when MPY_BLOX_MICROPYTHON32 names its binary,
+# else the 64-bit lane at its equivalent (mpy_blox_tools.micropython).
+LANE = micropython.board_lane()
+TITLE = f"Fleet update: one publish to 1, 10 and 50 boards ({LANE.name}, {LANE.heap} heap)"
 SIZES = (1, 10, 50)
-HEAP = "160K"  # what the install boot needs on the 64-bit virtual board, with a margin
 USER_MAIN = (
     "import asyncio\n\nasync def user_main():\n    print('{tag}')\n    await asyncio.sleep(3600)\n"
 )
@@ -39,7 +41,7 @@ def _template(work: Path, broker: Mosquitto, key: str) -> Board:
     (work / "provision.json").write_text(json.dumps({"update.key": key}))
     (work / "user_main.py").write_text(USER_MAIN.format(tag="v1"))
     board = Board.create(work / "template")
-    with RunningBoard(board, heap=HEAP) as rb:
+    with RunningBoard(board, heap=LANE.heap, executable=LANE.executable) as rb:
         rb.wait_for(r"\[vboard\] boot 1")
         deploy.deploy_app(
             rb.serial_port, settings, work / "provision.json", work / "user_main.py", reset=False
@@ -69,7 +71,7 @@ def run(workdir: Path) -> list[dict]:
                 _clone(template, workdir / f"fleet{size}-{i}", size * 1000 + i)
                 for i in range(size)
             ]
-            running = [RunningBoard(b, heap=HEAP) for b in boards]
+            running = [RunningBoard(b, heap=LANE.heap, executable=LANE.executable) for b in boards]
             try:
                 for rb in running:
                     rb.start()

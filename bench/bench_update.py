@@ -1,8 +1,9 @@
 """Update agent end to end: publish -> installed, against the raw-socket limit.
 
-For src packages of 64 KiB, 1 MiB and 4 MiB on a virtual board with a 160K heap
-(what the install boot needs on the 64-bit unix port, with a margin) and 16 MiB of
-flash, running the full app:
+For src packages of 64 KiB, 1 MiB and 4 MiB on a virtual board with its lane's board
+heap (the 32-bit lane's 100K, an ESP32's, when MPY_BLOX_MICROPYTHON32 names its
+binary; else the 64-bit lane's equivalent, mpy_blox_tools.micropython) and 16 MiB
+of flash, running the full app:
 
 - end to end: from the moment the publisher starts sending until the board reports
   `rebooting` after `installing` (so the agent's acceptance, the reset into the
@@ -27,15 +28,14 @@ import threading
 import time
 from pathlib import Path
 
-from mpy_blox_tools import deploy, mqtt, publish
+from mpy_blox_tools import deploy, micropython, mqtt, publish
 from mpy_blox_tools.broker import Mosquitto
 from mpy_blox_tools.vboard.board import Board
 from mpy_blox_tools.vboard.process import RunningBoard
 
-TITLE = "Update end to end vs raw socket into flash, 160K heap"
+LANE = micropython.board_lane()
+TITLE = f"Update end to end vs raw socket into flash, {LANE.name}, {LANE.heap} heap"
 SIZES = {"64 KiB": 64 * 1024, "1 MiB": 1024 * 1024, "4 MiB": 4 * 1024 * 1024}
-# The install boot needs about 126K on the 64-bit virtual board (docs/protocol.md).
-HEAP = os.environ.get("MPY_BLOX_BENCH_HEAP", "160K")
 FLASH = "16M"
 
 RAW_MAIN = """
@@ -81,7 +81,7 @@ def _raw_limit(workdir: Path) -> dict[int, float]:
     threading.Thread(target=serve, daemon=True).start()
     board = Board.create(workdir / "raw", flash_size=FLASH)
     board.write("main.py", RAW_MAIN.format(sizes=list(SIZES.values()), port=port).encode())
-    with RunningBoard(board, heap=HEAP) as rb:
+    with RunningBoard(board, heap=LANE.heap, executable=LANE.executable) as rb:
         rb.wait_for(r"RAW %d " % SIZES["4 MiB"], timeout=120)
         out = rb.console()
     server.close()
@@ -146,7 +146,7 @@ def run(workdir: Path) -> list[dict]:
         )
         (workdir / "provision.json").write_text(json.dumps({"update.key": key}))
         board = Board.create(workdir / "board", flash_size=FLASH)
-        with RunningBoard(board, heap=HEAP) as rb:
+        with RunningBoard(board, heap=LANE.heap, executable=LANE.executable) as rb:
             rb.wait_for(r"\[vboard\] boot 1")
             deploy.deploy_app(rb.serial_port, settings, workdir / "provision.json")
             rb.wait_for(r"\[vboard\] boot 2")

@@ -19,16 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from mpy_blox_tools import build, deploy, fleet, mqtt, publish
+from mpy_blox_tools import build, deploy, fleet, micropython, mqtt, publish
 from mpy_blox_tools.broker import local_broker
 from mpy_blox_tools.vboard.board import Board
 from mpy_blox_tools.vboard.process import RunningBoard
 
 BOARDS = 3
 CHANNEL = "demo"
-# The install boot needs about 126K on the virtual board, the 64-bit unix port
-# whose objects are larger than an ESP32's (docs/protocol.md, "The install boot").
-DEMO_HEAP = "160K"
 USER_MAIN = """\
 import asyncio
 
@@ -48,10 +45,15 @@ def run_demo(
     workdir: Path | None = None,
     boards: int = BOARDS,
     timeout: float = 120,
-    heap: str = DEMO_HEAP,
+    heap: str | None = None,
     engine: str = "auto",
+    lane: micropython.Lane | None = None,
 ) -> int:
+    """Run the demonstration; boards run on `lane` (default: the 32-bit one when
+    MPY_BLOX_MICROPYTHON32 names it, else the 64-bit one) with its board heap."""
     started = time.monotonic()
+    lane = lane or micropython.board_lane()
+    heap = heap or lane.heap
     with tempfile.TemporaryDirectory(prefix="mpy-blox-demo-") as tmp:
         work = Path(workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -79,12 +81,12 @@ def run_demo(
             running: list[RunningBoard] = []
             try:
                 _step(
-                    f"creating {boards} virtual boards and deploying the framework over "
-                    "their serial ports (as make deploy-app)"
+                    f"creating {boards} virtual boards ({lane.name} MicroPython, {heap} heap) "
+                    "and deploying the framework over their serial ports (as make deploy-app)"
                 )
                 for i in range(boards):
                     board = Board.create(work / f"board{i + 1}")
-                    rb = RunningBoard(board, heap=heap).start()
+                    rb = RunningBoard(board, heap=heap, executable=lane.executable).start()
                     running.append(rb)
                     rb.wait_for(r"\[vboard\] boot 1")
                     print(f"-- {board.device_id} on {rb.serial_port}")

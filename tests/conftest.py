@@ -2,6 +2,12 @@
 
 Device code always comes from the working tree (`REPO/mpy_blox`), never from an
 installed copy: snippets get REPO on sys.path; boards get the tree copied to /lib.
+
+Two lanes (mpy_blox_tools.micropython): the 64-bit PyPI build every test runs on,
+and the 32-bit build named by MPY_BLOX_MICROPYTHON32, with an ESP32's object
+sizes. A test that claims a heap figure takes the `lane` fixture, runs once per
+lane and reads its heap from the lane; `lane32` alone for what only the 32-bit
+lane can say. Without the 32-bit binary those runs are skipped, saying why.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import pytest
 
 from mpy_blox_tools import build, micropython
 from mpy_blox_tools.broker import INSTALL_HINT, Mosquitto, find_mosquitto
+from mpy_blox_tools.micropython import Lane
 from mpy_blox_tools.vboard.board import Board
 from mpy_blox_tools.vboard.process import RunningBoard
 
@@ -38,6 +45,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "soak" in item.keywords:
             item.add_marker(skip)
+
+
+_HEAP_LINES: list[str] = []
+
+
+@pytest.fixture
+def heap_report(request):
+    """report(text): a heap figure the run shows at its end (pytest's summary), per test."""
+
+    def report(text: str) -> None:
+        print(text)
+        _HEAP_LINES.append(f"{request.node.nodeid.split('::')[-1]}: {text}")
+
+    return report
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _HEAP_LINES:
+        terminalreporter.section("heap figures (free heap measured by the boards)")
+        for line in _HEAP_LINES:
+            terminalreporter.write_line(line)
 
 
 def pytest_sessionstart(session):
@@ -92,6 +120,39 @@ def mqtt_client(broker):
         c.disconnect()
 
 
+NO_LANE32 = (
+    f"no 32-bit micropython: set {micropython.ENV_VAR_32} to one (docs/runtime.md, "
+    "'The 32-bit lane')"
+)
+
+
+@pytest.fixture(scope="session")
+def lane32() -> Lane:
+    """The 32-bit lane: an ESP32's word size and heap figures (skips without its binary)."""
+    lane = micropython.lane32()
+    if lane is None:
+        pytest.skip(NO_LANE32)
+    return lane
+
+
+@pytest.fixture(scope="session")
+def lane64() -> Lane:
+    """The 64-bit lane: the default executable, the heap figures derived for it."""
+    return micropython.lane64()
+
+
+@pytest.fixture(params=["64-bit", "32-bit"])
+def lane(request) -> Lane:
+    """Each lane in turn (test ids end in [64-bit] and [32-bit])."""
+    return request.getfixturevalue("lane32" if request.param == "32-bit" else "lane64")
+
+
+@pytest.fixture(scope="session")
+def board_lane() -> Lane:
+    """The lane fleets and the demo use: 32-bit when its binary is there, else 64-bit."""
+    return micropython.board_lane()
+
+
 @pytest.fixture
 def run_mpy():
     """Run a device snippet on MicroPython (working-tree mpy_blox importable)."""
@@ -102,8 +163,16 @@ def run_mpy():
         timeout: float = 60,
         check: bool = True,
         env: dict[str, str] | None = None,
+        lane: Lane | None = None,
     ) -> str:
-        proc = micropython.run_snippet(code, heap=heap, path=[str(REPO)], timeout=timeout, env=env)
+        proc = micropython.run_snippet(
+            code,
+            heap=heap,
+            path=[str(REPO)],
+            timeout=timeout,
+            env=env,
+            executable=lane.executable if lane else None,
+        )
         out = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
         if check and proc.returncode:
             raise AssertionError(f"micropython exited {proc.returncode}:\n{out}")
@@ -154,7 +223,10 @@ def boards(tmp_path):
                 board.write(path, content.encode() if isinstance(content, str) else content)
             return board
 
-        def start(self, board: Board, **kwargs) -> RunningBoard:
+        def start(self, board: Board, *, lane: Lane | None = None, **kwargs) -> RunningBoard:
+            """Boot `board` (on `lane`'s executable when given; the heap is still yours)."""
+            if lane is not None:
+                kwargs["executable"] = lane.executable
             rb = RunningBoard(board, **kwargs)
             running.append(rb)
             return rb.start()

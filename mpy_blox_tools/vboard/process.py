@@ -27,8 +27,10 @@ class RunningBoard:
         cut_at: int = 0,
         once: bool = False,
         env: dict[str, str] | None = None,
+        executable: str | None = None,
     ) -> None:
         self.board = board
+        self.executable = executable  # None: the supervisor's default (micropython.executable)
         self.heap = heap
         self.cut_at = cut_at
         self.once = once
@@ -63,7 +65,7 @@ class RunningBoard:
                 stdout=subprocess.DEVNULL,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **(self.env or {})},
+                env=self._child_env(),
             )
         deadline = time.monotonic() + timeout
         while not self.board.serial_port():
@@ -75,6 +77,14 @@ class RunningBoard:
                 raise MpyBloxError(f"board {self.board.dir} did not start in {timeout}s")
             time.sleep(0.01)
         return self
+
+    def _child_env(self) -> dict[str, str]:
+        env = {**os.environ, **(self.env or {})}
+        if self.executable:
+            # `vboard run` is a command line: it takes the executable the way a user's
+            # shell gives it one, in the child's environment only.
+            env[micropython.ENV_VAR] = self.executable
+        return env
 
     @property
     def serial_port(self) -> str:

@@ -37,14 +37,22 @@ FAST_REBOOTS = 10
 # The emulated hardware (machine, esp32, network, os, the flash driver and the
 # boot ROM) is Python living in the board's heap, where an ESP32 has C outside it.
 # The process gets this much more than --heap so the board's own code finds about
-# --heap free, as it would on the hardware (measured: ~20K after boot, 1.29).
-EMULATION_HEAP = 20 * 1024
+# --heap free, as it would on the hardware, by word size: with it, main.py finds
+# 97.5 KB free at --heap 100K on either lane (measured, 1.29 64-bit and 1.28
+# 32-bit; the emulation's objects are ~5.5 KB smaller on the 32-bit build).
+EMULATION_HEAP = {64: 20 * 1024, 32: 15 * 1024}
 # What the unix port's REPL prints on entering the raw REPL and on leaving it.
 RAW_REPL_BANNER = b"raw REPL; CTRL-B to exit"
 FRIENDLY_REPL_BANNER = b'Type "help()" for more information.'
 SOFT_REBOOT = (
     b"MPY: soft reboot\r\n"  # boots in a row under a second before the supervisor slows down
 )
+# What the REPL prints when it waits for input: the friendly prompt, the raw
+# REPL's after its banner and after each command's result.
+PROMPTS = (b"\r\n>>> ", RAW_REPL_BANNER + b"\r\n>", b"\x04>")
+# Bytes the user sent after a Ctrl-C (or at a soft reset into the raw REPL) wait
+# for the REPL's prompt this long at most, then go to the board as they are.
+HOLD_S = 3.0
 
 
 class Supervisor:
@@ -56,8 +64,11 @@ class Supervisor:
         cut_at: int = 0,
         echo: BinaryIO | None = None,
         once: bool = False,
+        executable: str | None = None,
     ) -> None:
         self.board = board
+        self.executable = executable or micropython.executable()
+        self.word_bits = micropython.word_bits(self.executable)
         self.heap = micropython.parse_size(heap)
         self.cut_at = cut_at
         self.echo = echo
@@ -66,7 +77,11 @@ class Supervisor:
         self._stop = False
         self._child: subprocess.Popen | None = None
         self._raw_repl = False  # is the board in the raw REPL (as mpremote uses it)?
-        self._tail = b""
+        self._tail = b""  # the last bytes the board printed in this boot
+        # The UART's receive FIFO while the REPL is not reading yet (see _from_user):
+        # None when bytes go straight through, else the bytes held and until when.
+        self._held: bytearray | None = None
+        self._hold_until = 0.0
 
     def log(self, message: str) -> None:
         line = f"[vboard] {message}\n".encode()
@@ -179,9 +194,9 @@ class Supervisor:
         }
         self._child = subprocess.Popen(
             [
-                micropython.executable(),
+                self.executable,
                 "-X",
-                f"heapsize={self.heap + EMULATION_HEAP}",
+                f"heapsize={self.heap + EMULATION_HEAP[self.word_bits]}",
                 "-i",
                 str(FIRMWARE / "_vb_rom.py"),
             ],
@@ -194,8 +209,10 @@ class Supervisor:
             close_fds=True,
         )
         self._raw_repl = False
+        self._tail = b""
+        self._held = None  # a UART's FIFO is empty after reset
         if raw:
-            _write_all(board_master, b"\x01")  # Ctrl-A, read once the REPL starts
+            self._hold(b"\x01")  # Ctrl-A, passed on when the REPL shows its prompt
         sel = selectors.DefaultSelector()
         sel.register(board_master, selectors.EVENT_READ, "board")
         sel.register(user_master, selectors.EVENT_READ, "user")
@@ -206,9 +223,11 @@ class Supervisor:
                     if key.data == "board":
                         self._from_board(board_master, user_master)
                     elif key.data == "user":
-                        _copy(user_master, board_master)
+                        self._from_user(user_master, board_master)
                     else:
                         os.read(wake_r, 512)
+                if self._held is not None and time.monotonic() > self._hold_until:
+                    self._release(board_master)  # no prompt came: main.py reads them
             if self._stop:
                 self._power_off()
             self._from_board(board_master, user_master)  # what it said last
@@ -232,10 +251,44 @@ class Supervisor:
             if raw_at != friendly_at:  # both -1: no news
                 self._raw_repl = raw_at > friendly_at
             self._tail = seen[-64:]
+            if self._held is not None and self._tail.endswith(PROMPTS):
+                self._release(board_master)
             try:
                 os.write(user_master, data)
             except BlockingIOError:
                 pass  # nobody reads the port: output is lost, as on a UART with no cable
+
+    # The unix port's REPL of MicroPython 1.28 (the 32-bit lane's build) discards
+    # what arrived on its terminal before it starts reading (1.29 keeps it), where
+    # an ESP32's UART keeps it in its FIFO. mpremote sends Ctrl-C then at once
+    # Ctrl-A: the Ctrl-C interrupts main.py on arrival (the tty's ISIG, as the
+    # ESP32's UART interrupt does), and what follows it is held here until the
+    # REPL prints its prompt; the Ctrl-A of a soft reset into the raw REPL too.
+    # So the hand-over does not depend on when the REPL starts reading.
+
+    def _from_user(self, user_master: int, board_master: int) -> None:
+        try:
+            data = os.read(user_master, 65536)
+        except (BlockingIOError, OSError):
+            return
+        if self._held is not None:
+            self._held += data
+            return
+        cut = data.find(b"\x03") + 1
+        if cut and not self._tail.endswith(PROMPTS):  # interrupts a running program
+            _write_all(board_master, data[:cut])
+            self._hold(data[cut:])
+        else:
+            _write_all(board_master, data)
+
+    def _hold(self, data: bytes) -> None:
+        self._held = bytearray(data)
+        self._hold_until = time.monotonic() + HOLD_S
+
+    def _release(self, board_master: int) -> None:
+        held, self._held = self._held, None
+        if held:
+            _write_all(board_master, bytes(held))
 
     def _power_off(self) -> None:
         child = self._child
@@ -266,14 +319,6 @@ def _take_terminal() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
-def _copy(src: int, dst: int) -> None:
-    try:
-        data = os.read(src, 65536)
-    except (BlockingIOError, OSError):
-        return
-    _write_all(dst, data)
-
-
 def _write_all(dst: int, data: bytes) -> None:
     while data:
         try:
@@ -300,10 +345,13 @@ def run_board(
     cut_at: int = 0,
     once: bool = False,
     quiet: bool = False,
+    executable: str | None = None,
 ) -> int:
     """`mpy-blox vboard run`: boot the board in `directory` until signalled."""
     board = Board(directory)
     if cut_at < 0:
         raise MpyBloxError("--cut-at: a block write number, 1 or more")
     echo = None if quiet else sys.stdout.buffer
-    return Supervisor(board, heap=heap, cut_at=cut_at, echo=echo, once=once).run()
+    return Supervisor(
+        board, heap=heap, cut_at=cut_at, echo=echo, once=once, executable=executable
+    ).run()

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from mpy_blox_tools.micropython import DEFAULT_HEAP as ESP32_HEAP
+
 REPO = Path(__file__).resolve().parent.parent.parent
 
 FAST_RESTARTS = {"app": {"crash_limit": 3, "crash_window_s": 60, "restart_delay_ms": 50}}
@@ -195,7 +197,17 @@ def test_wrong_wlan_password_is_reported_clearly(app_board, boards, broker, sett
     ],
 )
 def test_the_app_boots_and_idles_in_a_100k_heap(
-    form, parts, app_board, boards, broker, settings_for, watch, runtime_mpy, full_mpy
+    form,
+    parts,
+    lane,
+    app_board,
+    boards,
+    broker,
+    settings_for,
+    watch,
+    runtime_mpy,
+    full_mpy,
+    heap_report,
 ):
     example = (REPO / "examples" / "user_main.py").read_text()
     settings = settings_for(broker, user={"interval_s": 1})
@@ -205,7 +217,7 @@ def test_the_app_boots_and_idles_in_a_100k_heap(
     if form == "mpy":
         board.put_tree(runtime_mpy if parts == "runtime" else full_mpy, "lib/mpy_blox")
     w = watch(board)
-    rb = boards.start(board, heap="100K")
+    rb = boards.start(board, heap=ESP32_HEAP, lane=lane)
     m = rb.wait_for(r"booted; free heap (\d+) bytes")
     w.wait("status", state="online")  # whatever else fits, the device is reachable
     rb.wait_for(r"user_main is alive 3")  # and idles through its sleeps
@@ -215,16 +227,17 @@ def test_the_app_boots_and_idles_in_a_100k_heap(
     if parts == "full":
         failed = "cannot import mpy_blox.update.agent" in out or "agent failed to start" in out
         agent = "did NOT fit" if failed else "started"
-    print(
-        f"\n100K board, {form}, {parts}: free heap after boot {m.group(1)} bytes, "
-        f"info.mem_free {info['mem_free']}, update agent {agent}"
+    heap_report(
+        f"{lane.name} lane, 100K board, {form}, {parts}: "
+        f"free heap after boot {m.group(1)} bytes, info.mem_free {info['mem_free']}, "
+        f"update agent {agent}"
     )
     assert "fatal" not in out
     assert int(m.group(1)) > 14 * 1024  # with user_main loaded: .mpy boards load it early
 
 
 def test_the_full_framework_boots_with_heap_to_spare_below_100k(
-    app_board, boards, broker, settings_for, full_mpy
+    lane, app_board, boards, broker, settings_for, full_mpy
 ):
     # The margin, not just the fit: 6 KB under 100K the full .mpy framework still
     # starts its agent and runs the example. A change that costs heap, or leaves it
@@ -234,37 +247,42 @@ def test_the_full_framework_boots_with_heap_to_spare_below_100k(
         settings_for(broker, user={"interval_s": 1}), user_main=example, framework=None
     )
     board.put_tree(full_mpy, "lib/mpy_blox")
-    rb = boards.start(board, heap="94K")
+    rb = boards.start(board, heap="94K", lane=lane)
     rb.wait_for(r"user_main is alive 2")
     out = rb.console()
     assert "cannot import" not in out
     assert "update agent failed" not in out and "no update agent" not in out
 
 
-# 24 KB at import: more than user code may take ahead of the framework on a 100K board.
+# More at import than is free once the framework is up (measured by the test on
+# its own lane), so more than user code may take ahead of the framework.
 GREEDY_AT_IMPORT = """
 import asyncio
-HOARD = bytearray(24 * 1024)
+HOARD = bytearray(%d)
 print("USER imported")
 async def user_main():
     while True:
         await asyncio.sleep(1)
 """
+IDLE = "import asyncio\nasync def user_main():\n    while True:\n        await asyncio.sleep(1)\n"
 
 
 def test_a_user_main_too_big_to_load_first_cannot_cost_the_device_its_network(
-    app_board, boards, broker, settings_for, watch, full_mpy
+    lane, app_board, boards, broker, settings_for, watch, full_mpy
 ):
     # An .mpy framework imports user_main before itself, while the heap has the
     # blocks the parser needs, but never at the price of MQTT and the agent: this
     # one is unloaded again and imported last, where it fails into safe mode on a
-    # device that can still be sent a fix.
-    board = app_board(
-        settings_for(broker, **FAST_RESTARTS), user_main=GREEDY_AT_IMPORT, framework=None
-    )
+    # device that can still be sent a fix. Its hoard is 4 KB more than the same
+    # board has free after booting a user_main that takes nothing.
+    board = app_board(settings_for(broker, **FAST_RESTARTS), user_main=IDLE, framework=None)
     board.put_tree(full_mpy, "lib/mpy_blox")
+    rb = boards.start(board, heap=ESP32_HEAP, lane=lane)
+    free = int(rb.wait_for(r"booted; free heap (\d+) bytes").group(1))
+    rb.stop()
+    board.write("user_main.py", (GREEDY_AT_IMPORT % (free + 4096)).encode())
     w = watch(board)
-    rb = boards.start(board, heap="100K")
+    rb = boards.start(board, heap=ESP32_HEAP, lane=lane)
     rb.wait_for(r"user_main: imported after the framework: \d+ bytes free")
     status = w.wait("status", state="safe_mode")
     assert "failed 3 times" in status["error"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from mpy_blox_tools import deploy, publish
+from mpy_blox_tools import deploy, micropython, publish
 from mpy_blox_tools.mqtt import BrokerURL
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,8 +21,8 @@ RECIPE = REPO / "examples" / "mosquitto"
 DEVICE = "esp32-840d8ed29760"
 OTHER = "esp32-000000000002"
 PASSWORDS = {"publisher": "pub-secret", DEVICE: "dev-secret", OTHER: "other"}
-# What the install boot needs on the 64-bit virtual board (docs/protocol.md).
-HEAP = "160K"
+# The install boot's board heap on the 64-bit lane (docs/protocol.md).
+HEAP = micropython.BOARD_HEAP_64
 USER_MAIN = (
     "import asyncio\n\nasync def user_main():\n"
     "    print('{tag} running')\n    await asyncio.sleep(3600)\n"

@@ -31,9 +31,10 @@ def make(target: str, device: str, **variables: str) -> subprocess.CompletedProc
 
 
 @pytest.fixture
-def board(boards):
+def board(boards, lane):
+    """A running board on each lane: the serial port works on either binary."""
     b = boards.create()
-    rb = boards.start(b)
+    rb = boards.start(b, lane=lane)
     rb.wait_for(r"\[vboard\] boot 1")
     return b, rb
 
@@ -209,12 +210,12 @@ def test_a_wrong_device_is_one_clear_error_line(target, tmp_path):
 
 
 def test_deploy_app_reboots_a_fresh_board_into_the_app_reporting_its_version(
-    boards, broker, tmp_path, capsys
+    boards, broker, tmp_path, capsys, lane
 ):
     from mpy_blox_tools import fleet, mqtt
 
     b = boards.create()
-    rb = boards.start(b)
+    rb = boards.start(b, lane=lane)
     rb.wait_for(r"\[vboard\] boot 1")
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({"mqtt": {"server": broker.host, "port": broker.port}}))

@@ -21,14 +21,14 @@ import paho.mqtt.client as paho
 import pytest
 
 from mpy_blox_tools import broker as broker_module
-from mpy_blox_tools import deploy, fleet, mqtt, publish
+from mpy_blox_tools import deploy, fleet, micropython, mqtt, publish
 from mpy_blox_tools.broker import INSTALL_HINT, free_port, wait_for_port
 from mpy_blox_tools.cli import main as cli
 
 pytest.importorskip("amqtt", reason="the embedded broker needs the broker extra")
 
 REPO = Path(__file__).resolve().parents[2]
-HEAP = "160K"  # what the install boot needs on the 64-bit virtual board
+HEAP = micropython.BOARD_HEAP_64  # the install boot's, on this 64-bit lane behaviour test
 USER_MAIN = (
     "import asyncio\n\nasync def user_main():\n"
     "    print('{tag} running')\n    await asyncio.sleep(3600)\n"

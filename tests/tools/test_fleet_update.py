@@ -11,9 +11,8 @@ from mpy_blox_tools import deploy, fleet, mqtt, publish
 from mpy_blox_tools.cli import main as cli
 from mpy_blox_tools.demo import run_demo
 
-# The heap the boards get here: what the install boot needs on the 64-bit virtual
-# board, with a margin (docs/protocol.md, "The install boot").
-HEAP = "160K"
+# The boards run on the 32-bit lane at an ESP32's 100K when MPY_BLOX_MICROPYTHON32
+# names its binary, else on the 64-bit lane at its equivalent (board_lane).
 USER_MAIN = (
     "import asyncio\n\nasync def user_main():\n"
     "    print('{tag} running')\n    await asyncio.sleep(3600)\n"
@@ -27,7 +26,7 @@ def state_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def fleet_of(boards, broker, tmp_path):
+def fleet_of(boards, broker, tmp_path, board_lane):
     """Deployed, running boards (as make deploy-app does), on channel `t-<n>`."""
 
     def make(n: int, key: str | None, channel: str):
@@ -46,7 +45,7 @@ def fleet_of(boards, broker, tmp_path):
         user_main.write_text(USER_MAIN.format(tag="v1"))
         running = []
         for _ in range(n):
-            rb = boards.start(boards.create(), heap=HEAP)
+            rb = boards.start(boards.create(), heap=board_lane.heap, lane=board_lane)
             rb.wait_for(r"\[vboard\] boot 1")
             deploy.deploy_app(rb.serial_port, settings, provision if key else None, user_main)
             running.append(rb)
@@ -112,16 +111,16 @@ def test_wait_fails_for_a_device_that_never_answers(broker, tmp_path, capsys):
     assert "esp32-0000000000ff  FAILED  no answer in 2s" in out
 
 
-def test_the_demo_runs_to_completion(tmp_path, capsys):
-    assert run_demo(tmp_path / "demo", boards=2, heap=HEAP) == 0
+def test_the_demo_runs_to_completion(tmp_path, capsys, board_lane):
+    assert run_demo(tmp_path / "demo", boards=2, lane=board_lane) == 0
     out = capsys.readouterr().out
     assert out.count("user_main v2 says hello") == 2
     assert "demo finished in" in out
 
 
-def test_the_demo_runs_on_the_embedded_broker_without_mosquitto(tmp_path, capsys):
+def test_the_demo_runs_on_the_embedded_broker_without_mosquitto(tmp_path, capsys, board_lane):
     pytest.importorskip("amqtt")
-    assert run_demo(tmp_path / "demo", boards=1, heap=HEAP, engine="amqtt") == 0
+    assert run_demo(tmp_path / "demo", boards=1, engine="amqtt", lane=board_lane) == 0
     out = capsys.readouterr().out
     assert "starting a local broker (embedded amqtt)" in out
     assert out.count("user_main v2 says hello") == 1

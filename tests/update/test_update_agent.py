@@ -13,13 +13,14 @@ import pytest
 from update_kit import REPO, make_src, make_wheel, sha256
 
 from mpy_blox.update import manifest
+from mpy_blox_tools import micropython
 
 KEY = "0123456789abcdef" * 4
 CHANNEL = "agent-test"
 # The agent accepts lists in the app at 100K; the install boot that follows
-# needs 126K on the virtual board (docs/protocol.md, "The install boot"):
-# these tests use 160K, for margin. test_update_installboot.py measures the heap.
-HEAP = "160K"
+# gets the 64-bit lane's board heap (docs/protocol.md, "The install boot"), the
+# figure test_update_installboot.py checks on each lane.
+HEAP = micropython.BOARD_HEAP_64
 USER_MAIN_V2 = b"""
 import asyncio
 async def user_main():

@@ -100,7 +100,9 @@ def test_list_too_big_for_the_flash_is_refused_before_downloading(boards, update
     assert board.ls() == before  # not even the stage folder
 
 
-def test_4mib_wheel_and_1mib_src_install_on_16mib_flash_with_100k_heap(boards, update_board):
+def test_4mib_wheel_and_1mib_src_install_on_16mib_flash_with_100k_heap(
+    lane, boards, update_board
+):
     blob = os.urandom(4 * 1024 * 1024)  # incompressible: the wheel is as big as its file
     w = make_wheel(
         "demo-pkg",
@@ -111,16 +113,16 @@ def test_4mib_wheel_and_1mib_src_install_on_16mib_flash_with_100k_heap(boards, u
     board = update_board(
         board_files([w, s], manifest.encode_list([w.entry, s.entry])), flash_size="16M"
     )
-    out = run_to_done(boards, board, heap="100K")
+    out = run_to_done(boards, board, heap="100K", lane=lane)
     assert "RUNS none" in out and "INSTALLED 2" in out, out
     assert sha256(board.cat("lib/demo_pkg/blob.bin")) == sha256(blob)
     assert sha256(board.cat("big.bin")) == s.sha
 
 
-def test_4mib_src_installs_with_a_64k_heap(boards, update_board):
+def test_4mib_src_installs_with_a_64k_heap(lane, boards, update_board):
     s = make_src("big.bin", os.urandom(4 * 1024 * 1024))
     board = update_board(board_files([s], manifest.encode_list([s.entry])), flash_size="16M")
-    out = run_to_done(boards, board, heap="64K")
+    out = run_to_done(boards, board, heap="64K", lane=lane)
     assert "INSTALLED 1" in out, out
     assert sha256(board.cat("big.bin")) == s.sha
 

@@ -21,6 +21,7 @@ from update_kit import make_src, make_wheel, sha256
 
 from mpy_blox.update import manifest
 from mpy_blox_tools import wheel
+from mpy_blox_tools.micropython import DEFAULT_HEAP as ESP32_HEAP
 
 # main.py of a board that does only what deploy-lib's `mpremote exec` does after
 # its soft reset: import the install core, install one wheel.
@@ -58,21 +59,23 @@ def many_files(n: int, version: str) -> dict[str, bytes]:
     return files
 
 
-def install_on_board(boards, update_board, pkg, board=None):
+def install_on_board(boards, update_board, pkg, lane, board=None):
     if board is None:
         board = update_board(flash_size="4M")
     board.write("main.py", (DEPLOY_MAIN % pkg.entry).encode())
     board.write("pkg.whl", pkg.data)
-    rb = boards.start(board, heap="100K")
+    rb = boards.start(board, heap=ESP32_HEAP, lane=lane)
     rb.wait_for(r"\nDONE", timeout=120)
     out = rb.console()
     rb.stop()
     return board, out
 
 
-def test_60_file_wheel_installs_then_upgrades_on_a_100k_board_after_a_reset(boards, update_board):
+def test_60_file_wheel_installs_then_upgrades_on_a_100k_board_after_a_reset(
+    lane, boards, update_board, heap_report
+):
     v1 = many_files(60, "1.0")
-    board, out = install_on_board(boards, update_board, make_wheel("many-pkg", "1.0", v1))
+    board, out = install_on_board(boards, update_board, make_wheel("many-pkg", "1.0", v1), lane)
     assert "INSTALLED 1" in out, out
     files = board.ls()
     for path, data in v1.items():
@@ -83,7 +86,9 @@ def test_60_file_wheel_installs_then_upgrades_on_a_100k_board_after_a_reset(boar
     v2 = many_files(55, "2.0")
     for i in range(60, 65):
         v2[f"many_pkg/n{i:03d}.py"] = b"NEW = 1\n"
-    board, out = install_on_board(boards, update_board, make_wheel("many-pkg", "2.0", v2), board)
+    board, out = install_on_board(
+        boards, update_board, make_wheel("many-pkg", "2.0", v2), lane, board
+    )
     assert "INSTALLED 1" in out, out
     files = board.ls()
     for path, data in v2.items():
@@ -91,6 +96,7 @@ def test_60_file_wheel_installs_then_upgrades_on_a_100k_board_after_a_reset(boar
     assert not any(re.match(r"lib/many_pkg/m05[5-9]\.py$", p) for p in files)
     assert not any(p.startswith("lib/many_pkg-1.0.dist-info") for p in files)
     heap = {k: int(v) for k, v in re.findall(r"HEAP (\S+) (\d+)", out)}
+    heap_report(f"{lane.name} lane, 100K board, 60-file upgrade: free heap {heap}")
     # Nothing per file outlives the install: the heap comes back (the modules stay).
     assert heap["after-install"] > heap["after-import"] - 16 * 1024, out
 
