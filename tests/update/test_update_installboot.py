@@ -27,7 +27,7 @@ KEY = "fedcba9876543210" * 4
 # the board heap and at the margin heap below it (docs/protocol.md, "The install
 # boot": where the heap goes); -s prints the free heap before the first download.
 # The behaviour tests run on the 64-bit lane. `bench/bench_heap.py --edge` finds
-# the edges the figures are derived from.
+# the edges the margin figures are derived from.
 HEAP = micropython.format_size(micropython.BOARD_HEAP_64)
 # What the staging gets back from the stopped MQTT client, at least: about two
 # thirds of what was measured (64-bit: 23 KB more free at the staging than before
@@ -160,9 +160,9 @@ def test_framework_upgrade_and_user_main_install_through_the_install_boot(
 def test_the_staging_gets_the_mqtt_clients_heap_back(
     lane, app_board, boards, mqtt_client, channel, framework_wheel, heap_report
 ):
-    # At the lane's board heap (32-bit: 100K; 64-bit: 132K, below the 136K the
-    # install boot needed there while the client stayed loaded for the staging,
-    # docs/protocol.md "The install boot"); the stopped client is only freed by the
+    # At the lane's board heap (32-bit: 100K; 64-bit: 144K). While the client stayed
+    # loaded for the staging the install boot needed 136K on the 64-bit lane
+    # (docs/protocol.md "The install boot"); the stopped client is only freed by the
     # new loop between the phases.
     board = app_board()
     rb = boards.start(board, heap=lane.heap, lane=lane)
