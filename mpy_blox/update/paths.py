@@ -8,7 +8,7 @@
 # space-separated). The agent's own files are refused as src targets: the boot
 # files (an update must never be able to break recovery) and /.mpypi.
 
-from mpy_blox.update.manifest import InvalidUpdate
+from mpy_blox.update.errors import InvalidUpdate
 
 _MAX_PATH = 200
 _SAFE = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
