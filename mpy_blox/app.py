@@ -16,6 +16,7 @@ import gc
 import sys
 
 from mpy_blox import log as logging
+from mpy_blox import startup
 from mpy_blox.log import get_logger
 
 log = get_logger("app")
@@ -29,7 +30,6 @@ _FATAL_RESET_MS = const(5000)
 # agent (39 KB), the connection, tasks and first messages (12 KB), measured on
 # the 64-bit virtual board, where objects are twice their ESP32 size.
 _FRAMEWORK_HEAP = const(52 * 1024)
-_PENDING = "ib_to"  # NVS mpypi: mpy_blox.update.record.PENDING
 
 
 def _boot_count():
@@ -67,91 +67,6 @@ def _configure():
     return cfg.Config(settings, store.values)
 
 
-def _drop(names):
-    # Unload modules (full names): out of sys.modules and their parent package,
-    # so their bytecode goes back to the heap at the next collection.
-    for name in names:
-        sys.modules.pop(name, None)
-        parent, _, leaf = name.rpartition(".")
-        try:
-            delattr(sys.modules[parent], leaf)
-        except (KeyError, AttributeError):  # the parent went first, or never had it
-            pass
-    gc.collect()
-
-
-def _forget(*names):
-    # Boot-only modules: dropping them returns their bytecode to the heap, which
-    # the MQTT client and the update agent need more (compiling from source even
-    # more so: it wants large contiguous blocks).
-    _drop(["mpy_blox." + name for name in names])  # "provision", "mqtt.client"
-
-
-def _forget_all(prefix, keep=()):
-    # Every loaded module under mpy_blox.<prefix>, but those named in `keep`.
-    loaded = [m[9:] for m in sys.modules if m.startswith("mpy_blox." + prefix)]  # 9: "mpy_blox."
-    _forget(*[m for m in loaded if m not in keep])
-
-
-async def _wlan_up(cfg):
-    ssid = cfg.get_str("wlan.ssid")
-    if not ssid:
-        log.info("no wlan.ssid provisioned: using the network as it is")
-        return
-    from mpy_blox import wlan
-
-    up = asyncio.Event()
-    asyncio.create_task(wlan.keep(ssid, cfg.get_str("wlan.psk"), cfg.get_str("hostname"), up))
-    try:
-        await asyncio.wait_for(up.wait(), cfg.get_int("wlan.wait_s", 30))
-    except asyncio.TimeoutError:
-        log.warning("no WLAN yet: carrying on, it keeps retrying")
-
-
-async def _mqtt_up(mqtt, cfg, nd, announce=True):
-    server = cfg.get_str("mqtt.server")
-    if not server:
-        log.error("no mqtt.server configured: running without MQTT and updates")
-        return None
-    from mpy_blox.node import OFFLINE, topic
-
-    c = mqtt.MQTTClient(
-        nd.device_id, server, cfg.get_int("mqtt.port", 1883),
-        user=cfg.get_str("mqtt.username"), password=cfg.get_str("mqtt.password"),
-        keepalive_s=cfg.get_int("mqtt.keepalive_s", 60),
-        will=mqtt.Will(topic(nd.device_id, "status"), OFFLINE, retain=True, qos=1),
-        ssl=cfg.get_bool("mqtt.ssl", False), ssl_params=cfg.get_dict("mqtt.ssl_params", {}),
-    )
-    nd.client = c
-    if announce:  # info and status on every connect
-        c.add_connect_callback(nd.on_connect)
-    c.start()
-    try:
-        await asyncio.wait_for(c.connected(), cfg.get_int("mqtt.wait_s", 30))
-    except asyncio.TimeoutError:
-        log.warning("MQTT not connected yet: carrying on, it keeps retrying")
-    return c
-
-
-def _import(name):
-    # An optional part that fails to import (MemoryError on a small heap, a
-    # syntax error) is logged and left out; whatever it had half-imported is
-    # dropped again so the rest of the boot gets that heap back.
-    before = list(sys.modules)
-    try:
-        return __import__(name, None, None, ("_",))
-    except ImportError as e:
-        if ("'%s'" % name) in str(e) or "mpy_blox.update'" in str(e):
-            return None  # not installed
-        failure = e
-    except Exception as e:  # noqa: BLE001  (MemoryError, SyntaxError: run without it)
-        failure = e
-    _drop([m for m in sys.modules if m not in before])
-    log.exception("cannot import %s: running without it (free heap %d)", failure, name,
-                  gc.mem_free())
-    return None
-
-
 async def _run():
     global config, client, node
     # Order matters on a 100 KB heap, which every import fragments (measured on
@@ -168,33 +83,37 @@ async def _run():
     config = _configure()
     boot_count = _boot_count()
     install = _install_pending()
-    _forget("provision", "secure")  # not hmac: the update list needs it again
+    # Boot-only modules: dropping them returns their bytecode to the heap, which
+    # the MQTT client and the update agent need more. Not hmac: the update
+    # list needs it again.
+    startup.drop(["mpy_blox.provision", "mpy_blox.secure"])
     asyncio.Event, asyncio.wait_for  # noqa: B018  (asyncio loads these lazily: now)
     mqtt = None
     if install:
-        mqtt = _import("mpy_blox.mqtt")
-        ib = _import("mpy_blox.update.installboot") if mqtt is not None else None
+        mqtt = startup.import_optional("mpy_blox.mqtt")
+        ib = startup.import_optional("mpy_blox.update.installboot") if mqtt is not None else None
         if ib is not None:
             mqtt = None  # the install boot drops the client's modules to commit
             ib = ib.InstallBoot(config, boot_count)
+            node = ib.node
             await ib.download()
             return ib  # main() goes on with it, after this loop
         # It cannot be imported: the app boots and its agent reports the failure.
     sup = None
     if sys.modules["mpy_blox"].__file__.endswith(".mpy"):  # else the framework compiles first
         node, sup = _node_and_supervisor(config, boot_count)
-        sup.preload(_FRAMEWORK_HEAP, _drop)
+        sup.preload(_FRAMEWORK_HEAP, startup.drop)
     if mqtt is None:
-        mqtt = _import("mpy_blox.mqtt")
-    agent = _import("mpy_blox.update.agent") if mqtt is not None else None
+        mqtt = startup.import_optional("mpy_blox.mqtt")
+    agent = startup.import_optional("mpy_blox.update.agent") if mqtt is not None else None
     if sup is None:
         node, sup = _node_and_supervisor(config, boot_count)
-    await _wlan_up(config)
+    await startup.wlan_up(config)
     if mqtt is None:
         log.error("no MQTT client: running without MQTT and updates")
     else:
         try:
-            client = await _mqtt_up(mqtt, config, node)
+            client = await startup.mqtt_up(mqtt, config, node)
         except Exception as e:  # noqa: BLE001  (no MQTT is no reason to stop user code)
             log.exception("MQTT failed to start", e)
     if agent is None or client is None:
@@ -233,13 +152,13 @@ def _grow_qstr_pool():
 
 def _install_pending():
     # An update list is pending (docs/protocol.md, "The install boot"): this
-    # boot runs mpy_blox.update.installboot instead of the app.
-    import esp32
-
+    # boot runs mpy_blox.update.installboot instead of the app. Asked of
+    # record, which the agent imports later anyway: it costs no extra heap.
     try:
-        return esp32.NVS("mpypi").get_i32(_PENDING) != 0
-    except OSError:  # ESP_ERR_NVS_NOT_FOUND: never any
+        from mpy_blox.update import record
+    except ImportError:  # a framework without the update package
         return False
+    return record.install_pending()
 
 
 def main():

@@ -1,9 +1,13 @@
-# What the update agent and the install boot both keep: in NVS the accepted
+# The update's persistent state, owned here and nowhere else (the table is in
+# docs/protocol.md, "Persistent state"): in NVS namespace mpypi the accepted
 # seq and the pending install (which list topic, how many install boots it
-# took so far); on flash last_update (/.mpypi/last.json); the agent's info fields.
+# took so far, the list's digest, whether it finished); on flash last_update
+# (/.mpypi/last.json). Also the agent's info fields. The journal and the stage
+# are mpypi_recover's; the src index is state's.
 #
-# Small on purpose: the app's idle agent and the install boot both import it,
-# and neither can spare the heap of the other's code.
+# Small on purpose: the app (install_pending, at every boot), its idle agent
+# and the install boot all import it, and none can spare the heap of the
+# others' code.
 import os
 import json
 import binascii
@@ -11,14 +15,15 @@ import hashlib
 
 from mpy_blox.log import get_logger
 
-NVS = "mpypi"
-PENDING = "ib_to"  # NVS i32: the list topic to install from, 0 for none (mpy_blox.app reads it)
-TRIES = "ib_tries"  # NVS i32: install boots started for it
+_NVS = "mpypi"
+_SEQ = "seq"  # NVS i32: the seq of the last accepted signed list
+_PENDING = "ib_to"  # NVS i32: the list topic to install from, 0 for none
+_TRIES = "ib_tries"  # NVS i32: install boots started for it
+_DIGEST = "ib_list"  # NVS blob: the SHA256 of that list, for last_update
+_FINISHED = "ib_fin"  # NVS i32: 1 once the install boot finished with that list
+_LAST = "/.mpypi/last.json"  # last_update, as info reports it
 CHANNEL = const(1)  # ib_to: mpypi/channels/{update.channel}
 CMD = const(2)  # ib_to: mpypi/nodes/{id}/cmd
-_DIGEST = "ib_list"  # NVS blob: the SHA256 of that list, for last_update
-FINISHED = "ib_fin"  # NVS i32: 1 once the install boot finished with that list
-_LAST = "/.mpypi/last.json"
 
 log = get_logger("update")
 
@@ -27,7 +32,7 @@ def nvs_seq():
     import esp32
 
     try:
-        return esp32.NVS(NVS).get_i32("seq")
+        return esp32.NVS(_NVS).get_i32(_SEQ)
     except OSError:
         return 0
 
@@ -56,13 +61,23 @@ def save_last(result, seq, error=None, digest=None):
     return last
 
 
+def install_pending():
+    """True if an accepted list awaits its install boot (the app asks at boot)."""
+    import esp32
+
+    try:
+        return esp32.NVS(_NVS).get_i32(_PENDING) != 0
+    except OSError:  # ESP_ERR_NVS_NOT_FOUND: never any
+        return False
+
+
 def pending():
     """(ib_to, ib_tries) from NVS; ib_to 0 means no install is pending."""
     import esp32
 
-    nvs = esp32.NVS(NVS)
+    nvs = esp32.NVS(_NVS)
     values = []
-    for key in (PENDING, TRIES):
+    for key in (_PENDING, _TRIES):
         try:
             values.append(nvs.get_i32(key))
         except OSError:
@@ -72,17 +87,17 @@ def pending():
 
 def set_pending(to, tries, seq=None, digest=None):
     """Commit the pending topic, the try count and (if given) a new seq and the
-    list's digest at once. to == 0 marks that list finished (FINISHED)."""
+    list's digest at once. to == 0 marks that list finished (ib_fin)."""
     import esp32
 
-    nvs = esp32.NVS(NVS)
+    nvs = esp32.NVS(_NVS)
     if seq is not None:
-        nvs.set_i32("seq", seq)
+        nvs.set_i32(_SEQ, seq)
     if digest is not None:
         nvs.set_blob(_DIGEST, binascii.unhexlify(digest))
-    nvs.set_i32(FINISHED, 0 if to else 1)
-    nvs.set_i32(PENDING, to)
-    nvs.set_i32(TRIES, tries)
+    nvs.set_i32(_FINISHED, 0 if to else 1)
+    nvs.set_i32(_PENDING, to)
+    nvs.set_i32(_TRIES, tries)
     nvs.commit()
 
 
@@ -92,7 +107,7 @@ def pending_digest():
 
     buf = bytearray(32)
     try:
-        esp32.NVS(NVS).get_blob(_DIGEST, buf)
+        esp32.NVS(_NVS).get_blob(_DIGEST, buf)
     except OSError:
         return None
     return binascii.hexlify(buf).decode()
@@ -104,7 +119,7 @@ def finished_digest():
     import esp32
 
     try:
-        if esp32.NVS(NVS).get_i32(FINISHED):
+        if esp32.NVS(_NVS).get_i32(_FINISHED):
             return pending_digest()
     except OSError:
         pass  # never any install boot
