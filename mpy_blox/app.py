@@ -69,28 +69,27 @@ def _configure():
 
 async def _run():
     global config, client, node
-    # Order matters on a 100 KB heap, which every import fragments (measured on
-    # the unix port after all imports: 27 KB free, no free block over 700
-    # bytes). The configuration comes first, while its buffers still find
-    # room, and its boot-only modules are dropped again. Then, with the
-    # framework as .mpy, user_main.py, whose compiling needs KB-sized blocks
-    # (Supervisor.preload), but only if it leaves the framework its room; a
-    # framework of .py sources needs those blocks more and compiles first.
-    # Then the two large parts, MQTT client and update agent, before the small
-    # ones, so that what a failed import leaves behind are holes the small
-    # ones can still use. Without the agent (not installed, or no room) the
-    # device runs and stays reachable.
+    # Order matters on a 100 KB heap (docs/runtime.md, "Heap"): every import
+    # fragments it. The configuration comes first, while its buffers still
+    # find room, and its boot-only modules are dropped again (their bytecode
+    # goes back to the heap; not hmac: the update list needs it again). A
+    # framework of .py sources then compiles its largest part, the MQTT
+    # client, while the heap still has KB-sized blocks; a .mpy framework
+    # asks record (cheap as .mpy) whether this is an install boot, then
+    # imports user_main.py early (Supervisor.preload), whose compiling wants
+    # those blocks, if it leaves the framework its room. Then the two large
+    # parts, MQTT client and update agent, before the small ones, so that what
+    # a failed import leaves behind are holes the small ones can still use.
+    # Without the agent (not installed, or no room) the device runs and stays
+    # reachable.
     config = _configure()
     boot_count = _boot_count()
-    install = _install_pending()
-    # Boot-only modules: dropping them returns their bytecode to the heap, which
-    # the MQTT client and the update agent need more. Not hmac: the update
-    # list needs it again.
     startup.drop(["mpy_blox.provision", "mpy_blox.secure"])
-    asyncio.Event, asyncio.wait_for  # noqa: B018  (asyncio loads these lazily: now)
-    mqtt = None
-    if install:
-        mqtt = startup.import_optional("mpy_blox.mqtt")
+    mpy = sys.modules["mpy_blox"].__file__.endswith(".mpy")
+    mqtt = None if mpy else startup.import_optional("mpy_blox.mqtt")
+    if _install_pending():
+        if mqtt is None:
+            mqtt = startup.import_optional("mpy_blox.mqtt")
         ib = startup.import_optional("mpy_blox.update.installboot") if mqtt is not None else None
         if ib is not None:
             mqtt = None  # the install boot drops the client's modules to commit
@@ -100,7 +99,7 @@ async def _run():
             return ib  # main() goes on with it, after this loop
         # It cannot be imported: the app boots and its agent reports the failure.
     sup = None
-    if sys.modules["mpy_blox"].__file__.endswith(".mpy"):  # else the framework compiles first
+    if mpy:
         node, sup = _node_and_supervisor(config, boot_count)
         sup.preload(_FRAMEWORK_HEAP, startup.drop)
     if mqtt is None:
@@ -164,7 +163,6 @@ def _install_pending():
 def main():
     """Run the device forever; on any unexpected error, log it and reset."""
     try:
-        _grow_qstr_pool()
         ib = asyncio.run(_run())  # the app never returns; an install boot does
         # A new loop: the old one's finished tasks, and the stopped MQTT client
         # with them, can go (mpy_blox/update/installboot.py).

@@ -8,23 +8,10 @@
 #   mpypi/packages/wheel/{sha256}         a wheel's bytes
 #   mpypi/packages/src/{path}/{sha256}    a source file's bytes
 #
-# A list is valid on one topic: its "to" field and the install boot's pending
-# topic name it without the prefix ("channels/stable", "nodes/<id>/cmd").
+# A list is valid on one topic: its "to" field and the install boot name it
+# without the prefix ("channels/stable", "nodes/<id>/cmd": list_to()).
 # "+" and "#" as arguments make filters: node_topic("+", "info").
 PREFIX = "mpypi/"
-
-
-def channel_to(channel):
-    return "channels/" + channel
-
-
-def cmd_to(device_id):
-    return "nodes/%s/cmd" % device_id
-
-
-def list_topic(to):
-    """The full topic of a list topic suffix (channel_to, cmd_to)."""
-    return PREFIX + to
 
 
 def list_to(topic):
@@ -33,7 +20,7 @@ def list_to(topic):
 
 
 def channel_topic(channel):
-    return PREFIX + channel_to(channel)
+    return PREFIX + "channels/" + channel
 
 
 def node_topic(device_id, leaf):

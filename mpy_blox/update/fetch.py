@@ -7,7 +7,7 @@ import gc
 import asyncio
 
 from mpy_blox.log import get_logger
-from mpy_blox.topics import list_topic
+from mpy_blox.topics import PREFIX
 from mpy_blox.update import record
 
 _CHUNK = const(1024)
@@ -77,7 +77,7 @@ class Fetcher:
         await record.status(self.node, st, qos, **fields)
 
     async def fetch_list(self, to):
-        """The list retained on topics.list_topic(to), as the agent accepted it (or newer)."""
+        """The list retained on mpypi/{to}, as the agent accepted it (or newer)."""
         from mpy_blox.mqtt.errors import SubscribeError
         from mpy_blox.update.errors import InvalidUpdate
 
@@ -92,7 +92,7 @@ class Fetcher:
                     got.append(b"")  # too long: decode_list refuses it
                 arrived.set()
 
-        topic = list_topic(to)
+        topic = PREFIX + to
         try:
             await self.client.subscribe(topic, handler)
         except SubscribeError:

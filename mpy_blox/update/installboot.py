@@ -25,7 +25,7 @@ import sys
 
 from mpy_blox import startup
 from mpy_blox.log import get_logger
-from mpy_blox.topics import channel_to, cmd_to
+from mpy_blox.topics import channel_topic, list_to, node_topic
 from mpy_blox.update import record
 from mpy_blox.update.fetch import Fetcher
 
@@ -98,9 +98,9 @@ class InstallBoot:
         from mpy_blox.update import manifest
 
         if self.to == record.CMD:
-            to = cmd_to(self.node.device_id)
+            to = list_to(node_topic(self.node.device_id, "cmd"))
         else:
-            to = channel_to(self.config.get_str("update.channel", "stable"))
+            to = list_to(channel_topic(self.config.get_str("update.channel", "stable")))
         payload = await ib.fetch_list(to)
         self.digest = record.digest(payload)
         key = self.config.get_str("update.key") or None

@@ -128,13 +128,13 @@ from mpy_blox import topics
 e = {"type": "wheel", "pkg_sha256": "ab" * 32}
 s = {"type": "src", "path": "user_main.py", "pkg_sha256": "cd" * 32}
 print(topics.package_topic(e), topics.package_topic(s), topics.channel_topic("stable"),
-      topics.node_topic("esp32-1", "cmd"), topics.list_topic(topics.cmd_to("esp32-1")),
+      topics.node_topic("esp32-1", "cmd"), topics.list_to(topics.node_topic("esp32-1", "cmd")),
       topics.list_to(topics.channel_topic("beta")), topics.parse_node("mpypi/nodes/d/info"),
       topics.parse_node("mpypi/channels/x"))
 """
 TOPICS_OUT = (
     f"mpypi/packages/wheel/{SHA} mpypi/packages/src/user_main.py/{'cd' * 32} "
-    "mpypi/channels/stable mpypi/nodes/esp32-1/cmd mpypi/nodes/esp32-1/cmd "
+    "mpypi/channels/stable mpypi/nodes/esp32-1/cmd nodes/esp32-1/cmd "
     "channels/beta ('d', 'info') None"
 )
 
