@@ -157,7 +157,7 @@ def _install_pending():
         from mpy_blox.update import record
     except ImportError:  # a framework without the update package
         return False
-    return record.install_pending()
+    return record.pending()[0] != 0
 
 
 def main():

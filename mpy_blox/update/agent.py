@@ -106,7 +106,7 @@ class Agent:
 
     async def _handle(self, payload, to, retained):
         from mpy_blox.update import manifest
-        from mpy_blox.update.errors import InvalidUpdate
+        from mpy_blox.update.paths import InvalidUpdate
 
         seq, entries = manifest.decode_list(payload, self.key, to)
         digest = record.digest(payload)

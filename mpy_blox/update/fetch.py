@@ -37,7 +37,7 @@ class _Transfer:
             return  # a second delivery of the retained package
         size = self.entry["size"]
         if size is not None and msg.size != size:
-            from mpy_blox.update.errors import InvalidUpdate
+            from mpy_blox.update.paths import InvalidUpdate
 
             self.error = InvalidUpdate("size mismatch: %d bytes published, %d listed"
                                        % (msg.size, size))
@@ -79,7 +79,7 @@ class Fetcher:
     async def fetch_list(self, to):
         """The list retained on mpypi/{to}, as the agent accepted it (or newer)."""
         from mpy_blox.mqtt.errors import SubscribeError
-        from mpy_blox.update.errors import InvalidUpdate
+        from mpy_blox.update.paths import InvalidUpdate
 
         got = []
         arrived = asyncio.Event()
@@ -143,7 +143,7 @@ class Fetcher:
 
     async def _download(self, inst, entry):
         from mpy_blox.topics import package_topic
-        from mpy_blox.update.errors import InvalidUpdate
+        from mpy_blox.update.paths import InvalidUpdate
 
         topic = package_topic(entry)
         error = None
@@ -194,7 +194,7 @@ class Fetcher:
             else:
                 idle_ms += _PROGRESS_MS
                 if idle_ms > _STALL_S * 1000:
-                    from mpy_blox.update.errors import InvalidUpdate
+                    from mpy_blox.update.paths import InvalidUpdate
 
                     raise InvalidUpdate("package not on the broker: " + label)
 

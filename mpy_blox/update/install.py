@@ -27,7 +27,7 @@ import mpypi_recover as recover
 from mpy_blox.log import get_logger
 from mpy_blox.update import state
 from mpy_blox.update.state import RESERVE_BLOCKS, hex_digest
-from mpy_blox.update.errors import InvalidUpdate
+from mpy_blox.update.paths import InvalidUpdate
 from mpy_blox.update.names import normalize
 
 _OPS = "/ops"  # in recover.STAGE: the journal's body while the stage is built

@@ -1,7 +1,7 @@
 # The install boot: installs the list the agent accepted before the reset.
 #
 # mpy_blox.app runs this instead of the app while an install is pending
-# (record.install_pending()): WLAN, MQTT and the install core only (no user
+# (record.pending()): WLAN, MQTT and the install core only (no user
 # code, no supervisor, no agent), through the boot steps the two boots share
 # (mpy_blox.startup). Three phases, each in its own run of the asyncio loop
 # (mpy_blox.app.main):
@@ -121,6 +121,9 @@ class InstallBoot:
     def commit(self):
         """Phase 2, between two runs of the loop: stage and commit, offline."""
         startup.drop_all("mpy_blox.mqtt")
+        # The list is decoded: staging needs neither its format nor its MAC
+        # (paths holds InvalidUpdate), and the deflate window wants the room.
+        startup.drop(["mpy_blox.update.manifest", "mpy_blox.hmac"])
         inst, self.inst = self.inst, None
         if inst is not None and self.error is None:
             log.info("staging; free heap %d bytes", gc.mem_free())

@@ -1,7 +1,7 @@
 # The mpypi update list: THE wire format shared by the device and the publisher.
 #
 # Pure: imports only json, binascii, mpy_blox.hmac (itself hashlib only) and the
-# pure update.errors, update.names and update.paths, so CPython >= 3.11 (the
+# pure update.names and update.paths, so CPython >= 3.11 (the
 # publisher imports this file as mpy_blox.update.manifest) and MicroPython 1.22
 # run the same code. docs/protocol.md describes it for people; the topics it
 # travels on are built by mpy_blox.topics.
@@ -29,9 +29,8 @@ import json
 
 from mpy_blox.hmac import compare_digest
 from mpy_blox.hmac import hmac_sha256 as _hmac
-from mpy_blox.update.errors import InvalidUpdate
 from mpy_blox.update.names import normalize
-from mpy_blox.update.paths import check_src_path
+from mpy_blox.update.paths import InvalidUpdate, check_src_path  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1
 SIGNED_HEADER = b"mpypi-hmac-sha256 "

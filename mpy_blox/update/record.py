@@ -5,7 +5,7 @@
 # (/.mpypi/last.json). Also the agent's info fields. The journal and the stage
 # are mpypi_recover's; the src index is state's.
 #
-# Small on purpose: the app (install_pending, at every boot), its idle agent
+# Small on purpose: the app (pending(), at every boot), its idle agent
 # and the install boot all import it, and none can spare the heap of the
 # others' code.
 import os
@@ -61,18 +61,10 @@ def save_last(result, seq, error=None, digest=None):
     return last
 
 
-def install_pending():
-    """True if an accepted list awaits its install boot (the app asks at boot)."""
-    import esp32
-
-    try:
-        return esp32.NVS(_NVS).get_i32(_PENDING) != 0
-    except OSError:  # ESP_ERR_NVS_NOT_FOUND: never any
-        return False
-
-
 def pending():
-    """(ib_to, ib_tries) from NVS; ib_to 0 means no install is pending."""
+    """(ib_to, ib_tries) from NVS; ib_to 0 means no install is pending.
+
+    The app asks it at every boot: ib_to set makes the boot an install boot."""
     import esp32
 
     nvs = esp32.NVS(_NVS)

@@ -13,7 +13,7 @@ import os
 from array import array
 
 from mpy_blox.update import state
-from mpy_blox.update.errors import InvalidUpdate
+from mpy_blox.update.paths import InvalidUpdate
 from mpy_blox.update.names import normalize
 from mpy_blox.update.state import RESERVE_BLOCKS, hex_digest
 from mpy_blox.update.zipwheel import Wheel, record_hash

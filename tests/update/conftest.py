@@ -21,7 +21,6 @@ CORE = [
     "hmac.py",
     "log.py",
     "update/__init__.py",
-    "update/errors.py",
     "update/names.py",
     "update/manifest.py",
     "update/paths.py",
