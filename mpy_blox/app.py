@@ -1,7 +1,8 @@
 # The app-managed runtime: main.py calls main(); everything runs in one asyncio loop.
 #
 # An accepted update list makes the next boot an install boot instead
-# (mpy_blox.update.installboot, docs/protocol.md).
+# (mpy_blox.update.installboot, docs/protocol.md). The steps both boots take
+# (WLAN, MQTT, optional imports, unloading) are mpy_blox.startup's.
 #
 # Boot: settings.json -> logging level -> secure store + /provision.json ->
 # boot_count -> WLAN -> MQTT (info/status on every connect, will = offline) ->
@@ -26,9 +27,10 @@ client = None
 node = None
 
 _FATAL_RESET_MS = const(5000)
-# What the framework loads after user_main: the MQTT client and the update
-# agent (39 KB), the connection, tasks and first messages (12 KB), measured on
-# the 64-bit virtual board, where objects are twice their ESP32 size.
+# The room user_main.py must leave the framework to be imported early
+# (Supervisor.preload); the figures on both lanes are in docs/runtime.md,
+# "Memory": the framework takes 47 KB after it on the 64-bit board, 32 KB on
+# the 32-bit one (an ESP32's sizes), which this leaves a 20 KB margin.
 _FRAMEWORK_HEAP = const(52 * 1024)
 
 
@@ -139,20 +141,10 @@ def _node_and_supervisor(cfg, boot_count):
     return nd, Supervisor(cfg, nd)
 
 
-def _grow_qstr_pool():
-    # Indexing a str interns the 1-char result as a qstr, and a new qstr can
-    # need a new, larger qstr pool: one contiguous block. Late in boot the heap
-    # has no such block left (measured: 640-byte allocations failing with 25 KB
-    # free, in the MQTT topic check and every later import). Interning the
-    # printable characters now grows the pool while the heap is still whole.
-    for c in range(32, 127):
-        chr(c)
-
-
 def _install_pending():
     # An update list is pending (docs/protocol.md, "The install boot"): this
     # boot runs mpy_blox.update.installboot instead of the app. Asked of
-    # record, which the agent imports later anyway: it costs no extra heap.
+    # record, the state's owner, which the agent imports later anyway.
     try:
         from mpy_blox.update import record
     except ImportError:  # a framework without the update package
