@@ -70,7 +70,7 @@ def _configure():
 
 
 async def _run():
-    global config, client, node
+    global config, client, node, startup
     # Order matters on a 100 KB heap (docs/runtime.md, "Heap"): every import
     # fragments it. The configuration comes first, while its buffers still
     # find room, and its boot-only modules are dropped again (their bytecode
@@ -117,6 +117,11 @@ async def _run():
             client = await startup.mqtt_up(mqtt, config, node)
         except Exception as e:  # noqa: BLE001  (no MQTT is no reason to stop user code)
             log.exception("MQTT failed to start", e)
+    # The boot steps are done: their code goes back to the heap, for the
+    # agent's start (measured: docs/runtime.md, "Memory"). The install boot
+    # keeps them to its end.
+    sys.modules.pop("mpy_blox.startup", None)
+    startup = sys.modules["mpy_blox"].startup = None
     if agent is None or client is None:
         log.info("no update agent")
     else:
@@ -141,6 +146,17 @@ def _node_and_supervisor(cfg, boot_count):
     return nd, Supervisor(cfg, nd)
 
 
+def _grow_qstr_pool():
+    # Indexing a str interns the 1-char result as a qstr, and a new qstr can
+    # need a new qstr pool: one contiguous block, twice the last. Interning the
+    # printable characters grows it while the heap is still whole. Only where
+    # pointers are 8 bytes: docs/runtime.md, "Memory", has what it buys there
+    # and what it costs on the 32-bit lane (an ESP32's sizes).
+    if sys.maxsize > 0x7FFFFFFF:
+        for c in range(32, 127):
+            chr(c)
+
+
 def _install_pending():
     # An update list is pending (docs/protocol.md, "The install boot"): this
     # boot runs mpy_blox.update.installboot instead of the app. Asked of
@@ -155,6 +171,7 @@ def _install_pending():
 def main():
     """Run the device forever; on any unexpected error, log it and reset."""
     try:
+        _grow_qstr_pool()
         ib = asyncio.run(_run())  # the app never returns; an install boot does
         # A new loop: the old one's finished tasks, and the stopped MQTT client
         # with them, can go (mpy_blox/update/installboot.py).

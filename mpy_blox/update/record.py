@@ -15,6 +15,10 @@ import hashlib
 
 from mpy_blox.log import get_logger
 
+# With record, early in boot: the agent's info needs it at its start, when a
+# 1200-byte file buffer for its import (and names') may find no block left.
+from mpy_blox.update import state
+
 _NVS = "mpypi"
 _SEQ = "seq"  # NVS i32: the seq of the last accepted signed list
 _PENDING = "ib_to"  # NVS i32: the list topic to install from, 0 for none
@@ -125,8 +129,6 @@ def digest(payload):
 
 def info(node, seq, last, available=None):
     """Put the agent's fields into node.info_extra (docs/protocol.md)."""
-    from mpy_blox.update import state
-
     extra = node.info_extra
     extra["packages"] = {k: v[0] for k, v in state.installed_wheels().items()}
     extra["src"] = state.src_index()
