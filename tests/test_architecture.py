@@ -66,9 +66,13 @@ def _edges(name: str) -> set[str]:
             for a in node.names:
                 full = node.module + "." + a.name
                 out.add(full if full in MODULES else _resolve(node.module))
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            if node.value in MODULES and "." in node.value:  # imported by name
-                out.add(node.value)
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and node.value in MODULES
+            and "." in node.value
+        ):
+            out.add(node.value)  # a module imported or dropped by its name
     out.discard(None)
     out.discard(name)
     return out
@@ -85,7 +89,7 @@ def _cycles() -> list[list[str]]:
         stack.append(n)
         for m in sorted(GRAPH[n]):
             if state.get(m) == "open":
-                found.append(stack[stack.index(m):] + [m])
+                found.append(stack[stack.index(m) :] + [m])
             elif m not in state:
                 visit(m)
         stack.pop()
@@ -152,8 +156,7 @@ def test_the_graph_sees_function_level_and_by_name_imports():
     # The checks above are only as good as the graph: it must see an import
     # inside a function and a module loaded by its name.
     tree = ast.parse(
-        "def f():\n    from mpy_blox.update import record\n"
-        "    sys.modules['mpy_blox.app'].x\n"
+        "def f():\n    from mpy_blox.update import record\n    sys.modules['mpy_blox.app'].x\n"
     )
     TREES["probe"] = tree
     try:
