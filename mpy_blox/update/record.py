@@ -50,7 +50,7 @@ def load_last():
 
 
 def save_last(result, seq, error=None, digest=None):
-    """Write and return last_update; `digest` names the list (see agent._digest)."""
+    """Write and return last_update; `digest` names the list (see digest())."""
     last = {"result": result, "at": seq}
     if error:
         last["error"] = error
