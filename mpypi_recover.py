@@ -4,8 +4,11 @@
 # the flash root, outside /lib, and no update ever writes it (mpy_blox.update
 # refuses its path), so recovery never depends on a file an update replaces.
 # It imports only built-in modules and prints its own log lines for the same
-# reason. The installer (mpy_blox.update.commit) writes the journal and then
-# calls apply() from here, so commit and recovery are one piece of code.
+# reason. The installer (mpy_blox.update.install) writes the journal through
+# write_journal() and then calls apply() from here, so the journal's format,
+# its commit and its recovery are one piece of code. Its files (the journal,
+# /.mpypi/applied, the stage folder) are this module's: others name them
+# through JOURNAL and STAGE, and change them only through these functions.
 #
 # The journal (/.mpypi/journal) is text, one operation a line, closed by a line
 # with the SHA256 of everything before it, so a journal cut short by a power
@@ -34,8 +37,8 @@ import hashlib
 
 VERSION = 1
 _DIR = "/.mpypi"
-_STAGE = "/.mpypi/stage"
-_JOURNAL = "/.mpypi/journal"
+STAGE = "/.mpypi/stage"
+JOURNAL = "/.mpypi/journal"
 _APPLIED = "/.mpypi/applied"
 _HEAD = b"mpypi-journal 1\n"
 _CHUNK = 1024  # one buffer for hashing and copying; small: the heap may be fragmented
@@ -53,15 +56,17 @@ def _exists(path):
         return False
 
 
-def _remove(path):
+def remove(path):
+    """os.remove, where a missing file is no error."""
     try:
         os.remove(path)
     except OSError:
         pass
 
 
-def _makedirs(path):
-    # Parents of `path` (a file); os.mkdir raises when a folder exists.
+def makedirs(path):
+    """Make the folders above the file `path` that do not exist yet."""
+    # os.mkdir raises when a folder exists.
     i = path.find("/", 1)
     while i > 0:
         if not _exists(path[:i]):
@@ -99,16 +104,16 @@ def _move(src, dst, buf, rename):
     if not rename:
         _copy(src, dst, buf)
         return
-    _makedirs(dst)
+    makedirs(dst)
     if _exists(dst) and _exists(src):
         # Not there after a clean stage; anything found there failed its hash
         # (a file put back by hand): never rename onto it.
-        _remove(dst)
+        remove(dst)
     os.rename(src, dst)
 
 
 def _copy(src, dst, buf):
-    _makedirs(dst)
+    makedirs(dst)
     with open(src, "rb") as fi, open(dst, "wb") as fo:
         while True:
             n = fi.readinto(buf)
@@ -117,13 +122,34 @@ def _copy(src, dst, buf):
             fo.write(memoryview(buf)[:n])
 
 
+def write_journal(body, root="", buf=None):
+    """Write the journal from the file `body` (its operation lines) and close it
+    with its checksum line. On OSError no journal is left: nothing happened."""
+    buf = buf or bytearray(_CHUNK)
+    mv = memoryview(buf)
+    h = hashlib.sha256(_HEAD)
+    try:
+        with open(body, "rb") as fi, open(root + JOURNAL, "wb") as f:
+            f.write(_HEAD)
+            while True:
+                n = fi.readinto(buf)
+                if not n:
+                    break
+                h.update(mv[:n])
+                f.write(mv[:n])
+            f.write(b"end %064x\n" % int.from_bytes(h.digest(), "big"))
+    except OSError:
+        remove(root + JOURNAL)
+        raise
+
+
 def read_journal(root=""):
     """Yield the operations of a complete journal: (kind, i, target, new, old).
 
     Raises ValueError if the journal is missing or was cut short.
     """
     h = hashlib.sha256()
-    with open(root + _JOURNAL, "rb") as f:
+    with open(root + JOURNAL, "rb") as f:
         if f.readline() != _HEAD:
             raise ValueError("journal version")
         h.update(_HEAD)
@@ -136,7 +162,7 @@ def read_journal(root=""):
             h.update(line)
     if line.strip()[4:].decode() != "%064x" % int.from_bytes(h.digest(), "big"):
         raise ValueError("journal checksum")
-    with open(root + _JOURNAL, "rb") as f:
+    with open(root + JOURNAL, "rb") as f:
         f.readline()
         while True:
             w = f.readline().decode().split()
@@ -157,8 +183,8 @@ def apply(root="", buf=None):
     rename = renames_atomic(root)
     for kind, i, target, new, old in read_journal(root):
         t = root + target
-        n = root + _STAGE + "/n" + i
-        b = root + _STAGE + "/b" + i
+        n = root + STAGE + "/n" + i
+        b = root + STAGE + "/b" + i
         # The target is still the old file until its backup is verified. With
         # renames, a missing file hashes to None at once: the first run reads
         # no file; only a rerun after a cut hashes what is already moved.
@@ -168,7 +194,7 @@ def apply(root="", buf=None):
             if file_sha256(t, buf) != new:
                 _move(n, t, buf, rename)
         else:
-            _remove(t)
+            remove(t)
             _rmdir_empty(t)
     with open(root + _APPLIED, "wb") as f:
         f.write(b"1")
@@ -194,18 +220,19 @@ def _applied(root):
         return False
 
 
-def _clean_stage(root):
+def clean_stage(root=""):
+    """Remove every staged file (not the journal)."""
     try:
-        names = os.listdir(root + _STAGE)
+        names = os.listdir(root + STAGE)
     except OSError:
         return
     for name in names:
-        _remove(root + _STAGE + "/" + name)
+        remove(root + STAGE + "/" + name)
 
 
 def state(root=""):
     """'none', 'applied' (awaiting confirm), or 'pending' (journal to apply)."""
-    if not _exists(root + _JOURNAL):
+    if not _exists(root + JOURNAL):
         return "none"
     return "applied" if _applied(root) else "pending"
 
@@ -235,8 +262,8 @@ def recover(root=""):
     s = state(root)
     if s == "none":
         if _exists(root + _APPLIED):  # a confirm was cut after its journal went
-            _remove(root + _APPLIED)
-        _clean_stage(root)
+            remove(root + _APPLIED)
+        clean_stage(root)
         return "none"
     if s == "applied":
         return "applied"
@@ -246,8 +273,8 @@ def recover(root=""):
     except (OSError, ValueError, IndexError, UnicodeError) as e:
         # Cut while the journal was written: nothing had been moved yet.
         _log("discarding an incomplete update journal (%s)" % e)
-        _remove(root + _JOURNAL)
-        _clean_stage(root)
+        remove(root + JOURNAL)
+        clean_stage(root)
         return "discarded"
     _log("finishing an interrupted update")
     apply(root)
@@ -258,6 +285,6 @@ def confirm(root=""):
     """End an applied journal: the new set stays, the backups go."""
     if state(root) == "pending":
         raise ValueError("journal not applied")
-    _remove(root + _JOURNAL)  # the point of no return
-    _remove(root + _APPLIED)
-    _clean_stage(root)
+    remove(root + JOURNAL)  # the point of no return
+    remove(root + _APPLIED)
+    clean_stage(root)

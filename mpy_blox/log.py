@@ -34,10 +34,6 @@ def set_level(level):
     _level = level
 
 
-def get_level():
-    return _level
-
-
 class Logger:
     def __init__(self, name):
         self.name = name

@@ -15,6 +15,7 @@ import json
 import os
 
 from mpy_blox.log import get_logger
+from mpy_blox.topics import node_topic
 
 log = get_logger("node")
 
@@ -27,10 +28,6 @@ def device_id():
     import machine
 
     return "esp32-" + binascii.hexlify(machine.unique_id()).decode()
-
-
-def topic(dev_id, leaf):
-    return "mpypi/nodes/%s/%s" % (dev_id, leaf)
 
 
 def _fs_free():
@@ -77,7 +74,7 @@ class Node:
         if client is None or not client.is_connected:
             return False
         try:
-            await client.publish(topic(self.device_id, leaf), payload, retain=True, qos=qos)
+            await client.publish(node_topic(self.device_id, leaf), payload, retain=True, qos=qos)
             return True
         except OSError as e:  # MQTTError: the link went away; the next connect republishes
             log.warning("cannot publish %s: %r", leaf, e)

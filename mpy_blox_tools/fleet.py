@@ -11,9 +11,8 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
+from mpy_blox import topics
 from mpy_blox_tools import mqtt
-
-NODES = "mpypi/nodes/+/"
 
 
 @dataclass
@@ -52,11 +51,11 @@ def devices_from(messages: dict[str, bytes]) -> list[Device]:
     """Rows from retained {topic: payload} of `mpypi/nodes/+/info|status`."""
     devices: dict[str, Device] = {}
     for topic, payload in messages.items():
-        parts = topic.split("/")
-        if len(parts) != 4 or parts[3] not in ("info", "status") or not payload:
+        node = topics.parse_node(topic)
+        if node is None or node[1] not in ("info", "status") or not payload:
             continue
-        d = devices.setdefault(parts[2], Device(parts[2]))
-        setattr(d, parts[3], _decode(payload))
+        d = devices.setdefault(node[0], Device(node[0]))
+        setattr(d, node[1], _decode(payload))
     for d in devices.values():
         info, status = d.info, d.status
         d.state = status.get("state") or ("online" if info else "unknown")
@@ -88,7 +87,9 @@ def fetch(broker: mqtt.BrokerURL, limit: float = mqtt.RETAINED_TIMEOUT) -> list[
     broker's answer marks the end of the retained messages, mqtt.collect_retained)."""
     client = mqtt.connect(broker)
     try:
-        messages = mqtt.collect_retained(client, NODES + "info", NODES + "status", limit=limit)
+        messages = mqtt.collect_retained(
+            client, topics.node_topic("+", "info"), topics.node_topic("+", "status"), limit=limit
+        )
     finally:
         mqtt.disconnect(client)
     return devices_from(messages)

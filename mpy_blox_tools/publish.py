@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mpy_blox import topics
 from mpy_blox.update import manifest
 from mpy_blox.update.manifest import InvalidUpdate
 from mpy_blox.update.paths import check_src_path
@@ -32,7 +33,7 @@ KEY_ENV = "MPY_BLOX_UPDATE_KEY"
 STATE_DIR = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "mpy-blox"
 # Lists of every topic: the sequence number must grow across all of them, since a
 # device keeps one counter for its channel and its own commands.
-LIST_FILTERS = ("mpypi/channels/#", "mpypi/nodes/+/cmd")
+LIST_FILTERS = (topics.channel_topic("#"), topics.node_topic("+", "cmd"))
 # NVS keeps the device's counter as a signed 32-bit integer.
 MAX_SEQ = 2**31 - 1
 
@@ -45,7 +46,7 @@ class Package:
 
     @property
     def topic(self) -> str:
-        return manifest.package_topic(self.entry)
+        return topics.package_topic(self.entry)
 
     @property
     def label(self) -> str:
@@ -192,11 +193,11 @@ def publish_update(
             sent += len(p.data)
         seq = next_seq(client, broker) if key else None
         entries = [p.entry for p in packages]
-        targets = ([manifest.channel_topic(channel)] if channel else []) + [
-            manifest.node_topic(d, "cmd") for d in device_ids
+        targets = ([topics.channel_topic(channel)] if channel else []) + [
+            topics.node_topic(d, "cmd") for d in device_ids
         ]
         for topic in targets:
-            suffix = topic.removeprefix("mpypi/")
+            suffix = topics.list_to(topic)
             payload = manifest.encode_list(entries, seq, key, suffix if key else None)
             client.publish(topic, payload, qos=1, retain=True).wait_for_publish(30)
             sent += len(payload)

@@ -14,6 +14,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from mpy_blox import topics
+from mpy_blox.update.names import normalize
 from mpy_blox_tools import fleet
 
 DONE, FAILED, WAITING = "done", "failed", "waiting"
@@ -40,14 +42,14 @@ class Watcher:
         """Subscribe before the list is published, so no report is missed."""
         for d in device_ids:
             self.devices[d] = Progress(d)
-        client.message_callback_add(fleet.NODES + "#", self._on_message)
-        client.subscribe(fleet.NODES + "#", qos=1)
+        client.message_callback_add(topics.node_topic("+", "#"), self._on_message)
+        client.subscribe(topics.node_topic("+", "#"), qos=1)
 
     def _on_message(self, client, userdata, msg) -> None:
-        parts = msg.topic.split("/")
-        if len(parts) != 4 or parts[3] not in ("info", "status") or not msg.payload:
+        node = topics.parse_node(msg.topic)
+        if node is None or node[1] not in ("info", "status") or not msg.payload:
             return  # our own commands come back on this filter too
-        device_id, kind = parts[2], parts[3]
+        device_id, kind = node
         body = fleet._decode(msg.payload)
         with self.lock:
             p = self.devices.get(device_id)
@@ -144,11 +146,6 @@ class Watcher:
 def _last_result(info: dict) -> str:
     last = info.get("last_update")
     return str(last.get("result") or "") if isinstance(last, dict) else ""
-
-
-def normalize(name: str) -> str:
-    """Wheel names compare as the device compares them (mpy_blox.update.state)."""
-    return name.lower().replace("-", "_").replace(".", "_")
 
 
 def _versions(info: dict) -> str:

@@ -349,7 +349,7 @@ class MQTTClient:
                 break
         else:
             log.debug("no handler for %s", topic)
-        await msg._finish()
+        await msg.release()
         if qos:
             # Only now: the handler has consumed the payload (or failed on it).
             await conn.send(packet.puback(pid))

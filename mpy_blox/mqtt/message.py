@@ -58,8 +58,8 @@ class Message:
             await self._input().skip(self.remaining)
             self.remaining = 0
 
-    async def _finish(self):
-        # Called by the client after the handler: drain, then cut the handler off.
+    async def release(self):
+        """The client's, after the handler returned: drain, then cut the handler off."""
         try:
             await self.skip()
         finally:

@@ -3,10 +3,10 @@
 # The runtime calls `await start(client, config, node)` once MQTT is up. Lists
 # arrive on mpypi/channels/{update.channel} and mpypi/nodes/{id}/cmd; their
 # handlers only queue the payload (a handler runs in the client's receive
-# loop). One worker task accepts a list (signature, seq), commits the seq to
-# NVS, writes the entries to /.mpypi/pending and resets: the next boot is an
-# *install boot* (mpy_blox.update.installboot) that downloads and installs with
-# the app's heap free. Nothing is installed here: a busy 100 KB heap has no
+# loop). One worker task accepts a list (signature, seq), commits the seq and
+# the pending install to NVS (record.set_pending) and resets: the next boot is
+# an *install boot* (mpy_blox.update.installboot) that fetches the retained list
+# again, downloads and installs with the app's heap free. Nothing is installed here: a busy 100 KB heap has no
 # room for the install core, and one way to install is easier to trust.
 #
 # Heap: the runtime imports this module at boot; the list format is imported
@@ -16,6 +16,7 @@ import os
 import asyncio
 
 from mpy_blox.log import get_logger
+from mpy_blox.topics import channel_topic, list_to, node_topic
 from mpy_blox.update import record
 
 _MAX_LIST = const(16384)  # manifest.MAX_LIST_BYTES
@@ -54,9 +55,8 @@ class Agent:
             record.set_pending(0, 0)
         self._refresh_info()
         asyncio.create_task(self._worker())
-        # Topics as manifest.channel_topic/node_topic spell them.
-        await self.client.subscribe("mpypi/channels/" + self.channel, self._on_list)
-        await self.client.subscribe("mpypi/nodes/%s/cmd" % self.node.device_id, self._on_list)
+        await self.client.subscribe(channel_topic(self.channel), self._on_list)
+        await self.client.subscribe(node_topic(self.node.device_id, "cmd"), self._on_list)
         await self.node.publish_info()
 
     # -- persistent state ------------------------------------------------------
@@ -73,7 +73,7 @@ class Agent:
             payload = await msg.read(_MAX_LIST)
         except ValueError:
             payload = b""  # refused by decode as malformed
-        self.pending[msg.topic[len("mpypi/"):]] = (payload, msg.retain)
+        self.pending[list_to(msg.topic)] = (payload, msg.retain)
         self.wake.set()
 
     async def _worker(self):
@@ -106,7 +106,7 @@ class Agent:
 
     async def _handle(self, payload, to, retained):
         from mpy_blox.update import manifest
-        from mpy_blox.update.manifest import InvalidUpdate
+        from mpy_blox.update.paths import InvalidUpdate
 
         seq, entries = manifest.decode_list(payload, self.key, to)
         digest = record.digest(payload)
@@ -147,6 +147,8 @@ def _confirm():
     # An applied update whose code booted and reached the broker is confirmed:
     # its backups go (docs/protocol.md). The recovery module is dropped again.
     try:
+        # mpypi_recover.JOURNAL, asked without loading the module: a boot with
+        # nothing to confirm keeps that heap.
         os.stat("/.mpypi/journal")
     except OSError:
         return

@@ -7,6 +7,7 @@ import gc
 import asyncio
 
 from mpy_blox.log import get_logger
+from mpy_blox.topics import PREFIX
 from mpy_blox.update import record
 
 _CHUNK = const(1024)
@@ -36,7 +37,7 @@ class _Transfer:
             return  # a second delivery of the retained package
         size = self.entry["size"]
         if size is not None and msg.size != size:
-            from mpy_blox.update.manifest import InvalidUpdate
+            from mpy_blox.update.paths import InvalidUpdate
 
             self.error = InvalidUpdate("size mismatch: %d bytes published, %d listed"
                                        % (msg.size, size))
@@ -78,7 +79,7 @@ class Fetcher:
     async def fetch_list(self, to):
         """The list retained on mpypi/{to}, as the agent accepted it (or newer)."""
         from mpy_blox.mqtt.errors import SubscribeError
-        from mpy_blox.update.manifest import InvalidUpdate
+        from mpy_blox.update.paths import InvalidUpdate
 
         got = []
         arrived = asyncio.Event()
@@ -91,7 +92,7 @@ class Fetcher:
                     got.append(b"")  # too long: decode_list refuses it
                 arrived.set()
 
-        topic = "mpypi/" + to
+        topic = PREFIX + to
         try:
             await self.client.subscribe(topic, handler)
         except SubscribeError:
@@ -141,7 +142,8 @@ class Fetcher:
         return inst
 
     async def _download(self, inst, entry):
-        from mpy_blox.update.manifest import InvalidUpdate, package_topic
+        from mpy_blox.topics import package_topic
+        from mpy_blox.update.paths import InvalidUpdate
 
         topic = package_topic(entry)
         error = None
@@ -192,7 +194,7 @@ class Fetcher:
             else:
                 idle_ms += _PROGRESS_MS
                 if idle_ms > _STALL_S * 1000:
-                    from mpy_blox.update.manifest import InvalidUpdate
+                    from mpy_blox.update.paths import InvalidUpdate
 
                     raise InvalidUpdate("package not on the broker: " + label)
 

@@ -22,23 +22,18 @@
 import gc
 import os
 import hashlib
-import binascii
 
 import mpypi_recover as recover
 from mpy_blox.log import get_logger
 from mpy_blox.update import state
-from mpy_blox.update.manifest import InvalidUpdate
+from mpy_blox.update.state import RESERVE_BLOCKS, hex_digest
+from mpy_blox.update.paths import InvalidUpdate
+from mpy_blox.update.names import normalize
 
-_STAGE = "/.mpypi/stage"
-_OPS = "/.mpypi/stage/ops"  # the journal's body while the stage is built
-RESERVE_BLOCKS = const(8)  # LittleFS copy-on-write metadata, the journal
+_OPS = "/ops"  # in recover.STAGE: the journal's body while the stage is built
 _CHUNK = const(1024)
 
 log = get_logger("update")
-
-
-def hex_digest(digest):
-    return binascii.hexlify(digest).decode()
 
 
 class Download:
@@ -85,10 +80,13 @@ class Installer:
         self.block = 4096
         self.rename = False  # apply() moves by rename (LittleFS), else by copy
 
-    def _stage(self, i):
-        return self.root + _STAGE + "/n%d" % i
+    # The stager's side (stagewheel too): stage files by index, and the
+    # journal's operations on them.
 
-    def _next(self):
+    def stage_path(self, i):
+        return self.root + recover.STAGE + "/n%d" % i
+
+    def next_index(self):
         self.n += 1
         return self.n - 1
 
@@ -98,7 +96,7 @@ class Installer:
         needed = []
         for e in entries:
             if e["type"] == "wheel":
-                have = wheels.get(state.normalize(e["name"]))
+                have = wheels.get(normalize(e["name"]))
                 if have is None or have[0] != e["version"]:
                     needed.append(e)
             elif state.src_sha256(e["path"], self.root, self.buf) != e["pkg_sha256"]:
@@ -140,9 +138,9 @@ class Installer:
     def begin(self):
         """Start from a clean stage (an applied earlier set is confirmed)."""
         recover.confirm(self.root)
-        recover._makedirs(self.root + _STAGE + "/x")
+        recover.makedirs(self.root + recover.STAGE + "/x")
         self.rename = recover.renames_atomic(self.root)
-        self._ops = open(self.root + _OPS, "w")
+        self._ops = open(self.root + recover.STAGE + _OPS, "w")
 
     def download(self, entry):
         """A Download sink for `entry`, written into the stage."""
@@ -152,10 +150,10 @@ class Installer:
             limit = free - RESERVE_BLOCKS * block
         i = self._take(entry)
         if i is not None:  # a retry: the broken download goes
-            recover._remove(self._stage(i))
-        i = self._next()
+            recover.remove(self.stage_path(i))
+        i = self.next_index()
         self.downloads.append((entry, i))
-        return Download(self._stage(i), entry, limit)
+        return Download(self.stage_path(i), entry, limit)
 
     def _take(self, entry):
         # The stage index of entry's download, no longer listed; None if none.
@@ -171,13 +169,13 @@ class Installer:
             raise ValueError("not downloaded: " + (entry.get("name") or entry["path"]))
         if entry["type"] == "src":
             target = "/" + entry["path"]
-            self._add(target, entry["pkg_sha256"], i)
+            self.add(target, entry["pkg_sha256"], i)
             if self._src is None:
                 self._src = state.src_index(self.root)
             self._src[entry["path"]] = entry["pkg_sha256"]
             return
-        path = self._stage(i) + ".whl"
-        os.rename(self._stage(i), path)
+        path = self.stage_path(i) + ".whl"
+        os.rename(self.stage_path(i), path)
         from mpy_blox.update.stagewheel import stage_wheel
 
         try:
@@ -199,9 +197,9 @@ class Installer:
             return 0
         return (size // self.block + 2) * self.block
 
-    def _add(self, target, new_hex, i):
+    def add(self, target, new_hex, i):
         """Plan to put stage file i at target (nothing if it is already there)."""
-        staged = self._stage(i)
+        staged = self.stage_path(i)
         old = self._old(target)
         if old == new_hex:
             os.remove(staged)
@@ -212,10 +210,10 @@ class Installer:
             cost += self._cost(target)
         self._op("P %d %s %s %s\n" % (i, target, new_hex, old or "-"), cost)
 
-    def _delete(self, target):
+    def delete(self, target):
         old = self._old(target)
         if old is not None:
-            self._op("D %d %s %s\n" % (self._next(), target, old), self._cost(target))
+            self._op("D %d %s %s\n" % (self.next_index(), target, old), self._cost(target))
 
     def _op(self, line, cost):
         self._ops.write(line)
@@ -250,29 +248,14 @@ class Installer:
             self.abort()
             raise InvalidUpdate("does not fit: installing needs %d bytes, %d free" % (need, free))
         self._close()
-        journal = self.root + recover._JOURNAL
         try:
-            self._write_journal(journal)
-        except OSError:
-            recover._remove(journal)  # no complete journal: nothing happened
+            recover.write_journal(self.root + recover.STAGE + _OPS, self.root, self.buf)
+        except OSError:  # no complete journal: nothing happened
             self.abort()
             raise
         log.info("committing %d file operations", self.changes)
         recover.apply(self.root, self.buf)
         return True
-
-    def _write_journal(self, journal):
-        h = hashlib.sha256(recover._HEAD)
-        mv = memoryview(self.buf)
-        with open(self.root + _OPS, "rb") as body, open(journal, "wb") as f:
-            f.write(recover._HEAD)
-            while True:
-                n = body.readinto(self.buf)
-                if not n:
-                    break
-                h.update(mv[:n])
-                f.write(mv[:n])
-            f.write(b"end %s\n" % hex_digest(h.digest()))
 
     def _close(self):
         if self._ops is not None:
@@ -288,10 +271,10 @@ class Installer:
             return
         import json
 
-        i = self._next()
-        with open(self._stage(i), "w") as f:
+        i = self.next_index()
+        with open(self.stage_path(i), "w") as f:
             json.dump(self._src, f)
-        self._add(state.SRC_INDEX, recover.file_sha256(self._stage(i), self.buf), i)
+        self.add(state.SRC_INDEX, recover.file_sha256(self.stage_path(i), self.buf), i)
 
     def abort(self):
         """Forget everything staged: the device is as it was."""
@@ -299,7 +282,7 @@ class Installer:
         self.n = self.changes = self.cost = 0
         self._src = None
         self.downloads = []
-        recover._clean_stage(self.root)
+        recover.clean_stage(self.root)
 
 
 def install(entries, open_package, root="", device=None):

@@ -1,8 +1,10 @@
 # The install boot: installs the list the agent accepted before the reset.
 #
-# mpy_blox.app runs this instead of the app while NVS mpypi/ib_to is set:
-# WLAN, MQTT and the install core only (no user code, no supervisor, no agent).
-# Three phases, each in its own run of the asyncio loop (mpy_blox.app.main):
+# mpy_blox.app runs this instead of the app while an install is pending
+# (record.pending()): WLAN, MQTT and the install core only (no user
+# code, no supervisor, no agent), through the boot steps the two boots share
+# (mpy_blox.startup). Three phases, each in its own run of the asyncio loop
+# (mpy_blox.app.main):
 #
 #   download()  online: fetch the retained list again, download each package
 #               from its retained topic straight into the stage (its size and
@@ -21,8 +23,9 @@
 import gc
 import sys
 
-from mpy_blox import app
+from mpy_blox import startup
 from mpy_blox.log import get_logger
+from mpy_blox.topics import channel_topic, list_to, node_topic
 from mpy_blox.update import record
 from mpy_blox.update.fetch import Fetcher
 
@@ -39,7 +42,7 @@ class InstallBoot:
         self.to, self.tries = record.pending()
         self.tries += 1
         record.set_pending(self.to, self.tries)  # counted before anything else can fail
-        node = self.node = app.node = Node(device_id(), config, boot_count)
+        node = self.node = Node(device_id(), config, boot_count)
         node.state = "installing"
         log.info("%s install boot %d (attempt %d)", node.device_id, boot_count, self.tries)
         self.seq = record.nvs_seq()
@@ -62,14 +65,15 @@ class InstallBoot:
             signed = config.get_str("update.key") and self.seq or None
             self._done(signed, record.pending_digest())
         record.info(node, self.seq, record.load_last())  # before the connect: its info carries it
-        await app._wlan_up(config)
-        client = app.client = await app._mqtt_up(sys.modules["mpy_blox.mqtt"], config, node)
+        await startup.wlan_up(config)
+        # The client's modules: imported by the app before this module.
+        client = await startup.mqtt_up(sys.modules["mpy_blox.mqtt"], config, node)
         if self.error is None and (client is None or not client.is_connected):
             log.error("install boot without a broker: retrying after a reset")
             machine.reset()  # counted: after _MAX_TRIES the app boots again
         # The install core after the connection has its buffers (it takes fewer,
         # smaller blocks); without room for it, the next attempt may fare better.
-        if self.error is None and app._import("mpy_blox.update.install") is None:
+        if self.error is None and startup.import_optional("mpy_blox.update.install") is None:
             log.error("no room for the install core: retrying after a reset")
             machine.reset()  # counted
         if self.error is None:
@@ -88,15 +92,15 @@ class InstallBoot:
         if client is not None:
             # Cleanly (no will): the retained status stays "installing".
             await client.stop()
-        app.client = node.client = client = None
+        node.client = client = None
 
     async def _fetch(self, ib):
         from mpy_blox.update import manifest
 
         if self.to == record.CMD:
-            to = "nodes/%s/cmd" % self.node.device_id
+            to = list_to(node_topic(self.node.device_id, "cmd"))
         else:
-            to = "channels/" + self.config.get_str("update.channel", "stable")
+            to = list_to(channel_topic(self.config.get_str("update.channel", "stable")))
         payload = await ib.fetch_list(to)
         self.digest = record.digest(payload)
         key = self.config.get_str("update.key") or None
@@ -116,7 +120,10 @@ class InstallBoot:
 
     def commit(self):
         """Phase 2, between two runs of the loop: stage and commit, offline."""
-        app._forget_all("mqtt")
+        startup.drop_all("mpy_blox.mqtt")
+        # The list is decoded: staging needs neither its format nor its MAC
+        # (paths holds InvalidUpdate), and the deflate window wants the room.
+        startup.drop(["mpy_blox.update.manifest", "mpy_blox.hmac"])
         inst, self.inst = self.inst, None
         if inst is not None and self.error is None:
             log.info("staging; free heap %d bytes", gc.mem_free())
@@ -135,14 +142,15 @@ class InstallBoot:
         """Phase 3: reconnect without the install core; report; reset."""
         import machine
 
-        app._forget_all("update.", ("update.record", "update.fetch", "update.installboot"))
+        startup.drop_all("mpy_blox.update.", ("mpy_blox.update.record", "mpy_blox.update.fetch",
+                                             "mpy_blox.update.installboot"))
         sys.modules.pop("mpypi_recover", None)
         gc.collect()
         node = self.node
         record.info(node, self.seq, record.load_last())
-        mqtt = app._import("mpy_blox.mqtt")
+        mqtt = startup.import_optional("mpy_blox.mqtt")
         if mqtt is not None:  # else the app's next boot reports
-            app.client = await app._mqtt_up(mqtt, self.config, node, announce=False)
+            await startup.mqtt_up(mqtt, self.config, node, announce=False)
         mqtt = None
         await node.publish_info()
         if self.error is not None:

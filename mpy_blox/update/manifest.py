@@ -1,8 +1,10 @@
 # The mpypi update list: THE wire format shared by the device and the publisher.
 #
-# Pure: imports only json, binascii and mpy_blox.hmac (itself hashlib only), so
-# CPython >= 3.11 (the publisher imports this file as mpy_blox.update.manifest)
-# and MicroPython 1.22 run the same code. docs/protocol.md describes it for people.
+# Pure: imports only json, binascii, mpy_blox.hmac (itself hashlib only) and the
+# pure update.names and update.paths, so CPython >= 3.11 (the
+# publisher imports this file as mpy_blox.update.manifest) and MicroPython 1.22
+# run the same code. docs/protocol.md describes it for people; the topics it
+# travels on are built by mpy_blox.topics.
 #
 # Two forms are accepted on mpypi/channels/{channel} and mpypi/nodes/{id}/cmd:
 #
@@ -27,15 +29,13 @@ import json
 
 from mpy_blox.hmac import compare_digest
 from mpy_blox.hmac import hmac_sha256 as _hmac
+from mpy_blox.update.names import normalize
+from mpy_blox.update.paths import InvalidUpdate, check_src_path  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1
 SIGNED_HEADER = b"mpypi-hmac-sha256 "
 MAX_LIST_BYTES = 16384  # a list is small; never buffer more than this
 _HEX = "0123456789abcdef"
-
-
-class InvalidUpdate(ValueError):
-    """The list or a package is bad: refuse it, report the reason, change nothing."""
 
 
 def hmac_sha256(key, data):
@@ -63,8 +63,6 @@ def _text(entry, key):
 
 def check_entry(entry, signed):
     """Validate one list entry; return it normalised (size None if absent)."""
-    from mpy_blox.update.paths import check_src_path
-
     if not isinstance(entry, dict):
         raise InvalidUpdate("a list entry is not an object")
     kind = entry.get("type")
@@ -127,9 +125,11 @@ def decode_list(payload, key=None, to=None):
     out = [check_entry(e, signed) for e in entries]
     seen = set()
     for e in out:
-        ident = e.get("name", "").lower().replace("_", "-") or e.get("path")
+        # A wheel by its normalised name, as the installer finds it (foo.bar
+        # and foo-bar are one package); a src file by its path.
+        ident = ("wheel", normalize(e["name"])) if "name" in e else ("src", e["path"])
         if ident in seen:
-            raise InvalidUpdate("listed twice: %s" % ident)
+            raise InvalidUpdate("listed twice: %s" % ident[1])
         seen.add(ident)
     return seq, out
 
@@ -171,18 +171,3 @@ def wheel_entry(name, version, sha256, size, tag=None):
 def src_entry(path, sha256, size):
     return {"type": "src", "path": path, "pkg_sha256": sha256, "size": size}
 
-
-# Topics (DESIGN §4).
-def package_topic(entry):
-    if entry["type"] == "wheel":
-        return "mpypi/packages/wheel/" + entry["pkg_sha256"]
-    return "mpypi/packages/src/%s/%s" % (entry["path"], entry["pkg_sha256"])
-
-
-def channel_topic(channel):
-    return "mpypi/channels/" + channel
-
-
-def node_topic(device_id, leaf):
-    """leaf: 'cmd', 'info' or 'status'."""
-    return "mpypi/nodes/%s/%s" % (device_id, leaf)

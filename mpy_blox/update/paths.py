@@ -7,8 +7,15 @@
 # that cannot be an MQTT topic level (+ #), no spaces (the journal is
 # space-separated). The agent's own files are refused as src targets: the boot
 # files (an update must never be able to break recovery) and /.mpypi.
+#
+# InvalidUpdate, the update's one error, lives here: the lowest module that
+# raises it, loaded wherever it can be raised (mpy_blox.update.manifest
+# re-exports it for the publisher).
 
-from mpy_blox.update.manifest import InvalidUpdate
+
+
+class InvalidUpdate(ValueError):
+    """The list or a package is bad: refuse it, report the reason, change nothing."""
 
 _MAX_PATH = 200
 _SAFE = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"

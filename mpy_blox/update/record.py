@@ -1,9 +1,13 @@
-# What the update agent and the install boot both keep: in NVS the accepted
+# The update's persistent state, owned here and nowhere else (the table is in
+# docs/protocol.md, "Persistent state"): in NVS namespace mpypi the accepted
 # seq and the pending install (which list topic, how many install boots it
-# took so far); on flash last_update (/.mpypi/last.json); the agent's info fields.
+# took so far, the list's digest, whether it finished); on flash last_update
+# (/.mpypi/last.json). Also the agent's info fields. The journal and the stage
+# are mpypi_recover's; the src index is state's.
 #
-# Small on purpose: the app's idle agent and the install boot both import it,
-# and neither can spare the heap of the other's code.
+# Small on purpose: the app (pending(), at every boot), its idle agent
+# and the install boot all import it, and none can spare the heap of the
+# others' code.
 import os
 import json
 import binascii
@@ -11,14 +15,19 @@ import hashlib
 
 from mpy_blox.log import get_logger
 
-NVS = "mpypi"
-PENDING = "ib_to"  # NVS i32: the list topic to install from, 0 for none (mpy_blox.app reads it)
-TRIES = "ib_tries"  # NVS i32: install boots started for it
+# With record, early in boot: the agent's info needs it at its start, when a
+# 1200-byte file buffer for its import (and names') may find no block left.
+from mpy_blox.update import state
+
+_NVS = "mpypi"
+_SEQ = "seq"  # NVS i32: the seq of the last accepted signed list
+_PENDING = "ib_to"  # NVS i32: the list topic to install from, 0 for none
+_TRIES = "ib_tries"  # NVS i32: install boots started for it
+_DIGEST = "ib_list"  # NVS blob: the SHA256 of that list, for last_update
+_FINISHED = "ib_fin"  # NVS i32: 1 once the install boot finished with that list
+_LAST = "/.mpypi/last.json"  # last_update, as info reports it
 CHANNEL = const(1)  # ib_to: mpypi/channels/{update.channel}
 CMD = const(2)  # ib_to: mpypi/nodes/{id}/cmd
-_DIGEST = "ib_list"  # NVS blob: the SHA256 of that list, for last_update
-FINISHED = "ib_fin"  # NVS i32: 1 once the install boot finished with that list
-_LAST = "/.mpypi/last.json"
 
 log = get_logger("update")
 
@@ -27,7 +36,7 @@ def nvs_seq():
     import esp32
 
     try:
-        return esp32.NVS(NVS).get_i32("seq")
+        return esp32.NVS(_NVS).get_i32(_SEQ)
     except OSError:
         return 0
 
@@ -41,7 +50,7 @@ def load_last():
 
 
 def save_last(result, seq, error=None, digest=None):
-    """Write and return last_update; `digest` names the list (see agent._digest)."""
+    """Write and return last_update; `digest` names the list (see digest())."""
     last = {"result": result, "at": seq}
     if error:
         last["error"] = error
@@ -57,12 +66,14 @@ def save_last(result, seq, error=None, digest=None):
 
 
 def pending():
-    """(ib_to, ib_tries) from NVS; ib_to 0 means no install is pending."""
+    """(ib_to, ib_tries) from NVS; ib_to 0 means no install is pending.
+
+    The app asks it at every boot: ib_to set makes the boot an install boot."""
     import esp32
 
-    nvs = esp32.NVS(NVS)
+    nvs = esp32.NVS(_NVS)
     values = []
-    for key in (PENDING, TRIES):
+    for key in (_PENDING, _TRIES):
         try:
             values.append(nvs.get_i32(key))
         except OSError:
@@ -72,17 +83,17 @@ def pending():
 
 def set_pending(to, tries, seq=None, digest=None):
     """Commit the pending topic, the try count and (if given) a new seq and the
-    list's digest at once. to == 0 marks that list finished (FINISHED)."""
+    list's digest at once. to == 0 marks that list finished (ib_fin)."""
     import esp32
 
-    nvs = esp32.NVS(NVS)
+    nvs = esp32.NVS(_NVS)
     if seq is not None:
-        nvs.set_i32("seq", seq)
+        nvs.set_i32(_SEQ, seq)
     if digest is not None:
         nvs.set_blob(_DIGEST, binascii.unhexlify(digest))
-    nvs.set_i32(FINISHED, 0 if to else 1)
-    nvs.set_i32(PENDING, to)
-    nvs.set_i32(TRIES, tries)
+    nvs.set_i32(_FINISHED, 0 if to else 1)
+    nvs.set_i32(_PENDING, to)
+    nvs.set_i32(_TRIES, tries)
     nvs.commit()
 
 
@@ -92,7 +103,7 @@ def pending_digest():
 
     buf = bytearray(32)
     try:
-        esp32.NVS(NVS).get_blob(_DIGEST, buf)
+        esp32.NVS(_NVS).get_blob(_DIGEST, buf)
     except OSError:
         return None
     return binascii.hexlify(buf).decode()
@@ -104,7 +115,7 @@ def finished_digest():
     import esp32
 
     try:
-        if esp32.NVS(NVS).get_i32(FINISHED):
+        if esp32.NVS(_NVS).get_i32(_FINISHED):
             return pending_digest()
     except OSError:
         pass  # never any install boot
@@ -118,8 +129,6 @@ def digest(payload):
 
 def info(node, seq, last, available=None):
     """Put the agent's fields into node.info_extra (docs/protocol.md)."""
-    from mpy_blox.update import state
-
     extra = node.info_extra
     extra["packages"] = {k: v[0] for k, v in state.installed_wheels().items()}
     extra["src"] = state.src_index()

@@ -13,8 +13,9 @@ import os
 from array import array
 
 from mpy_blox.update import state
-from mpy_blox.update.install import RESERVE_BLOCKS, hex_digest
-from mpy_blox.update.manifest import InvalidUpdate
+from mpy_blox.update.paths import InvalidUpdate
+from mpy_blox.update.names import normalize
+from mpy_blox.update.state import RESERVE_BLOCKS, hex_digest
 from mpy_blox.update.zipwheel import Wheel, record_hash
 
 
@@ -109,7 +110,7 @@ def stage_wheel(inst, entry, path):
             elif name.endswith(".dist-info/WHEEL") and name.count("/") == 1:
                 wheel_entry = (method, csize, usize, off)
         dist = w.dist_info
-        want = "%s-%s.dist-info" % (state.normalize(entry["name"]), entry["version"])
+        want = "%s-%s.dist-info" % (normalize(entry["name"]), entry["version"])
         if dist is None or dist.lower() != want.lower():
             raise InvalidUpdate("wheel is %s, the list says %s" % (dist, want))
         free, block = state.fs_free(inst.root)
@@ -119,10 +120,10 @@ def stage_wheel(inst, entry, path):
         if rec_entry is None:
             raise InvalidUpdate("wheel without RECORD")
         rec_name, method, csize, usize, off = rec_entry
-        ri = inst._next()
-        digest, _ = w.copy_entry(method, csize, off, inst._stage(ri), usize)
+        ri = inst.next_index()
+        digest, _ = w.copy_entry(method, csize, off, inst.stage_path(ri), usize)
         rec_hex = hex_digest(digest)
-        record = Record(inst._stage(ri), files)
+        record = Record(inst.stage_path(ri), files)
         if record.n != files - 1:
             raise InvalidUpdate("RECORD does not match the wheel's files")
         for name, method, csize, usize, off in w.entries():
@@ -131,15 +132,15 @@ def stage_wheel(inst, entry, path):
             line = record.find(name)
             if line is None:
                 raise InvalidUpdate("file not in RECORD: " + name)
-            i = inst._next()
-            digest, n = w.copy_entry(method, csize, off, inst._stage(i), line[1])
+            i = inst.next_index()
+            digest, n = w.copy_entry(method, csize, off, inst.stage_path(i), line[1])
             if n != line[1] or record_hash(digest) != line[0]:
                 raise InvalidUpdate("RECORD mismatch: " + name)
-            inst._add("/lib/" + name, hex_digest(digest), i)
+            inst.add("/lib/" + name, hex_digest(digest), i)
         _stale(inst, entry, record, rec_name)
         record.close()
         record = None
-        inst._add("/lib/" + rec_name, rec_hex, ri)
+        inst.add("/lib/" + rec_name, rec_hex, ri)
     finally:
         if record is not None:
             record.close()
@@ -167,7 +168,7 @@ def _check_tag(inst, w, wheel_file):
 def _stale(inst, entry, record, rec_name):
     # An upgrade removes the old version's files that the new one lacks,
     # and its whole .dist-info folder.
-    have = state.installed_wheels(inst.root).get(state.normalize(entry["name"]))
+    have = state.installed_wheels(inst.root).get(normalize(entry["name"]))
     if have is None:
         return
     old_dist = "/lib/" + have[1]
@@ -179,8 +180,8 @@ def _stale(inst, entry, record, rec_name):
                 break
             name = _parse(line)[0]
             if name and not name.startswith(prefix) and record.find(name, False) is None:
-                inst._delete("/lib/" + name)
+                inst.delete("/lib/" + name)
     for name in os.listdir(inst.root + old_dist):
         name = prefix + name
         if name != rec_name and record.find(name, False) is None:
-            inst._delete("/lib/" + name)
+            inst.delete("/lib/" + name)

@@ -9,13 +9,14 @@ import os
 import sys
 import json
 import hashlib
+import binascii
+
+from mpy_blox.update.names import normalize
 
 SRC_INDEX = "/.mpypi/src.json"
-
-
-def normalize(name):
-    """Wheel names compare as PEP 503 / wheel file names do."""
-    return name.lower().replace("-", "_").replace(".", "_")
+# Blocks kept free beyond an install's own files: LittleFS copy-on-write
+# metadata, the journal.
+RESERVE_BLOCKS = const(8)
 
 
 def _listdir(path):
@@ -82,6 +83,10 @@ def file_sha256(path, buf=None):
     except OSError:
         return None
     return "%064x" % int.from_bytes(h.digest(), "big")
+
+
+def hex_digest(digest):
+    return binascii.hexlify(digest).decode()
 
 
 def src_sha256(path, root="", buf=None):

@@ -21,7 +21,7 @@ import struct
 import hashlib
 import binascii
 
-from mpy_blox.update.manifest import InvalidUpdate
+from mpy_blox.update.paths import InvalidUpdate
 from mpy_blox.update.paths import check_wheel_path
 
 _EOCD = const(22)

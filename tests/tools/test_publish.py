@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mpy_blox import topics
 from mpy_blox.update import manifest
 from mpy_blox_tools import mqtt, publish
 from mpy_blox_tools.cli import main as cli
@@ -67,7 +68,7 @@ def test_publish_puts_packages_then_a_signed_list_the_device_module_accepts(brok
     assert kinds == [("wheel", "mpy-blox"), ("src", "user_main.py"), ("src", "app/main2.py")]
     packages = _retained(broker, "mpypi/packages/#")
     for e in entries:
-        data = packages[manifest.package_topic(e)]
+        data = packages[topics.package_topic(e)]
         assert hashlib.sha256(data).hexdigest() == e["pkg_sha256"] and len(data) == e["size"]
     with pytest.raises(manifest.InvalidUpdate, match="bad signature"):
         manifest.decode_list(lists["mpypi/channels/t1"], b"another-key-entirely", None)

@@ -21,6 +21,7 @@ CORE = [
     "hmac.py",
     "log.py",
     "update/__init__.py",
+    "update/names.py",
     "update/manifest.py",
     "update/paths.py",
     "update/state.py",

@@ -12,6 +12,7 @@ import uuid
 import pytest
 from update_kit import REPO, make_src, make_wheel, sha256
 
+from mpy_blox import topics
 from mpy_blox.update import manifest
 from mpy_blox_tools import micropython
 
@@ -104,7 +105,7 @@ def publish(client, topic: str, payload: bytes, retain: bool = True) -> None:
 def publish_update(client, pkgs, seq, key=KEY, to=None):
     to = to or f"channels/{CHANNEL}"
     for p in pkgs:
-        publish(client, manifest.package_topic(p.entry), p.data)
+        publish(client, topics.package_topic(p.entry), p.data)
     payload = manifest.encode_list([p.entry for p in pkgs], seq, key, to if key else None)
     publish(client, "mpypi/" + to, payload)
     return payload
@@ -161,7 +162,7 @@ def test_tampered_package_is_refused_over_mqtt_and_the_board_keeps_its_code(
     rb.wait_for("USER v1", timeout=30)
     pub = mqtt_client()
     s = make_src("user_main.py", USER_MAIN_V2)
-    publish(pub, manifest.package_topic(s.entry), USER_MAIN_V2.replace(b"v2", b"v3"))
+    publish(pub, topics.package_topic(s.entry), USER_MAIN_V2.replace(b"v2", b"v3"))
     to = f"nodes/{board.device_id}/cmd"
     publish(pub, "mpypi/" + to, manifest.encode_list([s.entry], 1, KEY, to))
     watch.wait_status(state="failed", error="SHA256 mismatch", package="user_main.py")

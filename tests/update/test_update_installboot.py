@@ -18,6 +18,7 @@ import pytest
 from test_update_agent import Watcher, publish
 from update_kit import REPO, make_src, make_wheel, sha256
 
+from mpy_blox import topics
 from mpy_blox.update import manifest
 from mpy_blox_tools import build, micropython
 
@@ -83,7 +84,7 @@ def app_board(boards, full_mpy, broker, channel):
 
 def publish_update(client, channel, pkgs, seq, packages=None):
     for p in pkgs:
-        publish(client, manifest.package_topic(p.entry), (packages or {}).get(p.sha, p.data))
+        publish(client, topics.package_topic(p.entry), (packages or {}).get(p.sha, p.data))
     to = f"channels/{channel}"
     publish(client, "mpypi/" + to, manifest.encode_list([p.entry for p in pkgs], seq, KEY, to))
 

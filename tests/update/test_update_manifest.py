@@ -123,9 +123,42 @@ def test_signed_entry_needs_a_size():
         manifest.decode_list(manifest.encode_list([entry], 1, "k"), "k")
 
 
-def test_topics():
-    assert manifest.package_topic(ENTRIES[0]) == f"mpypi/packages/wheel/{SHA}"
-    assert manifest.package_topic(ENTRIES[1]) == "mpypi/packages/src/user_main.py/" + "cd" * 32
-    assert manifest.channel_topic("stable") == "mpypi/channels/stable"
-    assert manifest.node_topic("esp32-1", "cmd") == "mpypi/nodes/esp32-1/cmd"
+TOPICS = """
+from mpy_blox import topics
+e = {"type": "wheel", "pkg_sha256": "ab" * 32}
+s = {"type": "src", "path": "user_main.py", "pkg_sha256": "cd" * 32}
+print(topics.package_topic(e), topics.package_topic(s), topics.channel_topic("stable"),
+      topics.node_topic("esp32-1", "cmd"), topics.list_to(topics.node_topic("esp32-1", "cmd")),
+      topics.list_to(topics.channel_topic("beta")), topics.parse_node("mpypi/nodes/d/info"),
+      topics.parse_node("mpypi/channels/x"))
+"""
+TOPICS_OUT = (
+    f"mpypi/packages/wheel/{SHA} mpypi/packages/src/user_main.py/{'cd' * 32} "
+    "mpypi/channels/stable mpypi/nodes/esp32-1/cmd nodes/esp32-1/cmd "
+    "channels/beta ('d', 'info') None"
+)
+
+
+def test_topics_are_built_alike_on_cpython_and_micropython(run_mpy, capsys):
+    exec(TOPICS, {})
+    assert capsys.readouterr().out.strip() == TOPICS_OUT
+    assert run_mpy(TOPICS).strip() == TOPICS_OUT
+
+
+def test_a_package_named_twice_in_two_spellings_is_listed_twice(run_mpy):
+    e = [
+        manifest.wheel_entry("foo.bar", "1.0", SHA, 1),
+        manifest.wheel_entry("Foo-Bar", "2.0", "cd" * 32, 1),
+    ]
+    with pytest.raises(InvalidUpdate, match="listed twice: foo_bar"):
+        manifest.decode_list(manifest.encode_list(e))
+    body = manifest.encode_list(e).decode()
+    out = run_mpy(f"""
+from mpy_blox.update.manifest import decode_list, InvalidUpdate
+try:
+    decode_list({body!r}.encode())
+except InvalidUpdate as e:
+    print("REFUSED", e)
+""")
+    assert out.strip() == "REFUSED listed twice: foo_bar"
 

@@ -114,6 +114,15 @@ def refused(device, out, reason):
     assert device.snapshot() == device.before
 
 
+def test_a_package_listed_twice_in_two_spellings_is_refused_and_nothing_changes(device):
+    # foo.bar and foo-bar are one package to the installer (one dist-info):
+    # the list check must see it so too, or the second would undo the first.
+    v2 = make_wheel("demo-pkg", "2.0", {"demo_pkg/__init__.py": b"VERSION = '2.0'\n"})
+    v3 = make_wheel("demo.pkg", "3.0", {"demo_pkg/__init__.py": b"VERSION = '3.0'\n"})
+    out = device.install(v2, v3, forbid_download=True)
+    refused(device, out, "listed twice: demo_pkg")
+
+
 def test_install_into_a_host_root_writes_wheel_src_and_index(device):
     assert device.before["user_main.py"] == b"v1\n"
     assert json.loads(device.before[".mpypi/src.json"]) == {"user_main.py": sha256(b"v1\n")}
