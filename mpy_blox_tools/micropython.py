@@ -146,6 +146,12 @@ class Lane:
         """board_heap as --heap takes it."""
         return format_size(self.board_heap)
 
+    def carried(self, size_32: str | int) -> int:
+        """A heap figure stated for an ESP32 (the 32-bit lane), on this lane: as it is
+        on a 32-bit build, scaled as BOARD_HEAP_64 is on a 64-bit one."""
+        size = parse_size(size_32)
+        return size if word_bits(self.executable) == 32 else _as_64(size)
+
 
 def lane32() -> Lane | None:
     """The 32-bit lane (the ESP32's figures), or None without MPY_BLOX_MICROPYTHON32."""

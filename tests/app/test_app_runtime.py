@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from mpy_blox_tools.micropython import DEFAULT_HEAP as ESP32_HEAP
+from mpy_blox_tools.micropython import format_size
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -217,7 +218,9 @@ def test_the_app_boots_and_idles_in_a_100k_heap(
     if form == "mpy":
         board.put_tree(runtime_mpy if parts == "runtime" else full_mpy, "lib/mpy_blox")
     w = watch(board)
-    rb = boards.start(board, heap=ESP32_HEAP, lane=lane)
+    # An ESP32's 100K on the 32-bit lane; the same carried to the 64-bit one.
+    heap = lane.carried(ESP32_HEAP)
+    rb = boards.start(board, heap=heap, lane=lane)
     m = rb.wait_for(r"booted; free heap (\d+) bytes")
     w.wait("status", state="online")  # whatever else fits, the device is reachable
     rb.wait_for(r"user_main is alive 3")  # and idles through its sleeps
@@ -228,7 +231,7 @@ def test_the_app_boots_and_idles_in_a_100k_heap(
         failed = "cannot import mpy_blox.update.agent" in out or "agent failed to start" in out
         agent = "did NOT fit" if failed else "started"
     heap_report(
-        f"{lane.name} lane, 100K board, {form}, {parts}: "
+        f"{lane.name} lane, {format_size(heap)} board, {form}, {parts}: "
         f"free heap after boot {m.group(1)} bytes, info.mem_free {info['mem_free']}, "
         f"update agent {agent}"
     )
@@ -239,15 +242,16 @@ def test_the_app_boots_and_idles_in_a_100k_heap(
 def test_the_full_framework_boots_with_heap_to_spare_below_100k(
     lane, app_board, boards, broker, settings_for, full_mpy
 ):
-    # The margin, not just the fit: 6 KB under 100K the full .mpy framework still
-    # starts its agent and runs the example. A change that costs heap, or leaves it
-    # in smaller pieces (the parser needs KB-sized blocks), fails here first.
+    # The margin, not just the fit: 6 KB under an ESP32's 100K (on the 64-bit lane,
+    # the same carried over) the full .mpy framework still starts its agent and
+    # runs the example. A change that costs heap, or leaves it in smaller pieces
+    # (the parser needs KB-sized blocks), fails here first.
     example = (REPO / "examples" / "user_main.py").read_text()
     board = app_board(
         settings_for(broker, user={"interval_s": 1}), user_main=example, framework=None
     )
     board.put_tree(full_mpy, "lib/mpy_blox")
-    rb = boards.start(board, heap="94K", lane=lane)
+    rb = boards.start(board, heap=lane.carried("94K"), lane=lane)
     rb.wait_for(r"user_main is alive 2")
     out = rb.console()
     assert "cannot import" not in out
@@ -277,12 +281,12 @@ def test_a_user_main_too_big_to_load_first_cannot_cost_the_device_its_network(
     # board has free after booting a user_main that takes nothing.
     board = app_board(settings_for(broker, **FAST_RESTARTS), user_main=IDLE, framework=None)
     board.put_tree(full_mpy, "lib/mpy_blox")
-    rb = boards.start(board, heap=ESP32_HEAP, lane=lane)
+    rb = boards.start(board, heap=lane.carried(ESP32_HEAP), lane=lane)
     free = int(rb.wait_for(r"booted; free heap (\d+) bytes").group(1))
     rb.stop()
     board.write("user_main.py", (GREEDY_AT_IMPORT % (free + 4096)).encode())
     w = watch(board)
-    rb = boards.start(board, heap=ESP32_HEAP, lane=lane)
+    rb = boards.start(board, heap=lane.carried(ESP32_HEAP), lane=lane)
     rb.wait_for(r"user_main: imported after the framework: \d+ bytes free")
     status = w.wait("status", state="safe_mode")
     assert "failed 3 times" in status["error"]
