@@ -118,9 +118,10 @@ mounted-repl: setup
 	@$(REMOTE) mount . repl
 
 # Workstation and device code, tests included (device code keeps MicroPython idioms).
+LINTED = mpy_blox mpypi_recover.py main.py mpy_blox_tools tests bench scripts
 lint: setup
-	$(VENV)/bin/ruff check mpy_blox_tools tests scripts bench
-	$(VENV)/bin/ruff format --check mpy_blox_tools tests/tools tests/test_*.py tests/conftest.py bench scripts
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 
 clean:
 	rm -rf dist .boards .pytest_cache

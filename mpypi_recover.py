@@ -32,8 +32,8 @@
 # onto an existing one. See docs/protocol.md, "The journal".
 # After the last step /.mpypi/applied is written: the set is complete and kept
 # with its backups until confirm() (or a future rollback()) ends the journal.
-import os
 import hashlib
+import os
 
 VERSION = 1
 _DIR = "/.mpypi"

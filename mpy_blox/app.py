@@ -37,6 +37,7 @@ _FRAMEWORK_HEAP = const(52 * 1024)
 def _boot_count():
     # Kept in NVS, not on flash: a boot must not cost a flash write.
     import esp32
+
     from mpy_blox.secure import NAMESPACE
 
     nvs = esp32.NVS(NAMESPACE)

@@ -47,7 +47,8 @@ class Logger:
             except (TypeError, ValueError):
                 msg = "%s %r" % (msg, args)  # a bad format must not kill the caller
         t = time.ticks_diff(time.ticks_ms(), _start_ms)
-        print("%s %d.%03d %s: %s" % (_LETTERS.get(level, "?"), t // 1000, t % 1000, self.name, msg))
+        letter = _LETTERS.get(level, "?")
+        print("%s %d.%03d %s: %s" % (letter, t // 1000, t % 1000, self.name, msg))
 
     def debug(self, msg, *args):
         self.log(DEBUG, msg, *args)

@@ -12,11 +12,10 @@
 #   enc_key = SHA256(b"mpy-blox secure enc\0" | uid), mac_key likewise with "mac"
 # The tag is checked before decrypting, so a corrupted blob, or one copied from
 # another device, is reported and treated as empty instead of decoded to garbage.
+import cryptolib
 import hashlib
 import json
 import os
-
-import cryptolib
 
 from mpy_blox.hmac import compare_digest, hmac_sha256
 from mpy_blox.log import get_logger

@@ -46,8 +46,9 @@ def import_optional(name):
     except Exception as e:  # noqa: BLE001  (MemoryError, SyntaxError: run without it)
         failure = e
     drop([m for m in sys.modules if m not in before])
-    log.exception("cannot import %s: running without it (free heap %d)", failure, name,
-                  gc.mem_free())
+    log.exception(
+        "cannot import %s: running without it (free heap %d)", failure, name, gc.mem_free()
+    )
     return None
 
 
@@ -81,11 +82,15 @@ async def mqtt_up(mqtt, cfg, nd, announce=True):
     from mpy_blox.topics import node_topic
 
     c = mqtt.MQTTClient(
-        nd.device_id, server, cfg.get_int("mqtt.port", 1883),
-        user=cfg.get_str("mqtt.username"), password=cfg.get_str("mqtt.password"),
+        nd.device_id,
+        server,
+        cfg.get_int("mqtt.port", 1883),
+        user=cfg.get_str("mqtt.username"),
+        password=cfg.get_str("mqtt.password"),
         keepalive_s=cfg.get_int("mqtt.keepalive_s", 60),
         will=mqtt.Will(node_topic(nd.device_id, "status"), OFFLINE, retain=True, qos=1),
-        ssl=cfg.get_bool("mqtt.ssl", False), ssl_params=cfg.get_dict("mqtt.ssl_params", {}),
+        ssl=cfg.get_bool("mqtt.ssl", False),
+        ssl_params=cfg.get_dict("mqtt.ssl_params", {}),
     )
     nd.client = c
     if announce:

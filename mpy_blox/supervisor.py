@@ -136,7 +136,9 @@ class Supervisor:
                 delay_ms = self.delay_ms  # it ran well for a while: start backing off anew
             if self._failed(now):
                 self.safe_mode = "user_main failed %d times in %d s" % (
-                    self.limit, self.window_ms // 1000)
+                    self.limit,
+                    self.window_ms // 1000,
+                )
                 log.error("safe mode: %s; user code stays stopped until reset", self.safe_mode)
                 if self.node is not None:
                     self.node.safe_mode = self.safe_mode
@@ -154,4 +156,3 @@ class Supervisor:
             sys.print_exception(exc)
         else:
             log.exception("failed: %r", exc, exc)
-

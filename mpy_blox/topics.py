@@ -16,7 +16,7 @@ PREFIX = "mpypi/"
 
 def list_to(topic):
     """The suffix of a full topic, as a list's "to" names it."""
-    return topic[len(PREFIX):] if topic.startswith(PREFIX) else topic
+    return topic[len(PREFIX) :] if topic.startswith(PREFIX) else topic
 
 
 def channel_topic(channel):

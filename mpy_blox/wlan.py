@@ -6,7 +6,6 @@
 # Retries back off from 1 s to 30 s: an access point that is rebooting comes
 # back within a minute, and a wrong password should not flood the log.
 import asyncio
-
 import network
 
 from mpy_blox.log import get_logger

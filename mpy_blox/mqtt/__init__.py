@@ -5,5 +5,12 @@ from mpy_blox.mqtt.errors import ConnectError, MQTTError, ProtocolError, Subscri
 from mpy_blox.mqtt.message import Message
 from mpy_blox.mqtt.packet import Will
 
-__all__ = ["MQTTClient", "Will", "Message", "MQTTError", "ProtocolError", "ConnectError",
-           "SubscribeError"]
+__all__ = [
+    "MQTTClient",
+    "Will",
+    "Message",
+    "MQTTError",
+    "ProtocolError",
+    "ConnectError",
+    "SubscribeError",
+]

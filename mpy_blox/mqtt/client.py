@@ -9,7 +9,6 @@
 import asyncio
 import random
 import time
-
 from micropython import const
 
 from mpy_blox.log import get_logger
@@ -31,9 +30,23 @@ def _why(e):
 
 
 class MQTTClient:
-    def __init__(self, client_id, server, port=1883, *, user=None, password=None,
-                 keepalive_s=60, clean_session=True, will=None, ssl=False, ssl_params=None,
-                 backoff_min_ms=1000, backoff_max_ms=60000, buffer_size=1024):
+    def __init__(
+        self,
+        client_id,
+        server,
+        port=1883,
+        *,
+        user=None,
+        password=None,
+        keepalive_s=60,
+        clean_session=True,
+        will=None,
+        ssl=False,
+        ssl_params=None,
+        backoff_min_ms=1000,
+        backoff_max_ms=60000,
+        buffer_size=1024,
+    ):
         if not 0 <= keepalive_s <= 65535:
             raise ValueError("keepalive_s out of range")
         self._id = client_id
@@ -252,10 +265,22 @@ class MQTTClient:
             if self._ssl_context is None:  # built once: parsing the CA costs time and heap
                 self._ssl_context = dial.ssl_context(self._ssl_params)
             ctx = self._ssl_context
-        hello = packet.connect(self._id, self._user, self._password, self._keepalive_ms // 1000,
-                               self._clean, self._will)
-        return await dial.dial(self._server, self._port, ctx,
-                               self._ssl_params.get("server_hostname"), self._buffer_size, hello)
+        hello = packet.connect(
+            self._id,
+            self._user,
+            self._password,
+            self._keepalive_ms // 1000,
+            self._clean,
+            self._will,
+        )
+        return await dial.dial(
+            self._server,
+            self._port,
+            ctx,
+            self._ssl_params.get("server_hostname"),
+            self._buffer_size,
+            hello,
+        )
 
     async def _wait_for_network(self):
         if self._network_down():
@@ -370,7 +395,8 @@ class MQTTClient:
                 since_tx = time.ticks_diff(time.ticks_ms(), conn.tx_ms)
                 # Ping when we have been quiet for half the keepalive, or once per
                 # long wait for input: its answer proves the connection alive.
-                if since_tx >= keepalive // 2 or (starved >= keepalive // 2 and since_tx >= starved):
+                half = keepalive // 2
+                if since_tx >= half or (starved >= half and since_tx >= starved):
                     await conn.send(packet.PING)
         except Exception as e:
             self._lose(e)

@@ -5,7 +5,6 @@ import asyncio
 import errno
 import socket
 import time
-
 from micropython import const
 
 from mpy_blox.mqtt import packet
@@ -29,8 +28,9 @@ async def open_connection(host, port, ssl_context=None, server_hostname=None, bu
                 raise
         if ssl_context is not None:
             # The handshake runs, non-blocking, inside the first write and reads.
-            sock = ssl_context.wrap_socket(sock, server_hostname=server_hostname or host,
-                                           do_handshake_on_connect=False)
+            sock = ssl_context.wrap_socket(
+                sock, server_hostname=server_hostname or host, do_handshake_on_connect=False
+            )
             sock.setblocking(False)
         conn = Connection(sock, buffer_size)
         ok = True

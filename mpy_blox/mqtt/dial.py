@@ -1,7 +1,6 @@
 # Dialling the broker: TCP or TLS, CONNECT and its CONNACK, and the Wi-Fi check.
 # The platform facts the client depends on live here, each with where it was found.
 import asyncio
-
 from micropython import const
 
 from mpy_blox.log import get_logger

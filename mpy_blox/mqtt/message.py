@@ -19,7 +19,11 @@ class Message:
 
     def __repr__(self):
         return "<Message %s %d bytes qos=%d retain=%s>" % (
-            self.topic, self.size, self.qos, self.retain)
+            self.topic,
+            self.size,
+            self.qos,
+            self.retain,
+        )
 
     def _input(self):
         if self._source is None:

@@ -79,8 +79,12 @@ def _str(s):
 
 def connect(client_id, user, password, keepalive_s, clean_session, will):
     flags = 0x02 if clean_session else 0
-    parts = [b"\x00\x04MQTT\x04", None, bytes((keepalive_s >> 8, keepalive_s & 0xFF)),
-             _str(client_id)]
+    parts = [
+        b"\x00\x04MQTT\x04",
+        None,
+        bytes((keepalive_s >> 8, keepalive_s & 0xFF)),
+        _str(client_id),
+    ]
     if will is not None:
         flags |= 0x04 | (will.qos << 3) | (0x20 if will.retain else 0)
         parts.append(_str(will.topic))
@@ -142,8 +146,9 @@ def check_control(first, length):
     else:
         raise ProtocolError("unexpected packet type %d" % kind)
     if not ok or first & 0x0F:
-        raise ProtocolError("malformed packet type %d (flags %d, length %d)"
-                            % (kind, first & 0x0F, length))
+        raise ProtocolError(
+            "malformed packet type %d (flags %d, length %d)" % (kind, first & 0x0F, length)
+        )
     return kind
 
 

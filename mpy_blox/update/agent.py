@@ -6,14 +6,15 @@
 # loop). One worker task accepts a list (signature, seq), commits the seq and
 # the pending install to NVS (record.set_pending) and resets: the next boot is
 # an *install boot* (mpy_blox.update.installboot) that fetches the retained list
-# again, downloads and installs with the app's heap free. Nothing is installed here: a busy 100 KB heap has no
-# room for the install core, and one way to install is easier to trust.
+# again, downloads and installs with the app's heap free. Nothing is installed
+# here: a busy 100 KB heap has no room for the install core, and one way to
+# install is easier to trust.
 #
 # Heap: the runtime imports this module at boot; the list format is imported
 # only when a list arrives.
+import asyncio
 import gc
 import os
-import asyncio
 
 from mpy_blox.log import get_logger
 from mpy_blox.topics import channel_topic, list_to, node_topic
@@ -50,8 +51,9 @@ class Agent:
             # The install boot did not run (it could not be imported): say so
             # once, and let the seq mark the list done so it is not retried.
             log.error("an install boot was due but did not run")
-            self.last = record.save_last("failed", self.seq or None, "install boot did not run",
-                                         record.pending_digest())
+            self.last = record.save_last(
+                "failed", self.seq or None, "install boot did not run", record.pending_digest()
+            )
             record.set_pending(0, 0)
         self._refresh_info()
         asyncio.create_task(self._worker())
@@ -116,8 +118,9 @@ class Agent:
         if seq is not None:
             finished = finished or last.get("at") == seq
             if seq < self.seq or (seq == self.seq and finished and not retained):
-                raise InvalidUpdate("replayed or older list: seq %d, device at %d"
-                                    % (seq, self.seq))
+                raise InvalidUpdate(
+                    "replayed or older list: seq %d, device at %d" % (seq, self.seq)
+                )
             if seq == self.seq and finished:
                 log.info("list seq %d seen again: already done", seq)  # tests wait for it
                 return  # the retained list already installed: nothing to publish
@@ -134,8 +137,9 @@ class Agent:
         new = seq is not None and seq > self.seq
         if new:
             self.seq = seq
-        record.set_pending(record.CMD if to.endswith("/cmd") else record.CHANNEL, 0,
-                           seq if new else None, digest)
+        record.set_pending(
+            record.CMD if to.endswith("/cmd") else record.CHANNEL, 0, seq if new else None, digest
+        )
         await record.status(self.node, "rebooting", seq=seq, install_boot=True)
         log.info("update accepted: resetting into the install boot")
         import machine
@@ -153,6 +157,7 @@ def _confirm():
     except OSError:
         return
     import sys
+
     import mpypi_recover
 
     if mpypi_recover.state() == "applied":

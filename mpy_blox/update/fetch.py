@@ -3,8 +3,8 @@
 #
 # Used by the install boot (mpy_blox.update.installboot); the handlers run in
 # the client's receive loop and only stream into the installer's sinks.
-import gc
 import asyncio
+import gc
 
 from mpy_blox.log import get_logger
 from mpy_blox.topics import PREFIX
@@ -39,8 +39,9 @@ class _Transfer:
         if size is not None and msg.size != size:
             from mpy_blox.update.paths import InvalidUpdate
 
-            self.error = InvalidUpdate("size mismatch: %d bytes published, %d listed"
-                                       % (msg.size, size))
+            self.error = InvalidUpdate(
+                "size mismatch: %d bytes published, %d listed" % (msg.size, size)
+            )
             self.finished.set()
             return
         try:

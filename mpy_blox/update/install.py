@@ -20,15 +20,15 @@
 # lives through the install is allocated before the downloads, after a
 # collect, so the per-file garbage never strands it between free blocks.
 import gc
-import os
 import hashlib
+import os
 
 import mpypi_recover as recover
 from mpy_blox.log import get_logger
 from mpy_blox.update import state
-from mpy_blox.update.state import RESERVE_BLOCKS, hex_digest
-from mpy_blox.update.paths import InvalidUpdate
 from mpy_blox.update.names import normalize
+from mpy_blox.update.paths import InvalidUpdate
+from mpy_blox.update.state import RESERVE_BLOCKS, hex_digest
 
 _OPS = "/ops"  # in recover.STAGE: the journal's body while the stage is built
 _CHUNK = const(1024)
@@ -128,8 +128,10 @@ class Installer:
             # Loaded now, before anything is written or downloaded (later the
             # heap holds download and MQTT garbage), and the decoder's block kept.
             gc.collect()
-            from mpy_blox.update import stagewheel  # noqa: F401
-            from mpy_blox.update import zipwheel
+            from mpy_blox.update import (
+                stagewheel,  # noqa: F401
+                zipwheel,
+            )
         self.begin()
         if wheels:
             self._wheels = True

@@ -109,8 +109,9 @@ class InstallBoot:
         self.listed = listed
         if listed is not None:
             if listed < self.seq:
-                raise manifest.InvalidUpdate("replayed or older list: seq %d, device at %d"
-                                             % (listed, self.seq))
+                raise manifest.InvalidUpdate(
+                    "replayed or older list: seq %d, device at %d" % (listed, self.seq)
+                )
             if listed > self.seq:  # a newer list replaced the accepted one: accept it
                 record.set_pending(record.pending()[0], self.tries, listed, self.digest)
                 self.seq = listed
@@ -142,8 +143,10 @@ class InstallBoot:
         """Phase 3: reconnect without the install core; report; reset."""
         import machine
 
-        startup.drop_all("mpy_blox.update.", ("mpy_blox.update.record", "mpy_blox.update.fetch",
-                                             "mpy_blox.update.installboot"))
+        startup.drop_all(
+            "mpy_blox.update.",
+            ("mpy_blox.update.record", "mpy_blox.update.fetch", "mpy_blox.update.installboot"),
+        )
         sys.modules.pop("mpypi_recover", None)
         gc.collect()
         node = self.node

@@ -101,10 +101,10 @@ def decode_list(payload, key=None, to=None):
         nl = payload.find(b"\n")
         if nl < 0:
             raise InvalidUpdate("malformed signed list")
-        body = memoryview(payload)[nl + 1:]
+        body = memoryview(payload)[nl + 1 :]
         if key:
             try:
-                mac = binascii.unhexlify(payload[len(SIGNED_HEADER):nl])
+                mac = binascii.unhexlify(payload[len(SIGNED_HEADER) : nl])
             except ValueError:
                 raise InvalidUpdate("malformed signature")
             if not compare_digest(mac, hmac_sha256(key, body)):
@@ -170,4 +170,3 @@ def wheel_entry(name, version, sha256, size, tag=None):
 
 def src_entry(path, sha256, size):
     return {"type": "src", "path": path, "pkg_sha256": sha256, "size": size}
-

@@ -13,9 +13,9 @@
 # re-exports it for the publisher).
 
 
-
 class InvalidUpdate(ValueError):
     """The list or a package is bad: refuse it, report the reason, change nothing."""
+
 
 _MAX_PATH = 200
 _SAFE = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"

@@ -8,10 +8,10 @@
 # Small on purpose: the app (pending(), at every boot), its idle agent
 # and the install boot all import it, and none can spare the heap of the
 # others' code.
-import os
-import json
 import binascii
 import hashlib
+import json
+import os
 
 from mpy_blox.log import get_logger
 

@@ -13,8 +13,8 @@ import os
 from array import array
 
 from mpy_blox.update import state
-from mpy_blox.update.paths import InvalidUpdate
 from mpy_blox.update.names import normalize
+from mpy_blox.update.paths import InvalidUpdate
 from mpy_blox.update.state import RESERVE_BLOCKS, hex_digest
 from mpy_blox.update.zipwheel import Wheel, record_hash
 
@@ -126,7 +126,7 @@ def stage_wheel(inst, entry, path):
         record = Record(inst.stage_path(ri), files)
         if record.n != files - 1:
             raise InvalidUpdate("RECORD does not match the wheel's files")
-        for name, method, csize, usize, off in w.entries():
+        for name, method, csize, _usize, off in w.entries():
             if name == rec_name:
                 continue
             line = record.find(name)
@@ -157,8 +157,7 @@ def _check_tag(inst, w, wheel_file):
 
     out = io.BytesIO()
     w.copy_entry(method, csize, off, out, usize)
-    tags = [ln[4:].strip() for ln in out.getvalue().decode().split("\n")
-            if ln.startswith("Tag:")]
+    tags = [ln[4:].strip() for ln in out.getvalue().decode().split("\n") if ln.startswith("Tag:")]
     for tag in tags:
         if state.tag_matches(tag, inst.device):
             return

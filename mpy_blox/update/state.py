@@ -5,11 +5,11 @@
 # the file itself (its SHA256 is computed when a list is checked, so a file
 # edited by hand is rewritten); /.mpypi/src.json indexes which paths came from
 # src packages, for `info`.
+import binascii
+import hashlib
+import json
 import os
 import sys
-import json
-import hashlib
-import binascii
 
 from mpy_blox.update.names import normalize
 

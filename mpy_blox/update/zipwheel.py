@@ -16,13 +16,12 @@
 # so the builder declares it in the zip's archive comment as "wbits=N" (9..15,
 # see docs/protocol.md); a wheel without it is a standard wheel (wbits 15). The
 # window must fit the free heap or the wheel is refused before allocating it.
-import gc
-import struct
-import hashlib
 import binascii
+import gc
+import hashlib
+import struct
 
-from mpy_blox.update.paths import InvalidUpdate
-from mpy_blox.update.paths import check_wheel_path
+from mpy_blox.update.paths import InvalidUpdate, check_wheel_path
 
 _EOCD = const(22)
 _MAX_COMMENT = const(256)
@@ -80,7 +79,7 @@ def window_fits(wbits):
         probe = bytearray((1 << wbits) + 1024)
     except MemoryError:
         return False
-    probe = None
+    probe = None  # noqa: F841  (the block goes back before the collect)
     gc.collect()
     return True
 
@@ -104,9 +103,7 @@ class Wheel:
         i = bytes(tail).rfind(b"PK\x05\x06")
         if i < 0:
             raise InvalidUpdate("not a wheel (no zip directory)")
-        disk, cd_disk, _, count, cd_size, cd_off, clen = struct.unpack_from(
-            "<HHHHIIH", buf, i + 4
-        )
+        disk, cd_disk, _, count, cd_size, cd_off, clen = struct.unpack_from("<HHHHIIH", buf, i + 4)
         if disk or cd_disk or count == 0xFFFF or cd_off == 0xFFFFFFFF:
             raise InvalidUpdate("zip64 or multi-disk wheels are not supported")
         if cd_off + cd_size > size - n + i or count > MAX_FILES:
@@ -129,8 +126,24 @@ class Wheel:
             self.f.seek(pos)
             if self.f.readinto(memoryview(buf)[:_CDH]) != _CDH or buf[:4] != b"PK\x01\x02":
                 raise InvalidUpdate("corrupt wheel directory")
-            (made_by, _, flags, method, _, _, _, csize, usize, nlen, xlen, clen, _, _, attrs,
-             off) = struct.unpack_from("<HHHHHHIIIHHHHHII", buf, 4)
+            (
+                made_by,
+                _,
+                flags,
+                method,
+                _,
+                _,
+                _,
+                csize,
+                usize,
+                nlen,
+                xlen,
+                clen,
+                _,
+                _,
+                attrs,
+                off,
+            ) = struct.unpack_from("<HHHHHHIIIHHHHHII", buf, 4)
             if nlen > _MAX_NAME:
                 raise InvalidUpdate("wheel entry name too long")
             self.f.readinto(memoryview(buf)[_CDH : _CDH + nlen])
@@ -171,7 +184,9 @@ class Wheel:
         # Also raised for a MemoryError while inflating: the window is allocated
         # at the first read, next to the filesystem's per-file caches.
         return "wheel needs a %d-byte deflate window (wbits %d): not enough free heap" % (
-            1 << self.wbits, self.wbits)
+            1 << self.wbits,
+            self.wbits,
+        )
 
     def copy_entry(self, method, csize, off, out, limit):
         """Stream one entry into `out` (a path, a stream or None), never past

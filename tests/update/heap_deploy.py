@@ -128,8 +128,7 @@ print("HEAP after-install free %d largest %d" % (gc.mem_free(), _largest()))
 def _mpremote(port: str, *args: str) -> str:
     # Not deploy.mpremote: a traceback is part of what this tool reports.
     cmd = [sys.executable, "-m", "mpremote", "connect", port, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     return proc.stdout + proc.stderr
 
 
@@ -139,8 +138,7 @@ def generated_wheel(n: int, out_dir: Path) -> Path:
     files = {f"gen_pkg/m{i:03d}.py": (f"X{i} = {i}\n" * 20).encode() for i in range(n)}
     files["gen_pkg/__init__.py"] = b"VERSION = '1.0'\n"
     path = out_dir / wheel.wheel_name("gen-pkg", "1.0", "py3-none-any")
-    return wheel.assemble(path, "gen-pkg", "1.0", "py3-none-any", files,
-                          generator="heap_deploy")
+    return wheel.assemble(path, "gen-pkg", "1.0", "py3-none-any", files, generator="heap_deploy")
 
 
 def main() -> int:
@@ -169,11 +167,24 @@ def main() -> int:
         board = Board.create(tmp / "board", fs=args.fs, flash_size=args.flash_size)
         with RunningBoard(board, heap=args.heap) as rb:
             port = rb.serial_port
-            out = _mpremote(port, "fs", "cp", str(recovery), ":/" + deploy.RECOVERY_MPY,
-                                  "+", "fs", "cp", "-r", str(work) + "/", ":" + deploy.WORK,
-                                  "+", "exec",
-                                  PROBE.replace("{work!r}", repr(deploy.WORK))
-                                  .replace("{entry!r}", repr(package.entry)))
+            out = _mpremote(
+                port,
+                "fs",
+                "cp",
+                str(recovery),
+                ":/" + deploy.RECOVERY_MPY,
+                "+",
+                "fs",
+                "cp",
+                "-r",
+                str(work) + "/",
+                ":" + deploy.WORK,
+                "+",
+                "exec",
+                PROBE.replace("{work!r}", repr(deploy.WORK)).replace(
+                    "{entry!r}", repr(package.entry)
+                ),
+            )
         print(out.strip())
     return 0
 

@@ -100,9 +100,7 @@ def test_list_too_big_for_the_flash_is_refused_before_downloading(boards, update
     assert board.ls() == before  # not even the stage folder
 
 
-def test_4mib_wheel_and_1mib_src_install_on_16mib_flash_with_100k_heap(
-    lane, boards, update_board
-):
+def test_4mib_wheel_and_1mib_src_install_on_16mib_flash_with_100k_heap(lane, boards, update_board):
     blob = os.urandom(4 * 1024 * 1024)  # incompressible: the wheel is as big as its file
     w = make_wheel(
         "demo-pkg",

@@ -48,7 +48,8 @@ def device(tmp_path, run_mpy, core_mpy):
     """A host root with demo-pkg 1.0 and a src file installed (as in the refusal tests)."""
     d = Device(tmp_path, run_mpy, str(core_mpy.parent))
     assert d.install(make_wheel("demo-pkg", "1.0", V1), make_src("user_main.py", b"v1\n")) == (
-        "INSTALLED 2")
+        "INSTALLED 2"
+    )
     d.before = d.snapshot()
     return d
 

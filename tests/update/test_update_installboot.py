@@ -143,19 +143,30 @@ def test_framework_upgrade_and_user_main_install_through_the_install_boot(
     assert info["src"] == {"user_main.py": user.sha}
     assert info["last_update"]["result"] == "ok"
     seen = states(watch)
-    assert in_order(seen, ["rebooting", "installing", "downloading", "verifying",
-                           "installing", "rebooting", "online"]), seen
+    assert in_order(
+        seen,
+        [
+            "rebooting",
+            "installing",
+            "downloading",
+            "verifying",
+            "installing",
+            "rebooting",
+            "online",
+        ],
+    ), seen
     assert watch.wait_status(state="rebooting", seq=7, install_boot=True)
     out = rb.console()
     assert rb.boots() == 3, out  # the app, the install boot, the new app
     free = re.search(r"install boot; free heap (\d+)", out)
-    heap_report(f"{lane.name} lane, {micropython.format_size(heap)} board: install boot "
-                f"free heap {free and free.group(1)} bytes; framework update end to end: "
-                f"{elapsed:.1f} s")
+    heap_report(
+        f"{lane.name} lane, {micropython.format_size(heap)} board: install boot "
+        f"free heap {free and free.group(1)} bytes; framework update end to end: "
+        f"{elapsed:.1f} s"
+    )
     rb.stop()
     assert not pending(board)
     assert board.nvs()["mpypi"]["seq"] == ["i32", 7]
-
 
 
 def test_the_staging_gets_the_mqtt_clients_heap_back(
@@ -174,8 +185,10 @@ def test_the_staging_gets_the_mqtt_clients_heap_back(
     out = rb.console()
     before = int(re.search(r"install boot; free heap (\d+)", out).group(1))
     staging = int(re.search(r"staging; free heap (\d+)", out).group(1))
-    heap_report(f"{lane.name} lane, {lane.heap} board: free heap {before} before the "
-                f"download, {staging} staging")
+    heap_report(
+        f"{lane.name} lane, {lane.heap} board: free heap {before} before the "
+        f"download, {staging} staging"
+    )
     assert staging > before + CLIENT_HEAP[lane.name], out  # the client's heap came back
 
 
@@ -268,8 +281,9 @@ def test_a_failing_install_boot_reports_failed_and_boots_the_app_without_looping
 ):
     _, watch, rb = booted_on_v1(app_board, boards, mqtt_client)
     user = make_src("user_main.py", USER_V2)
-    publish_update(mqtt_client(), channel, [user], seq=3,
-                   packages={user.sha: USER_V2.replace(b"v2", b"v3")})
+    publish_update(
+        mqtt_client(), channel, [user], seq=3, packages={user.sha: USER_V2.replace(b"v2", b"v3")}
+    )
     watch.wait_status(state="failed", error="SHA256 mismatch", package="user_main.py")
     rb.wait_for("USER v1", timeout=30, count=2)
     wait_info(watch, seq=3)
@@ -313,7 +327,6 @@ def test_power_cut_during_the_install_boot_converges_to_the_new_set(
     rb.stop()
     assert sha256(board.cat("big.bin")) == big.sha
     assert not pending(board)
-
 
 
 def test_a_list_that_needs_nothing_costs_one_install_boot_and_reports_idle(

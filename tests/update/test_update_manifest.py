@@ -161,4 +161,3 @@ except InvalidUpdate as e:
     print("REFUSED", e)
 """)
     assert out.strip() == "REFUSED listed twice: foo_bar"
-

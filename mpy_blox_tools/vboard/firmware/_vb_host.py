@@ -6,7 +6,6 @@
 # usable; the rare atomic host write (an NVS commit) mounts the board folder for
 # the duration of one synchronous call, so no board code ever sees it.
 import os
-
 import vfs
 
 _HOST_MOUNT = "/_vboard_host"

@@ -6,19 +6,19 @@
 # VBOARD_RESET_CAUSE (machine.*_RESET), VBOARD_CUT_AT (power cut at that block
 # write; 0 for none), VBOARD_RAW_REPL (set: skip main.py, as after a soft reset
 # from the raw REPL).
+import esp32  # noqa: F401  (imported now: the host path is gone later)
 import json
+import machine
+import network
 
 # This folder is sys.path[0]: these imports load the emulations, which stay in
 # sys.modules once the host filesystem is gone.
 import os
 import sys
+import vfs
 
 import _vb_flash
 import _vb_host
-import esp32  # noqa: F401  (imported now: the host path is gone later)
-import machine
-import network
-import vfs
 
 
 def _start_board():
