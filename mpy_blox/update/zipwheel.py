@@ -30,6 +30,8 @@ _LFH = const(30)
 _MAX_NAME = const(255)
 MAX_FILES = const(1000)
 _WINDOW_MARGIN = const(4096)  # the decoder's own state (~1.3 KB), and some slack
+# uzlib's decompressor state, one block (1.1 KB on 32-bit, more on 64-bit).
+_DECODER_STATE = const(1344)
 # The block kept for one inflate: a wbits-10 window, the decoder's state and
 # the output file's cache (up to 1 KB on LittleFS), with headers.
 RESERVE = const(4096)
@@ -69,17 +71,19 @@ def _wbits(comment):
 
 
 def window_fits(wbits):
-    """True if a deflate window of 2**wbits bytes can be allocated now."""
+    """True if the deflate decoder for 2**wbits can be allocated now."""
     gc.collect()
     if gc.mem_free() < (1 << wbits) + _WINDOW_MARGIN:
         return False
-    # Enough in total is not enough: the window is one block, and the heap may
-    # be fragmented. Probe for it, then give it back for the decoder.
+    # Enough in total is not enough: the heap may be fragmented. Probe for the
+    # blocks the decoder takes (moddeflate: its state, then the window, two
+    # allocations), then give them back for it.
     try:
-        probe = bytearray((1 << wbits) + 1024)
+        state = bytearray(_DECODER_STATE)
+        window = bytearray(1 << wbits)
     except MemoryError:
         return False
-    probe = None  # noqa: F841  (the block goes back before the collect)
+    state = window = None  # noqa: F841  (the blocks go back before the collect)
     gc.collect()
     return True
 
