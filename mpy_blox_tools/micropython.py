@@ -108,7 +108,8 @@ INSTALL_USE_64 = 107840
 # --heap at which the update installs before the first that fails. What runs out is
 # a free block, not the total: on the 32-bit lane the staging's (the deflate
 # decoder's; while it was probed as one 2 KiB block rather than the two blocks it
-# takes, the edge was 95K-98K), on the 64-bit lane the download's (a file's cache). Near the edge a run fails now and then (32-bit 91K: one in six; 64-bit
+# takes, the edge was 95K-98K), on the 64-bit lane the download's (a file's
+# cache). Near the edge a run fails now and then (32-bit 91K: one in six; 64-bit
 # 126K: one in two); the margin heaps passed every run (32-bit 92K: six of six;
 # 64-bit 128K: twelve of twelve).
 INSTALL_EDGE_32 = 88 * 1024  # 1.28.0 32-bit: fails from 87K down
