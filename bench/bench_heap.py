@@ -167,11 +167,11 @@ class _Update:
         board = _board(work, f"board{self.n}", broker, self.key, channel, probe)
         with RunningBoard(board, heap=heap, executable=lane.executable) as rb:
             try:
+                # user_main runs once the agent's subscriptions are acknowledged
+                # (mpy_blox/app.py): from here a publish reaches the board.
                 rb.wait_for("USER v1", timeout=60)
                 if probe:
                     rb.wait_for("HEAPPROBE idle", timeout=30)
-                else:
-                    time.sleep(1)  # subscribed to its channel
             except (TimeoutError, MpyBloxError):
                 return False, rb.console()  # too small for the app itself
             publish.publish_update(
