@@ -147,6 +147,17 @@ def _node_and_supervisor(cfg, boot_count):
     return nd, Supervisor(cfg, nd)
 
 
+def _grow_qstr_pool():
+    # Indexing a str interns the 1-char result as a qstr, and a new qstr can
+    # need a new qstr pool: one contiguous block, twice the last. Interning the
+    # printable characters grows it while the heap is still whole. Only where
+    # pointers are 8 bytes: docs/runtime.md, "Memory", has what it buys there
+    # and what it costs on the 32-bit lane (an ESP32's sizes).
+    if sys.maxsize > 0x7FFFFFFF:
+        for c in range(32, 127):
+            chr(c)
+
+
 def _install_pending():
     # An update list is pending (docs/protocol.md, "The install boot"): this
     # boot runs mpy_blox.update.installboot instead of the app. Asked of
@@ -161,6 +172,7 @@ def _install_pending():
 def main():
     """Run the device forever; on any unexpected error, log it and reset."""
     try:
+        _grow_qstr_pool()
         ib = asyncio.run(_run())  # the app never returns; an install boot does
         # A new loop: the old one's finished tasks, and the stopped MQTT client
         # with them, can go (mpy_blox/update/installboot.py).

@@ -132,8 +132,10 @@ def test_memory_error_in_user_code_collects_logs_free_heap_and_restarts(
     w = watch(board)
     rb = boards.start(board)
     rb.wait_for(r"USER start, first=False")
-    m = re.search(r"user_main: out of memory; free heap after collect: (\d+) bytes", rb.console())
-    assert m and int(m.group(1)) > 20000
+    out = rb.console()
+    booted = int(re.search(r"booted; free heap (\d+) bytes", out).group(1))
+    m = re.search(r"user_main: out of memory; free heap after collect: (\d+) bytes", out)
+    assert m and int(m.group(1)) > booted // 2, out  # the hog was let go, not kept
     w.wait("status", state="online")
 
 

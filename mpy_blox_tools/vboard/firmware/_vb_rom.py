@@ -61,23 +61,8 @@ def _run_file(path):
         sys.print_exception(e)
 
 
-def _grow_qstr_pool():
-    # A lane artefact, handled here rather than in the framework: on a 64-bit
-    # build (pointers, and so qstr pools, twice an ESP32's size) a new qstr can
-    # need a pool block of KBs late in the board's boot, where the heap has none
-    # left (measured: a .py framework failing to boot at 100K, MemoryError
-    # allocating 640 bytes, with 25 KB free). Interning the printable
-    # characters grows the pool while the heap is whole. On a 32-bit build, an
-    # ESP32's sizes, it buys nothing and costs 4.6 KB, so it does not run
-    # there (docs/runtime.md, "Memory").
-    if sys.maxsize > 0x7FFFFFFF:
-        for c in range(32, 127):
-            chr(c)
-
-
 _start_board()
-_grow_qstr_pool()
-del _start_board, _grow_qstr_pool
+del _start_board
 import gc  # noqa: E402
 
 gc.collect()
