@@ -313,14 +313,20 @@ def test_an_error_escaping_everything_is_logged_and_resets_instead_of_a_dead_rep
 
 
 def test_a_heap_too_small_for_everything_still_boots_reachable_and_says_why(
-    app_board, boards, broker, settings_for, watch
+    lane32, app_board, boards, broker, settings_for, watch, full_mpy
 ):
-    # All of mpy_blox as sources (update agent included) on a 100K board: whatever
-    # does not fit is logged and left out, and the device stays on MQTT.
-    board = app_board(settings_for(broker), framework="full")
+    # The whole framework, as the device wheel installs it, in 64K: the runtime and
+    # MQTT fit, the update agent does not (it fails to start from 62K to 65K on the
+    # 32-bit lane, measured). What does not fit is logged and left out; the device
+    # stays on MQTT. An ESP32's figure, so the 32-bit lane's alone: on the 64-bit
+    # lane no heap leaves that window open in every layout (at 100K a .py framework
+    # failed to compile its core in some checkouts; at 92K MQTT finds no block).
+    board = app_board(settings_for(broker), framework=None)
+    board.put_tree(full_mpy, "lib/mpy_blox")
     w = watch(board)
-    rb = boards.start(board, heap="100K")
+    rb = boards.start(board, heap="64K", lane=lane32)
     rb.wait_for(r"booted; free heap \d+ bytes")
     w.wait("status", state="online")
     out = rb.console()
     assert "fatal" not in out and rb.boots() == 1
+    assert "update agent failed to start" in out or "cannot import mpy_blox.update" in out, out
