@@ -29,8 +29,9 @@ node = None
 _FATAL_RESET_MS = const(5000)
 # The room user_main.py must leave the framework to be imported early
 # (Supervisor.preload); the figures on both lanes are in docs/runtime.md,
-# "Memory": the framework takes 47 KB after it on the 64-bit board, 32 KB on
-# the 32-bit one (an ESP32's sizes), which this leaves a 20 KB margin.
+# "Memory": the framework takes 47 KB after it on the 64-bit board and 32 KB
+# on the 32-bit one (an ESP32's sizes), so 52 KB leaves 5 KB to spare on the
+# first and 20 KB on the second.
 _FRAMEWORK_HEAP = const(52 * 1024)
 
 
