@@ -8,11 +8,26 @@ them all and makes one row per device.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 
 from mpy_blox import topics
 from mpy_blox_tools import mqtt
+from mpy_blox_tools.errors import MpyBloxError
+
+# What mpy_blox.node.device_id() makes: "esp32-" and the lower-case hex of the
+# 6-byte base MAC.
+DEVICE_ID = re.compile(r"^esp32-([0-9a-f]{12})$")
+
+
+def check_device_id(device_id: str) -> None:
+    """Raise MpyBloxError unless `device_id` is a device id (one line, with an example)."""
+    if not DEVICE_ID.match(device_id):
+        raise MpyBloxError(
+            f"device id {device_id!r}: an ESP32's id is 'esp32-' and its 12-digit "
+            "lower-case hex MAC, e.g. esp32-840d8ed29760"
+        )
 
 
 @dataclass

@@ -26,7 +26,7 @@ from mpy_blox import topics
 from mpy_blox.update import manifest
 from mpy_blox.update.manifest import InvalidUpdate
 from mpy_blox.update.paths import check_src_path
-from mpy_blox_tools import build, mqtt, wheel
+from mpy_blox_tools import build, fleet, mqtt, wheel
 from mpy_blox_tools.errors import MpyBloxError
 
 KEY_ENV = "MPY_BLOX_UPDATE_KEY"
@@ -181,8 +181,7 @@ def publish_update(
     log=print,
 ) -> Published:
     """Publish `packages` and a list naming them to `channel` and/or each device's cmd."""
-    if not channel and not device_ids:
-        raise MpyBloxError("nothing to publish to: give a channel or device ids")
+    check_targets(channel, device_ids)
     own = client is None
     client = client or mqtt.connect(broker)
     try:
@@ -206,6 +205,21 @@ def publish_update(
     finally:
         if own:
             mqtt.disconnect(client)
+
+
+def check_targets(channel: str | None, device_ids: Sequence[str]) -> None:
+    """Refuse, before anything is built or published, a target a list cannot go to."""
+    if not channel and not device_ids:
+        raise MpyBloxError("nothing to publish to: give a channel or device ids")
+    if channel is not None and (
+        not channel or any(c in channel for c in "+#\0") or channel.strip("/") != channel
+    ):
+        raise MpyBloxError(
+            f"channel {channel!r}: a channel name has no MQTT wildcard (+ #) and does not "
+            "start or end with '/'"
+        )
+    for device_id in device_ids:
+        fleet.check_device_id(device_id)
 
 
 def default_channel(settings: Path = Path("settings.json")) -> str:
@@ -237,13 +251,21 @@ def publish_release(
     """
     from mpy_blox_tools import watch
 
+    implicit = []  # what came from ./settings.json or the built-in defaults: said, once
     if broker is None:
         broker = mqtt.BrokerURL.from_settings()
+        implicit.append(f"broker {broker}")
     elif isinstance(broker, str):
         broker = mqtt.BrokerURL.parse(broker)
     key = load_key(str(key_file) if key_file else None)
     device_ids = tuple(device_ids)
-    channel = channel or (None if device_ids else default_channel())
+    if not channel and not device_ids:
+        channel = default_channel()
+        implicit.append(f"channel {channel}")
+    check_targets(channel, device_ids)
+    if implicit:
+        source = "./settings.json" if Path("settings.json").is_file() else "built-in defaults"
+        print(f"mpy-blox: publishing with {' and '.join(implicit)} ({source})", flush=True)
     sources = [parse_src_arg(str(f)) for f in extra_src_files]
     if wheel:
         framework = wheel_package(Path(wheel))

@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import fcntl
 import json
-import re
 import secrets
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
-from mpy_blox_tools import micropython
+from mpy_blox_tools import fleet, micropython
 from mpy_blox_tools.errors import MpyBloxError
 
 FIRMWARE = Path(__file__).with_name("firmware")
 FILESYSTEMS = ("littlefs", "fat", "posix")
 BLOCK_SIZE = 4096  # the ESP32's flash sector
 DEFAULT_FLASH = "2M"
-DEVICE_ID = re.compile(r"^esp32-([0-9a-f]{12})$")
 
 
 class Board:
@@ -64,12 +62,8 @@ class Board:
         if device_id is None:
             unique_id = secrets.token_hex(6)
         else:
-            m = DEVICE_ID.match(device_id)
-            if not m:
-                raise MpyBloxError(
-                    f"device id {device_id!r}: an ESP32's id is 'esp32-' and its 12-digit "
-                    "lower-case hex MAC, e.g. esp32-840d8ed29760"
-                )
+            fleet.check_device_id(device_id)
+            m = fleet.DEVICE_ID.match(device_id)
             unique_id = m.group(1)
         size = micropython.parse_size(flash_size)
         if size % BLOCK_SIZE or size < 16 * BLOCK_SIZE:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,48 @@ def test_bad_input_is_one_clear_line_and_publishes_nothing(
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("mpy-blox: ")
     assert _retained(broker, "mpypi/channels/bad") == {}
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        (["--device-ids", "esp32-xyz"], "device id 'esp32-xyz': an ESP32's id is 'esp32-'"),
+        (["--device-ids", "a/b"], "device id 'a/b': an ESP32's id is 'esp32-'"),
+        (["--device-ids", "esp32-840d8ed29760", "esp32-f18d6997+4c"], "'esp32-f18d6997+4c'"),
+        (["--channel", "a/#"], "channel 'a/#': a channel name has no MQTT wildcard"),
+        (["--channel", "/lead"], "channel '/lead': a channel name has no MQTT wildcard"),
+    ],
+)
+def test_a_bad_target_is_refused_before_anything_is_published(
+    broker, tmp_path, capsys, target, message
+):
+    # Every target is checked first: not the packages, then a traceback at the list.
+    content = f"# {tmp_path}\nasync def user_main():\n    pass\n".encode()
+    (tmp_path / "user_main.py").write_bytes(content)
+    url = f"mqtt://{broker.host}:{broker.port}"
+    args = ["publish", "--broker", url, "--extra-src-files", "user_main.py", *target]
+    assert cli(args) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("mpy-blox: "), err
+    package = f"mpypi/packages/src/user_main.py/{hashlib.sha256(content).hexdigest()}"
+    assert _retained(broker, package) == {}
+    lists = _retained(broker, "mpypi/nodes/#") | _retained(broker, "mpypi/channels/#")
+    named = [t for t in target if not t.startswith("--")]
+    assert not [topic for topic in lists if any(n in topic for n in named)]
+
+
+def test_the_broker_and_channel_taken_from_settings_are_said(broker, tmp_path, capsys):
+    settings = {"mqtt": {"server": broker.host, "port": broker.port}, "update": {"channel": "cfg"}}
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    (tmp_path / "user_main.py").write_text("async def user_main():\n    pass\n")
+    try:
+        assert cli(["publish", "--extra-src-files", "user_main.py"]) == 0
+        out = capsys.readouterr().out
+        said = f"mpy-blox: publishing with broker mqtt://{broker.host}:{broker.port} and"
+        assert f"{said} channel cfg (./settings.json)" in out, out
+        assert "mpypi/channels/cfg" in _retained(broker, "mpypi/channels/cfg")
+    finally:
+        _clear(broker, ["mpypi/channels/cfg"])
 
 
 def test_unreachable_broker_and_refused_login_are_one_clear_line(broker_factory, tmp_path):
