@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,23 +17,36 @@ from mpy_blox_tools.vboard.board import DEFAULT_FLASH, FILESYSTEMS, Board
 
 
 def _vboard_create(args: argparse.Namespace) -> int:
+    if args.app:  # the files first: a failed create leaves nothing behind
+        for given in (args.settings, args.provision, args.user_main):
+            if given is not None and not Path(given).is_file():
+                raise MpyBloxError(f"{given}: no such file")
     board = Board.create(args.dir, device_id=args.device_id, fs=args.fs, flash_size=args.flash)
     print(f"created {board.device_id} in {board.dir} ({args.fs}, {args.flash} flash)")
     if args.app:
-        from mpy_blox_tools import deploy, resources
-        from mpy_blox_tools.vboard.process import RunningBoard
-
-        # Through the board's serial port, exactly as `make deploy-app` on hardware.
-        with RunningBoard(board) as rb:
-            rb.wait_for(r"\[vboard\] boot 1")
-            deploy.deploy_app(
-                rb.serial_port,
-                resources.settings_or_default(args.settings),
-                Path(args.provision) if args.provision else None,
-                Path(args.user_main) if args.user_main else None,
-                reset=False,
-            )
+        try:
+            _deploy_app_to(board, args)
+        except BaseException:
+            shutil.rmtree(board.dir, ignore_errors=True)  # a new folder: ours to remove
+            print(f"removed {board.dir}: the app did not deploy", file=sys.stderr)
+            raise
     return 0
+
+
+def _deploy_app_to(board: Board, args: argparse.Namespace) -> None:
+    from mpy_blox_tools import deploy, resources
+    from mpy_blox_tools.vboard.process import RunningBoard
+
+    # Through the board's serial port, exactly as `make deploy-app` on hardware.
+    with RunningBoard(board) as rb:
+        rb.wait_for(r"\[vboard\] boot 1")
+        deploy.deploy_app(
+            rb.serial_port,
+            resources.settings_or_default(args.settings),
+            Path(args.provision) if args.provision else None,
+            Path(args.user_main) if args.user_main else None,
+            reset=False,
+        )
 
 
 def _vboard_run(args: argparse.Namespace) -> int:
@@ -337,10 +351,20 @@ PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mpy-blox-tools")
+    except PackageNotFoundError:  # a checkout on sys.path, not installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpy-blox", description="Mpy-BLOX workstation tools: boards, builds and updates."
     )
+    parser.add_argument("--version", action="version", version=f"mpy-blox {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in PARSER_BUILDERS:
         add(sub)

@@ -382,3 +382,40 @@ s.close()
     while "snippet" not in broker.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "New client connected" in broker.log() and "snippet" in broker.log()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["vboard", "run", "file.py"], "file.py: not a virtual board (no board.json)"),
+        (
+            ["vboard", "create", "b", "--app", "--settings", "nope.json"],
+            "nope.json: no such file",
+        ),
+        (["vboard", "create", "full"], "full: not an empty folder; a board needs one of its own"),
+        (["vboard", "put", "b0", "file.py", "../x.py"], "../x.py: an unsafe path"),
+        (["vboard", "cat", "b0", "../board.json"], "../board.json: an unsafe path"),
+        (["vboard", "run", "b0", "--heap", "10"], "--heap 10: a board needs at least"),
+    ],
+)
+def test_a_bad_vboard_command_is_one_clear_line_and_changes_nothing(
+    args, message, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.py").write_text("print('hello')\n")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine\n")
+    Board.create(tmp_path / "b0")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "run" not in p.parts)
+    assert cli(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mpy-blox: ") and message in err and err.count("\n") == 1, err
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "run" not in p.parts)
+    assert after == before  # no half-made board, nothing written
+
+
+def test_version_names_the_tools(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("mpy-blox ")

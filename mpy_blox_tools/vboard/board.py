@@ -36,7 +36,7 @@ class Board:
         self.dir = Path(directory).resolve()
         try:
             self.config = json.loads((self.dir / "board.json").read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise MpyBloxError(f"{directory}: not a virtual board (no board.json)") from None
         except json.JSONDecodeError as e:
             raise MpyBloxError(f"{directory}/board.json: {e}") from None
@@ -55,6 +55,8 @@ class Board:
         directory = Path(directory)
         if (directory / "board.json").exists():
             raise MpyBloxError(f"{directory}: a board exists there already")
+        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+            raise MpyBloxError(f"{directory}: not an empty folder; a board needs one of its own")
         if fs not in FILESYSTEMS:
             raise MpyBloxError(
                 f"unknown filesystem {fs!r}: choose one of {', '.join(FILESYSTEMS)}"
@@ -143,12 +145,14 @@ class Board:
         return listing
 
     def cat(self, path: str) -> bytes:
+        _check_flash_path(path)
         return self.tool("cat", path)
 
     def put(self, source: str | Path, path: str) -> None:
         source = Path(source).resolve()
         if not source.is_file():
             raise MpyBloxError(f"{source}: no such file")
+        _check_flash_path(path)
         self.tool("put", str(source), path)
 
     def put_tree(self, source: str | Path, path: str) -> None:
@@ -169,6 +173,7 @@ class Board:
             staged.unlink()
 
     def rm(self, path: str) -> None:
+        _check_flash_path(path)
         self.tool("rm", path)
 
     def fill(self, leave: int = 0) -> int:
@@ -210,3 +215,9 @@ class Board:
             return (self.run_dir / "serial").read_text().strip() or None
         except FileNotFoundError:
             return None
+
+
+def _check_flash_path(path: str) -> None:
+    """Refuse a flash path that would leave the flash's root (a '..' part)."""
+    if ".." in path.replace("\\", "/").split("/"):
+        raise MpyBloxError(f"{path}: an unsafe path (it leaves the flash's root)")

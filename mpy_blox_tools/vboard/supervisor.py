@@ -41,6 +41,10 @@ FAST_REBOOTS = 10
 # 97.5 KB free at --heap 100K on either lane (measured, 1.29 64-bit and 1.28
 # 32-bit; the emulation's objects are ~5.5 KB smaller on the 32-bit build).
 EMULATION_HEAP = {64: 20 * 1024, 32: 15 * 1024}
+# The smallest --heap in which the boot ROM still runs a one-line main.py
+# (measured: 12K fails on a 64-bit build, 4K on a 32-bit one). Below it the
+# board would print a MemoryError and stop at its REPL.
+MIN_HEAP = {64: 16 * 1024, 32: 8 * 1024}
 # What the unix port's REPL prints on entering the raw REPL and on leaving it.
 RAW_REPL_BANNER = b"raw REPL; CTRL-B to exit"
 FRIENDLY_REPL_BANNER = b'Type "help()" for more information.'
@@ -70,6 +74,12 @@ class Supervisor:
         self.executable = executable or micropython.executable()
         self.word_bits = micropython.word_bits(self.executable)
         self.heap = micropython.parse_size(heap)
+        least = MIN_HEAP[self.word_bits]
+        if self.heap < least:
+            raise MpyBloxError(
+                f"--heap {heap}: a board needs at least {least // 1024}K to boot "
+                f"on this {self.word_bits}-bit MicroPython (an ESP32 has about 100K)"
+            )
         self.cut_at = cut_at
         self.echo = echo
         self.once = once
