@@ -104,6 +104,10 @@ def run_embedded_broker(directory: Path, port: int, bind: str, password_file: Pa
     if password_file:
         mosquitto_passwd.load(password_file)  # a bad file is an error now, not at login
     retained_dir = directory.resolve() / "retained"
+    try:  # there before the line that names it, and a bad --dir is one line now
+        retained_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MpyBloxError(f"{retained_dir}: cannot keep retained messages there ({e})") from None
     config = broker_config(retained_dir, port, bind, password_file)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"

@@ -124,6 +124,7 @@ def _retained(b: EmbeddedBroker, topic_filter: str, quiet: float = 0.5) -> dict[
 
 def test_retained_messages_come_back_byte_for_byte_after_a_restart(embedded):
     b = embedded()
+    assert (b.dir / "retained").is_dir()  # where its first line says they are kept
     messages = {
         f"mpypi/packages/wheel/{'ab' * 32}": os.urandom(2**20 + 1),
         "mpypi/channels/stable": json.dumps({"seq": 7}).encode(),
