@@ -220,6 +220,26 @@ def choose_engine(engine: str) -> str:
     raise MpyBloxError(f"no MQTT broker: {INSTALL_HINT}; or {AMQTT_HINT}")
 
 
+def check_listen_address(bind: str, port: int) -> None:
+    """Refuse, before anything starts, a port out of range or one something listens on."""
+    if not 0 < port < 65536:
+        raise MpyBloxError(f"--port {port}: a TCP port is 1 to 65535 (MQTT's is 1883)")
+    try:
+        infos = socket.getaddrinfo(bind, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise MpyBloxError(f"--bind {bind}: not an address here ({e})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a broker binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise MpyBloxError(
+                f"{bind}:{port} is taken ({e.strerror}): is a broker running there already? "
+                "(another port: --port)"
+            ) from None
+
+
 def run_broker(
     directory: Path, port: int, bind: str, password_file: Path | None, engine: str = "auto"
 ) -> int:
@@ -229,6 +249,7 @@ def run_broker(
     amqtt broker (`engine="amqtt"`); both read the same `mosquitto_passwd` file.
     """
     engine = choose_engine(engine)
+    check_listen_address(bind, port)
     if password_file and not password_file.is_file():
         raise MpyBloxError(
             f"{password_file}: no such password file (make one with mosquitto_passwd -c FILE USER)"

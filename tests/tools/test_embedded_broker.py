@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -234,6 +235,21 @@ def test_a_password_file_it_cannot_read_is_refused_in_one_line(tmp_path, capsys)
     assert cli([*args, "--password-file", str(plain)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "passwd:1: not a mosquitto_passwd hash" in err
+
+
+@pytest.mark.parametrize("engine", ["mosquitto", "amqtt"])
+def test_a_taken_or_impossible_port_is_refused_before_any_broker_starts(engine, tmp_path, capsys):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        args = ["broker", "--engine", engine, "--dir", str(tmp_path / "b"), "--port"]
+        assert cli([*args, str(port)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert f"127.0.0.1:{port} is taken" in err and "is a broker running there" in err
+    assert cli([*args, "99999"]) == 1
+    err = capsys.readouterr().err
+    assert err == "mpy-blox: --port 99999: a TCP port is 1 to 65535 (MQTT's is 1883)\n"
+    assert not (tmp_path / "b").exists()  # nothing started, nothing made
 
 
 def test_engine_mosquitto_without_mosquitto_says_how_to_install_it(tmp_path, monkeypatch, capsys):
