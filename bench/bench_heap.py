@@ -117,11 +117,11 @@ USER_V2 = "async def user_main():\n    print('USER v2')\n"
 
 def _board(work: Path, name: str, broker: Mosquitto, key: str, channel: str, probe: bool) -> Board:
     board = Board.create(work / name)
-    for rel, data in build.compile_tree(build.SOURCE, "0.1.0", "xtensawin").items():
-        board.write("lib/" + rel, data)
-    recovery = work / deploy.RECOVERY_MPY
-    if not recovery.exists():
-        build.compile_source(REPO / deploy.RECOVERY, deploy.RECOVERY, "xtensawin", recovery)
+    framework = work / "framework-0.1.0" / "mpy_blox"
+    if not framework.is_dir():  # compiled once for every board of the run
+        build.compile_framework(framework.parent, version="0.1.0", platform="esp32")
+    board.put_tree(framework, "lib/mpy_blox")  # one flash operation, not one per file
+    recovery = framework.parent / deploy.RECOVERY_MPY
     main = (REPO / "main.py").read_text()
     if probe:
         marker = "import mpy_blox.app\n"
