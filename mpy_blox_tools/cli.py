@@ -53,7 +53,12 @@ def _vboard_run(args: argparse.Namespace) -> int:
     from mpy_blox_tools.vboard.supervisor import run_board
 
     return run_board(
-        args.dir, heap=args.heap, cut_at=args.cut_at, once=args.once, quiet=args.quiet
+        args.dir,
+        heap=args.heap,
+        cut_at=args.cut_at,
+        cut_nvs_at=args.cut_nvs_at,
+        once=args.once,
+        quiet=args.quiet,
     )
 
 
@@ -120,6 +125,13 @@ def _add_vboard(sub: argparse._SubParsersAction) -> None:
         default=0,
         metavar="N",
         help="cut the power at the Nth flash block write of the first boot",
+    )
+    p.add_argument(
+        "--cut-nvs-at",
+        type=int,
+        default=0,
+        metavar="N",
+        help="cut the power at the Nth NVS write (set_*, erase_key) of the run, any boot",
     )
     p.add_argument("--once", action="store_true", help="switch off instead of rebooting")
     p.add_argument("--quiet", action="store_true", help="do not echo the console")

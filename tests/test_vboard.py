@@ -80,7 +80,7 @@ a.set_i32("uncommitted", 1)
 esp32.NVS("other").set_i32("x", 7)
 a.commit()
 print("committed")
-esp32.NVS("app").set_i32("lost", 1)  # never committed: gone after reset
+esp32.NVS("app").set_i32("kept", 1)  # never committed: kept, as ESP-IDF writes at once
 machine.reset()
 """
     board = boards.create(files={"main.py": code})
@@ -95,8 +95,55 @@ machine.reset()
     assert "error -4361 ESP_ERR_NVS_KEY_TOO_LONG" in out
     rb.stop()
     nvs = board.nvs()
-    assert nvs["app"] == {"blob": ["blob", b"\x00\x01secret".hex()], "uncommitted": ["i32", 1]}
+    assert nvs["app"] == {
+        "blob": ["blob", b"\x00\x01secret".hex()],
+        "uncommitted": ["i32", 1],
+        "kept": ["i32", 1],
+    }
     assert nvs["other"] == {"x": ["i32", 7]}
+
+
+# Three NVS writes a boot; the first boot resets into a second.
+NVS_WRITES_MAIN = """
+import esp32, machine
+nvs = esp32.NVS("t")
+try:
+    boot = nvs.get_i32("boot") + 1
+except OSError:
+    boot = 1
+nvs.set_i32("boot", boot)
+nvs.set_i32("a", boot)
+nvs.set_blob("b", b"%d" % boot)
+print("BOOT", boot, "DONE")
+if boot < 2:
+    machine.reset()
+"""
+
+
+def test_each_nvs_write_is_durable_at_once_and_the_power_can_be_cut_at_any_one(boards):
+    # As ESP-IDF's nvs_set_*: no commit() needed, and a cut between two writes of
+    # one update keeps the first. The count goes on over the run's boots.
+    board = boards.create(files={"main.py": NVS_WRITES_MAIN})
+    rb = boards.start(board)
+    rb.wait_for("BOOT 2 DONE")
+    rb.stop()
+    assert board.nvs_writes() == 6
+    assert board.nvs()["t"] == {"boot": ["i32", 2], "a": ["i32", 2], "b": ["blob", b"2".hex()]}
+    b = boards.create(files={"main.py": NVS_WRITES_MAIN})
+    rb = boards.start(b, cut_nvs_at=2, once=True)
+    rb.wait()
+    assert "power-cut at NVS write 2" in rb.console()
+    assert b.nvs_writes() == 1
+    assert b.nvs()["t"] == {"boot": ["i32", 1]}  # the first write kept, the second lost
+    # Write 6 is the second boot's third: the count goes on over the reset, and
+    # the power comes back after the cut (boot 3 writes 3 more).
+    b = boards.create(files={"main.py": NVS_WRITES_MAIN})
+    rb = boards.start(b, cut_nvs_at=6)
+    rb.wait_for("BOOT 3 DONE")
+    rb.stop()
+    out = rb.console()
+    assert "power-cut at NVS write 6" in out and "BOOT 2 DONE" not in out
+    assert b.nvs_writes() == 8
 
 
 def test_heap_limit_holds_on_the_board(boards, lane):

@@ -202,8 +202,15 @@ class Board:
         except FileNotFoundError:
             return 0
 
+    def nvs_writes(self) -> int:
+        """NVS writes (set_*, erase_key) since `vboard run` started, over all its boots."""
+        try:
+            return int((self.run_dir / "nvs_writes").read_text() or 0)
+        except FileNotFoundError:
+            return 0
+
     def nvs(self) -> dict:
-        """The committed NVS contents: {namespace: {key: [type, value]}}."""
+        """The NVS contents: {namespace: {key: [type, value]}}."""
         try:
             return json.loads((self.dir / "nvs.json").read_text())
         except FileNotFoundError:

@@ -25,6 +25,7 @@ class RunningBoard:
         *,
         heap: str | int = micropython.DEFAULT_HEAP,
         cut_at: int = 0,
+        cut_nvs_at: int = 0,
         once: bool = False,
         env: dict[str, str] | None = None,
         executable: str | None = None,
@@ -33,6 +34,7 @@ class RunningBoard:
         self.executable = executable  # None: the supervisor's default (micropython.executable)
         self.heap = heap
         self.cut_at = cut_at
+        self.cut_nvs_at = cut_nvs_at
         self.once = once
         self.env = env
         self.process: subprocess.Popen | None = None
@@ -55,6 +57,8 @@ class RunningBoard:
         ]
         if self.cut_at:
             cmd += ["--cut-at", str(self.cut_at)]
+        if self.cut_nvs_at:
+            cmd += ["--cut-nvs-at", str(self.cut_nvs_at)]
         if self.once:
             cmd.append("--once")
         self.board.run_dir.mkdir(exist_ok=True)

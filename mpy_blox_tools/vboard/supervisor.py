@@ -66,6 +66,7 @@ class Supervisor:
         *,
         heap: str | int = micropython.DEFAULT_HEAP,
         cut_at: int = 0,
+        cut_nvs_at: int = 0,
         echo: BinaryIO | None = None,
         once: bool = False,
         executable: str | None = None,
@@ -81,6 +82,8 @@ class Supervisor:
                 f"on this {self.word_bits}-bit MicroPython (an ESP32 has about 100K)"
             )
         self.cut_at = cut_at
+        self.cut_nvs_at = cut_nvs_at  # counted over the whole run, not one boot
+        self.nvs_writes = 0  # NVS writes of the boots so far (run/nvs_writes)
         self.echo = echo
         self.once = once
         self.boots = 0
@@ -154,7 +157,7 @@ class Supervisor:
                     self._console(SOFT_REBOOT)
                     _write_all(user_master, SOFT_REBOOT)
                 if reason.startswith("power-cut"):
-                    self.cut_at = 0  # the power comes back for good
+                    self.cut_at = self.cut_nvs_at = 0  # the power comes back for good
                 fast = fast + 1 if time.monotonic() - started < 1 else 0
                 if fast >= FAST_REBOOTS:
                     time.sleep(1)  # a boot loop: keep it from eating a core
@@ -190,6 +193,7 @@ class Supervisor:
         self.log(
             f"boot {self.boots} (reset cause {cause}, heap {self.heap}"
             + (f", power cut at block write {self.cut_at}" if self.cut_at else "")
+            + (f", power cut at NVS write {self.cut_nvs_at}" if self.cut_nvs_at else "")
             + ")"
         )
         # A soft reset from the raw REPL comes back to the raw REPL without
@@ -200,6 +204,8 @@ class Supervisor:
             "VBOARD_DIR": str(self.board.dir),
             "VBOARD_RESET_CAUSE": str(cause),
             "VBOARD_CUT_AT": str(self.cut_at),
+            "VBOARD_NVS_BASE": str(self.nvs_writes),
+            "VBOARD_CUT_NVS_AT": str(self.cut_nvs_at),
             "VBOARD_RAW_REPL": "1" if raw else "",
         }
         self._child = subprocess.Popen(
@@ -245,6 +251,10 @@ class Supervisor:
             sel.close()
         status = self._child.wait()
         self._child = None
+        try:  # the next boot counts on from here (the board mirrors its count at once)
+            self.nvs_writes = int((run / "nvs_writes").read_text() or self.nvs_writes)
+        except (FileNotFoundError, ValueError):
+            pass  # the board died before its NVS started: nothing written
         return status, (run / "reason").read_text(errors="replace").strip()
 
     def _from_board(self, board_master: int, user_master: int) -> None:
@@ -353,6 +363,7 @@ def run_board(
     *,
     heap: str = micropython.DEFAULT_HEAP,
     cut_at: int = 0,
+    cut_nvs_at: int = 0,
     once: bool = False,
     quiet: bool = False,
     executable: str | None = None,
@@ -361,7 +372,15 @@ def run_board(
     board = Board(directory)
     if cut_at < 0:
         raise MpyBloxError("--cut-at: a block write number, 1 or more")
+    if cut_nvs_at < 0:
+        raise MpyBloxError("--cut-nvs-at: an NVS write number, 1 or more")
     echo = None if quiet else sys.stdout.buffer
     return Supervisor(
-        board, heap=heap, cut_at=cut_at, echo=echo, once=once, executable=executable
+        board,
+        heap=heap,
+        cut_at=cut_at,
+        cut_nvs_at=cut_nvs_at,
+        echo=echo,
+        once=once,
+        executable=executable,
     ).run()

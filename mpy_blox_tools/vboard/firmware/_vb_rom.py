@@ -4,9 +4,10 @@
 #
 # Environment from the supervisor: VBOARD_DIR (the board folder),
 # VBOARD_RESET_CAUSE (machine.*_RESET), VBOARD_CUT_AT (power cut at that block
-# write; 0 for none), VBOARD_RAW_REPL (set: skip main.py, as after a soft reset
-# from the raw REPL).
-import esp32  # noqa: F401  (imported now: the host path is gone later)
+# write; 0 for none), VBOARD_NVS_BASE (NVS writes of the run's earlier boots),
+# VBOARD_CUT_NVS_AT (power cut at that NVS write of the run), VBOARD_RAW_REPL
+# (set: skip main.py, as after a soft reset from the raw REPL).
+import esp32  # imported now: the host path is gone later
 import json
 import machine
 import network
@@ -31,6 +32,12 @@ def _start_board():
     machine._start(int(os.getenv("VBOARD_RESET_CAUSE") or machine.PWRON_RESET))
     network._start(open(run + "net", "rb"))
     writes = open(run + "writes", "wb")
+    esp32._start(
+        open(run + "nvs_writes", "wb"),
+        int(os.getenv("VBOARD_NVS_BASE") or 0),
+        int(os.getenv("VBOARD_CUT_NVS_AT") or 0),
+        lambda n: _vb_host.power_off("power-cut at NVS write %d" % n),
+    )
     image = _vb_flash.open_image(board)
     vfs.umount("/")  # from here on, only files opened above reach the host
     _vb_flash.mount(

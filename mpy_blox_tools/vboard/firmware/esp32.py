@@ -1,9 +1,13 @@
 # Emulated `esp32` module of the virtual board: NVS with the ESP32 API and errors.
 #
-# As in ESP-IDF, all handles of one namespace see each other's writes at once;
-# a write is durable only after commit(). The emulation takes that literally:
-# uncommitted changes are lost on reset or power cut, so code that forgets to
-# commit fails here as it may on hardware. Storage: `nvs.json` in the board folder.
+# As in ESP-IDF: each set_i32, set_blob and erase_key is durable on its own the
+# moment it returns (nvs_set_* writes the entry to flash at once; nvs_commit is a
+# no-op for the default NVS implementation), and one set_blob replaces a blob
+# whole. commit() exists and does nothing. So a power cut between two writes
+# keeps the first and loses the second: code that updates several keys must
+# order them (docs/vboard.md). Each write is one "NVS write": counted in
+# run/nvs_writes, and the board can lose power at a chosen one (--cut-nvs-at),
+# as it can at a flash block write. Storage: `nvs.json` in the board folder.
 import json
 
 import _vb_host
@@ -25,6 +29,35 @@ _MAX_KEY = 15  # NVS_KEY_NAME_MAX_SIZE - 1
 _MAX_BLOB = 508000  # a blob may span pages, but not the whole partition
 
 _store = None  # {namespace: {key: ["i32", int] | ["blob", hex]}}
+# The cut points (_start): NVS writes counted since the supervisor's run began.
+_writes = 0
+_cut_at = 0  # 0: never
+_counter = None  # an open host file the count is mirrored to
+_on_cut = None
+
+
+def _start(counter, base, cut_at, on_cut):
+    """From the boot ROM: count NVS writes from `base`; cut the power at `cut_at`."""
+    global _counter, _writes, _cut_at, _on_cut
+    _counter, _writes, _cut_at, _on_cut = counter, base, cut_at, on_cut
+    _mirror()
+
+
+def _mirror():
+    if _counter:
+        _counter.seek(0)
+        _counter.write(("%10d\n" % _writes).encode())
+
+
+def _write():
+    # One NVS write: the power fails before it reaches the partition, or it
+    # lands whole (ESP-IDF writes an entry, then marks it valid).
+    global _writes
+    _writes += 1
+    if _writes == _cut_at:
+        _on_cut(_writes)
+    _vb_host.write_atomic("nvs.json", json.dumps(_load()).encode())
+    _mirror()
 
 
 def _fail(code):
@@ -66,6 +99,7 @@ class NVS:
         if not -0x80000000 <= value <= 0x7FFFFFFF:
             raise OverflowError("overflow converting long int to machine word")
         self._items(True)[key] = ["i32", value]
+        _write()
 
     def get_i32(self, key):
         return self._get(key, "i32")
@@ -76,6 +110,7 @@ class NVS:
         if len(value) > _MAX_BLOB:
             _fail(_ERR_VALUE_TOO_LONG)
         self._items(True)[key] = ["blob", value.hex()]
+        _write()
 
     def get_blob(self, key, buffer):
         value = bytes.fromhex(self._get(key, "blob"))
@@ -90,9 +125,10 @@ class NVS:
         if key not in items:
             _fail(_ERR_NOT_FOUND)
         del items[key]
+        _write()
 
     def commit(self):
-        _vb_host.write_atomic("nvs.json", json.dumps(_load()).encode())
+        pass  # as nvs_commit in ESP-IDF: every write above is durable already
 
 
 def _check_key(key):
