@@ -18,7 +18,7 @@
 #               (rebooting, failed or idle), then the reset.
 #
 # No loop: each start counts itself in NVS first and every outcome clears
-# ib_to, so an install boot that dies (power cut, crash) runs at most
+# the pending topic, so an install boot that dies (power cut, crash) runs at most
 # _MAX_TRIES times. A power cut leaves the old or the new set (the journal).
 import gc
 import sys
@@ -51,7 +51,7 @@ class InstallBoot:
         self.package = None  # the package it concerns
         self.inst = None  # the Installer holding the downloads
         self.installed = False
-        self.finished = False  # last_update written, ib_to cleared
+        self.finished = False  # last_update written, nothing pending
 
     async def download(self):
         """Phase 1: fetch the list and download what it needs; then hang up."""
@@ -171,5 +171,5 @@ class InstallBoot:
         # retained copy is not taken up again: a new list (a new seq) is needed.
         # Then nothing is pending: the next boot is the app's.
         record.save_last("failed" if self.error else "ok", seq, self.error, digest)
-        record.set_pending(0, 0)
+        record.set_pending(0, 0, None, digest)  # finished: this list (it may be a newer one)
         self.finished = True

@@ -5,6 +5,17 @@
 # (/.mpypi/last.json). Also the agent's info fields. The journal and the stage
 # are mpypi_recover's; the src index is state's.
 #
+# Each NVS write is durable on its own (ESP-IDF: nvs_commit is a no-op), so a
+# power cut can fall between any two. The pending install is therefore one
+# blob, written whole by one set_blob (which ESP-IDF replaces atomically):
+#   ib = to (1 byte) | tries (1) | finished (1) | SHA256 of the list (32, zeros: none)
+# and seq is the one other key. set_pending writes seq first, then ib: a cut
+# between leaves seq raised and the old ib (no install pending, not finished
+# with this list), which the agent resumes as "equal but unfinished"; a cut
+# before either changes nothing. Separate keys (seq, ib_list, ib_fin, ib_to)
+# once let a cut leave a new list's digest beside the last list's finished
+# flag: it looked finished and was never installed.
+#
 # Small on purpose: the app (pending(), at every boot), its idle agent
 # and the install boot all import it, and none can spare the heap of the
 # others' code.
@@ -21,13 +32,11 @@ from mpy_blox.update import state
 
 _NVS = "mpypi"
 _SEQ = "seq"  # NVS i32: the seq of the last accepted signed list
-_PENDING = "ib_to"  # NVS i32: the list topic to install from, 0 for none
-_TRIES = "ib_tries"  # NVS i32: install boots started for it
-_DIGEST = "ib_list"  # NVS blob: the SHA256 of that list, for last_update
-_FINISHED = "ib_fin"  # NVS i32: 1 once the install boot finished with that list
+_IB = "ib"  # NVS blob: the pending install, as above
+_IB_SIZE = const(35)
 _LAST = "/.mpypi/last.json"  # last_update, as info reports it
-CHANNEL = const(1)  # ib_to: mpypi/channels/{update.channel}
-CMD = const(2)  # ib_to: mpypi/nodes/{id}/cmd
+CHANNEL = const(1)  # ib to: mpypi/channels/{update.channel}
+CMD = const(2)  # ib to: mpypi/nodes/{id}/cmd
 
 log = get_logger("update")
 
@@ -65,61 +74,70 @@ def save_last(result, seq, error=None, digest=None):
     return last
 
 
+def _ib():
+    # The ib blob, or all zeros (nothing pending, nothing finished) without one.
+    import esp32
+
+    buf = bytearray(_IB_SIZE)
+    try:
+        if esp32.NVS(_NVS).get_blob(_IB, buf) != _IB_SIZE:
+            buf[:] = bytes(_IB_SIZE)
+    except OSError:
+        pass  # never any install: ESP_ERR_NVS_NOT_FOUND
+    return buf
+
+
 def pending():
     """(ib_to, ib_tries) from NVS; ib_to 0 means no install is pending.
 
     The app asks it at every boot: ib_to set makes the boot an install boot."""
-    import esp32
-
-    nvs = esp32.NVS(_NVS)
-    values = []
-    for key in (_PENDING, _TRIES):
-        try:
-            values.append(nvs.get_i32(key))
-        except OSError:
-            values.append(0)
-    return values
+    ib = _ib()
+    return [ib[0], ib[1]]
 
 
 def set_pending(to, tries, seq=None, digest=None):
-    """Commit the pending topic, the try count and (if given) a new seq and the
-    list's digest at once. to == 0 marks that list finished (ib_fin)."""
+    """Store the pending topic, the try count, and (if given) a new seq and the
+    list's digest. to == 0 marks that list finished. A power cut at any instant
+    leaves the old state, the new one, or (with a seq) the seq alone raised."""
     import esp32
 
     nvs = esp32.NVS(_NVS)
+    ib = _ib()
+    ib[0] = to
+    ib[1] = min(tries, 255)
+    ib[2] = 0 if to else 1
+    if digest is not None:
+        ib[3:] = binascii.unhexlify(digest)
     if seq is not None:
         nvs.set_i32(_SEQ, seq)
-    if digest is not None:
-        nvs.set_blob(_DIGEST, binascii.unhexlify(digest))
-    nvs.set_i32(_FINISHED, 0 if to else 1)
-    nvs.set_i32(_PENDING, to)
-    nvs.set_i32(_TRIES, tries)
-    nvs.commit()
+    nvs.set_blob(_IB, ib)
+
+
+def raise_seq(seq):
+    """Raise the accepted seq to `seq` (a provisioned floor); never lower it."""
+    if seq > nvs_seq():
+        import esp32
+
+        esp32.NVS(_NVS).set_i32(_SEQ, seq)
+        return True
+    return False
+
+
+def _digest(ib):
+    d = ib[3:]
+    return binascii.hexlify(d).decode() if any(d) else None
 
 
 def pending_digest():
     """The digest of the list the pending install is for, or None."""
-    import esp32
-
-    buf = bytearray(32)
-    try:
-        esp32.NVS(_NVS).get_blob(_DIGEST, buf)
-    except OSError:
-        return None
-    return binascii.hexlify(buf).decode()
+    return _digest(_ib())
 
 
 def finished_digest():
     """The digest of the last accepted list if an install boot finished with it
     (ok or failed): in NVS, because last.json may fail to be written."""
-    import esp32
-
-    try:
-        if esp32.NVS(_NVS).get_i32(_FINISHED):
-            return pending_digest()
-    except OSError:
-        pass  # never any install boot
-    return None
+    ib = _ib()
+    return _digest(ib) if ib[2] else None
 
 
 def digest(payload):

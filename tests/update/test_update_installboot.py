@@ -101,7 +101,9 @@ def booted_on_v1(app_board, boards, mqtt_client, settings: dict | None = None, *
 
 
 def pending(board) -> bool:
-    return board.nvs().get("mpypi", {}).get("ib_to", ["i32", 0])[1] != 0
+    # NVS mpypi/ib (update/record.py): its first byte is the list topic, 0 for none.
+    ib = board.nvs().get("mpypi", {}).get("ib", ["blob", "00"])[1]
+    return bytes.fromhex(ib)[0] != 0
 
 
 def states(watch: Watcher) -> list[str]:
@@ -299,7 +301,7 @@ def test_an_install_boot_that_cannot_finish_gives_up_after_three_attempts(app_bo
     settings = {"mqtt": {"server": "127.0.0.1", "port": 9, "wait_s": 1}}
     board = app_board(settings)
     (board.dir / "nvs.json").write_text(
-        json.dumps({"mpypi": {"seq": ["i32", 4], "ib_to": ["i32", 1], "ib_tries": ["i32", 0]}})
+        json.dumps({"mpypi": {"seq": ["i32", 4], "ib": ["blob", (b"\x01" + bytes(34)).hex()]}})
     )
     rb = boards.start(board, heap=HEAP)
     rb.wait_for("USER v1", timeout=60)
