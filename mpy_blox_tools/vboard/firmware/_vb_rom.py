@@ -40,7 +40,7 @@ def _start_board():
     )
     image = _vb_flash.open_image(board)
     vfs.umount("/")  # from here on, only files opened above reach the host
-    _vb_flash.mount(
+    esp32.Partition._flash = _vb_flash.mount(
         board,
         image,
         "/",

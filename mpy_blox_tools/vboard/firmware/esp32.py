@@ -136,3 +136,37 @@ def _check_key(key):
         _fail(_ERR_INVALID_NAME)
     if len(key) > _MAX_KEY:
         _fail(_ERR_KEY_TOO_LONG)
+
+
+class Partition:
+    """The `vfs` data partition: the board's flash, as a raw block device.
+
+    As on an ESP32 (`esp32.Partition.find(TYPE_DATA, label="vfs")`), code may read
+    the blocks under the filesystem (the provisioning scrub checks them); writes go
+    through the same counted, cuttable block device as the filesystem's."""
+
+    TYPE_APP = 0
+    TYPE_DATA = 1
+    _flash = None  # the mounted _vb_flash.Flash (_vb_rom), None in posix mode
+
+    def __init__(self, flash):
+        self._dev = flash
+
+    @classmethod
+    def find(cls, type=TYPE_APP, subtype=0xFF, label=None):  # the ESP32 API's names
+        if cls._flash is None or type != cls.TYPE_DATA or label not in (None, "vfs"):
+            return []
+        return [cls(cls._flash)]
+
+    def info(self):
+        n = self._dev.ioctl(4, 0) * self._dev.ioctl(5, 0)
+        return (self.TYPE_DATA, 0x81, 0x200000, n, "vfs", False)
+
+    def readblocks(self, block, buf, offset=0):
+        self._dev.readblocks(block, buf, offset)
+
+    def writeblocks(self, block, buf, offset=0):
+        self._dev.writeblocks(block, buf, offset)
+
+    def ioctl(self, op, arg):
+        return self._dev.ioctl(op, arg)
