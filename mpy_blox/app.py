@@ -88,7 +88,7 @@ async def _run():
     # reachable.
     config = _configure()
     boot_count = _boot_count()
-    startup.drop(["mpy_blox.provision", "mpy_blox.secure"])
+    startup.drop(["mpy_blox.provision", "mpy_blox.scrub", "mpy_blox.secure"])
     mpy = sys.modules["mpy_blox"].__file__.endswith(".mpy")
     mqtt = None if mpy else startup.import_optional("mpy_blox.mqtt")
     if _install_pending():

@@ -1,25 +1,34 @@
-# Provisioning: /provision.json (plain secrets, written once over USB) goes into
-# the secure store and is then deleted.
+# Provisioning: /provision.json (plain secrets, dropped on the flash over USB)
+# goes into the secure store and is then scrubbed from the flash; `mpy-blox
+# deploy provision` calls apply() over the REPL instead, so no file is written.
 #
-#   {"wlan.ssid": "home", "wlan.psk": "...", "mqtt.password": "...", "update.key": "..."}
+#   {"wlan.ssid": "home", "wlan.psk": "...", "mqtt.password": "...", "update.key": "...",
+#    "update.seq": 42}
 #
 # Keys are merged into what the store holds; a null value removes that key, and
-# "unprovision": true empties the store first. Order, so that a power cut at any
-# instant loses nothing and duplicates nothing:
+# "unprovision": true empties the store first. "update.seq" is not stored: it is
+# the fleet's seq floor, raised into NVS (record.raise_seq, never lowered) so an
+# old signed list cannot be replayed onto a new device. Order, so that a power
+# cut at any instant loses nothing and duplicates nothing:
 #   1. read and parse the file (malformed: logged, file kept, nothing changes)
-#   2. merge into the stored values; write and commit to NVS only if that changes
-#      something (a second run after a cut finds the merge already done)
+#   2. merge into the stored values; write NVS only if that changes something (a
+#      second run after a cut finds the merge already done): one set_blob
 #   3. read the blob back from NVS and compare (verify)
-#   4. only then delete the file.
-# A cut before 2 or between 2 and 4 leaves the file; the next boot redoes the
-# merge, which is idempotent. The plain file lives only until step 4.
+#   4. raise the seq floor (one set_i32; idempotent)
+#   5. only then zero the file, clear the raw flash of its secrets and delete it
+#      (mpy_blox.scrub; the zeroed file marks a scrub a cut interrupted).
+# A cut before 2 or between 2 and 5 leaves the file; the next boot redoes the
+# merge, which is idempotent. The plain file lives only until step 5.
 import json
 import os
 
 from mpy_blox.log import get_logger
 
 PROVISION = "/provision.json"
+SEQ = "update.seq"  # the seq floor: to NVS (update/record.py), not to the store
 _MAX_FILE = const(2048)  # the store holds at most about this much
+_PUBLIC = ("wlan.ssid", "update.pubkey")  # not secret: not looked for on the flash
+_SCRUBBING = "scrubbing"  # _read: the file is the zeroed marker of a scrub
 
 log = get_logger("provision")
 
@@ -33,7 +42,10 @@ def _read(path):
         log.error("%s is too large (%d > %d bytes): not provisioned", path, size, _MAX_FILE)
         return None
     try:
-        with open(path) as f:
+        with open(path, "rb") as f:
+            if f.read(1) == b"\0":
+                return _SCRUBBING  # zeroed by scrub(): a cut came before its end
+            f.seek(0)
             values = json.load(f)
     except (OSError, ValueError) as e:
         log.error("%s is malformed (%s): not provisioned, file kept", path, e)
@@ -57,27 +69,62 @@ def merge(stored, update):
     return merged
 
 
-def ingest(store, path=PROVISION):
-    """Move `path` into `store` (a loaded SecureStore); True if the file was consumed."""
-    update = _read(path)
-    if update is None:
-        return False
+def apply(store, update):
+    """Merge `update` (a provision dict) into `store` (loaded) and raise the seq
+    floor (its "update.seq", taken out). None once stored and read back, else the
+    reason. One path for provision.json and for `deploy provision` over the REPL."""
+    seq = update.pop(SEQ, None)
+    if seq is not None and (
+        isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= 0x7FFFFFFF
+    ):
+        return "%s must be a whole number from 0 to 2147483647, not %r" % (SEQ, seq)
     merged = merge(store.values, update)
     try:
         if merged != store.values or store.state != "ok":
             store.save(merged)
         if store.load() != merged:
-            log.error("secure store did not read back as written: %s kept", path)
-            return False
+            return "the secure store did not read back as written"
+        if seq is not None:
+            try:
+                from mpy_blox.update import record
+            except ImportError:  # nothing to update, nothing to replay
+                log.warning("%s ignored: the update package is not installed", SEQ)
+                return None
+            if record.raise_seq(seq):
+                log.info("update seq floor raised to %d", seq)
     except (OSError, ValueError) as e:
-        log.error("cannot store secrets (%s): %s kept", e, path)
-        return False
+        return "cannot store secrets (%s)" % e
+    return None
+
+
+def _scrub(path, values, names=None):
+    from mpy_blox import scrub
+
+    secret = [k for k in (names or values) if k not in _PUBLIC]
     try:
-        os.remove(path)
-    except OSError as e:  # the secrets are stored: the next boot retries the delete
-        log.error("secrets stored, but cannot delete %s (%s)", path, e)
+        scrub.scrub(path, scrub.needles(values, secret))
+    except OSError as e:  # the secrets are stored: the next boot scrubs again
+        log.error("secrets stored, but cannot scrub %s (%s)", path, e)
         return False
-    names = [k for k in update if k != "unprovision"]
+    return True
+
+
+def ingest(store, path=PROVISION):
+    """Move `path` into `store` (a loaded SecureStore); True if the file was consumed."""
+    update = _read(path)
+    if update is None:
+        return False
+    if update == _SCRUBBING:
+        log.info("finishing the scrub of %s", path)
+        return _scrub(path, store.values)
+    names = [k for k in update if k not in ("unprovision", SEQ)]
+    values = dict(update)  # the plain values, to look for on the flash
+    error = apply(store, update)
+    if error:
+        log.error("%s: %s kept", error, path)
+        return False
+    if not _scrub(path, values, names):
+        return False
     log.info("provisioned %s; %s removed", ", ".join(sorted(names)) or "nothing", path)
     return True
 

@@ -3,6 +3,10 @@ a corrupted blob. Real NVS emulation, real flash, real Mosquitto."""
 
 import json
 
+import pytest
+
+from mpy_blox_tools import micropython
+
 SECRETS = {
     "wlan.ssid": "testnet",
     "wlan.psk": "psk-Secret-1",
@@ -10,6 +14,7 @@ SECRETS = {
     "update.key": "0011223344556677",
 }
 AP = {"ssid": "testnet", "psk": "psk-Secret-1"}
+FULL_HEAP = micropython.format_size(micropython.BOARD_HEAP_64)
 
 
 def test_provision_json_is_ingested_encrypted_and_deleted_and_survives_reboot(
@@ -96,26 +101,120 @@ def test_a_blob_copied_from_another_device_is_refused(app_board, boards, broker,
     assert "integrity check failed: corrupted, or from another device" in rb.console()
 
 
-def test_a_power_cut_at_any_block_write_of_the_delete_keeps_the_secrets(
-    app_board, boards, broker, settings_for
+def secrets_on_flash(board, secrets: dict) -> list[str]:
+    image = (board.dir / "flash.img").read_bytes()
+    return [name for name, value in secrets.items() if value.encode() in image]
+
+
+@pytest.mark.parametrize("fs", ["littlefs", "fat"])
+def test_a_power_cut_at_any_block_write_of_the_scrub_keeps_the_secrets_and_scrubs_them(
+    app_board, boards, broker, settings_for, fs
 ):
     # Count the block writes of provisioning (up to the moment the file is gone)...
     secrets = {"wlan.psk": "psk-Secret-1", "mqtt.password": "pw-2"}
-    probe = app_board(settings_for(broker), secrets, user_main=None)
+    probe = app_board(settings_for(broker), secrets, user_main=None, fs=fs)
     rb = boards.start(probe)
     rb.wait_for(r"/provision.json removed")
     writes = probe.block_writes()
     rb.stop()
-    assert 1 <= writes <= 8
-    print(f"provisioning boot: {writes} block write(s) before the file is gone")
+    assert 1 <= writes <= 64
+    print(f"{fs} provisioning boot: {writes} block write(s) before the file is gone")
     # ...then cut the power at each of them: after the next boot the secrets are
-    # stored exactly once and the file is gone, whatever the cut interrupted.
+    # stored exactly once, the file is gone and the flash holds no secret,
+    # whatever the cut interrupted (the zeroing, the churn, the delete).
     for cut in range(1, writes + 1):
-        board = app_board(settings_for(broker), secrets)
+        board = app_board(settings_for(broker), secrets, fs=fs)
         rb = boards.start(board, cut_at=cut, once=True)
         rb.wait()
         rb = boards.start(board)
         rb.wait_for(r"USER up, psk=psk-Secret-1 password=pw-2")
         rb.stop()
         assert "provision.json" not in board.ls(), cut
+        assert ".scrub" not in board.ls(), cut
         assert sorted(board.nvs()["mpy_blox"]) == ["boot_count", "secure"]
+        assert secrets_on_flash(board, secrets) == [], f"cut at {cut}:\n{rb.console()}"
+
+
+@pytest.mark.parametrize("fs", ["littlefs", "fat"])
+def test_no_provisioned_secret_is_left_in_the_raw_flash_or_nvs(
+    app_board, boards, broker, settings_for, fs
+):
+    # Deleting a file frees its blocks but does not erase them, and LittleFS writes
+    # copy-on-write: without a scrub the secrets stay readable in a flash dump.
+    board = app_board(settings_for(broker), SECRETS, fs=fs)
+    assert SECRETS["wlan.psk"].encode() in (board.dir / "flash.img").read_bytes()
+    rb = boards.start(board)
+    rb.wait_for(r"USER up, psk=psk-Secret-1 password=mqtt-Secret-2")
+    rb.stop()
+    assert "provision.json" not in board.ls()
+    image = (board.dir / "flash.img").read_bytes()
+    nvs = (board.dir / "nvs.json").read_text()
+    for name, secret in SECRETS.items():
+        if name == "wlan.ssid":
+            continue  # not a secret: every scan of the air shows it (and settings may hold it)
+        for form in (secret.encode(), secret.encode("utf-16-le")):
+            assert form not in image, f"{fs}: {name} readable in flash.img"
+        assert secret not in nvs and secret.encode().hex() not in nvs, name
+
+
+@pytest.fixture
+def full_board(app_board, full_mpy):
+    """An app board with the whole framework (the update package too), compiled:
+    it runs at the 64-bit lane's board heap (FULL_HEAP)."""
+
+    def make(settings, provision):
+        board = app_board(settings, provision, framework=None)
+        board.put_tree(full_mpy, "lib/mpy_blox")
+        return board
+
+    return make
+
+
+def test_a_power_cut_at_every_nvs_write_of_provisioning_stores_secrets_and_seq_floor_once(
+    full_board, boards, broker, settings_for
+):
+    # Each NVS write is durable on its own (ESP-IDF): the store's blob, the seq
+    # floor and boot_count are three, and a cut may fall before any of them.
+    secrets = {"wlan.psk": "psk-Secret-1", "mqtt.password": "pw-2"}
+    provision = {**secrets, "update.seq": 9}
+    probe = full_board(settings_for(broker), provision)
+    rb = boards.start(probe, heap=FULL_HEAP)
+    rb.wait_for(r"USER up, psk=psk-Secret-1 password=pw-2")
+    rb.stop()
+    total = probe.nvs_writes()
+    assert total == 3, rb.console()  # the store, the seq floor, boot_count
+    assert probe.nvs()["mpypi"] == {"seq": ["i32", 9]}
+    for cut in range(1, total + 1):
+        board = full_board(settings_for(broker), provision)
+        rb = boards.start(board, heap=FULL_HEAP, cut_nvs_at=cut)
+        rb.wait_for(r"USER up, psk=psk-Secret-1 password=pw-2")
+        rb.stop()
+        out = rb.console()
+        assert f"power-cut at NVS write {cut}" in out
+        assert "provision.json" not in board.ls(), cut
+        assert board.nvs()["mpypi"] == {"seq": ["i32", 9]}, cut
+        assert sorted(board.nvs()["mpy_blox"]) == ["boot_count", "secure"]
+        assert secrets_on_flash(board, secrets) == [], cut
+
+
+def test_the_seq_floor_is_raised_never_lowered_and_a_bad_one_changes_nothing(
+    full_board, boards, broker, settings_for
+):
+    board = full_board(settings_for(broker), {"mqtt.password": "pw", "update.seq": 5})
+    (board.dir / "nvs.json").write_text(json.dumps({"mpypi": {"seq": ["i32", 12]}}))
+    rb = boards.start(board, heap=FULL_HEAP)
+    rb.wait_for(r"USER up, psk=None password=pw")
+    rb.stop()
+    assert board.nvs()["mpypi"] == {"seq": ["i32", 12]}  # a floor below the device's
+    assert "seq floor raised" not in rb.console()
+
+    for bad in ("7", -1, 2**31, True, 1.5):
+        board = full_board(settings_for(broker), {"mqtt.password": "pw", "update.seq": bad})
+        rb = boards.start(board, heap=FULL_HEAP)
+        rb.wait_for(r"USER up, psk=None password=None")
+        rb.stop()
+        errors = [l for l in rb.console().splitlines() if "update.seq" in l]
+        assert len(errors) == 1 and "must be a whole number" in errors[0], rb.console()
+        assert "/provision.json kept" in errors[0]
+        assert "provision.json" in board.ls()  # kept, to be fixed
+        assert "mpypi" not in board.nvs() and "secure" not in board.nvs()["mpy_blox"]

@@ -193,9 +193,10 @@ print(provision.ingest(s, {str(prov)!r}))
 open({str(prov)!r}, "w").write('{{"unprovision": true, "wlan.ssid": "other"}}')
 print(provision.ingest(s, {str(prov)!r}), sorted(SecureStore(nvs, UID).load().items()))
 """,
-        heap="32K",
+        heap="48K",
     )
-    lines = [l for l in out.splitlines() if not l.startswith("I ")]
+    # W: the scrub cannot read this (posix) flash raw to check it; it zeroes and removes.
+    lines = [l for l in out.splitlines() if not l.startswith(("I ", "W "))]
     assert lines[0] == "True 1"
     assert lines[1] == "True 1"  # the second run found the merge done: no second write
     assert lines[2] == "[('update.key', 'k1'), ('wlan.psk', 'new'), ('wlan.ssid', 'home')]"
@@ -218,7 +219,7 @@ provision.unprovision(SecureStore(nvs, UID))  # twice: nothing left to erase is 
 s = SecureStore(nvs, UID)
 print(s.load(), s.state, "secure" in nvs.d)
 """,
-        heap="32K",
+        heap="48K",
     )
     assert out.splitlines()[-1] == "{} empty False"
 
