@@ -5,6 +5,8 @@
 # Device targets take DEVICE=<serial port> (default: the first one mpremote finds)
 # and MPREMOTE=<mpremote program> (default: the one in .venv; under WSL2 the Windows
 # mpremote.exe, with DEVICE=COM4). The environment's MPY_BLOX_MPREMOTE also names it.
+# deploy-app and provision take SEQ_FLOOR=<the fleet's update seq>: the device's
+# seq is raised to it, so no older signed list can be replayed onto it.
 
 PYTHON ?= python3
 VENV := .venv
@@ -17,10 +19,12 @@ SETTINGS ?= settings.json
 PROVISION ?= provision.json
 USER_MAIN ?= user_main.py
 WHEEL ?=
+SEQ_FLOOR ?=
 MPREMOTE ?= $(MPY_BLOX_MPREMOTE)
 DEPLOY = $(if $(MPREMOTE),MPY_BLOX_MPREMOTE="$(MPREMOTE)") $(VENV)/bin/mpy-blox deploy
 PORT = $(if $(DEVICE),--device $(DEVICE))
 WHEEL_ARG = $(if $(WHEEL),--wheel $(WHEEL))
+SEQ_FLOOR_ARG = $(if $(SEQ_FLOOR),--seq-floor $(SEQ_FLOOR))
 REMOTE = "$(or $(MPREMOTE),$(VENV)/bin/mpremote)" $(if $(DEVICE),connect $(DEVICE))
 
 # The 32-bit lane (docs/runtime.md): a 32-bit MicroPython has an ESP32's object
@@ -95,13 +99,13 @@ deploy-lib: setup
 
 deploy-app: setup
 	@$(DEPLOY) app $(PORT) --settings $(SETTINGS) --provision $(PROVISION) \
-		--user-main $(USER_MAIN) $(WHEEL_ARG)
+		--user-main $(USER_MAIN) $(WHEEL_ARG) $(SEQ_FLOOR_ARG)
 
 deploy-user: setup
 	@$(DEPLOY) user $(PORT) --user-main $(USER_MAIN)
 
 provision: setup
-	@$(DEPLOY) provision $(PORT) --provision $(PROVISION)
+	@$(DEPLOY) provision $(PORT) --provision $(PROVISION) $(SEQ_FLOOR_ARG)
 
 unprovision: setup
 	@$(DEPLOY) unprovision $(PORT)

@@ -129,6 +129,26 @@ def ingest(store, path=PROVISION):
     return True
 
 
+def provision_text(text):
+    """`mpy-blox deploy provision` over the REPL: a provision.json's text, merged as
+    the file would be (apply), with nothing written to the filesystem. The result line."""
+    from mpy_blox.secure import SecureStore
+
+    try:
+        update = json.loads(text)
+    except ValueError:
+        return "failed: not JSON"
+    if not isinstance(update, dict):
+        return "failed: not a JSON object"
+    names = sorted(k for k in update if k not in ("unprovision", SEQ))
+    store = SecureStore()
+    store.load()
+    error = apply(store, update)
+    if error:
+        return "failed: " + error
+    return "provisioned " + (", ".join(names) or "nothing")
+
+
 def unprovision(store=None):
     """Clear the secure store (for `make unprovision` over mpremote)."""
     if store is None:

@@ -17,6 +17,8 @@ from mpy_blox_tools.vboard.board import DEFAULT_FLASH, FILESYSTEMS, Board
 
 
 def _vboard_create(args: argparse.Namespace) -> int:
+    if args.seq_floor is not None and not args.app:
+        raise MpyBloxError("--seq-floor goes with --app (it is set over the serial port)")
     if args.app:  # the files first: a failed create leaves nothing behind
         for given in (args.settings, args.provision, args.user_main):
             if given is not None and not Path(given).is_file():
@@ -46,6 +48,7 @@ def _deploy_app_to(board: Board, args: argparse.Namespace) -> None:
             Path(args.provision) if args.provision else None,
             Path(args.user_main) if args.user_main else None,
             reset=False,
+            seq_floor=args.seq_floor,
         )
 
 
@@ -112,7 +115,15 @@ def _add_vboard(sub: argparse._SubParsersAction) -> None:
         "--settings",
         help="with --app (default ./settings.json, else the framework's defaults)",
     )
-    p.add_argument("--provision", help="with --app: a provision.json to ingest at first boot")
+    p.add_argument(
+        "--provision", help="with --app: a provision.json whose secrets go into its NVS"
+    )
+    p.add_argument(
+        "--seq-floor",
+        type=int,
+        metavar="N",
+        help="with --app: raise its update seq to N (the fleet's), so no older list replays",
+    )
     p.add_argument("--user-main", help="with --app: a user_main.py")
     p.set_defaults(func=_vboard_create)
 
@@ -289,11 +300,12 @@ def _deploy(args: argparse.Namespace) -> int:
             Path(args.provision),
             user_main if user_main.exists() else None,
             wheel,
+            seq_floor=args.seq_floor,
         )
     elif args.action == "user":
         deploy.deploy_user(port, Path(args.user_main))
     elif args.action == "provision":
-        deploy.provision(port, Path(args.provision))
+        deploy.provision(port, Path(args.provision), args.seq_floor)
     elif args.action == "unprovision":
         deploy.unprovision(port)
     else:
@@ -312,6 +324,14 @@ _DEPLOY_OPTIONS = {
         "--provision",
         {"default": "provision.json", "help": "secrets for NVS (default provision.json)"},
     ),
+    "seq_floor": (
+        "--seq-floor",
+        {
+            "type": int,
+            "metavar": "N",
+            "help": "raise the device's update seq to N (the fleet's): no older list replays",
+        },
+    ),
     "user_main": (
         "--user-main",
         {"default": "user_main.py", "help": "your app (default user_main.py)"},
@@ -320,11 +340,14 @@ _DEPLOY_OPTIONS = {
 _DEPLOY_ACTIONS = {
     "lib": ("build the framework wheel and install it into /lib", ("wheel",)),
     "app": (
-        "lib, then main.py, settings, user_main.py and provision.json when present; reset",
-        ("settings", "provision", "user_main", "wheel"),
+        "lib, then main.py, settings, user_main.py, provision.json's secrets if present; reset",
+        ("settings", "provision", "user_main", "wheel", "seq_floor"),
     ),
     "user": ("copy user_main.py to the device", ("user_main",)),
-    "provision": ("copy provision.json (ingested into NVS at the next boot)", ("provision",)),
+    "provision": (
+        "put provision.json's secrets into NVS over the REPL (no file on the device)",
+        ("provision", "seq_floor"),
+    ),
     "unprovision": ("clear the secure store in NVS", ()),
     "purge-lib": ("remove everything under /lib", ()),
 }

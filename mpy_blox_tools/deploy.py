@@ -183,9 +183,12 @@ def deploy_app(
     user_main: Path | None = None,
     wheel_path: Path | None = None,
     reset: bool = True,
+    seq_floor: int | None = None,
 ) -> None:
     """deploy-lib, then main.py, settings and provisioning; the device reboots into the app."""
     _check_json(settings)
+    given = provision if provision and provision.exists() else None
+    values = provision_values(given, seq_floor) if given or seq_floor is not None else None
     deploy_lib(port, wheel_path)
     print(f"deploy-app: main.py and {settings.name} -> device", flush=True)
     args = [
@@ -201,28 +204,74 @@ def deploy_app(
     ]
     if user_main:
         args += ["+", "fs", "cp", local_path(user_main), ":/user_main.py"]
-    if provision and provision.exists():
-        _check_json(provision)
-        args += ["+", "fs", "cp", local_path(provision), ":/provision.json"]
-        print(f"deploy-app: {provision.name} -> device (ingested into NVS at boot, then deleted)")
+    mpremote(port, *args)
+    if values is not None:
+        print("deploy-app: " + _provision_line(given, seq_floor), flush=True)
+        provision_device(port, values)
     else:
         print("deploy-app: no provision file: the device keeps the secrets it has")
     if reset:
-        args += ["+", "reset"]
-    mpremote(port, *args)
-    if reset:
+        mpremote(port, "reset")
         print("deploy-app: device reset into the app", flush=True)
 
 
-def provision(port: str | None, path: Path) -> None:
-    """Copy a provision.json to the device: ingested into NVS at its next boot."""
-    if not path.exists():
-        raise MpyBloxError(
-            f"no {path}: copy examples/provision.json to {path} and fill in your secrets"
+SEQ_KEY = "update.seq"  # mpy_blox.provision.SEQ: the seq floor, raised into NVS
+SEQ_MAX = 0x7FFFFFFF  # an NVS i32
+PROVISION = """
+from mpy_blox.provision import provision_text
+print("mpy-blox-deploy:", provision_text({text!r}))
+"""
+
+
+def provision_values(path: Path | None, seq_floor: int | None = None) -> dict:
+    """The provision dict for a device: `path`'s JSON object, with `seq_floor` as its
+    "update.seq" (it wins over the file's). Refused before anything reaches a device."""
+    values: dict = {}
+    if path is not None and (path.exists() or seq_floor is None):
+        if not path.exists():
+            raise MpyBloxError(
+                f"no {path}: copy examples/provision.json to {path} and fill in your secrets"
+            )
+        _check_json(path)
+        values = json.loads(path.read_text())
+        if not isinstance(values, dict):
+            raise MpyBloxError(f"{path}: not a JSON object")
+    if seq_floor is not None:
+        if not 0 <= seq_floor <= SEQ_MAX:
+            raise MpyBloxError(f"--seq-floor {seq_floor}: a seq from 0 to {SEQ_MAX}")
+        values[SEQ_KEY] = seq_floor
+    return values
+
+
+def provision_device(port: str | None, values: dict) -> str:
+    """Merge `values` into the device's secure store (and seq floor) over the REPL,
+    with the framework's own code (mpy_blox.provision.apply, as for a provision.json
+    file): the secrets travel as an escaped literal and never become a file on it."""
+    text = json.dumps(values)  # ASCII: every other character escaped
+    with tempfile.TemporaryDirectory(prefix="mpy-blox-deploy-") as tmp:
+        shutil.copytree(
+            resources.framework_dir(),
+            Path(tmp) / "mpy_blox",
+            ignore=shutil.ignore_patterns("__pycache__"),
         )
-    _check_json(path)
-    print(f"provision: {path} -> device (ingested into NVS at the next boot, then deleted)")
-    mpremote(port, "fs", "cp", local_path(path), ":/provision.json")
+        out = mpremote(port, "mount", local_path(tmp), "exec", PROVISION.format(text=text))
+    results = [line for line in out.splitlines() if line.startswith("mpy-blox-deploy: ")]
+    result = results[-1].removeprefix("mpy-blox-deploy: ") if results else "no answer"
+    if not result.startswith("provisioned"):
+        raise MpyBloxError(f"device {port or '(auto)'}: provisioning {result}")
+    return result
+
+
+def provision(port: str | None, path: Path, seq_floor: int | None = None) -> None:
+    """Put a provision.json's values (and a seq floor) into the device's secure store."""
+    values = provision_values(path, seq_floor)
+    print("provision: " + _provision_line(path if path.exists() else None, seq_floor))
+    provision_device(port, values)
+
+
+def _provision_line(path: Path | None, seq_floor: int | None) -> str:
+    what = [f"{path}" if path else "", f"seq floor {seq_floor}" if seq_floor is not None else ""]
+    return " and ".join(w for w in what if w) + " -> device's secure store over the REPL (no file)"
 
 
 def unprovision(port: str | None) -> None:

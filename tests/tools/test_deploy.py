@@ -132,7 +132,7 @@ def test_purge_lib_empties_lib(board):
     assert _lib_files(rb) == {}
 
 
-def test_provision_refuses_without_a_file_and_copies_it_otherwise(board, tmp_path, capsys):
+def test_provision_refuses_without_a_file_and_stores_it_otherwise(board, tmp_path, capsys):
     b, rb = board
     assert deploy("provision", rb.serial_port, "--provision", str(tmp_path / "nope.json")) == 1
     err = capsys.readouterr().err
@@ -145,7 +145,8 @@ def test_provision_refuses_without_a_file_and_copies_it_otherwise(board, tmp_pat
     good.write_text(json.dumps({"wlan.psk": "secret"}))
     assert deploy("provision", rb.serial_port, "--provision", str(good)) == 0
     rb.stop()
-    assert json.loads(b.cat("provision.json")) == {"wlan.psk": "secret"}
+    assert "provision.json" not in b.ls()  # into NVS over the REPL, never a file
+    assert "secure" in b.nvs()["mpy_blox"]
 
 
 def test_mounted_repl_imports_from_the_working_tree(board, tmp_path):
@@ -300,13 +301,13 @@ def test_a_windows_mpremote_gets_windows_paths(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("RECORD", str(record))
     monkeypatch.setenv("MPY_BLOX_MPREMOTE", str(_recorder(bin_dir, "mpremote.exe")))
-    provision = tmp_path / "provision.json"
-    provision.write_text("{}")
-    assert cli(["deploy", "provision", "--device", "COM4", "--provision", str(provision)]) == 0
+    user = tmp_path / "user_main.py"
+    user.write_text("async def user_main():\n    pass\n")
+    assert cli(["deploy", "user", "--device", "COM4", "--user-main", str(user)]) == 0
     [argv] = _recorded(record)
     assert argv[:4] == ["connect", "COM4", "fs", "cp"]
-    assert argv[4] == "W:" + str(provision.resolve()).replace("/", "\\")
-    assert argv[5] == ":/provision.json"
+    assert argv[4] == "W:" + str(user.resolve()).replace("/", "\\")
+    assert argv[5] == ":/user_main.py"
 
 
 def test_make_passes_mpremote_to_the_device_targets(tmp_path):
