@@ -132,18 +132,19 @@ class SecureStore:
         return self.values
 
     def save(self, values):
-        """Encrypt `values` into NVS and commit; ValueError if they do not fit."""
+        """Encrypt `values` into NVS; ValueError if they do not fit. One set_blob,
+        durable at once and whole: a power cut leaves the old store or the new."""
         nvs = self._handle()
         blob = encode(values, self._uid)
         if len(blob) > _MAX_BLOB:
             raise ValueError("secure store full: %d > %d bytes" % (len(blob), _MAX_BLOB))
         nvs.set_blob(_KEY, blob)
-        nvs.commit()
+        nvs.commit()  # a no-op on ESP-IDF's default NVS; kept for other NVS builds
         self.values = values
         self.state = "ok"
 
     def clear(self):
-        """Forget every secret (unprovision)."""
+        """Forget every secret (unprovision): one erase_key."""
         nvs = self._handle()
         try:
             nvs.erase_key(_KEY)
