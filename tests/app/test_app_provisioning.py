@@ -50,8 +50,8 @@ def test_power_cut_after_ingest_before_delete_loses_and_duplicates_nothing(
     app_board, boards, broker, settings_for
 ):
     board = app_board(settings_for(broker), {"wlan.psk": "psk-Secret-1"})
-    # Nothing writes to flash before the file is deleted: the first block write
-    # of the boot is that delete, after the secrets are committed to NVS.
+    # Nothing writes to flash before the scrub: the first block write of the boot
+    # is the file's zeroing, after the secrets are stored in NVS.
     rb = boards.start(board, cut_at=1, once=True)
     rb.wait()
     assert "power-cut" in (board.run_dir / "reason").read_text()

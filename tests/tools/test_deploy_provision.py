@@ -123,3 +123,26 @@ def test_vboard_create_app_provisions_over_the_serial_port_with_a_seq_floor(
     assert b.nvs()["mpypi"] == {"seq": ["i32", 9]} and "secure" in b.nvs()["mpy_blox"]
     assert cli(["vboard", "create", str(tmp_path / "b2"), "--seq-floor", "9"]) == 1
     assert "--seq-floor goes with --app" in capsys.readouterr().err
+
+
+def test_make_passes_seq_floor_to_provision_and_deploy_app():
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+    for target in ("provision", "deploy-app"):
+        out = subprocess.run(
+            ["make", "-n", "--no-print-directory", target, "DEVICE=COM4", "SEQ_FLOOR=42"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        assert "--device COM4" in out and "--seq-floor 42" in out, out
+        without = subprocess.run(
+            ["make", "-n", "--no-print-directory", target, "DEVICE=COM4"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        assert "--seq-floor" not in without
