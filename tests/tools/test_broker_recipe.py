@@ -187,7 +187,8 @@ def test_a_board_logs_in_as_its_id_reports_and_installs_a_signed_update(
     rb = boards.start(board, heap=HEAP)
     rb.wait_for(r"\[vboard\] boot 1")
     deploy.deploy_app(rb.serial_port, settings, provision, user_main)
-    rb.wait_for("provisioned mqtt.password, update.key; /provision.json removed", timeout=30)
+    # Into the secure store over the REPL, before the reset into the app.
+    rb.wait_for("mpy-blox-deploy: provisioned mqtt.password, update.key", timeout=30)
     rb.wait_for("v1 running", timeout=60)
     assert _logins(fleet_broker, DEVICE) == 1, fleet_broker.log()
 
