@@ -366,6 +366,16 @@ def test_sigterm_switches_the_board_off_and_leaves_no_process(boards):
     assert "board switched off" in board.console_log.read_text()
 
 
+@pytest.mark.parametrize(
+    "flag, error", [("--cut-at", "a block write"), ("--cut-nvs-at", "an NVS write")]
+)
+def test_a_negative_cut_point_is_one_line_and_boots_nothing(boards, capsys, flag, error):
+    board = boards.create(files={"main.py": "print('on')\n"})
+    assert cli(["vboard", "run", str(board.dir), flag, "-1", "--once"]) == 1
+    assert capsys.readouterr().err == f"mpy-blox: {flag}: {error} number, 1 or more\n"
+    assert not board.console_log.exists()
+
+
 def test_a_running_board_refuses_flash_access_from_the_workstation(boards, capsys):
     board = boards.create(files={"main.py": "print('on')\n"})
     rb = boards.start(board)
