@@ -218,3 +218,23 @@ def test_the_seq_floor_is_raised_never_lowered_and_a_bad_one_changes_nothing(
         assert "/provision.json kept" in errors[0]
         assert "provision.json" in board.ls()  # kept, to be fixed
         assert "mpypi" not in board.nvs() and "secure" not in board.nvs()["mpy_blox"]
+
+
+@pytest.mark.parametrize("fs", ["littlefs", "fat"])
+def test_a_provision_json_too_large_to_live_inline_is_scrubbed_too(
+    app_board, boards, broker, settings_for, fs
+):
+    # Beyond LittleFS's inline limit a file has data blocks of its own: zeroing it
+    # writes new ones (copy-on-write) and frees the old, which churning the folder's
+    # metadata does not erase; the scrub then fills the free space once.
+    key = "-----BEGIN KEY-----" + "Zq8x" * 300 + "-----END KEY-----"
+    secrets = {"mqtt.password": "pw-Secret-3", "tls.key": key}
+    board = app_board(settings_for(broker), secrets, fs=fs)
+    rb = boards.start(board)
+    line = rb.wait_for(r"provision: /provision.json scrubbed: .*").group(0)
+    rb.wait_for(r"USER up, psk=None password=pw-Secret-3")
+    rb.stop()
+    print(f"{fs}: {line}, {board.block_writes()} block writes in the boot")
+    assert secrets_on_flash(board, secrets) == []
+    assert key[40:80].encode() not in (board.dir / "flash.img").read_bytes()
+    assert "provision.json" not in board.ls() and ".scrub" not in board.ls()
