@@ -238,3 +238,29 @@ def test_a_provision_json_too_large_to_live_inline_is_scrubbed_too(
     assert secrets_on_flash(board, secrets) == []
     assert key[40:80].encode() not in (board.dir / "flash.img").read_bytes()
     assert "provision.json" not in board.ls() and ".scrub" not in board.ls()
+
+
+def test_a_power_cut_in_the_fill_leaves_nothing_worse_and_the_next_boot_finishes(
+    app_board, boards, broker, settings_for
+):
+    # A cut while the fill file takes the free space: the next boot removes it and
+    # scrubs again (the zeroed provision.json marks the scrub as unfinished).
+    key = "-----BEGIN KEY-----" + "Zq8x" * 300 + "-----END KEY-----"
+    secrets = {"mqtt.password": "pw-Secret-3", "tls.key": key}
+    probe = app_board(settings_for(broker), secrets, user_main=None)
+    rb = boards.start(probe)
+    rb.wait_for(r"/provision.json removed")
+    total = probe.block_writes()
+    rb.stop()
+    for cut in (2, 60, total // 4, total // 2, total - 40, total):
+        board = app_board(settings_for(broker), secrets)
+        rb = boards.start(board, cut_at=cut, once=True)
+        rb.wait()
+        assert f"power-cut at block write {cut}" in rb.console()
+        rb = boards.start(board)
+        rb.wait_for(r"USER up, psk=None password=pw-Secret-3")
+        rb.stop()
+        assert secrets_on_flash(board, secrets) == [], f"cut at {cut}:\n{rb.console()}"
+        assert "provision.json" not in board.ls() and ".scrub" not in board.ls(), cut
+        size, free = board.df()
+        assert free > size // 2, cut  # the fill file did not stay
