@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mpy_blox_tools import micropython
-from mpy_blox_tools.broker import ENGINES
+from mpy_blox_tools.broker import ENGINES, MAX_PACKET_SIZE
 from mpy_blox_tools.build import PLATFORMS
 from mpy_blox_tools.errors import MpyBloxError
 from mpy_blox_tools.vboard.board import DEFAULT_FLASH, FILESYSTEMS, Board
@@ -219,6 +219,8 @@ def _broker(args: argparse.Namespace) -> int:
         args.bind,
         Path(args.password_file) if args.password_file else None,
         args.engine,
+        acl_file=Path(args.acl_file) if args.acl_file else None,
+        max_packet_size=micropython.parse_size(args.max_packet_size),
     )
 
 
@@ -235,6 +237,17 @@ def _add_broker(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dir", default=".mpy-blox/broker", help="where retained messages are kept")
     p.add_argument("--password-file", help="a mosquitto_passwd file: no anonymous access")
+    p.add_argument(
+        "--acl-file",
+        help="with --password-file: who may read and write what "
+        "(default: examples/mosquitto/mpypi.acl)",
+    )
+    p.add_argument(
+        "--max-packet-size",
+        default=str(MAX_PACKET_SIZE),
+        metavar="SIZE",
+        help="larger packets end the connection (default 16M: a package is one message)",
+    )
     p.add_argument(
         "--engine",
         choices=ENGINES,
