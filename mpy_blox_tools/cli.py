@@ -179,6 +179,9 @@ def _publish(args: argparse.Namespace) -> int:
         dev=args.dev,
         key_file=args.key_file,
         wait=args.wait,
+        ca_file=args.ca_file,
+        client_cert=args.client_cert,
+        client_key=args.client_key,
     )
     return 0 if ok else 1
 
@@ -196,15 +199,17 @@ def _status(args: argparse.Namespace) -> int:
     from mpy_blox_tools.mqtt import BrokerURL
 
     broker = BrokerURL.parse(args.broker) if args.broker else BrokerURL.from_settings()
-    devices = fleet.fetch(broker)
+    devices = fleet.fetch(broker.with_tls(args.ca_file, args.client_cert, args.client_key))
     print(fleet.as_json(devices) if args.json else fleet.format_table(devices))
     return 0
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
+    from mpy_blox_tools.mqtt import add_connect_arguments
+
     p = sub.add_parser("status", help="table of the fleet from the retained info/status topics")
-    p.add_argument(
-        "--broker", help="mqtt[s]://[user[:password]@]host[:port] (default: from ./settings.json)"
+    add_connect_arguments(
+        p, "mqtt[s]://[user[:password]@]host[:port] (default: from ./settings.json)"
     )
     p.add_argument("--json", action="store_true", help="JSON for scripts")
     p.set_defaults(func=_status)
