@@ -31,9 +31,11 @@ from pathlib import Path
 from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker, BrokerContext
 from amqtt.contexts import Action, BrokerConfig, ListenerConfig
-from amqtt.errors import BrokerError
+from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
+from amqtt.utils import gen_client_id
 
 from mpy_blox_tools import mosquitto_acl, mosquitto_passwd
 from mpy_blox_tools.errors import MpyBloxError
@@ -167,11 +169,15 @@ class LimitedReader(ReaderAdapter):
 
 
 class LimitedBroker(Broker):
-    """amqtt's broker with a packet size limit and the ACL applied to retained messages."""
+    """amqtt's broker with a packet size limit, the ACL applied to retained messages, and
+    the login checked before a client id can touch a session."""
 
-    def __init__(self, config: BrokerConfig, max_packet_size: int) -> None:
+    def __init__(
+        self, config: BrokerConfig, max_packet_size: int, logins_by_name: bool = False
+    ) -> None:
         super().__init__(config)
         self.max_packet_size = max_packet_size
+        self.logins_by_name = logins_by_name  # a password file: client id = user name
 
     async def stream_connected(self, reader, writer, listener_name: str) -> None:
         host, port = writer.get_extra_info("peername")[:2]
@@ -179,6 +185,50 @@ class LimitedBroker(Broker):
             StreamReaderAdapter(reader), self.max_packet_size, f"{host}:{port}"
         )
         await self.external_connected(limited, StreamWriterAdapter(writer), listener_name)
+
+    async def _initialize_client_session(self, reader, writer, remote_address, remote_port):
+        # amqtt 0.12 looks the CONNECT's client id up, and for a clean session deletes
+        # the session of that id (a connected device's subscriptions included), before
+        # it checks the password: anyone could cut a device off from its commands by
+        # connecting with its id. Here the login comes first; with a password file a
+        # client's id is then its user name (Mosquitto's use_username_as_clientid), so
+        # no account takes over another's session. The rest is amqtt's own.
+        try:
+            handler, session = await BrokerProtocolHandler.init_from_connect(
+                reader, writer, self.plugins_manager
+            )
+        except (AMQTTError, NoDataError) as e:
+            raise AMQTTError(e) from e
+        except MQTTError:
+            await writer.close()
+            raise
+        if self.logins_by_name:
+            if not await self._authenticate(session, None):
+                session.client_id = session.client_id or "<refused>"
+                handler.attach(session, reader, writer)
+                await handler.mqtt_connack_authorize(False)
+                await writer.close()
+                raise AMQTTError(f"{remote_address}:{remote_port}: login refused")
+            session.client_id = session.username
+        if session.clean_session:
+            if session.client_id:
+                await self._delete_session(session.client_id)
+            else:
+                session.client_id = gen_client_id()
+            session.parent = 0
+        elif session.client_id in self._sessions:
+            existing, _ = self._sessions[session.client_id]
+            for name in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive"):
+                setattr(existing, name, getattr(session, name))
+            existing.username, existing.password = session.username, session.password
+            session = existing
+            session.parent = 1
+        else:
+            session.parent = 0
+        grace = self.config.get("timeout-disconnect-delay", 0)
+        if session.keep_alive > 0 and isinstance(grace, int):
+            session.keep_alive += grace
+        return handler, session
 
     async def _publish_retained_messages_for_subscription(self, subscription, session) -> None:
         # amqtt 0.12 sends retained messages for a new subscription, and on a
@@ -227,13 +277,15 @@ def broker_config(
     )
 
 
-async def serve(config: BrokerConfig, max_packet_size: int, on_started=None) -> None:
+async def serve(
+    config: BrokerConfig, max_packet_size: int, on_started=None, *, logins_by_name: bool = False
+) -> None:
     """Run the broker until SIGINT or SIGTERM, then shut it down with everything saved."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    broker = LimitedBroker(config, max_packet_size)
+    broker = LimitedBroker(config, max_packet_size, logins_by_name)
     try:
         await broker.start()
     except BrokerError as e:
@@ -276,6 +328,6 @@ def run_embedded_broker(
             flush=True,
         )
 
-    asyncio.run(serve(config, max_packet_size, started))
+    asyncio.run(serve(config, max_packet_size, started, logins_by_name=bool(password_file)))
     print(f"mpy-blox: broker stopped; retained messages saved in {retained_dir}", flush=True)
     return 0

@@ -250,6 +250,39 @@ def test_a_will_on_a_topic_the_device_may_not_write_is_never_published(fleet_bro
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_no_login_and_no_other_account_can_cut_a_device_off_with_its_client_id(
+    fleet_broker, engine
+):
+    b = fleet_broker(engine)
+    dev = Client(b, DEVICE, client_id=DEVICE)
+    lost = threading.Event()
+    dev.client.on_disconnect = lambda *a: lost.set()
+    dev.subscribe(f"mpypi/nodes/{DEVICE}/cmd")
+    # A stranger with a wrong password, then another device's account, both asking
+    # for the device's client id with a clean session.
+    stranger = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=DEVICE)
+    stranger.username_pw_set(DEVICE, "guessed")
+    answered = threading.Event()
+    stranger.on_connect = lambda c, u, f, reason, p: answered.set()
+    stranger.connect(b.host, b.port)
+    stranger.loop_start()
+    assert answered.wait(10)
+    stranger.loop_stop()
+    stranger.disconnect()
+    Client(b, OTHER, client_id=DEVICE).close()
+    # The device is still subscribed and connected: a live command reaches it.
+    pub = Client(b, "publisher")
+    pub.client.publish(f"mpypi/nodes/{DEVICE}/cmd", b"[]", qos=1).wait_for_publish(10)
+    deadline = time.monotonic() + 10
+    while f"mpypi/nodes/{DEVICE}/cmd" not in dev.got:
+        assert time.monotonic() < deadline, b.log()
+        time.sleep(0.02)
+    assert not lost.is_set()
+    pub.close()
+    dev.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_a_packet_over_max_packet_size_ends_the_connection_and_is_not_kept(fleet_broker, engine):
     b = fleet_broker(engine, "--max-packet-size", "64K")
     pub = Client(b, "publisher")
