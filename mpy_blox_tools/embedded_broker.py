@@ -141,16 +141,17 @@ class LimitedReader(ReaderAdapter):
 
     async def read(self, n: int = -1) -> bytes:
         data = await self.inner.read(n)
-        for i, byte in enumerate(data):
-            if self.body:
+        i = 0
+        while i < len(data):
+            if self.body:  # inside a packet's body: skip what of it this read holds
                 take = min(self.body, len(data) - i)
                 self.body -= take
-                if self.body or i + take == len(data):
-                    break
-                continue  # a later byte of this read starts the next packet
-            self.header.append(byte)
-            if len(self.header) == 1 or byte & 0x80:
+                i += take
                 continue
+            self.header.append(data[i])
+            i += 1
+            if len(self.header) == 1 or self.header[-1] & 0x80:
+                continue  # the type byte, or a remaining-length byte with more to come
             remaining = sum((b & 0x7F) << (7 * k) for k, b in enumerate(self.header[1:]))
             size = len(self.header) + remaining
             self.header = []

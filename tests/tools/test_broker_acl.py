@@ -310,3 +310,70 @@ def test_bad_broker_limits_and_acl_files_are_one_line_and_nothing_starts(
     assert cli([*args, "--acl-file", str(acl)]) == 1
     assert "--acl-file needs --password-file" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_patterns_never_grow_into_other_topics_through_a_user_name():
+    from mpy_blox_tools.broker import recipe_acl
+    from mpy_blox_tools.mosquitto_acl import load
+
+    acl = load(recipe_acl())
+    own = f"mpypi/nodes/{DEVICE}/status"
+    assert acl.may_publish(DEVICE, DEVICE, own)
+    assert not acl.may_publish(DEVICE, DEVICE, f"mpypi/nodes/{DEVICE}/cmd")
+    # A user name with a wildcard or a level separator gets no pattern rights at all.
+    for name in ("+", "#", f"{OTHER}/x", "esp32-+"):
+        assert not acl.may_publish(name, name, f"mpypi/nodes/{name}/status")
+        assert not acl.may_publish(name, name, f"mpypi/nodes/{OTHER}/status")
+        assert not acl.may_receive(name, name, f"mpypi/nodes/{OTHER}/cmd")
+    assert not acl.may_publish(None, "anon", own)  # no user: no %u
+    assert acl.may_subscribe(DEVICE, DEVICE, "mpypi/#")  # delivery filters it
+    assert not acl.may_subscribe(DEVICE, DEVICE, "other/#")
+
+
+@pytest.mark.skipif(not broker_module.amqtt_installed(), reason="needs amqtt")
+@pytest.mark.parametrize("chunking", ["as amqtt reads", "all at once", "byte by byte"])
+@pytest.mark.parametrize("body", [126, 127, 128, 16383, 16384])
+def test_the_embedded_brokers_reader_finds_each_packets_size_at_any_chunking(chunking, body):
+    import asyncio
+
+    from mpy_blox_tools.embedded_broker import LimitedReader
+
+    def packet(n: int) -> bytes:
+        length, remaining = bytearray(), n
+        while True:
+            byte, remaining = remaining & 0x7F, remaining >> 7
+            length.append(byte | (0x80 if remaining else 0))
+            if not remaining:
+                return bytes([0x30, *length]) + b"x" * n
+
+    ok, big = packet(body), packet(body + 1)
+    limit = len(ok)
+
+    class Inner:
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        async def read(self, n: int = -1) -> bytes:
+            n = len(self.data) if n < 0 else n
+            out, self.data = self.data[:n], self.data[n:]
+            return out
+
+        def feed_eof(self) -> None:
+            self.data = b""
+
+    async def consume(stream: bytes) -> int:
+        reader = LimitedReader(Inner(stream), limit, "test")
+        total = 0
+        if chunking == "all at once":
+            return len(await reader.read(-1)) or -1
+        while True:
+            if chunking == "byte by byte":
+                got = await reader.read(1)
+            else:  # the fixed header a byte at a time, then the whole rest
+                got = await reader.read(1 if reader.body == 0 else reader.body)
+            if not got:
+                return total if total == len(stream) else -1
+            total += len(got)
+
+    assert asyncio.run(consume(ok + ok)) == 2 * len(ok)
+    assert asyncio.run(consume(ok + big)) == -1
