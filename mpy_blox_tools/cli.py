@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mpy_blox_tools import micropython
-from mpy_blox_tools.broker import ENGINES
+from mpy_blox_tools.broker import ENGINES, MAX_PACKET_SIZE
 from mpy_blox_tools.build import PLATFORMS
 from mpy_blox_tools.errors import MpyBloxError
 from mpy_blox_tools.vboard.board import DEFAULT_FLASH, FILESYSTEMS, Board
@@ -202,6 +202,9 @@ def _publish(args: argparse.Namespace) -> int:
         dev=args.dev,
         key_file=args.key_file,
         wait=args.wait,
+        ca_file=args.ca_file,
+        client_cert=args.client_cert,
+        client_key=args.client_key,
     )
     return 0 if ok else 1
 
@@ -219,15 +222,17 @@ def _status(args: argparse.Namespace) -> int:
     from mpy_blox_tools.mqtt import BrokerURL
 
     broker = BrokerURL.parse(args.broker) if args.broker else BrokerURL.from_settings()
-    devices = fleet.fetch(broker)
+    devices = fleet.fetch(broker.with_tls(args.ca_file, args.client_cert, args.client_key))
     print(fleet.as_json(devices) if args.json else fleet.format_table(devices))
     return 0
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
+    from mpy_blox_tools.mqtt import add_connect_arguments
+
     p = sub.add_parser("status", help="table of the fleet from the retained info/status topics")
-    p.add_argument(
-        "--broker", help="mqtt[s]://[user[:password]@]host[:port] (default: from ./settings.json)"
+    add_connect_arguments(
+        p, "mqtt[s]://[user[:password]@]host[:port] (default: from ./settings.json)"
     )
     p.add_argument("--json", action="store_true", help="JSON for scripts")
     p.set_defaults(func=_status)
@@ -242,6 +247,8 @@ def _broker(args: argparse.Namespace) -> int:
         args.bind,
         Path(args.password_file) if args.password_file else None,
         args.engine,
+        acl_file=Path(args.acl_file) if args.acl_file else None,
+        max_packet_size=micropython.parse_size(args.max_packet_size),
     )
 
 
@@ -258,6 +265,17 @@ def _add_broker(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dir", default=".mpy-blox/broker", help="where retained messages are kept")
     p.add_argument("--password-file", help="a mosquitto_passwd file: no anonymous access")
+    p.add_argument(
+        "--acl-file",
+        help="with --password-file: who may read and write what "
+        "(default: examples/mosquitto/mpypi.acl)",
+    )
+    p.add_argument(
+        "--max-packet-size",
+        default=str(MAX_PACKET_SIZE),
+        metavar="SIZE",
+        help="larger packets end the connection (default 16M: a package is one message)",
+    )
     p.add_argument(
         "--engine",
         choices=ENGINES,

@@ -241,13 +241,17 @@ def publish_release(
     dev: bool = False,
     key_file: str | Path | None = None,
     wait: float | None = None,
+    ca_file: str | Path | None = None,
+    client_cert: str | Path | None = None,
+    client_key: str | Path | None = None,
 ) -> bool:
     """Build (or take `wheel`), publish it with `extra_src_files` and, with `wait`,
     follow the devices; True when published and every device updated in time.
 
     What `mpy-blox publish` and scripts/publish_ota_update.py run, with the same
     defaults: the broker and channel of ./settings.json, the key of $MPY_BLOX_UPDATE_KEY.
-    `extra_src_files` are `FILE` or `FILE:DEVICE_PATH`.
+    `extra_src_files` are `FILE` or `FILE:DEVICE_PATH`; `ca_file`, `client_cert` and
+    `client_key` are the TLS files of an mqtts:// broker (`mqtt.BrokerURL.with_tls`).
     """
     from mpy_blox_tools import watch
 
@@ -257,6 +261,7 @@ def publish_release(
         implicit.append(f"broker {broker}")
     elif isinstance(broker, str):
         broker = mqtt.BrokerURL.parse(broker)
+    broker = broker.with_tls(ca_file, client_cert, client_key)
     key = load_key(str(key_file) if key_file else None)
     device_ids = tuple(device_ids)
     if not channel and not device_ids:
@@ -327,9 +332,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="source files to install at PATH on the device (default: the file name)",
     )
     p.add_argument("--wheel", help="publish this wheel instead of building the framework")
-    p.add_argument(
-        "--broker",
-        help="mqtt[s]://[user[:password]@]host[:port] (default: mqtt of ./settings.json)",
+    mqtt.add_connect_arguments(
+        p, "mqtt[s]://[user[:password]@]host[:port] (default: mqtt of ./settings.json)"
     )
     p.add_argument("--key-file", help=f"the update key, to sign the list (or ${KEY_ENV})")
     p.add_argument(
