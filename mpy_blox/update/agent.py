@@ -133,7 +133,7 @@ class Agent:
             await self.node.publish_info()
             return
         # Accepted: the seq (no replay after this) and the install boot to
-        # come, in one NVS commit; the install boot fetches the retained list
+        # come (record.set_pending: cut-safe); the install boot fetches the retained list
         # again, so nothing is written to flash on this busy heap.
         new = seq is not None and seq > self.seq
         if new:

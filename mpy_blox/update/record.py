@@ -88,9 +88,9 @@ def _ib():
 
 
 def pending():
-    """(ib_to, ib_tries) from NVS; ib_to 0 means no install is pending.
+    """[to, tries] from NVS ib; to 0 means no install is pending.
 
-    The app asks it at every boot: ib_to set makes the boot an install boot."""
+    The app asks it at every boot: to set makes the boot an install boot."""
     ib = _ib()
     return [ib[0], ib[1]]
 
