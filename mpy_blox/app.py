@@ -55,8 +55,9 @@ def _boot_count():
 
 
 def _configure():
+    import os
+
     from mpy_blox import config as cfg
-    from mpy_blox import provision
     from mpy_blox.secure import SecureStore
 
     settings = cfg.load_settings()
@@ -67,6 +68,15 @@ def _configure():
         log.warning("logging.level %r unknown: using INFO", level)
     store = SecureStore()
     store.load()
+    try:
+        # provision.PROVISION, asked without importing the module: a boot with
+        # nothing to provision (nearly every one) does not load its 2.2 KB of
+        # bytecode, nor intern its names for good.
+        os.stat("/provision.json")
+    except OSError:
+        return cfg.Config(settings, store.values)
+    from mpy_blox import provision
+
     provision.ingest(store)
     return cfg.Config(settings, store.values)
 
