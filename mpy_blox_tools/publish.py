@@ -143,6 +143,9 @@ def _verified_seqs(client, key: ReleaseKey | bytes, log) -> dict[str, int]:
     trust = keys.trust_of(key)
     out = {}
     for topic, payload in sorted(mqtt.collect_retained(client, *LIST_FILTERS).items()):
+        if not payload.startswith((manifest.SIGNED_HEADER, manifest.ED25519_HEADER)):
+            log(f"warning: the list on {topic} is not signed: not counted")
+            continue
         try:
             got = manifest.decode(payload, trust)  # our own seq, whatever topic it is on
         except InvalidUpdate as e:
@@ -151,10 +154,8 @@ def _verified_seqs(client, key: ReleaseKey | bytes, log) -> dict[str, int]:
         except Exception as e:  # junk of any shape is a warning, never a crash
             log(f"warning: the list on {topic} is unreadable ({type(e).__name__}): not counted")
             continue
-        if got.seq is None:
-            log(f"warning: the list on {topic} is not signed: not counted")
-            continue
-        out[topic] = got.seq
+        if got.seq is not None:  # always, for a list verified with a key
+            out[topic] = got.seq
     return out
 
 
