@@ -67,11 +67,11 @@ def _write_new(path: Path, data: bytes, mode: int, force: bool) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if force:
+            os.replace(target, path)
     except BaseException:
         target.unlink(missing_ok=True)
         raise
-    if force:
-        os.replace(target, path)
 
 
 def generate(path: Path, force: bool = False) -> ReleaseKey:
