@@ -6,7 +6,6 @@ from __future__ import annotations
 import binascii
 import hashlib
 import json
-import os
 import random
 
 import pytest
@@ -190,7 +189,7 @@ def test_wrong_lengths_are_refused_not_raised():
 
 
 def test_micropython_agrees_with_cryptography_on_each_lane(run_mpy, lane, tmp_path):
-    cases = _cases(8, seed=int.from_bytes(os.urandom(4), "little"))
+    cases = _cases(8, seed=8032)
     for _, pub, msg, sig in RFC8032.values():
         cases.append((bytes.fromhex(pub), bytes.fromhex(msg), bytes.fromhex(sig), True))
     s = 12345
