@@ -201,6 +201,9 @@ def _publish(args: argparse.Namespace) -> int:
         platform=args.platform,
         dev=args.dev,
         key_file=args.key_file,
+        expires=args.expires,
+        next_pubkey=args.next_pubkey,
+        force=args.force,
         wait=args.wait,
         ca_file=args.ca_file,
         client_cert=args.client_cert,
@@ -215,6 +218,24 @@ def _add_publish(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("publish", help="publish an update to a channel or to devices")
     add_arguments(p)
     p.set_defaults(func=_publish)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from mpy_blox_tools import keys
+
+    key = keys.generate(Path(args.path), force=args.force)
+    print(f"wrote {args.path} (private, keep it secret) and {keys.pub_path(Path(args.path))}")
+    print(f"update.pubkey: {key.public_hex}")
+    return 0
+
+
+def _add_keygen(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "keygen", help="make an Ed25519 release key: PATH (private, 0600) and PATH.pub"
+    )
+    p.add_argument("path", metavar="PATH", help="the private key file to create")
+    p.add_argument("--force", action="store_true", help="replace PATH and PATH.pub if they exist")
+    p.set_defaults(func=_keygen)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -396,6 +417,7 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
 PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_build,
     _add_publish,
+    _add_keygen,
     _add_status,
     _add_broker,
     _add_vboard,
