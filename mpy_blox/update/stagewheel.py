@@ -134,11 +134,10 @@ def stage_wheel(inst, entry, path):
     w = Wheel(path, os.stat(path)[6], inst.buf)
     record = None
     try:
-        files = usize_total = 0
+        files = 0
         rec_entry = wheel_entry = None
         for name, method, csize, usize, off in w.entries():
             files += 1
-            usize_total += usize
             if name.endswith(".dist-info/RECORD") and name.count("/") == 1:
                 if rec_entry is not None:  # the one not read would be installed unchecked
                     raise InvalidUpdate("wheel lists a file twice: " + name)
@@ -149,19 +148,25 @@ def stage_wheel(inst, entry, path):
         want = "%s-%s.dist-info" % (normalize(entry["name"]), entry["version"])
         if dist is None or dist.lower() != want.lower():
             raise InvalidUpdate("wheel is %s, the list says %s" % (dist, want))
-        free, block = state.fs_free(inst.root)
-        if usize_total + (files + RESERVE_BLOCKS) * block > free:
-            raise InvalidUpdate("does not fit: wheel unpacks to %d bytes" % usize_total)
         _check_tag(inst, w, wheel_entry)
         if rec_entry is None:
             raise InvalidUpdate("wheel without RECORD")
         rec_name, method, csize, usize, off = rec_entry
+        # What fits is decided by the sizes extraction enforces: RECORD's own
+        # entry is cut off at its directory size, every other file at its
+        # RECORD size. The directory's sizes of the others bound nothing.
+        free, block = state.fs_free(inst.root)
+        need = usize + (files + RESERVE_BLOCKS) * block
+        if need > free:
+            raise InvalidUpdate("does not fit: the wheel's RECORD alone is %d bytes" % usize)
         ri = inst.next_index()
         digest, _ = w.copy_entry(method, csize, off, inst.stage_path(ri), usize)
         rec_hex = hex_digest(digest)
         record = Record(inst.stage_path(ri), files, rec_name)
         if record.n != files - 1:
             raise InvalidUpdate("RECORD does not match the wheel's files")
+        if need + record.size > free:
+            raise InvalidUpdate("does not fit: wheel unpacks to %d bytes" % (usize + record.size))
         for name, method, csize, _usize, off in w.entries():
             if name == rec_name:
                 continue

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ast
 import json
+import re
+import struct
 
 import pytest
 from test_update_refusals import V1, Device, refused
@@ -308,3 +310,38 @@ def test_on_fat_main_py_in_another_spelling_is_refused_and_the_boot_file_is_safe
     assert board.cat("main.py") == DRIVER.encode()
     out = run_to_done(boards, board)  # and it still boots into the same main.py
     assert "RECOVER none" in out and f"ERROR reserved path: {path}" in out, out
+
+
+def understate(data: bytes, name: str, usize: int) -> bytes:
+    """`data` with `name`'s uncompressed size said to be `usize` in the zip directory
+    and in its local header (RECORD still says the truth)."""
+    out = bytearray(data)
+    raw = name.encode()
+    for sig, at, name_at in ((b"PK\x01\x02", 24, 46), (b"PK\x03\x04", 22, 30)):
+        i = out.find(sig)
+        while i >= 0:
+            if out[i + name_at : i + name_at + len(raw)] == raw:
+                struct.pack_into("<I", out, i + at, usize)
+            i = out.find(sig, i + 4)
+    return bytes(out)
+
+
+def test_a_wheel_whose_zip_directory_understates_its_sizes_is_refused_before_unpacking(
+    boards, update_board
+):
+    # 3 MiB of zeros deflate to a few KB: the download and the pre-flight fit a
+    # 2 MiB flash. The directory says 100 bytes; extraction is bounded by RECORD's
+    # 3 MiB, and so must the check be, or the flash fills while staging.
+    big = bytes(3 * 1024 * 1024)
+    w = make_wheel("demo-pkg", "1.0", {"demo_pkg/__init__.py": b"", "demo_pkg/big.bin": big})
+    data = understate(w.data, "demo_pkg/big.bin", 100)
+    assert len(data) < 20_000
+    w = Pkg(data, dict(w.entry, pkg_sha256=sha256(data), size=len(data)))
+    board = update_board(board_files([w], manifest.encode_list([w.entry])), flash_size="2M")
+    before = board.ls()
+    out = run_to_done(boards, board)
+    said = re.search(r"ERROR does not fit: wheel unpacks to (\d+) bytes", out)
+    assert said and int(said.group(1)) > len(big), out
+    assert {p: s for p, s in board.ls().items() if not p.startswith(".mpypi")} == before
+    # Refused before anything was unpacked: the download and RECORD, no 3 MiB.
+    assert board.block_writes() < 200, board.block_writes()
