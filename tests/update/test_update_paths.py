@@ -13,6 +13,7 @@ import ast
 import json
 import re
 import struct
+from pathlib import Path
 
 import pytest
 from test_update_refusals import V1, Device, refused
@@ -20,7 +21,8 @@ from update_kit import DRIVER, REPO, Pkg, board_files, make_src, make_wheel, rec
 
 from mpy_blox.update import manifest, paths
 from mpy_blox.update.paths import InvalidUpdate
-from mpy_blox_tools import wheel
+from mpy_blox_tools import publish, wheel
+from mpy_blox_tools.errors import MpyBloxError
 
 # src targets (relative to the device root) and what is said about each: "ok" or the reason.
 SRC = {
@@ -345,3 +347,70 @@ def test_a_wheel_whose_zip_directory_understates_its_sizes_is_refused_before_unp
     assert {p: s for p, s in board.ls().items() if not p.startswith(".mpypi")} == before
     # Refused before anything was unpacked: the download and RECORD, no 3 MiB.
     assert board.block_writes() < 200, board.block_writes()
+
+
+# -- the publisher ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(publish, "STATE_DIR", tmp_path / "state")
+
+
+def wheel_file(tmp_path: Path, pkg: Pkg, name: str = "demo_pkg-2.0-py3-none-any.whl") -> Path:
+    path = tmp_path / name
+    path.write_bytes(pkg.data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "files,reason",
+    [
+        # (no UTF-8 flag from our zip writer: zipfile reads the name as cp437)
+        ({"demo_pkg/caf\u00e9.py": b"x"}, "non-ASCII character in path: demo_pkg/caf"),
+        ({"mpypi_recover.py": b"x"}, "reserved path: mpypi_recover.py"),
+        ({"demo_pkg/a.py": b"a", "demo_pkg/A.py": b"b"}, "listed twice: demo_pkg/A.py"),
+        ({"other-1.0.dist-info/RECORD": b""}, "not in the wheel's own .dist-info"),
+    ],
+)
+def test_the_publisher_refuses_a_wheel_the_device_would_refuse(tmp_path, state_dir, files, reason):
+    path = wheel_file(tmp_path, make_wheel("demo-pkg", "2.0", {**V2, **files}))
+    with pytest.raises(MpyBloxError) as e:
+        publish.wheel_package(path)
+    assert reason in str(e.value) and "\n" not in str(e.value), e.value
+
+
+def test_the_publisher_refuses_a_record_line_the_device_would_refuse(tmp_path, state_dir):
+    record = record_of(
+        [("demo_pkg/__init__.py", V2["demo_pkg/__init__.py"])],
+        "demo_pkg-2.0.dist-info/RECORD",
+        "../main.py,sha256=x,1",
+    ).decode()
+    w = make_wheel("demo-pkg", "2.0", V2, record=record)
+    with pytest.raises(MpyBloxError, match=r"unsafe path: \.\./main\.py"):
+        publish.wheel_package(wheel_file(tmp_path, w))
+
+
+def test_the_publisher_refuses_a_non_ascii_wheel_name(tmp_path, state_dir):
+    w = make_wheel("d\u00e9mo-pkg", "2.0", {"d\u00e9mo_pkg/__init__.py": b""})
+    with pytest.raises(MpyBloxError, match=r"non-ASCII|bad name"):
+        publish.wheel_package(wheel_file(tmp_path, w))
+
+
+def test_a_non_ascii_wheel_name_is_refused_on_cpython_as_on_micropython():
+    entry = manifest.wheel_entry("d\u00e9mo-pkg", "2.0", "ab" * 32, 1)
+    with pytest.raises(InvalidUpdate, match="bad name"):
+        manifest.check_entry(entry, True)
+
+
+def test_the_publisher_accepts_a_good_wheel(tmp_path, state_dir):
+    package = publish.wheel_package(wheel_file(tmp_path, make_wheel("demo-pkg", "2.0", V2)))
+    assert package.entry["name"] == "demo-pkg"
+
+
+@pytest.mark.parametrize("path", ["MAIN.PY", "main.py.", "mpy_blox/app.py", "caf\u00e9.py"])
+def test_the_publisher_refuses_a_src_path_the_device_would_refuse(tmp_path, path):
+    local = tmp_path / "file.py"
+    local.write_bytes(b"x")
+    with pytest.raises(MpyBloxError, match="cannot publish to device path"):
+        publish.src_package(local, path)
