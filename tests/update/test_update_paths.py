@@ -414,3 +414,33 @@ def test_the_publisher_refuses_a_src_path_the_device_would_refuse(tmp_path, path
     local.write_bytes(b"x")
     with pytest.raises(MpyBloxError, match="cannot publish to device path"):
         publish.src_package(local, path)
+
+
+@pytest.mark.parametrize(
+    "path,reason",
+    [
+        ("user_main.py/x.py", "/user_main.py is in the way of /user_main.py/x.py"),
+        ("lib/demo_pkg", "/lib/demo_pkg is in the way of /lib/demo_pkg"),
+    ],
+)
+def test_a_file_where_a_folder_is_or_a_folder_where_a_file_is_is_refused(device, path, reason):
+    # apply() would stop half-way (ENOTDIR, EISDIR) and leave a journal it can never
+    # finish: every later install refused with "journal not applied".
+    s = make_src(path, b"x")
+    refused(device, device.run(manifest.encode_list([s.entry]), [s]), reason)
+    other = make_src("other.py", b"y")
+    assert device.run(manifest.encode_list([other.entry]), [other]) == "INSTALLED 1"
+
+
+def test_two_packages_writing_one_file_are_refused_and_nothing_changes(device):
+    # Two operations on one file: a cut between them leaves a journal that
+    # apply() cannot finish (the first one's staged file is gone).
+    s = make_src("lib/demo_pkg/__init__.py", b"VERSION = 'src'\n")
+    w = make_wheel("demo-pkg", "2.0", V2)
+    refused(device, device.install(s, w), "installed twice: /lib/demo_pkg/__init__.py")
+
+
+@pytest.mark.parametrize("first,second", [("data", "data/x.json"), ("DATA/x.json", "data.")])
+def test_a_file_where_another_package_needs_a_folder_is_refused(device, first, second):
+    a, b = make_src(first, b"a"), make_src(second, b"b")
+    refused(device, device.install(a, b), "a file is in the way of a folder")
