@@ -74,7 +74,6 @@ class Installer:
         self.changes = 0  # operations written to the journal's body
         self.cost = 0  # flash that apply() needs for them
         self._ops = None
-        self._layout = None  # where the operations' files go (layout.Layout)
         self._src = None
         self._wheels = False
         self.downloads = []  # (entry, stage index): downloaded, not staged yet
@@ -211,19 +210,14 @@ class Installer:
         cost = self._cost(staged)
         if old is not None:
             cost += self._cost(target)
-        self._op("P %d %s %s %s\n" % (i, target, new_hex, old or "-"), cost, target, old is None)
+        self._op("P %d %s %s %s\n" % (i, target, new_hex, old or "-"), cost)
 
     def delete(self, target):
         old = self._old(target)
         if old is not None:
-            self._op("D %d %s %s\n" % (self.next_index(), target, old), self._cost(target), target)
+            self._op("D %d %s %s\n" % (self.next_index(), target, old), self._cost(target))
 
-    def _op(self, line, cost, target, new=False):
-        if self._layout is None:
-            from mpy_blox.update.layout import Layout
-
-            self._layout = Layout(self.root, self._ops, self.root + recover.STAGE + _OPS)
-        self._layout.check(target, new)
+    def _op(self, line, cost):
         self._ops.write(line)
         self.changes += 1
         self.cost += cost
@@ -256,6 +250,15 @@ class Installer:
             self.abort()
             raise InvalidUpdate("does not fit: installing needs %d bytes, %d free" % (need, free))
         self._close()
+        # apply() must never stop half-way either (mpy_blox.update.layout).
+        gc.collect()
+        try:
+            from mpy_blox.update import layout
+
+            layout.check(self.root, self.root + recover.STAGE + _OPS)
+        except BaseException:  # refused, or no heap for it: nothing happened
+            self.abort()
+            raise
         try:
             recover.write_journal(self.root + recover.STAGE + _OPS, self.root, self.buf)
         except OSError:  # no complete journal: nothing happened
@@ -269,7 +272,6 @@ class Installer:
         if self._ops is not None:
             self._ops.close()
             self._ops = None
-        self._layout = None
         if self._wheels:
             from mpy_blox.update import zipwheel
 
