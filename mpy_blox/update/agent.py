@@ -35,7 +35,7 @@ class Agent:
     def __init__(self, client, config, node):
         self.client = client
         self.node = node
-        self.key = config.get_str("update.key") or None
+        self.config = config
         self.channel = config.get_str("update.channel", "stable")
         self.auto = config.get_bool("update.auto_update", True)
         self.pending = {}  # topic suffix -> (payload, retained): one per topic
@@ -109,8 +109,9 @@ class Agent:
     async def _handle(self, payload, to, retained):
         from mpy_blox.update import manifest
         from mpy_blox.update.paths import InvalidUpdate
+        from mpy_blox.update.trust import trust
 
-        seq, entries = manifest.decode_list(payload, self.key, to)
+        seq, entries = manifest.decode_list(payload, trust(self.config), to)
         digest = record.digest(payload)
         last = self.last or {}
         # Finished, ok or failed: last_update says so, or NVS if it could not.

@@ -62,8 +62,10 @@ class InstallBoot:
             self.error = "install boot did not finish in %d attempts" % _MAX_TRIES
             # Before the network, which may be what keeps failing. Named as the
             # agent accepted it, so that the app does not take it up again.
-            signed = config.get_str("update.key") and self.seq or None
-            self._done(signed, record.pending_digest())
+            from mpy_blox.update.trust import signed
+
+            listed = signed(config) and self.seq or None
+            self._done(listed, record.pending_digest())
         record.info(node, self.seq, record.load_last())  # before the connect: its info carries it
         await startup.wlan_up(config)
         # The client's modules: imported by the app before this module.
@@ -103,8 +105,9 @@ class InstallBoot:
             to = list_to(channel_topic(self.config.get_str("update.channel", "stable")))
         payload = await ib.fetch_list(to)
         self.digest = record.digest(payload)
-        key = self.config.get_str("update.key") or None
-        listed, entries = manifest.decode_list(payload, key, to)
+        from mpy_blox.update.trust import trust
+
+        listed, entries = manifest.decode_list(payload, trust(self.config), to)
         payload = None
         self.listed = listed
         if listed is not None:
@@ -124,7 +127,8 @@ class InstallBoot:
         startup.drop_all("mpy_blox.mqtt")
         # The list is decoded: staging needs neither its format nor its MAC
         # (paths holds InvalidUpdate), and the deflate window wants the room.
-        startup.drop(["mpy_blox.update.manifest", "mpy_blox.hmac"])
+        startup.drop(("mpy_blox.update.manifest", "mpy_blox.update.trust"))
+        startup.drop(("mpy_blox.hmac", "mpy_blox.ed25519"))
         inst, self.inst = self.inst, None
         if inst is not None and self.error is None:
             log.info("staging; free heap %d bytes", gc.mem_free())

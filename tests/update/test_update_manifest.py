@@ -120,7 +120,7 @@ def test_signed_entry_needs_a_size():
     entry = dict(ENTRIES[1])
     del entry["size"]
     with pytest.raises(InvalidUpdate, match="without size"):
-        manifest.decode_list(manifest.encode_list([entry], 1, "k"), "k")
+        manifest.decode_list(manifest.encode_list([entry], 1, "k", "channels/t"), "k")
 
 
 TOPICS = """
@@ -161,3 +161,64 @@ except InvalidUpdate as e:
     print("REFUSED", e)
 """)
     assert out.strip() == "REFUSED listed twice: foo_bar"
+
+
+def _signed_body(**fields):
+    doc = {"v": 1, "seq": 5, "to": "channels/t", "packages": [ENTRIES[1]], **fields}
+    doc = {k: v for k, v in doc.items() if v is not None}
+    body = json.dumps(doc).encode()
+    mac = hmac.new(b"the key", body, hashlib.sha256).hexdigest().encode()
+    return manifest.SIGNED_HEADER + mac + b"\n" + body
+
+
+@pytest.mark.parametrize(
+    "fields,reason",
+    [
+        ({"seq": 0}, "bad seq"),
+        ({"seq": 2**31}, "bad seq"),  # NVS keeps an i32: refused before anything stores it
+        ({"seq": 2**63}, "bad seq"),
+        ({"seq": True}, "bad seq"),
+        ({"seq": [1]}, "bad seq"),
+        ({"seq": 1.5}, "bad seq"),
+        ({"to": None}, "signed list without to"),
+        ({"to": ""}, "signed list without to"),
+        ({"to": 7}, "signed list without to"),
+        ({"expires": "tomorrow"}, "bad expires"),
+        ({"next_pubkey": "ab"}, "64 hex digits"),
+    ],
+)
+def test_a_signed_list_with_a_bad_field_is_refused_even_with_a_valid_signature(fields, reason):
+    with pytest.raises(InvalidUpdate, match=reason):
+        manifest.decode_list(_signed_body(**fields), "the key", "channels/t")
+
+
+def test_the_highest_seq_an_nvs_i32_holds_is_accepted():
+    assert manifest.decode_list(_signed_body(seq=2**31 - 1), "the key")[0] == 2**31 - 1
+    with pytest.raises(ValueError):
+        manifest.encode_list(ENTRIES, 2**31, "the key", "channels/t")
+    with pytest.raises(ValueError):
+        manifest.encode_list(ENTRIES, 1, "the key")  # no to: a signed list always names it
+
+
+def test_a_keyless_device_takes_a_signed_list_but_not_its_seq():
+    # An unverified seq must never be stored: a forged 2**31-1 would lock the
+    # device out of every real list once it is given a key (issue 19, finding 5).
+    forged = manifest.SIGNED_HEADER + b"00\n" + _signed_body(seq=2**31 - 1).split(b"\n", 1)[1]
+    got = manifest.decode(forged)
+    assert got.seq is None and got.signer is None and got.entries[0]["path"] == "user_main.py"
+
+
+def test_a_locked_device_refuses_every_list_with_its_reason():
+    locked = manifest.Trust(refuse="the secure store is unreadable")
+    for payload in (_signed_body(), b"[]"):
+        with pytest.raises(InvalidUpdate, match="updates locked: the secure store is unreadable"):
+            manifest.decode_list(payload, locked)
+    assert not locked.keyless() and manifest.Trust().keyless()
+
+
+def test_one_kind_of_key_does_not_accept_the_other_kind_of_list():
+    ed_form = manifest.ED25519_HEADER + b"00" * 64 + b"\n" + _signed_body().split(b"\n", 1)[1]
+    with pytest.raises(InvalidUpdate, match=r"no update\.pubkey"):
+        manifest.decode_list(ed_form, "the key")
+    with pytest.raises(InvalidUpdate, match="trusts only its Ed25519 key"):
+        manifest.decode_list(_signed_body(), manifest.Trust(pubkeys=[b"\x01" * 32]))

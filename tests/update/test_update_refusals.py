@@ -281,15 +281,16 @@ def test_unsigned_list_on_a_keyed_device_is_refused(device):
 
 def test_forged_list_on_a_keyed_device_is_refused(device):
     good = make_src("user_main.py", b"v2\n")
-    payload = manifest.encode_list([good.entry], 7, "another key")
+    payload = manifest.encode_list([good.entry], 7, "another key", "channels/t")
     refused(device, device.run(payload, [good], key=KEY), "bad signature")
-    tampered = manifest.encode_list([good.entry], 7, KEY).replace(b'"seq": 7', b'"seq": 9')
+    signed = manifest.encode_list([good.entry], 7, KEY, "channels/t")
+    tampered = signed.replace(b'"seq": 7', b'"seq": 9')
     refused(device, device.run(tampered, [good], key=KEY), "bad signature")
 
 
 def test_replayed_or_older_list_on_a_keyed_device_is_refused(device):
     good = make_src("user_main.py", b"v2\n")
-    payload = manifest.encode_list([good.entry], 7, KEY)
+    payload = manifest.encode_list([good.entry], 7, KEY, "channels/t")
     refused(device, device.run(payload, [good], key=KEY, last_seq=7), "replayed or older list")
     refused(device, device.run(payload, [good], key=KEY, last_seq=9), "seq 7, device at 9")
     assert device.run(payload, [good], key=KEY, last_seq=6) == "INSTALLED 1"
