@@ -14,6 +14,7 @@ them, so a device never sees a list whose packages are missing.
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 from mpy_blox import topics
 from mpy_blox.update import manifest
 from mpy_blox.update.manifest import InvalidUpdate
-from mpy_blox.update.paths import check_src_path
+from mpy_blox.update.paths import check_src_path, check_wheel_path, fold
 from mpy_blox_tools import build, fleet, keys, mqtt, wheel
 from mpy_blox_tools.errors import MpyBloxError
 from mpy_blox_tools.keys import ReleaseKey
@@ -81,6 +82,10 @@ def wheel_package(path: Path) -> Package:
     metas = [n for n in files if n.count("/") == 1 and n.endswith(".dist-info/METADATA")]
     if len(metas) != 1:
         raise MpyBloxError(f"{path}: not a wheel (no single .dist-info/METADATA)")
+    try:
+        check_wheel_names(files, metas[0].split("/")[0])
+    except InvalidUpdate as e:
+        raise MpyBloxError(f"{path}: {e}") from None
     meta = files[metas[0]].decode(errors="replace")
     name, version = _field(meta, "Name"), _field(meta, "Version")
     tag = _field(files.get(metas[0].replace("METADATA", "WHEEL"), b"").decode(), "Tag")
@@ -95,6 +100,29 @@ def wheel_package(path: Path) -> Package:
     except InvalidUpdate as e:
         raise MpyBloxError(f"{path}: {e}") from None
     return Package(entry, data, str(path))
+
+
+def check_wheel_names(files: dict[str, bytes], dist: str) -> None:
+    """The device's checks of a wheel's names, with the device's own functions
+    (mpy_blox.update.paths): each file and each RECORD line a safe path of this
+    wheel (ASCII, no boot module, no other .dist-info), once as FAT compares names.
+    (That RECORD lists exactly the files the device checks when it unpacks them.)"""
+    own = f"{dist}/RECORD"
+    found: set[str] = set()
+    for name in files:
+        check_wheel_path(name, dist)
+        if fold(name) in found:
+            raise InvalidUpdate(f"listed twice: {name}")
+        found.add(fold(name))
+    listed: set[str] = set()
+    text = files.get(own, b"").decode("utf-8", errors="replace")
+    for row in csv.reader(text.splitlines()):
+        if not row or row[0] == own:
+            continue
+        check_wheel_path(row[0], dist)
+        if fold(row[0]) in listed:
+            raise InvalidUpdate(f"RECORD lists a file twice: {row[0]}")
+        listed.add(fold(row[0]))
 
 
 def src_package(local: Path, device_path: str | None = None) -> Package:

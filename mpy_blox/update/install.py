@@ -250,6 +250,15 @@ class Installer:
             self.abort()
             raise InvalidUpdate("does not fit: installing needs %d bytes, %d free" % (need, free))
         self._close()
+        # apply() must never stop half-way either (mpy_blox.update.layout).
+        gc.collect()
+        try:
+            from mpy_blox.update import layout
+
+            layout.check(self.root, self.root + recover.STAGE + _OPS)
+        except BaseException:  # refused, or no heap for it: nothing happened
+            self.abort()
+            raise
         try:
             recover.write_journal(self.root + recover.STAGE + _OPS, self.root, self.buf)
         except OSError:  # no complete journal: nothing happened

@@ -43,7 +43,7 @@ import json
 from mpy_blox.hmac import compare_digest
 from mpy_blox.hmac import hmac_sha256 as _hmac
 from mpy_blox.update.names import normalize
-from mpy_blox.update.paths import InvalidUpdate, check_src_path  # noqa: F401  (re-exported)
+from mpy_blox.update.paths import InvalidUpdate, check_src_path, fold  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1
 SIGNED_HEADER = b"mpypi-hmac-sha256 "
@@ -102,7 +102,8 @@ def _text(entry, key):
     if not isinstance(value, str) or not value or len(value) > 64:
         raise InvalidUpdate("bad %s in %s entry" % (key, entry.get("type")))
     for c in value:
-        if not (c.isalpha() or c.isdigit() or c in "._-+!"):
+        # ASCII only: CPython's isalpha() takes more letters than MicroPython's.
+        if ord(c) > 127 or not (c.isalpha() or c.isdigit() or c in "._-+!"):
             raise InvalidUpdate("bad %s: %s" % (key, value))
     return value
 
@@ -248,8 +249,8 @@ def _entries(entries, signed):
     seen = set()
     for e in out:
         # A wheel by its normalised name, as the installer finds it (foo.bar
-        # and foo-bar are one package); a src file by its path.
-        ident = ("wheel", normalize(e["name"])) if "name" in e else ("src", e["path"])
+        # and foo-bar are one package); a src file by its path, as FAT compares it.
+        ident = ("wheel", normalize(e["name"])) if "name" in e else ("src", fold(e["path"]))
         if ident in seen:
             raise InvalidUpdate("listed twice: %s" % ident[1])
         seen.add(ident)

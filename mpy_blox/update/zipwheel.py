@@ -21,7 +21,7 @@ import gc
 import hashlib
 import struct
 
-from mpy_blox.update.paths import InvalidUpdate, check_wheel_path
+from mpy_blox.update.paths import InvalidUpdate, check_wheel_path, fold
 
 _EOCD = const(22)
 _MAX_COMMENT = const(256)
@@ -165,9 +165,11 @@ class Wheel:
             if made_by >> 8 == 3 and (attrs >> 16) & _S_IFMT == _S_IFLNK:
                 raise InvalidUpdate("symlink in wheel: " + name)
             top = name[: name.find("/")] if "/" in name else name
-            if top.endswith(".data"):
+            # Folded as FAT folds it: "x.dist-info." and "X.DIST-INFO" are x.dist-info there.
+            folded = fold(top)
+            if folded.endswith(".data"):
                 raise InvalidUpdate("wheel .data folders are not supported")
-            if top.endswith(".dist-info") and name.count("/") == 1:
+            if folded.endswith(".dist-info"):
                 if self.dist_info is None:
                     self.dist_info = top
                 elif self.dist_info != top:

@@ -28,6 +28,7 @@ CORE = [
     "update/zipwheel.py",
     "update/install.py",
     "update/stagewheel.py",
+    "update/layout.py",
 ]
 
 

@@ -136,7 +136,7 @@ def test_record_listing_a_file_twice_is_refused_and_nothing_changes(device):
         return [ln for ln in lines if not ln.startswith("demo_pkg/__init__.py,")] + [a]
 
     w = make_wheel("demo-pkg", "2.0", files, record=_rewrite_record(base, twice))
-    refused(device, device.install(w), "malformed RECORD")
+    refused(device, device.install(w), "RECORD lists a file twice: demo_pkg/a.py")
 
 
 def test_record_naming_another_file_is_refused_and_nothing_changes(device):
