@@ -14,6 +14,7 @@
 # reach the MQTT client as `mpy_blox.app.client` (None without MQTT).
 import asyncio
 import gc
+import os
 import sys
 
 from mpy_blox import log as logging
@@ -68,7 +69,19 @@ def _configure():
     store = SecureStore()
     store.load()
     provision.ingest(store)
-    return cfg.Config(settings, store.values)
+    conf = cfg.Config(settings, store.values)
+    # Fail closed (mpy_blox/update/trust.py): an update key that may be in a
+    # store we cannot read, or in a provision.json we could not take in, is
+    # not "no key": every update list is refused, saying this.
+    if store.state == "corrupt":
+        conf.key_error = "secure store unreadable"
+    else:
+        try:
+            os.stat(provision.PROVISION)
+            conf.key_error = "%s not provisioned" % provision.PROVISION
+        except OSError:
+            pass  # ingested, or none: the normal case
+    return conf
 
 
 async def _run():
@@ -91,7 +104,7 @@ async def _run():
     startup.drop(["mpy_blox.provision", "mpy_blox.secure"])
     mpy = sys.modules["mpy_blox"].__file__.endswith(".mpy")
     mqtt = None if mpy else startup.import_optional("mpy_blox.mqtt")
-    if _install_pending():
+    if _install_pending(config):
         if mqtt is None:
             mqtt = startup.import_optional("mpy_blox.mqtt")
         ib = startup.import_optional("mpy_blox.update.installboot") if mqtt is not None else None
@@ -159,7 +172,7 @@ def _grow_qstr_pool():
             chr(c)
 
 
-def _install_pending():
+def _install_pending(cfg):
     # An update list is pending (docs/protocol.md, "The install boot"): this
     # boot runs mpy_blox.update.installboot instead of the app. Asked of
     # record, the state's owner, which the agent imports later anyway.
@@ -167,6 +180,11 @@ def _install_pending():
         from mpy_blox.update import record
     except ImportError:  # a framework without the update package
         return False
+    # First, before any list can arrive: a device that has an update key is
+    # locked for good (docs/protocol.md, "Fail closed"); if the key becomes
+    # unreadable later, it refuses every list instead of taking unsigned ones.
+    if cfg.get("update.key") is not None or cfg.get("update.pubkey") is not None:
+        record.lock()
     return record.pending()[0] != 0
 
 

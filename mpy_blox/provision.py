@@ -83,10 +83,23 @@ def ingest(store, path=PROVISION):
 
 
 def unprovision(store=None):
-    """Clear the secure store (for `make unprovision` over mpremote)."""
-    if store is None:
+    """Clear the secure store, and with this device's store the update lock and
+    key rotation (for `make unprovision` over mpremote: physical access is the
+    authority; a store passed in, as tests do, is not this device's NVS)."""
+    own = store is None
+    if own:
         from mpy_blox.secure import SecureStore
 
         store = SecureStore()
     store.clear()
+    if own:
+        try:  # after the store: a cut between leaves the device locked, not open
+            from mpy_blox.update import record, trust
+
+            trust.forget_rotation()
+            record.unlock()
+            log.info("secure store cleared; updates unlocked")
+            return
+        except ImportError:  # a framework without the update package
+            pass
     log.info("secure store cleared")
