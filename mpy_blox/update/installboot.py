@@ -97,28 +97,34 @@ class InstallBoot:
         node.client = client = None
 
     async def _fetch(self, ib):
-        from mpy_blox.update import manifest
+        # The trust policy before the list: its code goes back to the heap
+        # with the list's buffers, in one piece, before the downloads.
+        from mpy_blox.update import manifest, trust
 
+        trusted = trust.trust(self.config)
         if self.to == record.CMD:
             to = list_to(node_topic(self.node.device_id, "cmd"))
         else:
             to = list_to(channel_topic(self.config.get_str("update.channel", "stable")))
         payload = await ib.fetch_list(to)
         self.digest = record.digest(payload)
-        from mpy_blox.update.trust import trust
-
-        listed, entries = manifest.decode_list(payload, trust(self.config), to)
-        payload = None
+        got = manifest.decode(payload, trusted, to)
+        payload = trusted = None
+        listed, entries = got.seq, got.entries
         self.listed = listed
-        if listed is not None:
-            if listed < self.seq:
-                raise manifest.InvalidUpdate(
-                    "replayed or older list: seq %d, device at %d" % (listed, self.seq)
-                )
-            if listed > self.seq:  # a newer list replaced the accepted one: accept it
-                record.set_pending(record.pending()[0], self.tries, listed, self.digest)
-                self.seq = listed
-        gc.collect()
+        if listed is not None and listed < self.seq:
+            raise manifest.InvalidUpdate(
+                "replayed or older list: seq %d, device at %d" % (listed, self.seq)
+            )
+        trust.check_expires(got)
+        if listed is not None and listed > self.seq:
+            # A newer list replaced the accepted one: accept it, as the agent
+            # does (its key rotation first; NVS, then RAM).
+            trust.note(self.config, got)
+            record.set_pending(record.pending()[0], self.tries, listed, self.digest)
+            self.seq = listed
+        got = trust = None
+        startup.drop(("mpy_blox.update.trust",))
         log.info("install boot; free heap %d bytes", gc.mem_free())
         self.inst = await ib.download(entries)
 
