@@ -14,7 +14,6 @@
 # reach the MQTT client as `mpy_blox.app.client` (None without MQTT).
 import asyncio
 import gc
-import os
 import sys
 
 from mpy_blox import log as logging
@@ -70,17 +69,8 @@ def _configure():
     store.load()
     provision.ingest(store)
     conf = cfg.Config(settings, store.values)
-    # Fail closed (mpy_blox/update/trust.py): an update key that may be in a
-    # store we cannot read, or in a provision.json we could not take in, is
-    # not "no key": every update list is refused, saying this.
-    if store.state == "corrupt":
-        conf.key_error = "secure store unreadable"
-    else:
-        try:
-            os.stat(provision.PROVISION)
-            conf.key_error = "%s not provisioned" % provision.PROVISION
-        except OSError:
-            pass  # ingested, or none: the normal case
+    # Fail closed: a key we may not have read is not "no key" (update/trust.py).
+    conf.key_error = provision.key_error(store)
     return conf
 
 

@@ -44,6 +44,19 @@ def _read(path):
     return values
 
 
+def key_error(store, path=PROVISION):
+    """Why an update key may be unreadable after ingest(), or None: the app
+    puts it in its Config for mpy_blox.update.trust, which then refuses every
+    update list instead of reading "no key" (fail closed)."""
+    if store.state == "corrupt":
+        return "secure store unreadable"
+    try:
+        os.stat(path)
+        return "%s not provisioned" % path  # malformed, too large, or not stored
+    except OSError:
+        return None  # ingested, or none: the normal case
+
+
 def merge(stored, update):
     """The store's new contents after applying a provision.json dict."""
     merged = {} if update.get("unprovision") is True else dict(stored)

@@ -297,3 +297,31 @@ def test_a_rotation_moves_the_device_to_the_next_key_and_forgets_the_old_one(
     publish_list(pub, [user_main("v4")], to, seq=3, key=old)
     watch.wait_status(state="failed", error="bad signature")
     publish(pub, "mpypi/" + to, b"")
+
+
+def test_a_keyless_device_keeps_no_seq_from_a_signed_list_it_could_not_verify(
+    trust_board, boards, mqtt_client, channel
+):
+    # Finding 5: a keyless device stored the seq of a forged "signed" list (2^31-1
+    # refused every signed list once a key was provisioned). Regression test: the
+    # list format (manifest) already gives no seq without a verified signature.
+    board = trust_board()
+    watch = Watcher(mqtt_client(), board.device_id)
+    rb = boards.start(board, heap=HEAP)
+    rb.wait_for("USER v1", timeout=30)
+    wait_info(watch, trust="none")
+    pub = mqtt_client()
+    to = f"channels/{channel}"
+    publish_list(pub, [user_main("v2")], to, seq=manifest.MAX_SEQ, key="anyone's key")
+    rb.wait_for("USER v2", timeout=40)
+    rb.stop()
+    assert "seq" not in board.nvs().get("mpypi", {})
+    # Provisioned now: its first signed list, seq 1, is taken.
+    board.write("provision.json", json.dumps({"update.key": KEY}).encode())
+    rb = boards.start(board, heap=HEAP)
+    rb.wait_for("USER v2", timeout=30)
+    publish_list(pub, [user_main("v3")], to, seq=1)
+    rb.wait_for("USER v3", timeout=40)
+    rb.stop()
+    assert board.nvs()["mpypi"]["seq"] == ["i32", 1]
+    publish(pub, "mpypi/" + to, b"")
