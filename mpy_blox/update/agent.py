@@ -147,7 +147,7 @@ class Agent:
         elif retained and finished:
             log.info("list seen again: already done")
             return  # the same unsigned list, seen again after a (re)connect
-        trusted.check_expires(got)
+        trusted.check_expires(got, trusted.now())
         if to.startswith("channels/") and not self.auto:
             self._refresh_info(available=seq)
             await self.node.publish_info()

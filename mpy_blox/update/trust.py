@@ -21,7 +21,7 @@
 # current key and the next one if announced (32 bytes each). A blob recorded
 # for another provisioned key is stale (provisioned anew): ignored.
 #
-# Expiry: a list's `expires` is enforced once the clock is set (clock_set()).
+# Expiry: a list's `expires` is enforced once the clock is set (now()).
 from mpy_blox.log import get_logger
 
 log = get_logger("update")
@@ -142,24 +142,21 @@ def forget_rotation():
     nvs.commit()
 
 
-def clock_set():
-    """True if time.time() is a real date (past _CLOCK_FLOOR): NTP or an RTC set it."""
-    return unix_time() >= _CLOCK_FLOOR
-
-
-def unix_time():
-    """time.time() as Unix time, whatever the port's epoch (1970 or 2000)."""
+def now():
+    """Unix time if the clock is set (past _CLOCK_FLOOR: NTP or an RTC set it),
+    else None. time.time() counts from the port's epoch: 2000 on MicroPython's
+    bare-metal ports, 1970 on unix (time.gmtime(0) says which)."""
     import time
 
-    now = time.time()
+    t = time.time()
     if time.gmtime(0)[0] == 2000:
-        now += _EPOCH_2000
-    return now
+        t += _EPOCH_2000
+    return t if t >= _CLOCK_FLOOR else None
 
 
-def check_expires(got):
-    """Refuse a list whose `expires` has passed, if the clock is set."""
-    if got.expires is not None and clock_set() and unix_time() > got.expires:
+def check_expires(got, at):
+    """Refuse a list whose `expires` is before `at` (now(); None: the clock is not set)."""
+    if got.expires is not None and at is not None and at > got.expires:
         from mpy_blox.update.paths import InvalidUpdate
 
         raise InvalidUpdate("list expired")
