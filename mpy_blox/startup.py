@@ -81,6 +81,14 @@ async def mqtt_up(mqtt, cfg, nd, announce=True):
     from mpy_blox.node import OFFLINE
     from mpy_blox.topics import node_topic
 
+    ssl = cfg.get_bool("mqtt.ssl", False)
+    ssl_params = cfg.get_dict("mqtt.ssl_params", {})
+    insecure = cfg.get_bool("mqtt.ssl_insecure", False)
+    if ssl and not insecure and not ssl_params.get("ca_file"):
+        # Fail closed: whoever answers could be in the middle, and would get
+        # mqtt.password. Said once on the console; user code runs on without MQTT.
+        log.error(mqtt.dial.NO_CA)
+        return None
     c = mqtt.MQTTClient(
         nd.device_id,
         server,
@@ -89,8 +97,9 @@ async def mqtt_up(mqtt, cfg, nd, announce=True):
         password=cfg.get_str("mqtt.password"),
         keepalive_s=cfg.get_int("mqtt.keepalive_s", 60),
         will=mqtt.Will(node_topic(nd.device_id, "status"), OFFLINE, retain=True, qos=1),
-        ssl=cfg.get_bool("mqtt.ssl", False),
-        ssl_params=cfg.get_dict("mqtt.ssl_params", {}),
+        ssl=ssl,
+        ssl_params=ssl_params,
+        ssl_insecure=insecure,
     )
     nd.client = c
     if announce:

@@ -3,10 +3,16 @@
 Each instance gets its own folder with a generated `mosquitto.conf` (loopback
 listener, persistence in the folder) that callers extend with extra lines:
 authentication, ACLs, TLS listeners, keepalive limits.
+
+`mpy-blox broker --password-file F` applies the recipe's ACL
+(`examples/mosquitto/mpypi.acl`, the one file both engines read: `recipe_acl()`), lets
+a client in under its user name as its client id, and refuses packets over
+`--max-packet-size` (default `MAX_PACKET_SIZE`), on Mosquitto and amqtt alike.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import importlib.util
 import os
 import shutil
@@ -24,6 +30,26 @@ INSTALL_HINT = (
     "Mosquitto is not installed: `sudo apt-get install mosquitto` (Debian, Ubuntu, WSL2) "
     "or `brew install mosquitto` (macOS)"
 )
+
+
+# The largest packet a broker takes: a package is one message today (docs/protocol.md),
+# and the recipe's `max_packet_size` leaves room for a several-MiB wheel.
+MAX_PACKET_SIZE = 16 * 2**20
+# MQTT's largest packet: 1 byte of type, 4 of remaining length, 268435455 after them.
+PACKET_SIZE_RANGE = (1024, 268435460)
+ACL_NAME = "mpypi.acl"
+
+
+def recipe_acl() -> Path:
+    """examples/mosquitto/mpypi.acl: in the checkout, or the copy the tools' wheel carries."""
+    package = Path(str(importlib.resources.files("mpy_blox_tools")))
+    for candidate in (
+        package / "device" / "examples" / "mosquitto" / ACL_NAME,
+        package.parent / "examples" / "mosquitto" / ACL_NAME,
+    ):
+        if candidate.is_file():
+            return candidate
+    raise MpyBloxError(f"{ACL_NAME} is not installed with mpy_blox_tools: give --acl-file")
 
 
 def find_mosquitto() -> str | None:
@@ -241,19 +267,40 @@ def check_listen_address(bind: str, port: int) -> None:
 
 
 def run_broker(
-    directory: Path, port: int, bind: str, password_file: Path | None, engine: str = "auto"
+    directory: Path,
+    port: int,
+    bind: str,
+    password_file: Path | None,
+    engine: str = "auto",
+    *,
+    acl_file: Path | None = None,
+    max_packet_size: int = MAX_PACKET_SIZE,
 ) -> int:
     """`mpy-blox broker`: a local broker in the foreground, retained messages kept in `directory`.
 
     Mosquitto when it is installed (or `engine="mosquitto"`), otherwise the embedded
-    amqtt broker (`engine="amqtt"`); both read the same `mosquitto_passwd` file.
+    amqtt broker (`engine="amqtt"`); both read the same `mosquitto_passwd` file and,
+    with it, the same ACL file (default: the recipe's, `recipe_acl()`).
     """
+    from mpy_blox_tools import mosquitto_acl
+
     engine = choose_engine(engine)
+    low, high = PACKET_SIZE_RANGE
+    if not low <= max_packet_size <= high:
+        raise MpyBloxError(
+            f"--max-packet-size {max_packet_size}: from {low} to {high} bytes "
+            f"(default {MAX_PACKET_SIZE})"
+        )
+    if acl_file and not password_file:
+        raise MpyBloxError("--acl-file needs --password-file: an ACL is by user name")
     check_listen_address(bind, port)
     if password_file and not password_file.is_file():
         raise MpyBloxError(
             f"{password_file}: no such password file (make one with mosquitto_passwd -c FILE USER)"
         )
+    if password_file:
+        acl_file = (acl_file or recipe_acl()).resolve()
+        mosquitto_acl.load(acl_file)  # a bad file is one line now, on either engine
     if bind not in ("127.0.0.1", "localhost", "::1") and password_file is None:
         print(
             "mpy-blox: warning: anyone on your network can publish code to your devices; "
@@ -263,17 +310,26 @@ def run_broker(
     if engine == "amqtt":
         from mpy_blox_tools.embedded_broker import run_embedded_broker
 
-        return run_embedded_broker(directory, port, bind, password_file)
+        return run_embedded_broker(directory, port, bind, password_file, acl_file, max_packet_size)
+    config = [f"max_packet_size {max_packet_size}"]
+    if password_file:
+        config += [
+            f"password_file {password_file.resolve()}",
+            f"acl_file {acl_file}",
+            "use_username_as_clientid true",
+        ]
     broker = Mosquitto(
         directory,
         port=port,
         host=bind,
-        extra_config=f"password_file {password_file.resolve()}" if password_file else "",
+        extra_config="\n".join(config),
         allow_anonymous=password_file is None,
         log_to_stdout=True,
     )
     print(
-        f"mpy-blox: Mosquitto on {broker.url}, retained messages kept in {broker.dir}", flush=True
+        f"mpy-blox: Mosquitto on {broker.url}, retained messages kept in {broker.dir}"
+        + (f", ACL {acl_file}" if acl_file else ""),
+        flush=True,
     )
     broker.exec_foreground()
     return 0  # not reached

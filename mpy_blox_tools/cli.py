@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mpy_blox_tools import micropython
-from mpy_blox_tools.broker import ENGINES
+from mpy_blox_tools.broker import ENGINES, MAX_PACKET_SIZE
 from mpy_blox_tools.build import PLATFORMS
 from mpy_blox_tools.errors import MpyBloxError
 from mpy_blox_tools.vboard.board import DEFAULT_FLASH, FILESYSTEMS, Board
@@ -178,7 +178,13 @@ def _publish(args: argparse.Namespace) -> int:
         platform=args.platform,
         dev=args.dev,
         key_file=args.key_file,
+        expires=args.expires,
+        next_pubkey=args.next_pubkey,
+        force=args.force,
         wait=args.wait,
+        ca_file=args.ca_file,
+        client_cert=args.client_cert,
+        client_key=args.client_key,
     )
     return 0 if ok else 1
 
@@ -191,20 +197,40 @@ def _add_publish(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_publish)
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    from mpy_blox_tools import keys
+
+    key = keys.generate(Path(args.path), force=args.force)
+    print(f"wrote {args.path} (private, keep it secret) and {keys.pub_path(Path(args.path))}")
+    print(f"update.pubkey: {key.public_hex}")
+    return 0
+
+
+def _add_keygen(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "keygen", help="make an Ed25519 release key: PATH (private, 0600) and PATH.pub"
+    )
+    p.add_argument("path", metavar="PATH", help="the private key file to create")
+    p.add_argument("--force", action="store_true", help="replace PATH and PATH.pub if they exist")
+    p.set_defaults(func=_keygen)
+
+
 def _status(args: argparse.Namespace) -> int:
     from mpy_blox_tools import fleet
     from mpy_blox_tools.mqtt import BrokerURL
 
     broker = BrokerURL.parse(args.broker) if args.broker else BrokerURL.from_settings()
-    devices = fleet.fetch(broker)
+    devices = fleet.fetch(broker.with_tls(args.ca_file, args.client_cert, args.client_key))
     print(fleet.as_json(devices) if args.json else fleet.format_table(devices))
     return 0
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
+    from mpy_blox_tools.mqtt import add_connect_arguments
+
     p = sub.add_parser("status", help="table of the fleet from the retained info/status topics")
-    p.add_argument(
-        "--broker", help="mqtt[s]://[user[:password]@]host[:port] (default: from ./settings.json)"
+    add_connect_arguments(
+        p, "mqtt[s]://[user[:password]@]host[:port] (default: from ./settings.json)"
     )
     p.add_argument("--json", action="store_true", help="JSON for scripts")
     p.set_defaults(func=_status)
@@ -219,6 +245,8 @@ def _broker(args: argparse.Namespace) -> int:
         args.bind,
         Path(args.password_file) if args.password_file else None,
         args.engine,
+        acl_file=Path(args.acl_file) if args.acl_file else None,
+        max_packet_size=micropython.parse_size(args.max_packet_size),
     )
 
 
@@ -235,6 +263,17 @@ def _add_broker(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dir", default=".mpy-blox/broker", help="where retained messages are kept")
     p.add_argument("--password-file", help="a mosquitto_passwd file: no anonymous access")
+    p.add_argument(
+        "--acl-file",
+        help="with --password-file: who may read and write what "
+        "(default: examples/mosquitto/mpypi.acl)",
+    )
+    p.add_argument(
+        "--max-packet-size",
+        default=str(MAX_PACKET_SIZE),
+        metavar="SIZE",
+        help="larger packets end the connection (default 16M: a package is one message)",
+    )
     p.add_argument(
         "--engine",
         choices=ENGINES,
@@ -343,6 +382,7 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
 PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_build,
     _add_publish,
+    _add_keygen,
     _add_status,
     _add_broker,
     _add_vboard,

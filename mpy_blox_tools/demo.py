@@ -1,11 +1,13 @@
 """`mpy-blox demo` (= `make demo`): a fleet update, end to end, on the embedded defaults.
 
 1. start a local broker (Mosquitto, or the embedded one without it);
-2. create three virtual boards and deploy the framework on each over its serial
-   port, exactly as `make deploy-app` does on hardware (settings pointing at the
-   broker, an update key provisioned, a first user_main.py);
+2. make an Ed25519 release key (as `mpy-blox keygen`), create three virtual
+   boards and deploy the framework on each over its serial port, exactly as
+   `make deploy-app` does on hardware (settings pointing at the broker, the
+   release key's public half provisioned as update.pubkey, a first user_main.py);
 3. boot them and wait until each reports its `info`;
-4. build the current source as a dev version and publish it, signed, with a new
+4. build the current source as a dev version and publish it, signed with the
+   release key, with a new
    user_main.py, following every board's progress live;
 5. show the fleet table: all three on the new version, the new user_main running.
 """
@@ -13,13 +15,12 @@
 from __future__ import annotations
 
 import json
-import secrets
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from mpy_blox_tools import build, deploy, fleet, micropython, mqtt, publish
+from mpy_blox_tools import build, deploy, fleet, keys, micropython, mqtt, publish
 from mpy_blox_tools.broker import local_broker
 from mpy_blox_tools.vboard.board import Board
 from mpy_blox_tools.vboard.process import RunningBoard
@@ -57,8 +58,8 @@ def run_demo(
     with tempfile.TemporaryDirectory(prefix="mpy-blox-demo-") as tmp:
         work = Path(workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_hex(32)
-        (work / "update.key").write_text(key + "\n")
+        release_key = work / "release.key"
+        pubkey = keys.generate(release_key).public_hex
         broker = local_broker(work / "broker", engine)
         _step(f"starting a local broker ({broker.name})")
         with broker:
@@ -75,7 +76,7 @@ def run_demo(
                     indent=2,
                 )
             )
-            (work / "provision.json").write_text(json.dumps({"update.key": key}))
+            (work / "provision.json").write_text(json.dumps({"update.pubkey": pubkey}))
             (work / "user_main.py").write_text(USER_MAIN.format(version="v1"))
             wheel_v1 = build.build(out_dir=work / "dist")
             running: list[RunningBoard] = []
@@ -105,7 +106,7 @@ def run_demo(
                 (work / "user_main.py").write_text(USER_MAIN.format(version="v2"))
                 if not publish.publish_release(
                     broker=url,
-                    key_file=work / "update.key",
+                    key_file=release_key,
                     channel=CHANNEL,
                     extra_src_files=[work / "user_main.py"],
                     dev=True,

@@ -1,11 +1,20 @@
 """MQTT on the workstation: broker URLs, a connected paho client with clear errors.
 
 mqtt://[user[:password]@]host[:port]     (port 1883)
-mqtts://[user[:password]@]host[:port]    (TLS, port 8883, system CA store)
+mqtts://[user[:password]@]host[:port]    (TLS, port 8883: the system's CA store, or
+                                          --ca-file; --client-cert/--client-key for a
+                                          broker that asks for a client certificate)
+
+Every command that connects takes the same flags (`add_connect_arguments`) and turns
+them into one `BrokerURL` (`BrokerURL.with_tls`), which `connect` uses: the TLS
+options are threaded through once, not per command. `--key-file` is the update key
+(publish), hence `--client-key` for the TLS one.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import ssl
@@ -32,6 +41,36 @@ class BrokerURL:
     tls: bool = False
     username: str | None = None
     password: str | None = None
+    ca_file: Path | None = None  # trust this CA (PEM) instead of the system's
+    client_cert: Path | None = None  # PEM certificate to show the broker
+    client_key: Path | None = None  # its private key (PEM)
+
+    def with_tls(
+        self,
+        ca_file: str | Path | None = None,
+        client_cert: str | Path | None = None,
+        client_key: str | Path | None = None,
+    ) -> BrokerURL:
+        """This URL with the TLS files of --ca-file, --client-cert and --client-key."""
+        given = {"--ca-file": ca_file, "--client-cert": client_cert, "--client-key": client_key}
+        if not any(given.values()):
+            return self
+        if not self.tls:
+            flags = ", ".join(flag for flag, value in given.items() if value)
+            raise MpyBloxError(f"{flags}: for TLS, use an mqtts:// broker (not {self})")
+        if bool(client_cert) != bool(client_key):
+            raise MpyBloxError("--client-cert and --client-key go together")
+        for flag, value in given.items():
+            if value and not Path(value).is_file():
+                raise MpyBloxError(f"{flag} {value}: no such file")
+        url = dataclasses.replace(
+            self,
+            ca_file=Path(ca_file) if ca_file else None,
+            client_cert=Path(client_cert) if client_cert else None,
+            client_key=Path(client_key) if client_key else None,
+        )
+        tls_context(url)  # a file that is no certificate is said now, before any work
+        return url
 
     @classmethod
     def parse(cls, url: str) -> BrokerURL:
@@ -87,7 +126,7 @@ def connect(
     if broker.username is not None:
         client.username_pw_set(broker.username, broker.password)
     if broker.tls:
-        client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        client.tls_set_context(tls_context(broker))
     outcome: dict = {}
     done = threading.Event()
 
@@ -95,21 +134,76 @@ def connect(
         outcome["reason"] = reason
         done.set()
 
+    def on_disconnect(c, userdata, flags, reason: ReasonCode, properties):
+        done.set()  # before any CONNACK: e.g. a TLS alert after the handshake
+
+    def on_log(c, userdata, level, text):
+        if level == paho.MQTT_LOG_ERR:
+            outcome.setdefault("error", text)
+
     client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    client.on_log = on_log
     try:
         client.connect(broker.host, broker.port, keepalive=30)
-    except (OSError, ssl.SSLError) as e:
+    except ssl.SSLCertVerificationError as e:
+        hint = "" if broker.ca_file else "; give the CA that signed it with --ca-file"
+        raise MpyBloxError(
+            f"TLS to {broker}: the broker's certificate is not trusted "
+            f"({e.verify_message}, CA {broker.ca_file or 'the system store'}){hint}"
+        ) from None
+    except ssl.SSLError as e:
+        raise MpyBloxError(f"TLS to {broker} failed: {e.reason or e}") from None
+    except OSError as e:
         raise MpyBloxError(f"cannot reach the broker at {broker}: {e.strerror or e}") from None
     client.loop_start()
     if not done.wait(timeout):
         client.loop_stop()
         raise MpyBloxError(f"no answer from the broker at {broker} within {timeout:.0f}s")
-    reason = outcome["reason"]
+    reason = outcome.get("reason")
+    if reason is None:  # it hung up without a CONNACK
+        client.loop_stop()
+        error = outcome.get("error", "no CONNACK")
+        hint = "" if broker.client_cert or not broker.tls else "; does it want --client-cert?"
+        raise MpyBloxError(f"the broker at {broker} hung up: {error}{hint}")
     if reason.is_failure:
         client.loop_stop()
         raise MpyBloxError(f"the broker at {broker} refused the connection: {reason}")
-    client.on_connect = None
+    client.on_connect = client.on_disconnect = client.on_log = None
     return client
+
+
+def tls_context(broker: BrokerURL) -> ssl.SSLContext:
+    """Verify the broker (its name and a CA: --ca-file, else the system's); show ours."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    try:
+        if broker.ca_file:
+            context.load_verify_locations(cafile=str(broker.ca_file))
+    except (ssl.SSLError, OSError) as e:
+        raise MpyBloxError(f"--ca-file {broker.ca_file}: not a PEM CA certificate ({e})") from None
+    if broker.client_cert:
+        try:
+            context.load_cert_chain(str(broker.client_cert), str(broker.client_key))
+        except (ssl.SSLError, OSError) as e:
+            raise MpyBloxError(
+                f"--client-cert {broker.client_cert} / --client-key {broker.client_key}: "
+                f"not a PEM certificate and its key ({e})"
+            ) from None
+    return context
+
+
+def add_connect_arguments(p: argparse.ArgumentParser, broker_help: str) -> None:
+    """--broker and the TLS flags, for every command that connects (`BrokerURL.with_tls`)."""
+    p.add_argument("--broker", help=broker_help)
+    p.add_argument(
+        "--ca-file", metavar="PEM", help="with mqtts://: trust this CA instead of the system's"
+    )
+    p.add_argument(
+        "--client-cert",
+        metavar="PEM",
+        help="with mqtts://: a client certificate for a broker that asks for one",
+    )
+    p.add_argument("--client-key", metavar="PEM", help="the private key of --client-cert")
 
 
 def disconnect(client: paho.Client) -> None:

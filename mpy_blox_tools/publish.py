@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,9 @@ from mpy_blox import topics
 from mpy_blox.update import manifest
 from mpy_blox.update.manifest import InvalidUpdate
 from mpy_blox.update.paths import check_src_path
-from mpy_blox_tools import build, fleet, mqtt, wheel
+from mpy_blox_tools import build, fleet, keys, mqtt, wheel
 from mpy_blox_tools.errors import MpyBloxError
+from mpy_blox_tools.keys import ReleaseKey
 
 KEY_ENV = "MPY_BLOX_UPDATE_KEY"
 STATE_DIR = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "mpy-blox"
@@ -36,6 +38,10 @@ STATE_DIR = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "stat
 LIST_FILTERS = (topics.channel_topic("#"), topics.node_topic("+", "cmd"))
 # NVS keeps the device's counter as a signed 32-bit integer.
 MAX_SEQ = 2**31 - 1
+# How far this workstation's last seq and the highest retained list it verifies may
+# be apart before a publish needs --force (docs/workstation.md, "Sequence numbers").
+SEQ_JUMP_LIMIT = 1000
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 @dataclass
@@ -111,46 +117,84 @@ def parse_src_arg(arg: str) -> Package:
     return src_package(Path(local), device_path if sep else None)
 
 
-def load_key(key_file: str | None) -> bytes | None:
-    """The update key from --key-file, else $MPY_BLOX_UPDATE_KEY, else None (unsigned)."""
+def load_key(key_file: str | None) -> ReleaseKey | bytes | None:
+    """The release key from --key-file (an Ed25519 private key from `mpy-blox keygen`,
+    or an HMAC key text file), else the HMAC key in $MPY_BLOX_UPDATE_KEY, else None
+    (unsigned)."""
     if key_file:
-        try:
-            text = Path(key_file).read_text().strip()
-        except FileNotFoundError:
-            raise MpyBloxError(f"key file {key_file}: no such file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise MpyBloxError(f"key file {key_file}: unreadable ({e})") from None
-    else:
-        text = os.environ.get(KEY_ENV, "").strip()
-        if not text:
-            return None
-    if len(text) < 16 or any(c.isspace() for c in text):
+        return keys.load_signing_key(key_file)
+    text = os.environ.get(KEY_ENV, "").strip()
+    return keys.hmac_key(text, f"key in ${KEY_ENV}") if text else None
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in `30d`, `12h`, `90m`, `3600s` or `2w` (--expires)."""
+    m = re.fullmatch(r"([1-9][0-9]{0,6})([smhdw])", text.strip())
+    if not m:
         raise MpyBloxError(
-            f"key {'file ' + key_file if key_file else 'in $' + KEY_ENV}: "
-            "expected one line of at least 16 characters (e.g. 64 hex digits)"
+            f"--expires {text!r}: expected a number and a unit, s m h d or w (e.g. 30d)"
         )
-    return text.encode()
+    return int(m.group(1)) * DURATION_UNITS[m.group(2)]
 
 
-def _seq_of(payload: bytes) -> int:
-    if not payload.startswith(manifest.SIGNED_HEADER):
-        return 0
-    try:
-        return int(json.loads(payload.split(b"\n", 1)[1]).get("seq") or 0)
-    except (ValueError, IndexError, AttributeError):
-        return 0
+def _verified_seqs(client, key: ReleaseKey | bytes, log) -> dict[str, int]:
+    # The seq of each retained list that verifies with our own key, by topic; one
+    # warning line for each list that does not (its seq is not counted).
+    trust = keys.trust_of(key)
+    out = {}
+    for topic, payload in sorted(mqtt.collect_retained(client, *LIST_FILTERS).items()):
+        if not payload.startswith((manifest.SIGNED_HEADER, manifest.ED25519_HEADER)):
+            log(f"warning: the list on {topic} is not signed: not counted")
+            continue
+        try:
+            got = manifest.decode(payload, trust)  # our own seq, whatever topic it is on
+        except InvalidUpdate as e:
+            log(f"warning: the list on {topic} does not verify with this key ({e}): not counted")
+            continue
+        except Exception as e:  # junk of any shape is a warning, never a crash
+            log(f"warning: the list on {topic} is unreadable ({type(e).__name__}): not counted")
+            continue
+        if got.seq is not None:  # always, for a list verified with a key
+            out[topic] = got.seq
+    return out
 
 
-def next_seq(client, broker: mqtt.BrokerURL) -> int:
-    """One more than any seq this workstation used or any list the broker retains."""
-    state = STATE_DIR / "seq.json"
+def _read_state(state: Path, log) -> dict:
     try:
         local = json.loads(state.read_text())
-    except (OSError, ValueError):
-        local = {}
-    highest = int(local.get(str(broker), 0))
-    for payload in mqtt.collect_retained(client, *LIST_FILTERS).values():
-        highest = max(highest, _seq_of(payload))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log(f"warning: {state}: unreadable ({e}): ignored")
+        return {}
+    if not isinstance(local, dict):
+        log(f"warning: {state}: not a JSON object: ignored")
+        return {}
+    return local
+
+
+def next_seq(
+    client, broker: mqtt.BrokerURL, key: ReleaseKey | bytes, force: bool = False, log=print
+) -> int:
+    """One more than the highest seq this workstation used (its state file) or that a
+    retained list signed with `key` carries; lists that do not verify are not counted.
+    A jump of more than SEQ_JUMP_LIMIT between the two is refused without `force`."""
+    state = STATE_DIR / "seq.json"
+    local = _read_state(state, log)
+    mine = local.get(str(broker))
+    if mine is not None and (not isinstance(mine, int) or not 0 <= mine <= MAX_SEQ):
+        log(f"warning: {state}: the seq of {broker} is not a number in 0..2**31-1: ignored")
+        mine = None
+    seen = _verified_seqs(client, key, log)
+    retained = max(seen.values(), default=None)
+    highest = max(mine or 0, retained or 0)
+    apart = abs((retained or 0) - (mine or 0)) if None not in (mine, retained) else 0
+    if apart > SEQ_JUMP_LIMIT and not force:
+        topic = max(seen, key=seen.get)
+        raise MpyBloxError(
+            f"seq {retained} on {topic} and {mine} in {state} are more than "
+            f"{SEQ_JUMP_LIMIT} apart: check both, then --force to publish as seq {highest + 1}"
+        )
     seq = highest + 1
     if seq > MAX_SEQ:
         raise MpyBloxError("sequence numbers exhausted for this broker")
@@ -176,28 +220,38 @@ def publish_update(
     *,
     channel: str | None = None,
     device_ids: tuple[str, ...] = (),
-    key: bytes | None = None,
+    key: ReleaseKey | bytes | None = None,
+    expires: int | None = None,
+    next_pubkey: str | None = None,
+    force: bool = False,
     client=None,
     log=print,
 ) -> Published:
-    """Publish `packages` and a list naming them to `channel` and/or each device's cmd."""
+    """Publish `packages` and a list naming them to `channel` and/or each device's cmd.
+
+    `key` signs the list (a ReleaseKey: Ed25519; bytes: an HMAC update.key; None:
+    the unsigned seed form). `expires` (Unix time) and `next_pubkey` (64 hex, the
+    release key that comes next) go into a signed list's body."""
     check_targets(channel, device_ids)
+    if key is None and (expires is not None or next_pubkey is not None):
+        raise MpyBloxError("--expires and --next-pubkey need a signed list: give --key-file")
     own = client is None
     client = client or mqtt.connect(broker)
     try:
+        # The seq first: a publish refused for its seq sends nothing.
+        seq = next_seq(client, broker, key, force, log) if key else None
         sent = 0
         for p in packages:
             log(f"package {p.label}: {len(p.data)} bytes -> {p.topic}")
             client.publish(p.topic, p.data, qos=1, retain=True).wait_for_publish(120)
             sent += len(p.data)
-        seq = next_seq(client, broker) if key else None
         entries = [p.entry for p in packages]
         targets = ([topics.channel_topic(channel)] if channel else []) + [
             topics.node_topic(d, "cmd") for d in device_ids
         ]
         for topic in targets:
-            suffix = topics.list_to(topic)
-            payload = manifest.encode_list(entries, seq, key, suffix if key else None)
+            suffix = topics.list_to(topic) if key else None
+            payload = manifest.encode_list(entries, seq, key, suffix, expires, next_pubkey)
             client.publish(topic, payload, qos=1, retain=True).wait_for_publish(30)
             sent += len(payload)
             log(f"list{f' seq {seq}' if seq else ' (unsigned)'} -> {topic}")
@@ -240,14 +294,21 @@ def publish_release(
     platform: str = "esp32",
     dev: bool = False,
     key_file: str | Path | None = None,
+    expires: str | None = None,
+    next_pubkey: str | Path | None = None,
+    force: bool = False,
     wait: float | None = None,
+    ca_file: str | Path | None = None,
+    client_cert: str | Path | None = None,
+    client_key: str | Path | None = None,
 ) -> bool:
     """Build (or take `wheel`), publish it with `extra_src_files` and, with `wait`,
     follow the devices; True when published and every device updated in time.
 
     What `mpy-blox publish` and scripts/publish_ota_update.py run, with the same
     defaults: the broker and channel of ./settings.json, the key of $MPY_BLOX_UPDATE_KEY.
-    `extra_src_files` are `FILE` or `FILE:DEVICE_PATH`.
+    `extra_src_files` are `FILE` or `FILE:DEVICE_PATH`; `ca_file`, `client_cert` and
+    `client_key` are the TLS files of an mqtts:// broker (`mqtt.BrokerURL.with_tls`).
     """
     from mpy_blox_tools import watch
 
@@ -257,7 +318,12 @@ def publish_release(
         implicit.append(f"broker {broker}")
     elif isinstance(broker, str):
         broker = mqtt.BrokerURL.parse(broker)
+    broker = broker.with_tls(ca_file, client_cert, client_key)
     key = load_key(str(key_file) if key_file else None)
+    expires_at = int(time.time()) + parse_duration(expires) if expires else None
+    next_hex = keys.load_public_key(next_pubkey) if next_pubkey else None
+    if key is None and (expires_at or next_hex):
+        raise MpyBloxError("--expires and --next-pubkey need a signed list: give --key-file")
     device_ids = tuple(device_ids)
     if not channel and not device_ids:
         channel = default_channel()
@@ -279,7 +345,15 @@ def publish_release(
             watcher = watch.Watcher([p.entry for p in packages], channel=channel)
             watcher.attach(client, device_ids)
         done = publish_update(
-            broker, packages, channel=channel, device_ids=device_ids, key=key, client=client
+            broker,
+            packages,
+            channel=channel,
+            device_ids=device_ids,
+            key=key,
+            expires=expires_at,
+            next_pubkey=next_hex,
+            force=force,
+            client=client,
         )
         print(
             f"published {len(packages)} package(s), {done.payload_bytes} bytes, "
@@ -327,11 +401,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="source files to install at PATH on the device (default: the file name)",
     )
     p.add_argument("--wheel", help="publish this wheel instead of building the framework")
-    p.add_argument(
-        "--broker",
-        help="mqtt[s]://[user[:password]@]host[:port] (default: mqtt of ./settings.json)",
+    mqtt.add_connect_arguments(
+        p, "mqtt[s]://[user[:password]@]host[:port] (default: mqtt of ./settings.json)"
     )
-    p.add_argument("--key-file", help=f"the update key, to sign the list (or ${KEY_ENV})")
+    p.add_argument(
+        "--key-file",
+        help="the release key that signs the list: an Ed25519 private key from "
+        f"`mpy-blox keygen`, or an HMAC update.key text file (or ${KEY_ENV}: HMAC)",
+    )
+    p.add_argument(
+        "--expires",
+        metavar="DURATION",
+        help="devices refuse the list after this long, e.g. 30d, 12h (s m h d w)",
+    )
+    p.add_argument(
+        "--next-pubkey",
+        metavar="FILE.pub",
+        help="announce the release key that comes next (key rotation, docs/workstation.md)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help=f"publish even if the seq jumps by more than {SEQ_JUMP_LIMIT} (see docs)",
+    )
     p.add_argument(
         "--wait",
         type=float,

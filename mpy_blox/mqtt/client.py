@@ -43,6 +43,7 @@ class MQTTClient:
         will=None,
         ssl=False,
         ssl_params=None,
+        ssl_insecure=False,
         backoff_min_ms=1000,
         backoff_max_ms=60000,
         buffer_size=1024,
@@ -59,6 +60,9 @@ class MQTTClient:
         self._will = will
         self._ssl = ssl
         self._ssl_params = ssl_params or {}
+        self._ssl_insecure = ssl_insecure
+        if ssl and not ssl_insecure and not self._ssl_params.get("ca_file"):
+            raise ValueError(dial.NO_CA)  # now, not as a connect failure retried forever
         self._ssl_context = None
         self._backoff_min_ms = backoff_min_ms
         self._backoff_max_ms = backoff_max_ms
@@ -263,7 +267,7 @@ class MQTTClient:
         ctx = None
         if self._ssl:
             if self._ssl_context is None:  # built once: parsing the CA costs time and heap
-                self._ssl_context = dial.ssl_context(self._ssl_params)
+                self._ssl_context = dial.ssl_context(self._ssl_params, self._ssl_insecure)
             ctx = self._ssl_context
         hello = packet.connect(
             self._id,

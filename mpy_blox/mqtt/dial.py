@@ -40,8 +40,12 @@ def _der(cert):
     return a2b_base64(body.replace(b"\r", b"").replace(b"\n", b""))
 
 
-def ssl_context(params):
-    """An SSLContext from the `mqtt.ssl_params` setting (`ca_file`)."""
+def ssl_context(params, insecure=False):
+    """An SSLContext from the `mqtt.ssl_params` setting (`ca_file`).
+
+    Without a CA the broker cannot be verified, and anyone in the middle would get
+    the password: refused (ValueError) unless `insecure` says to accept any broker.
+    """
     import ssl
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -50,10 +54,18 @@ def ssl_context(params):
         with open(ca_file, "rb") as f:
             ctx.load_verify_locations(cadata=_der(f.read()))
         ctx.verify_mode = ssl.CERT_REQUIRED
-    else:
-        log.warning("TLS without a CA certificate: the broker is not verified")
+    elif insecure:
+        log.warning("TLS without a CA certificate (mqtt.ssl_insecure): the broker is not verified")
         ctx.verify_mode = ssl.CERT_NONE
+    else:
+        raise ValueError(NO_CA)
     return ctx
+
+
+NO_CA = (
+    "mqtt.ssl without mqtt.ssl_params.ca_file: not connecting to an unverified broker "
+    "(set ca_file, or mqtt.ssl_insecure true)"
+)
 
 
 async def dial(host, port, ctx, server_hostname, buffer_size, hello):

@@ -1,11 +1,11 @@
 # The mpypi update list: THE wire format shared by the device and the publisher.
 #
-# Pure: imports only json, binascii, hashlib, mpy_blox.hmac (itself hashlib
-# only), the pure update.names and update.paths, and (for an Ed25519 list
-# only, when one arrives) mpy_blox.ed25519, so CPython >= 3.11 (the publisher
-# imports this file as mpy_blox.update.manifest) and MicroPython 1.22 run the
-# same code. docs/protocol.md describes it for people; the topics it travels
-# on are built by mpy_blox.topics.
+# Pure: imports only json, binascii, hashlib, sys, mpy_blox.hmac (itself
+# hashlib only), the pure update.names and update.paths, and (for an Ed25519
+# list only, when one arrives, unloaded after the check) mpy_blox.ed25519, so
+# CPython >= 3.11 (the publisher imports this file as mpy_blox.update.manifest)
+# and MicroPython 1.22 run the same code. docs/protocol.md describes it for
+# people; the topics it travels on are built by mpy_blox.topics.
 #
 # Three forms are accepted on mpypi/channels/{channel} and mpypi/nodes/{id}/cmd:
 #
@@ -167,18 +167,36 @@ def _verify(payload, trust):
         if not trust.pubkeys:
             raise InvalidUpdate("Ed25519 list refused: this device has no update.pubkey")
         sig = _unhex(head, 64)
+        digest = hashlib.sha256(body).digest()
         from mpy_blox import ed25519
 
-        digest = hashlib.sha256(body).digest()
-        for i, key in enumerate(trust.pubkeys):
-            if ed25519.verify(key, digest, sig):
-                return i, body
+        try:
+            for i, key in enumerate(trust.pubkeys):
+                if ed25519.verify(key, digest, sig):
+                    return i, body
+        finally:
+            ed25519 = None
+            _unload("ed25519")
         raise InvalidUpdate("bad signature")
     if not trust.hmac_key:
         raise InvalidUpdate("HMAC list refused: this device trusts only its Ed25519 key")
     if not compare_digest(_unhex(head, 32), hmac_sha256(trust.hmac_key, body)):
         raise InvalidUpdate("bad signature")
     return "hmac", body
+
+
+def _unload(leaf):
+    # mpy_blox.<leaf> is loaded for one check and unloaded after it: its bytecode
+    # (ed25519: 4.6 KB on a 32-bit port, `make bench BENCH=sig`) would otherwise stay
+    # on the agent's busy heap, and through the install boot's download, where the
+    # demo's 100K board on the 32-bit lane ran out of heap with it.
+    import sys
+
+    sys.modules.pop("mpy_blox." + leaf, None)
+    try:
+        delattr(sys.modules["mpy_blox"], leaf)
+    except (KeyError, AttributeError):
+        pass
 
 
 def decode(payload, trust=None, to=None):

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from mpy_blox_tools.broker import free_port
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def openssl(*args: str, cwd) -> None:
@@ -150,3 +154,71 @@ def test_tls_refuses_a_broker_signed_by_another_ca_and_keeps_retrying(tls_broker
     assert "NOT CONNECTED" in out, out
     assert len(re.findall(r"connecting to 127.0.0.1:\d+ failed", out)) >= 2, out
     assert "Traceback" not in out
+
+
+NO_CA_DEVICE = """
+import asyncio
+from mpy_blox.mqtt import MQTTClient
+
+async def main():
+    try:
+        MQTTClient("tls", "127.0.0.1", {port}, ssl=True,
+                   ssl_params={{"server_hostname": "localhost"}})
+        print("BUILT")
+    except ValueError as e:
+        print("REFUSED", e)
+    c = MQTTClient("tls", "127.0.0.1", {port}, ssl=True, ssl_insecure=True, backoff_min_ms=200,
+                   ssl_params={{"server_hostname": "localhost"}})
+    c.start()
+    await asyncio.wait_for(c.connected(), 20)
+    print("INSECURE CONNECTED")
+    await c.stop()
+
+asyncio.run(main())
+"""
+
+
+def test_ssl_without_a_ca_is_refused_unless_ssl_insecure_says_any_broker_will_do(
+    tls_broker, device
+):
+    out = device(NO_CA_DEVICE.format(port=tls_broker.tls_port), heap="100K").wait(timeout=60)
+    assert "BUILT" not in out, out
+    assert "REFUSED mqtt.ssl without mqtt.ssl_params.ca_file" in out, out
+    assert "INSECURE CONNECTED" in out, out
+    assert "(mqtt.ssl_insecure): the broker is not verified" in out, out
+
+
+def test_a_board_with_ssl_and_no_ca_file_never_sends_its_password_and_runs_user_code(
+    tls_broker, boards, runtime_mpy
+):
+    password = "never-sent-" + "x" * 8
+    settings = {
+        "mqtt": {
+            "server": "127.0.0.1",
+            "port": tls_broker.tls_port,
+            "ssl": True,
+            "ssl_params": {"server_hostname": "localhost"},
+            "username": "dev",
+            "wait_s": 1,
+        }
+    }
+    board = boards.create(
+        files={
+            "main.py": (REPO / "main.py").read_text(),
+            "mpypi_recover.py": (REPO / "mpypi_recover.py").read_text(),
+            "settings.json": json.dumps(settings),
+            "provision.json": json.dumps({"mqtt.password": password}),
+            "user_main.py": (
+                "import asyncio\n\nasync def user_main():\n"
+                "    print('app running')\n    await asyncio.sleep(3600)\n"
+            ),
+        },
+    )
+    board.put_tree(runtime_mpy, "lib/mpy_blox")
+    rb = boards.start(board)
+    rb.wait_for(r"mqtt\.ssl without mqtt\.ssl_params\.ca_file: not connecting", timeout=30)
+    rb.wait_for("app running")
+    assert rb.boots() == 1
+    # Nothing reached the TLS listener: no connection, let alone a login.
+    connected = rf"New connection from \S+ on port {tls_broker.tls_port}\."
+    assert not re.search(connected, tls_broker.log()), tls_broker.log()

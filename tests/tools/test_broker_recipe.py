@@ -139,6 +139,38 @@ def test_anonymous_clients_are_refused(fleet_broker):
     assert result["r"].is_failure
 
 
+def test_an_account_reusing_a_devices_client_id_does_not_knock_it_off(fleet_broker):
+    # The device connects as it does: its id as client id and as user name.
+    lost = threading.Event()
+    got = threading.Event()
+    dev = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=DEVICE)
+    dev.username_pw_set(DEVICE, PASSWORDS[DEVICE])
+    dev.on_disconnect = lambda *a: lost.set()
+    dev.on_message = lambda c, u, msg: got.set()
+    subscribed = threading.Event()
+    dev.on_subscribe = lambda *a: subscribed.set()
+    dev.connect(fleet_broker.host, fleet_broker.port)
+    dev.loop_start()
+    dev.subscribe(f"mpypi/nodes/{DEVICE}/cmd", qos=1)
+    assert subscribed.wait(5)
+    # Another account asks for the same client id: Mosquitto gives it its own name.
+    other = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=DEVICE)
+    other.username_pw_set(OTHER, PASSWORDS[OTHER])
+    accepted = threading.Event()
+    other.on_connect = lambda c, u, f, reason, p: not reason.is_failure and accepted.set()
+    other.connect(fleet_broker.host, fleet_broker.port)
+    other.loop_start()
+    assert accepted.wait(5)
+    # The device is still there: a (not retained) command reaches it.
+    pub = _client(fleet_broker, "publisher", "pub-secret")
+    pub.publish(f"mpypi/nodes/{DEVICE}/cmd", b"[]", qos=1).wait_for_publish(5)
+    assert got.wait(5), fleet_broker.log()
+    assert not lost.is_set()
+    for c in (pub, other, dev):
+        c.loop_stop()
+        c.disconnect()
+
+
 class _Watcher:
     """A paho client logged in as `user`, collecting what reaches it on `topic_filter`."""
 

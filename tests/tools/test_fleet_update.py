@@ -116,6 +116,10 @@ def test_the_demo_runs_to_completion(tmp_path, capsys, board_lane):
     out = capsys.readouterr().out
     assert out.count("user_main v2 says hello") == 2
     assert "demo finished in" in out
+    # Signed with a keygen'd Ed25519 release key whose public half the boards hold.
+    pub = (tmp_path / "demo" / "release.key.pub").read_text().strip()
+    provision = json.loads((tmp_path / "demo" / "provision.json").read_text())
+    assert provision == {"update.pubkey": pub}
 
 
 def test_the_demo_runs_on_the_embedded_broker_without_mosquitto(tmp_path, capsys, board_lane):

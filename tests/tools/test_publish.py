@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,10 @@ def _clear(broker, topics):
     for t in topics:
         c.publish(t, b"", qos=1, retain=True).wait_for_publish(5)
     mqtt.disconnect(c)
+
+
+def _seq_in(payload: bytes, key: bytes = KEY.encode()) -> int | None:
+    return manifest.decode(payload, key).seq
 
 
 def test_publish_puts_packages_then_a_signed_list_the_device_module_accepts(broker, tmp_path):
@@ -81,12 +86,12 @@ def test_seq_grows_across_publishes_and_across_workstations(broker, tmp_path, mo
     url = f"mqtt://{broker.host}:{broker.port}"
     args = ["publish", "--broker", url, "--key-file", "key"]
     assert cli([*args, "--channel", "t2"]) == 0
-    first = publish._seq_of(_retained(broker, "mpypi/channels/t2")["mpypi/channels/t2"])
+    first = _seq_in(_retained(broker, "mpypi/channels/t2")["mpypi/channels/t2"])
     # Another workstation: no local state, but it sees the retained lists.
     monkeypatch.setattr(publish, "STATE_DIR", tmp_path / "other-workstation")
     assert cli([*args, "--device-ids", "esp32-00000000000a", "esp32-00000000000b"]) == 0
     cmds = _retained(broker, "mpypi/nodes/+/cmd")
-    seqs = {publish._seq_of(cmds[f"mpypi/nodes/esp32-00000000000{x}/cmd"]) for x in "ab"}
+    seqs = {_seq_in(cmds[f"mpypi/nodes/esp32-00000000000{x}/cmd"]) for x in "ab"}
     assert seqs == {first + 1}
     _seq, _ = manifest.decode_list(
         cmds["mpypi/nodes/esp32-00000000000a/cmd"], KEY.encode(), "nodes/esp32-00000000000a/cmd"
@@ -222,3 +227,153 @@ def test_unreachable_broker_and_refused_login_are_one_clear_line(broker_factory,
         )
         assert proc.returncode == 1
         assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+# Retained lists that do not verify with the publisher's key (issue 19, finding 1):
+# each one a warning naming its topic, none counted, none a crash.
+FORGED = {
+    "mpypi/channels/f1": manifest.SIGNED_HEADER + b'00\n{"v": 1, "seq": 2147483646, "to": "x"}',
+    "mpypi/channels/f2": manifest.SIGNED_HEADER + b'00\n{"seq": [1]}',
+    "mpypi/channels/f3": manifest.SIGNED_HEADER + b"00\n{}",
+    "mpypi/channels/f4": manifest.SIGNED_HEADER + b'00\n{"seq": 1e999}',
+    "mpypi/channels/f5": manifest.ED25519_HEADER + b"zz\n\xff\xfe",
+    "mpypi/nodes/esp32-00000000000f/cmd": manifest.encode_list([], 99999, "another key", "x"),
+    "mpypi/channels/f6": b"[" * 5000,
+}
+
+
+def _plant(b, messages: dict[str, bytes]) -> None:
+    c = mqtt.connect(mqtt.BrokerURL(b.host, b.port))
+    for t, p in messages.items():
+        c.publish(t, p, qos=1, retain=True).wait_for_publish(5)
+    mqtt.disconnect(c)
+
+
+def test_forged_or_junk_retained_lists_do_not_set_the_seq_and_each_is_one_warning(
+    broker_factory, tmp_path, capsys
+):
+    b = broker_factory()
+    _plant(b, FORGED)
+    (tmp_path / "key").write_text(KEY)
+    url = f"mqtt://{b.host}:{b.port}"
+    assert cli(["publish", "--broker", url, "--key-file", "key", "--channel", "mine"]) == 0
+    out = capsys.readouterr().out
+    assert _seq_in(_retained(b, "mpypi/channels/mine")["mpypi/channels/mine"]) == 1
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert sorted(w.split()[4] for w in warnings) == sorted(FORGED), out
+    assert all("not counted" in w for w in warnings)
+    # The next publish counts its own verified list, and still none of the forged ones.
+    assert cli(["publish", "--broker", url, "--key-file", "key", "--channel", "mine"]) == 0
+    assert _seq_in(_retained(b, "mpypi/channels/mine")["mpypi/channels/mine"]) == 2
+
+
+def test_a_seq_far_from_this_workstations_own_needs_force(broker_factory, tmp_path, capsys):
+    b = broker_factory()
+    (tmp_path / "key").write_text(KEY)
+    url = f"mqtt://{b.host}:{b.port}"
+    args = ["publish", "--broker", url, "--key-file", "key", "--channel", "j"]
+    assert cli(args) == 0  # seq 1, remembered in this workstation's state
+    # A list our key verifies (an HMAC key is on every device: it can be extracted).
+    far = 1 + publish.SEQ_JUMP_LIMIT + 1
+    _plant(b, {"mpypi/channels/other": manifest.encode_list([], far, KEY, "channels/other")})
+    capsys.readouterr()
+    assert cli(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mpy-blox: ") and err.count("\n") == 1
+    assert f"seq {far} on mpypi/channels/other and 1 in" in err and "--force" in err
+    assert _seq_in(_retained(b, "mpypi/channels/j")["mpypi/channels/j"]) == 1  # unchanged
+    assert cli([*args, "--force"]) == 0
+    assert _seq_in(_retained(b, "mpypi/channels/j")["mpypi/channels/j"]) == far + 1
+    # Within the bound, no --force: the other workstation's lists simply count.
+    _plant(b, {"mpypi/channels/other": manifest.encode_list([], far + 500, KEY, "channels/other")})
+    assert cli(args) == 0
+    assert _seq_in(_retained(b, "mpypi/channels/j")["mpypi/channels/j"]) == far + 501
+
+
+def test_a_corrupt_state_file_is_a_warning_not_a_crash(broker_factory, tmp_path, capsys):
+    b = broker_factory()
+    (tmp_path / "key").write_text(KEY)
+    url = f"mqtt://{b.host}:{b.port}"
+    publish.STATE_DIR.mkdir(parents=True)
+    for junk in ("[1]", "{", json.dumps({str(mqtt.BrokerURL.parse(url)): "many"})):
+        (publish.STATE_DIR / "seq.json").write_text(junk)
+        assert cli(["publish", "--broker", url, "--key-file", "key", "--channel", "c"]) == 0
+        assert "warning:" in capsys.readouterr().out
+
+
+def test_an_ed25519_release_key_signs_what_its_public_key_verifies(broker, tmp_path, capsys):
+    from mpy_blox_tools import keys
+
+    url = f"mqtt://{broker.host}:{broker.port}"
+    assert cli(["keygen", "release.key"]) == 0 and cli(["keygen", "next.key"]) == 0
+    pub = keys.load_public_key("release.key.pub")
+    trust = manifest.Trust(pubkeys=[bytes.fromhex(pub)])
+    args = ["publish", "--broker", url, "--key-file", "release.key", "--channel", "ed"]
+    assert cli([*args, "--expires", "30d", "--next-pubkey", "next.key.pub"]) == 0
+    payload = _retained(broker, "mpypi/channels/ed")["mpypi/channels/ed"]
+    assert payload.startswith(manifest.ED25519_HEADER)
+    got = manifest.decode(payload, trust, "channels/ed")
+    assert got.signer == 0 and got.seq >= 1 and got.entries[0]["name"] == "mpy-blox"
+    assert got.next_pubkey == bytes.fromhex(keys.load_public_key("next.key.pub"))
+    assert abs(got.expires - (time.time() + 30 * 86400)) < 600
+    with pytest.raises(manifest.InvalidUpdate, match="bad signature"):
+        manifest.decode(payload, manifest.Trust(pubkeys=[got.next_pubkey]))
+    with pytest.raises(manifest.InvalidUpdate, match=r"no update\.pubkey"):
+        manifest.decode(payload, KEY)
+    # Another workstation counts on from the list it verifies with the same key.
+    publish.STATE_DIR = tmp_path / "elsewhere"
+    assert cli(args) == 0
+    again = manifest.decode(_retained(broker, "mpypi/channels/ed")["mpypi/channels/ed"], trust)
+    assert again.seq == got.seq + 1 and again.expires is None and again.next_pubkey is None
+    _clear(broker, ["mpypi/channels/ed"])
+
+
+@pytest.mark.parametrize(
+    "files, extra, message",
+    [
+        ({}, ["--key-file", "release.key.pub"], "is a public key (.pub): sign with the private"),
+        ({"pem.pub": "PUBPEM"}, ["--key-file", "pem.pub"], "is a public key: sign with"),
+        ({"rsa.pem": "RSA"}, ["--key-file", "rsa.pem"], "not an Ed25519 key"),
+        ({"junk": b"\x00\x01\xff" * 20}, ["--key-file", "junk"], "neither an Ed25519 private"),
+        ({}, ["--key-file", "release.key", "--expires", "soon"], "--expires 'soon': expected"),
+        ({}, ["--key-file", "release.key", "--expires", "0d"], "--expires '0d': expected"),
+        ({}, ["--key-file", "release.key", "--next-pubkey", "release.key"], "is a private key"),
+        (
+            {"bad.pub": "abc\n"},
+            ["--key-file", "release.key", "--next-pubkey", "bad.pub"],
+            "64 hex",
+        ),
+        ({}, ["--next-pubkey", "release.key.pub"], "need a signed list: give --key-file"),
+    ],
+)
+def test_a_bad_key_or_signing_option_is_one_clear_line_and_publishes_nothing(
+    broker, tmp_path, capsys, files, extra, message
+):
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+        PublicFormat,
+        load_pem_private_key,
+    )
+
+    assert cli(["keygen", "release.key"]) == 0
+    private = load_pem_private_key((tmp_path / "release.key").read_bytes(), None)
+    made = {
+        "PUBPEM": lambda: private.public_key().public_bytes(
+            Encoding.PEM, PublicFormat.SubjectPublicKeyInfo
+        ),
+        "RSA": lambda: rsa.generate_private_key(65537, 2048).private_bytes(
+            Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()
+        ),
+    }
+    for name, content in files.items():
+        content = made[content]() if isinstance(content, str) and content in made else content
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    capsys.readouterr()
+    url = f"mqtt://{broker.host}:{broker.port}"
+    assert cli(["publish", "--broker", url, "--channel", "badkey", *extra]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("mpy-blox: "), err
+    assert _retained(broker, "mpypi/channels/badkey") == {}
