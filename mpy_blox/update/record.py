@@ -25,6 +25,7 @@ _PENDING = "ib_to"  # NVS i32: the list topic to install from, 0 for none
 _TRIES = "ib_tries"  # NVS i32: install boots started for it
 _DIGEST = "ib_list"  # NVS blob: the SHA256 of that list, for last_update
 _FINISHED = "ib_fin"  # NVS i32: 1 once the install boot finished with that list
+_LOCKED = "locked"  # NVS i32: 1 once this device has held an update key (fail closed)
 _LAST = "/.mpypi/last.json"  # last_update, as info reports it
 CHANNEL = const(1)  # ib_to: mpypi/channels/{update.channel}
 CMD = const(2)  # ib_to: mpypi/nodes/{id}/cmd
@@ -120,6 +121,41 @@ def finished_digest():
     except OSError:
         pass  # never any install boot
     return None
+
+
+def locked():
+    """True once this device has held an update key: it never reads as keyless again."""
+    import esp32
+
+    try:
+        return esp32.NVS(_NVS).get_i32(_LOCKED) == 1
+    except OSError:
+        return False
+
+
+def lock():
+    """Mark the device locked (the app, at every boot that finds a key). Written
+    once: a boot must not cost an NVS write. Outside the secure store, so that
+    store's corruption cannot undo it."""
+    if not locked():
+        import esp32
+
+        nvs = esp32.NVS(_NVS)
+        nvs.set_i32(_LOCKED, 1)
+        nvs.commit()
+        log.info("update key seen: updates locked to signed lists")
+
+
+def unlock():
+    """Forget the lock (provision.unprovision, over USB only)."""
+    import esp32
+
+    nvs = esp32.NVS(_NVS)
+    try:
+        nvs.erase_key(_LOCKED)
+    except OSError:
+        pass  # not locked
+    nvs.commit()
 
 
 def digest(payload):
