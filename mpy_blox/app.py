@@ -55,9 +55,8 @@ def _boot_count():
 
 
 def _configure():
-    import os
-
     from mpy_blox import config as cfg
+    from mpy_blox import provision
     from mpy_blox.secure import SecureStore
 
     settings = cfg.load_settings()
@@ -68,17 +67,11 @@ def _configure():
         log.warning("logging.level %r unknown: using INFO", level)
     store = SecureStore()
     store.load()
-    try:
-        # provision.PROVISION, asked without importing the module: a boot with
-        # nothing to provision (nearly every one) does not load its 2.2 KB of
-        # bytecode, nor intern its names for good.
-        os.stat("/provision.json")
-    except OSError:
-        return cfg.Config(settings, store.values)
-    from mpy_blox import provision
-
     provision.ingest(store)
-    return cfg.Config(settings, store.values)
+    conf = cfg.Config(settings, store.values)
+    # Fail closed: a key we may not have read is not "no key" (update/trust.py).
+    conf.key_error = provision.key_error(store)
+    return conf
 
 
 async def _run():
@@ -101,7 +94,7 @@ async def _run():
     startup.drop(["mpy_blox.provision", "mpy_blox.scrub", "mpy_blox.secure"])
     mpy = sys.modules["mpy_blox"].__file__.endswith(".mpy")
     mqtt = None if mpy else startup.import_optional("mpy_blox.mqtt")
-    if _install_pending():
+    if _install_pending(config):
         if mqtt is None:
             mqtt = startup.import_optional("mpy_blox.mqtt")
         ib = startup.import_optional("mpy_blox.update.installboot") if mqtt is not None else None
@@ -169,7 +162,7 @@ def _grow_qstr_pool():
             chr(c)
 
 
-def _install_pending():
+def _install_pending(cfg):
     # An update list is pending (docs/protocol.md, "The install boot"): this
     # boot runs mpy_blox.update.installboot instead of the app. Asked of
     # record, the state's owner, which the agent imports later anyway.
@@ -177,6 +170,11 @@ def _install_pending():
         from mpy_blox.update import record
     except ImportError:  # a framework without the update package
         return False
+    # First, before any list can arrive: a device that has an update key is
+    # locked for good (docs/protocol.md, "Fail closed"); if the key becomes
+    # unreadable later, it refuses every list instead of taking unsigned ones.
+    if cfg.get("update.key") is not None or cfg.get("update.pubkey") is not None:
+        record.lock()
     return record.pending()[0] != 0
 
 

@@ -56,6 +56,19 @@ def _read(path):
     return values
 
 
+def key_error(store, path=PROVISION):
+    """Why an update key may be unreadable after ingest(), or None: the app
+    puts it in its Config for mpy_blox.update.trust, which then refuses every
+    update list instead of reading "no key" (fail closed)."""
+    if store.state == "corrupt":
+        return "secure store unreadable"
+    try:
+        os.stat(path)
+        return "%s not provisioned" % path  # malformed, too large, or not stored
+    except OSError:
+        return None  # ingested, or none: the normal case
+
+
 def merge(stored, update):
     """The store's new contents after applying a provision.json dict."""
     merged = {} if update.get("unprovision") is True else dict(stored)
@@ -150,10 +163,23 @@ def provision_text(text):
 
 
 def unprovision(store=None):
-    """Clear the secure store (for `make unprovision` over mpremote)."""
-    if store is None:
+    """Clear the secure store, and with this device's store the update lock and
+    key rotation (for `make unprovision` over mpremote: physical access is the
+    authority; a store passed in, as tests do, is not this device's NVS)."""
+    own = store is None
+    if own:
         from mpy_blox.secure import SecureStore
 
         store = SecureStore()
     store.clear()
+    if own:
+        try:  # after the store: a cut between leaves the device locked, not open
+            from mpy_blox.update import record, trust
+
+            trust.forget_rotation()
+            record.unlock()
+            log.info("secure store cleared; updates unlocked")
+            return
+        except ImportError:  # a framework without the update package
+            pass
     log.info("secure store cleared")

@@ -55,6 +55,7 @@ class Agent:
                 "failed", self.seq or None, "install boot did not run", record.pending_digest()
             )
             record.set_pending(0, 0)
+        self._trust_mode()
         self._refresh_info()
         asyncio.create_task(self._worker())
         await self.client.subscribe(channel_topic(self.channel), self._on_list)
@@ -65,6 +66,17 @@ class Agent:
 
     def _refresh_info(self, available=None):
         record.info(self.node, self.seq, self.last, available)
+
+    def _trust_mode(self):
+        # info.trust, once at the start; trust is dropped again until a list comes.
+        import sys
+
+        from mpy_blox import update
+        from mpy_blox.update import trust
+
+        self.node.info_extra["trust"] = trust.mode(self.config)
+        sys.modules.pop("mpy_blox.update.trust", None)
+        del update.trust
 
     # -- lists -------------------------------------------------------------------
 
@@ -100,24 +112,31 @@ class Agent:
                 gc.collect()
 
     async def _failed(self, error):
+        # Reported in status only: last_update (and its flash write) is for
+        # what an install boot did. A junk list retained on a topic is refused
+        # again at every reconnect, and must not cost a flash write each time,
+        # nor overwrite the last real outcome.
         log.error("update refused or failed: %s", error)
-        self.last = record.save_last("failed", None, error)
-        self._refresh_info()
-        await self.node.publish_info()
         await record.status(self.node, "failed", error=error)
 
     async def _handle(self, payload, to, retained):
         from mpy_blox.update import manifest
+        from mpy_blox.update import trust as trusted
         from mpy_blox.update.paths import InvalidUpdate
-        from mpy_blox.update.trust import trust
 
-        seq, entries = manifest.decode_list(payload, trust(self.config), to)
+        got = manifest.decode(payload, trusted.trust(self.config), to)
+        seq = got.seq
         digest = record.digest(payload)
         last = self.last or {}
         # Finished, ok or failed: last_update says so, or NVS if it could not.
         finished = last.get("list") == digest or record.finished_digest() == digest
         if seq is not None:
             finished = finished or last.get("at") == seq
+            if seq < self.seq and retained:
+                # An older list still retained on its topic (a channel list
+                # after a newer cmd list, say): superseded, not a failure.
+                log.info("list seq %d on %s superseded: device at %d", seq, to, self.seq)
+                return
             if seq < self.seq or (seq == self.seq and finished and not retained):
                 raise InvalidUpdate(
                     "replayed or older list: seq %d, device at %d" % (seq, self.seq)
@@ -128,19 +147,23 @@ class Agent:
         elif retained and finished:
             log.info("list seen again: already done")
             return  # the same unsigned list, seen again after a (re)connect
+        trusted.check_expires(got, trusted.now())
         if to.startswith("channels/") and not self.auto:
             self._refresh_info(available=seq)
             await self.node.publish_info()
             return
-        # Accepted: the seq (no replay after this) and the install boot to
-        # come (record.set_pending: cut-safe); the install boot fetches the retained list
-        # again, so nothing is written to flash on this busy heap.
+        # Accepted. A key rotation first (a cut after it leaves the list to be
+        # accepted again, by the key it made current); then the seq (no replay
+        # after this) and the install boot to come, in NVS; RAM follows NVS.
+        # The install boot fetches the retained list again, so nothing is
+        # written to flash on this busy heap.
+        trusted.note(self.config, got)
         new = seq is not None and seq > self.seq
-        if new:
-            self.seq = seq
         record.set_pending(
             record.CMD if to.endswith("/cmd") else record.CHANNEL, 0, seq if new else None, digest
         )
+        if new:
+            self.seq = seq
         await record.status(self.node, "rebooting", seq=seq, install_boot=True)
         log.info("update accepted: resetting into the install boot")
         import machine

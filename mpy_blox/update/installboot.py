@@ -47,6 +47,7 @@ class InstallBoot:
         log.info("%s install boot %d (attempt %d)", node.device_id, boot_count, self.tries)
         self.seq = record.nvs_seq()
         self.listed = self.digest = None  # the list being installed: its seq and SHA256
+        self.trust = self.now = None  # what it is checked with (a manifest.Trust), the time
         self.error = None  # the short reason of a failure, for status
         self.package = None  # the package it concerns
         self.inst = None  # the Installer holding the downloads
@@ -67,6 +68,14 @@ class InstallBoot:
             listed = signed(config) and self.seq or None
             self._done(listed, record.pending_digest())
         record.info(node, self.seq, record.load_last())  # before the connect: its info carries it
+        # What the list is checked with, and the time, now: the trust policy's
+        # code goes back to the heap before the connection and the install core
+        # take their blocks (imported later, it cost the downloads a block).
+        from mpy_blox.update import trust
+
+        self.trust, self.now = trust.trust(config), trust.now()
+        trust = None
+        startup.drop(("mpy_blox.update.trust",))
         await startup.wlan_up(config)
         # The client's modules: imported by the app before this module.
         client = await startup.mqtt_up(sys.modules["mpy_blox.mqtt"], config, node)
@@ -105,19 +114,26 @@ class InstallBoot:
             to = list_to(channel_topic(self.config.get_str("update.channel", "stable")))
         payload = await ib.fetch_list(to)
         self.digest = record.digest(payload)
-        from mpy_blox.update.trust import trust
-
-        listed, entries = manifest.decode_list(payload, trust(self.config), to)
-        payload = None
+        got = manifest.decode(payload, self.trust, to)
+        payload = self.trust = None
+        listed, entries = got.seq, got.entries
         self.listed = listed
-        if listed is not None:
-            if listed < self.seq:
-                raise manifest.InvalidUpdate(
-                    "replayed or older list: seq %d, device at %d" % (listed, self.seq)
-                )
-            if listed > self.seq:  # a newer list replaced the accepted one: accept it
-                record.set_pending(record.pending()[0], self.tries, listed, self.digest)
-                self.seq = listed
+        if listed is not None and listed < self.seq:
+            raise manifest.InvalidUpdate(
+                "replayed or older list: seq %d, device at %d" % (listed, self.seq)
+            )
+        # trust.check_expires, without loading trust again: it is dropped.
+        if got.expires is not None and self.now is not None and self.now > got.expires:
+            raise manifest.InvalidUpdate("list expired")
+        if listed is not None and listed > self.seq:
+            # A newer list replaced the accepted one: accept it, as the agent
+            # does (its key rotation first; NVS, then RAM).
+            from mpy_blox.update import trust
+
+            trust.note(self.config, got)
+            record.set_pending(record.pending()[0], self.tries, listed, self.digest)
+            self.seq = listed
+        got = None
         gc.collect()
         log.info("install boot; free heap %d bytes", gc.mem_free())
         self.inst = await ib.download(entries)

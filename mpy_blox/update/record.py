@@ -34,6 +34,7 @@ _NVS = "mpypi"
 _SEQ = "seq"  # NVS i32: the seq of the last accepted signed list
 _IB = "ib"  # NVS blob: the pending install, as above
 _IB_SIZE = const(35)
+_LOCKED = "locked"  # NVS i32: 1 once this device has held an update key (fail closed)
 _LAST = "/.mpypi/last.json"  # last_update, as info reports it
 CHANNEL = const(1)  # ib to: mpypi/channels/{update.channel}
 CMD = const(2)  # ib to: mpypi/nodes/{id}/cmd
@@ -138,6 +139,41 @@ def finished_digest():
     (ok or failed): in NVS, because last.json may fail to be written."""
     ib = _ib()
     return _digest(ib) if ib[2] else None
+
+
+def locked():
+    """True once this device has held an update key: it never reads as keyless again."""
+    import esp32
+
+    try:
+        return esp32.NVS(_NVS).get_i32(_LOCKED) == 1
+    except OSError:
+        return False
+
+
+def lock():
+    """Mark the device locked (the app, at every boot that finds a key). Written
+    once: a boot must not cost an NVS write. Outside the secure store, so that
+    store's corruption cannot undo it."""
+    if not locked():
+        import esp32
+
+        nvs = esp32.NVS(_NVS)
+        nvs.set_i32(_LOCKED, 1)
+        nvs.commit()
+        log.info("update key seen: updates locked to signed lists")
+
+
+def unlock():
+    """Forget the lock (provision.unprovision, over USB only)."""
+    import esp32
+
+    nvs = esp32.NVS(_NVS)
+    try:
+        nvs.erase_key(_LOCKED)
+    except OSError:
+        pass  # not locked
+    nvs.commit()
 
 
 def digest(payload):
