@@ -82,11 +82,6 @@ class InstallBoot:
         if self.error is None and (client is None or not client.is_connected):
             log.error("install boot without a broker: retrying after a reset")
             machine.reset()  # counted: after _MAX_TRIES the app boots again
-        # The install core after the connection has its buffers (it takes fewer,
-        # smaller blocks); without room for it, the next attempt may fare better.
-        if self.error is None and startup.import_optional("mpy_blox.update.install") is None:
-            log.error("no room for the install core: retrying after a reset")
-            machine.reset()  # counted
         if self.error is None:
             ib = Fetcher(client, node)
             try:
@@ -106,18 +101,38 @@ class InstallBoot:
         node.client = client = None
 
     async def _fetch(self, ib):
-        from mpy_blox.update import manifest
-
         if self.to == record.CMD:
             to = list_to(node_topic(self.node.device_id, "cmd"))
         else:
             to = list_to(channel_topic(self.config.get_str("update.channel", "stable")))
-        payload = await ib.fetch_list(to)
+        entries = self._check(await ib.fetch_list(to), to)
+        # The list is checked: its format, signature and trust code go back to
+        # the heap before the downloads want blocks for their files (the
+        # install core has paths' InvalidUpdate). Dropped out here, not in
+        # _check, whose frame could keep a stale pointer to them on the stack
+        # for the (conservative) collector.
+        startup.drop(("mpy_blox.update.manifest", "mpy_blox.update.trust"))
+        startup.drop(("mpy_blox.hmac", "mpy_blox.ed25519"))
+        # The install core after the connection has its buffers (it takes
+        # fewer, smaller blocks) and into the room the list's check left;
+        # without room for it, the next attempt may fare better.
+        if startup.import_optional("mpy_blox.update.install") is None:
+            import machine
+
+            log.error("no room for the install core: retrying after a reset")
+            machine.reset()  # counted
+        log.info("install boot; free heap %d bytes", gc.mem_free())
+        self.inst = await ib.download(entries)
+
+    def _check(self, payload, to):
+        # The list's entries, once its signature, seq and expiry are checked;
+        # a newer list than the agent accepted is accepted here, as the agent does.
+        from mpy_blox.update import manifest
+
         self.digest = record.digest(payload)
         got = manifest.decode(payload, self.trust, to)
-        payload = self.trust = None
-        listed, entries = got.seq, got.entries
-        self.listed = listed
+        self.trust = None
+        listed = self.listed = got.seq
         if listed is not None and listed < self.seq:
             raise manifest.InvalidUpdate(
                 "replayed or older list: seq %d, device at %d" % (listed, self.seq)
@@ -126,23 +141,19 @@ class InstallBoot:
         if got.expires is not None and self.now is not None and self.now > got.expires:
             raise manifest.InvalidUpdate("list expired")
         if listed is not None and listed > self.seq:
-            # A newer list replaced the accepted one: accept it, as the agent
-            # does (its key rotation first; NVS, then RAM).
+            # Its key rotation first; NVS, then RAM.
             from mpy_blox.update import trust
 
             trust.note(self.config, got)
             record.set_pending(record.pending()[0], self.tries, listed, self.digest)
             self.seq = listed
-        got = None
-        gc.collect()
-        log.info("install boot; free heap %d bytes", gc.mem_free())
-        self.inst = await ib.download(entries)
+        return got.entries
 
     def commit(self):
         """Phase 2, between two runs of the loop: stage and commit, offline."""
         startup.drop_all("mpy_blox.mqtt")
-        # The list is decoded: staging needs neither its format nor its MAC
-        # (paths holds InvalidUpdate), and the deflate window wants the room.
+        # The list's modules went after its check (_fetch); if the download
+        # failed before that, they go now: the deflate window wants the room.
         startup.drop(("mpy_blox.update.manifest", "mpy_blox.update.trust"))
         startup.drop(("mpy_blox.hmac", "mpy_blox.ed25519"))
         inst, self.inst = self.inst, None
