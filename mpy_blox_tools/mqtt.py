@@ -116,6 +116,26 @@ class BrokerURL:
         return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
 
 
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _not_tls_hint(broker: BrokerURL) -> str:
+    # A plain MQTT port answers a TLS hello by hanging up or with garbage.
+    return (
+        f"; port {broker.port} may not speak TLS: mqtt:// for a plain port, or the "
+        "broker's TLS port (usually 8883)"
+    )
+
+
+def _unreachable_hint(broker: BrokerURL, error: OSError) -> str:
+    """What to try next, said with the one-line error."""
+    if broker.tls and isinstance(error, ConnectionResetError):
+        return _not_tls_hint(broker)
+    if isinstance(error, ConnectionRefusedError) and broker.host in LOCAL_HOSTS:
+        return "; is a broker running? `mpy-blox broker` runs one here"
+    return ""
+
+
 def connect(
     broker: BrokerURL, client_id: str | None = None, timeout: float = CONNECT_TIMEOUT
 ) -> paho.Client:
@@ -153,9 +173,13 @@ def connect(
             f"({e.verify_message}, CA {broker.ca_file or 'the system store'}){hint}"
         ) from None
     except ssl.SSLError as e:
-        raise MpyBloxError(f"TLS to {broker} failed: {e.reason or e}") from None
+        raise MpyBloxError(
+            f"TLS to {broker} failed: {e.reason or e}{_not_tls_hint(broker)}"
+        ) from None
     except OSError as e:
-        raise MpyBloxError(f"cannot reach the broker at {broker}: {e.strerror or e}") from None
+        raise MpyBloxError(
+            f"cannot reach the broker at {broker}: {e.strerror or e}{_unreachable_hint(broker, e)}"
+        ) from None
     client.loop_start()
     if not done.wait(timeout):
         client.loop_stop()

@@ -67,6 +67,15 @@ def test_status_with_an_unreachable_broker_is_one_clear_line(capsys):
     assert cli(["status", "--broker", f"mqtt://127.0.0.1:{free_port()}"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("mpy-blox: cannot reach the broker at mqtt://127.0.0.1:")
+    assert err.rstrip().endswith("is a broker running? `mpy-blox broker` runs one here")
+    assert err.count("\n") == 1
+
+
+def test_mqtts_to_a_plain_port_says_the_port_may_not_speak_tls(broker, capsys):
+    assert cli(["status", "--broker", f"mqtts://127.0.0.1:{broker.port}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mpy-blox: cannot reach the broker at mqtts://127.0.0.1:{broker.port}")
+    assert f"port {broker.port} may not speak TLS: mqtt:// for a plain port" in err, err
     assert err.count("\n") == 1
 
 
