@@ -476,3 +476,27 @@ def test_version_names_the_tools(capsys):
         cli(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.startswith("mpy-blox ")
+
+
+def test_vboard_run_in_a_terminal_says_each_line_once(tmp_path):
+    # stdout and stderr on one terminal, as a user sees them: the serial port
+    # and each [vboard] line once (they came twice, the port three times).
+    assert cli(["vboard", "create", str(tmp_path / "b")]) == 0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mpy_blox_tools.cli", "vboard", "run", str(tmp_path / "b")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("[vboard] boot 1 "):
+                break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=20)
+    out = "".join(seen) + rest
+    assert out.count("serial port: ") == 1, out
+    assert out.count("[vboard] boot 1 ") == 1, out

@@ -98,10 +98,13 @@ class Supervisor:
         self._hold_until = 0.0
 
     def log(self, message: str) -> None:
+        # Once where the user looks: in the echoed console (stdout) when there is
+        # one, else on stderr; always in the console log.
         line = f"[vboard] {message}\n".encode()
         self._console(line)
-        sys.stderr.write(line.decode())
-        sys.stderr.flush()
+        if not self.echo:
+            sys.stderr.write(line.decode())
+            sys.stderr.flush()
 
     def _console(self, data: bytes) -> None:
         self._log_file.write(data)
@@ -139,7 +142,8 @@ class Supervisor:
         }
         old_wakeup = signal.set_wakeup_fd(wake_w)
         self.log(f"board {self.board.device_id} serial port: {port}")
-        print(f"serial port: {port}", flush=True)
+        if not self.echo:  # --quiet: scripts still read the port from stdout
+            print(f"serial port: {port}", flush=True)
         status, reason = 0, ""
         cause = PWRON_RESET
         fast = 0
