@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from mpy_blox.update import manifest
 from mpy_blox.update.manifest import InvalidUpdate
-from mpy_blox_tools.errors import MpyBloxError
+from mpy_blox_tools.errors import MpyBloxError, read_file
 
 PUB_SUFFIX = ".pub"
 MIN_HMAC_KEY = 16  # characters of an update.key text
@@ -95,20 +95,11 @@ def generate(path: Path, force: bool = False) -> ReleaseKey:
     return key
 
 
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise MpyBloxError(f"{what} {path}: no such file") from None
-    except OSError as e:
-        raise MpyBloxError(f"{what} {path}: unreadable ({e.strerror})") from None
-
-
 def load_signing_key(path: str | Path) -> ReleaseKey | bytes:
     """The key in `path`: an Ed25519 private key (PEM, from keygen) as a ReleaseKey,
     or an HMAC key (one line of text, an update.key) as bytes."""
     path = Path(path)
-    data = _read(path, "key file")
+    data = read_file(path, "key file")
     where = f"key file {path}"
     if b"-----BEGIN" in data:
         if b"PUBLIC KEY" in data:
@@ -147,7 +138,7 @@ def hmac_key(text: str, where: str) -> bytes:
 def load_public_key(path: str | Path) -> str:
     """The 64 lower-case hex digits of a public key file (keygen's PATH.pub)."""
     path = Path(path)
-    data = _read(path, "public key file")
+    data = read_file(path, "public key file")
     if b"PRIVATE KEY" in data:
         raise MpyBloxError(f"public key file {path} is a private key: give its .pub file")
     text = data.decode(errors="replace").strip().lower()

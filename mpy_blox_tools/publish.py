@@ -29,7 +29,7 @@ from mpy_blox.update import manifest
 from mpy_blox.update.manifest import InvalidUpdate
 from mpy_blox.update.paths import check_src_path, check_wheel_path, fold
 from mpy_blox_tools import build, fleet, keys, mqtt, wheel
-from mpy_blox_tools.errors import MpyBloxError
+from mpy_blox_tools.errors import MpyBloxError, read_file
 from mpy_blox_tools.keys import ReleaseKey
 
 KEY_ENV = "MPY_BLOX_UPDATE_KEY"
@@ -61,15 +61,6 @@ class Package:
         return f"{e['name']} {e['version']}" if e["type"] == "wheel" else e["path"]
 
 
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise MpyBloxError(f"{path}: no such file") from None
-    except OSError as e:
-        raise MpyBloxError(f"{path}: cannot read it ({e.strerror})") from None
-
-
 def _field(text: str, name: str) -> str | None:
     m = re.search(rf"^{name}: *(.+?) *$", text, re.M)
     return m.group(1) if m else None
@@ -77,7 +68,7 @@ def _field(text: str, name: str) -> str | None:
 
 def wheel_package(path: Path) -> Package:
     """A wheel, repacked for the device's deflate window (our own wheels come out the same)."""
-    _read(path)
+    read_file(path)
     files = wheel.read_wheel(path)
     metas = [n for n in files if n.count("/") == 1 and n.endswith(".dist-info/METADATA")]
     if len(metas) != 1:
@@ -93,7 +84,7 @@ def wheel_package(path: Path) -> Package:
         raise MpyBloxError(f"{path}: METADATA has no Name or Version")
     # Repacking is deterministic: a wheel already in device form comes out the
     # same bytes, any other (wbits 15, poetry build's) gets the device window.
-    data = _read(wheel.repack(path, STATE_DIR / "repacked"))
+    data = read_file(wheel.repack(path, STATE_DIR / "repacked"))
     entry = manifest.wheel_entry(name, version, hashlib.sha256(data).hexdigest(), len(data), tag)
     try:
         manifest.check_entry(entry, True)
@@ -134,7 +125,7 @@ def src_package(local: Path, device_path: str | None = None) -> Package:
         raise MpyBloxError(
             f"{local}: cannot publish to device path {device_path!r}: {e}"
         ) from None
-    data = _read(local)
+    data = read_file(local)
     entry = manifest.src_entry(device_path, hashlib.sha256(data).hexdigest(), len(data))
     return Package(entry, data, str(local))
 

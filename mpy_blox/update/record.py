@@ -30,7 +30,7 @@ from mpy_blox.log import get_logger
 # 1200-byte file buffer for its import (and names') may find no block left.
 from mpy_blox.update import state
 
-_NVS = "mpypi"
+NAMESPACE = "mpypi"  # NVS: this module's keys, and trust's rot_keys
 _SEQ = "seq"  # NVS i32: the seq of the last accepted signed list
 _IB = "ib"  # NVS blob: the pending install, as above
 _IB_SIZE = const(35)
@@ -46,7 +46,7 @@ def nvs_seq():
     import esp32
 
     try:
-        return esp32.NVS(_NVS).get_i32(_SEQ)
+        return esp32.NVS(NAMESPACE).get_i32(_SEQ)
     except OSError:
         return 0
 
@@ -81,7 +81,7 @@ def _ib():
 
     buf = bytearray(_IB_SIZE)
     try:
-        if esp32.NVS(_NVS).get_blob(_IB, buf) != _IB_SIZE:
+        if esp32.NVS(NAMESPACE).get_blob(_IB, buf) != _IB_SIZE:
             buf[:] = bytes(_IB_SIZE)
     except OSError:
         pass  # never any install: ESP_ERR_NVS_NOT_FOUND
@@ -102,7 +102,7 @@ def set_pending(to, tries, seq=None, digest=None):
     leaves the old state, the new one, or (with a seq) the seq alone raised."""
     import esp32
 
-    nvs = esp32.NVS(_NVS)
+    nvs = esp32.NVS(NAMESPACE)
     ib = _ib()
     ib[0] = to
     ib[1] = min(tries, 255)
@@ -119,7 +119,7 @@ def raise_seq(seq):
     if seq > nvs_seq():
         import esp32
 
-        esp32.NVS(_NVS).set_i32(_SEQ, seq)
+        esp32.NVS(NAMESPACE).set_i32(_SEQ, seq)
         return True
     return False
 
@@ -146,7 +146,7 @@ def locked():
     import esp32
 
     try:
-        return esp32.NVS(_NVS).get_i32(_LOCKED) == 1
+        return esp32.NVS(NAMESPACE).get_i32(_LOCKED) == 1
     except OSError:
         return False
 
@@ -158,7 +158,7 @@ def lock():
     if not locked():
         import esp32
 
-        nvs = esp32.NVS(_NVS)
+        nvs = esp32.NVS(NAMESPACE)
         nvs.set_i32(_LOCKED, 1)
         nvs.commit()
         log.info("update key seen: updates locked to signed lists")
@@ -166,13 +166,18 @@ def lock():
 
 def unlock():
     """Forget the lock (provision.unprovision, over USB only)."""
+    erase(_LOCKED)
+
+
+def erase(key):
+    """Erase `key` of NAMESPACE if it is there: one durable NVS write."""
     import esp32
 
-    nvs = esp32.NVS(_NVS)
+    nvs = esp32.NVS(NAMESPACE)
     try:
-        nvs.erase_key(_LOCKED)
+        nvs.erase_key(key)
     except OSError:
-        pass  # not locked
+        pass  # ESP_ERR_NVS_NOT_FOUND: nothing to forget
     nvs.commit()
 
 

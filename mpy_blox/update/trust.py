@@ -23,6 +23,7 @@
 #
 # Expiry: a list's `expires` is enforced once the clock is set (now()).
 from mpy_blox.log import get_logger
+from mpy_blox.update import record
 
 log = get_logger("update")
 
@@ -32,7 +33,6 @@ log = get_logger("update")
 _CLOCK_FLOOR = const(1735689600)
 _EPOCH_2000 = const(946684800)  # Unix time of 2000-01-01
 _HEX = "0123456789abcdefABCDEF"
-_NVS = "mpypi"
 _ROTATION = "rot_keys"
 
 
@@ -50,11 +50,8 @@ def _refusal(config):
         return None, None, "update.pubkey is not 64 hex digits"
     if key is not None and not (isinstance(key, str) and key):
         return None, None, "update.key is empty or not text"
-    if pub is None and key is None:
-        from mpy_blox.update import record
-
-        if record.locked():
-            return None, None, "this device held an update key and has none now"
+    if pub is None and key is None and record.locked():
+        return None, None, "this device held an update key and has none now"
     return pub, key, None
 
 
@@ -111,7 +108,7 @@ def note(config, got):
 
     # One blob: ESP-IDF writes a key all or nothing, so a power cut leaves the
     # old pair or the new one, never a device trusting a key it should not.
-    nvs = esp32.NVS(_NVS)
+    nvs = esp32.NVS(record.NAMESPACE)
     nvs.set_blob(_ROTATION, provisioned + current + (nxt or b""))
     nvs.commit()
 
@@ -122,7 +119,7 @@ def _rotation(provisioned):
 
     buf = bytearray(96)
     try:
-        n = esp32.NVS(_NVS).get_blob(_ROTATION, buf)
+        n = esp32.NVS(record.NAMESPACE).get_blob(_ROTATION, buf)
     except OSError:
         n = 0
     if n not in (64, 96) or buf[:32] != provisioned:
@@ -132,14 +129,7 @@ def _rotation(provisioned):
 
 def forget_rotation():
     """Back to the provisioned key (provision.unprovision, over USB only)."""
-    import esp32
-
-    nvs = esp32.NVS(_NVS)
-    try:
-        nvs.erase_key(_ROTATION)
-    except OSError:
-        pass  # never rotated
-    nvs.commit()
+    record.erase(_ROTATION)
 
 
 def now():

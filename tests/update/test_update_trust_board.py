@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from test_update_agent import Watcher, publish
@@ -259,26 +258,14 @@ def test_an_expired_list_is_refused_once_the_clock_is_set(
     publish(pub, "mpypi/" + to, b"")
 
 
-ED25519 = Path(REPO / "mpy_blox" / "ed25519.py")
-
-
-@pytest.mark.skipif(not ED25519.exists(), reason="mpy_blox/ed25519.py (Ed25519 verify) not here")
 def test_a_rotation_moves_the_device_to_the_next_key_and_forgets_the_old_one(
     trust_board, boards, mqtt_client, channel
 ):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-    class Release:
-        def __init__(self) -> None:
-            self.key = Ed25519PrivateKey.generate()
-            raw = self.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-            self.public_hex = raw.hex()
+    from mpy_blox_tools.keys import ReleaseKey
 
-        def sign(self, message: bytes) -> bytes:
-            return self.key.sign(message)
-
-    old, new = Release(), Release()
+    old, new = (ReleaseKey(Ed25519PrivateKey.generate()) for _ in range(2))
     board = trust_board({"update.pubkey": old.public_hex})
     watch = Watcher(mqtt_client(), board.device_id)
     rb = boards.start(board, heap=HEAP)
