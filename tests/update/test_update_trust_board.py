@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 from test_update_agent import Watcher, publish
+from test_update_installboot import wait_info
 from update_kit import REPO, make_src
 
 from mpy_blox import topics
@@ -68,15 +69,6 @@ def publish_list(client, pkgs, to, seq=None, key=KEY, **fields) -> bytes:
     )
     publish(client, "mpypi/" + to, payload)
     return payload
-
-
-def wait_info(watch: Watcher, timeout: float = 20, **fields) -> dict:
-    deadline = time.monotonic() + timeout
-    while not all(watch.info.get(k) == v for k, v in fields.items()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no info with {fields}; latest: {watch.info}")
-        time.sleep(0.05)
-    return watch.info
 
 
 def _flip_store_bit(board) -> None:
