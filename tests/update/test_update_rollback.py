@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from test_update_power import count_writes, sample, template
-from update_kit import clone_board, nvs_key, set_nvs_key, snapshot
+from test_update_power import sample, template
+from update_kit import REPO, clone_board, nvs_key, set_nvs_key, snapshot
 
 from mpy_blox_tools.vboard.board import Board
 
@@ -78,6 +78,11 @@ def final(out: str) -> tuple[str, str, str]:
     return re.findall(r"FINAL (\S+) (\S+) (.*?)\r?\n", out)[-1]
 
 
+# Where a run doing each action ends: (set, state, repr of rolled_back()).
+OUTCOME = {
+    "rollback": ("old", "none", "'test reason'"),
+    "confirm": ("new", "none", "None"),
+}
 _TEMPLATES: dict[str, Board] = {}
 
 
@@ -139,6 +144,7 @@ def test_a_rolling_back_journal_is_not_confirmed_and_the_next_boot_rolls_it_back
     out = run(boards, board)
     assert "RECOVER rolled_back" in out and final(out) == ("old", "none", "'test reason'"), out
     assert "rolling back the update on trial: test reason" in out, out
+    assert snapshot(board) == old
 
 
 def test_recover_rolls_back_after_a_watchdog_reset_during_a_trial(boards, on_trial):
@@ -166,7 +172,7 @@ def test_recover_rolls_back_on_the_fourth_boot_of_a_trial(boards, on_trial):
 
 
 def test_a_confirm_ends_the_count_and_nothing_rolls_back_outside_a_trial(boards, on_trial):
-    board, old = on_trial("littlefs")
+    board, _ = on_trial("littlefs")
     run(boards, board)
     run(boards, board)
     assert nvs_key(board, "trial_boots") == ["i32", 2]
@@ -217,11 +223,7 @@ def cut_and_check(boards, board: Board, n: int, action: str) -> str:
     out = run(boards, board)
     after = re.search(r"SET (\w+)", out).group(1)
     assert after in ("old", "new"), f"cut at {n}:\n{cut_out}\n{out}"
-    if action == "rollback":
-        want = ("old", "none", "'test reason'")
-    else:
-        want = ("new", "none", "None")
-    assert final(out) == want, f"cut at {n} did not converge:\n{cut_out}\n{out}"
+    assert final(out) == OUTCOME[action], f"cut at {n} did not converge:\n{cut_out}\n{out}"
     assert nvs_key(board, "trial_boots") is None, n
     return after
 
@@ -319,3 +321,60 @@ def test_power_cut_at_every_nvs_write_of_rollback_and_confirm(boards, on_trial, 
     assert total >= 1, out  # at least the count's erase
     for n in range(1, total + 1):
         nvs_cut_and_check(boards, prepare(f"cut{n}"), n, want)
+
+
+# -- main.py ---------------------------------------------------------------------
+
+# A framework that cannot start with 2.0 of the package it imports.
+BROKEN_APP = b"""
+import demo_pkg
+if demo_pkg.VERSION == "2.0":
+    raise ValueError("broken by 2.0")
+
+
+def main():
+    import mpypi_recover
+    print("APP runs demo_pkg", demo_pkg.VERSION, "rolled back:", mpypi_recover.rolled_back())
+"""
+
+
+def with_real_main(board: Board) -> Board:
+    board.write("main.py", (REPO / "main.py").read_bytes())
+    board.write("lib/mpy_blox/app.py", BROKEN_APP)
+    return board
+
+
+@pytest.mark.parametrize("fs", FILESYSTEMS)
+def test_main_py_rolls_back_a_framework_that_fails_to_import_during_a_trial(boards, on_trial, fs):
+    board, old = on_trial(fs)
+    with_real_main(board)
+    rb = boards.start(board)
+    rb.wait_for(r"APP runs demo_pkg .*\n", timeout=60)
+    rb.stop()
+    out = rb.console()
+    assert "the update on trial failed to start: rolling back" in out, out
+    assert rb.boots() == 2, out  # the failed boot resets, the next one rolls back
+    assert re.search(
+        r"APP runs demo_pkg 1\.0 rolled back: framework failed to import: "
+        r"ValueError\('broken by 2\.0'",
+        out,
+    ), out
+    assert snapshot(board) == {**old, "lib/mpy_blox/app.py": BROKEN_APP}
+    assert nvs_key(board, "trial_boots") is None
+
+
+def test_main_py_changes_nothing_when_the_framework_fails_outside_a_trial(boards, on_trial):
+    board, _ = on_trial("littlefs")
+    board.write("action", b"confirm")
+    run(boards, board)
+    board.rm("action")
+    new = snapshot(board)
+    with_real_main(board)
+    rb = boards.start(board)
+    rb.wait_for(r"ValueError: broken by 2\.0", timeout=60)
+    rb.wait_for(r">>> ")  # the REPL, as a failing main.py always left it: no reset
+    rb.stop()
+    out = rb.console()
+    assert rb.boots() == 1 and "rolling back" not in out, out
+    assert snapshot(board) == {**new, "lib/mpy_blox/app.py": BROKEN_APP}
+    assert ".mpypi/rollback" not in board.ls()
