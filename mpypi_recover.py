@@ -38,19 +38,20 @@
 # a watchdog reset or on the 4th boot. See docs/protocol.md, "Confirm, or roll back".
 import hashlib
 import os
+from micropython import const
 
 VERSION = 1
-_DIR = "/.mpypi"
+_DIR = const("/.mpypi")
 STAGE = "/.mpypi/stage"
 JOURNAL = "/.mpypi/journal"
-_APPLIED = "/.mpypi/applied"
+_APPLIED = const("/.mpypi/applied")
 ROLLBACK = "/.mpypi/rollback"
-_NVS = "mpypi"  # NVS namespace; this module's key: trial_boots
-_BOOTS = "trial_boots"
-_MAX_BOOTS = 3  # the 4th boot of a trial rolls back
-_REASON_MAX = 200
-_HEAD = b"mpypi-journal 1\n"
-_CHUNK = 1024  # one buffer for hashing and copying; small: the heap may be fragmented
+_NVS = const("mpypi")  # NVS namespace; this module's key: trial_boots
+_BOOTS = const("trial_boots")
+_MAX_BOOTS = const(3)  # the 4th boot of a trial rolls back
+_REASON_MAX = const(200)
+_HEAD = const(b"mpypi-journal 1\n")
+_CHUNK = const(1024)  # one buffer for hashing and copying; small: the heap may be fragmented
 
 
 def _log(msg):
@@ -311,8 +312,10 @@ def recover(root=""):
             _boots(0)
         return "none"
     if s == "applied":
+        import machine
+
         n = _boots() + 1
-        if _watchdog_reset():
+        if machine.reset_cause() == machine.WDT_RESET:
             request_rollback("watchdog reset", root)
         elif n > _MAX_BOOTS:
             request_rollback("reset %d times during the trial" % _MAX_BOOTS, root)
@@ -336,15 +339,6 @@ def recover(root=""):
     _log("finishing an interrupted update")
     apply(root)
     return "rolled_forward"
-
-
-def _watchdog_reset():
-    try:
-        import machine
-
-        return machine.reset_cause() == machine.WDT_RESET
-    except (ImportError, AttributeError):  # the unix port has no reset cause
-        return False
 
 
 def _end(root):
