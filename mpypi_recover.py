@@ -30,18 +30,28 @@
 # by SHA256 on every rerun, and its source (the staged file, or the target
 # before its backup is verified) is never modified. Never is a file renamed
 # onto an existing one. See docs/protocol.md, "The journal".
-# After the last step /.mpypi/applied is written: the set is complete and kept
-# with its backups until confirm() (or a future rollback()) ends the journal.
+# After the last step /.mpypi/applied is written: the new set is on trial, kept
+# with its backups until confirm() ends the journal, or rollback() runs it
+# backwards once request_rollback() wrote /.mpypi/rollback (the reason; it stays
+# after the rollback as its outcome, until forget_rollback()). recover() counts
+# the boots of a trial in NVS (mpypi/trial_boots) and rolls back by itself after
+# a watchdog reset or on the 4th boot. See docs/protocol.md, "Confirm, or roll back".
 import hashlib
 import os
+from micropython import const
 
 VERSION = 1
-_DIR = "/.mpypi"
+_DIR = const("/.mpypi")
 STAGE = "/.mpypi/stage"
 JOURNAL = "/.mpypi/journal"
-_APPLIED = "/.mpypi/applied"
-_HEAD = b"mpypi-journal 1\n"
-_CHUNK = 1024  # one buffer for hashing and copying; small: the heap may be fragmented
+_APPLIED = const("/.mpypi/applied")
+ROLLBACK = "/.mpypi/rollback"
+_NVS = const("mpypi")  # NVS namespace; this module's key: trial_boots
+_BOOTS = const("trial_boots")
+_MAX_BOOTS = const(3)  # the 4th boot of a trial rolls back
+_REASON_MAX = const(200)
+_HEAD = const(b"mpypi-journal 1\n")
+_CHUNK = const(1024)  # one buffer for hashing and copying; small: the heap may be fragmented
 
 
 def _log(msg):
@@ -127,6 +137,9 @@ def write_journal(body, root="", buf=None):
     with its checksum line. On OSError no journal is left: nothing happened."""
     buf = buf or bytearray(_CHUNK)
     mv = memoryview(buf)
+    # A new trial: the outcome of an earlier rollback, if never reported, must
+    # not mark this journal as rolling back.
+    remove(root + ROLLBACK)
     h = hashlib.sha256(_HEAD)
     try:
         with open(body, "rb") as fi, open(root + JOURNAL, "wb") as f:
@@ -230,11 +243,42 @@ def clean_stage(root=""):
         remove(root + STAGE + "/" + name)
 
 
+def _reason(root):
+    # The rollback marker's reason; None without one. An empty marker (a cut
+    # while request_rollback() wrote it) counts as none: it is written again.
+    try:
+        with open(root + ROLLBACK, "rb") as f:
+            return f.read(_REASON_MAX).decode() or None
+    except (OSError, UnicodeError):
+        return None
+
+
 def state(root=""):
-    """'none', 'applied' (awaiting confirm), or 'pending' (journal to apply)."""
+    """'none', 'pending' (journal to apply), 'applied' (on trial: awaiting confirm)
+    or 'rolling_back' (applied, and a rollback requested)."""
     if not _exists(root + JOURNAL):
         return "none"
-    return "applied" if _applied(root) else "pending"
+    if not _applied(root):
+        return "pending"
+    return "rolling_back" if _reason(root) else "applied"
+
+
+def _boots(n=-1):
+    # The trial's boot count in NVS: read it (n < 0), set it, or erase it (0).
+    # Without NVS (the unix port) there is no count.
+    try:
+        import esp32
+
+        nvs = esp32.NVS(_NVS)
+        if n < 0:
+            return nvs.get_i32(_BOOTS)
+        if n:
+            nvs.set_i32(_BOOTS, n)
+        else:
+            nvs.erase_key(_BOOTS)  # ESP_ERR_NVS_NOT_FOUND, and no write, if absent
+    except (ImportError, OSError):
+        pass
+    return 0
 
 
 def _settle(root):
@@ -253,10 +297,10 @@ def _settle(root):
 
 
 def recover(root=""):
-    """Boot step: roll an interrupted commit forward, or discard a cut-short one.
+    """Boot step: finish or undo an interrupted commit or rollback; count a trial's boots.
 
-    Returns what it did: 'none', 'applied' (an applied set awaits confirm),
-    'rolled_forward' or 'discarded'.
+    Returns what it did: 'none', 'applied' (a boot on trial), 'rolled_forward',
+    'discarded' or 'rolled_back'.
     """
     _settle(root)
     s = state(root)
@@ -264,9 +308,25 @@ def recover(root=""):
         if _exists(root + _APPLIED):  # a confirm was cut after its journal went
             remove(root + _APPLIED)
         clean_stage(root)
+        if _boots():  # a confirm or a rollback was cut after its journal went
+            _boots(0)
         return "none"
     if s == "applied":
-        return "applied"
+        import machine
+
+        n = _boots() + 1
+        if machine.reset_cause() == machine.WDT_RESET:
+            request_rollback("watchdog reset", root)
+        elif n > _MAX_BOOTS:
+            request_rollback("reset %d times during the trial" % _MAX_BOOTS, root)
+        else:
+            _boots(n)
+            return "applied"
+        s = state(root)
+    if s == "rolling_back":
+        _log("rolling back the update on trial: " + _reason(root))
+        rollback(root)
+        return "rolled_back"
     try:
         for _ in read_journal(root):
             pass
@@ -281,10 +341,68 @@ def recover(root=""):
     return "rolled_forward"
 
 
-def confirm(root=""):
-    """End an applied journal: the new set stays, the backups go."""
-    if state(root) == "pending":
-        raise ValueError("journal not applied")
+def _end(root):
     remove(root + JOURNAL)  # the point of no return
     remove(root + _APPLIED)
     clean_stage(root)
+    _boots(0)
+
+
+def confirm(root=""):
+    """End a trial: the new set stays, the backups go.
+
+    Refuses (ValueError) a journal not applied yet, or rolling back."""
+    s = state(root)
+    if s == "pending":
+        raise ValueError("journal not applied")
+    if s == "rolling_back":
+        raise ValueError("journal rolling back")
+    _end(root)
+
+
+def request_rollback(reason, root=""):
+    """Have the trial rolled back, for `reason`; True if a trial was running.
+
+    Writes the marker: rollback(), or the next boot's recover(), runs the
+    journal backwards. The reason is kept as one line of printable ASCII."""
+    if state(root) != "applied":
+        return False
+    reason = "".join(c if " " <= c <= "~" else "?" for c in str(reason))
+    with open(root + ROLLBACK, "wb") as f:
+        f.write((reason[:_REASON_MAX] or "unknown").encode())
+    return True
+
+
+def rollback(root="", buf=None):
+    """Run a rolling-back journal backwards: the old set comes back.
+
+    Each step is idempotent and decided by the journal's SHA256s, and moves a
+    file as apply() does (rename on LittleFS, verified copy on FAT): a target
+    that was new is removed; one that is not the old file gets its backup back.
+    Then the journal goes (the point of no return), with the applied marker,
+    the stage and the boot count. The rollback marker stays: rolled_back().
+    """
+    if state(root) != "rolling_back":
+        raise ValueError("no rollback requested")
+    buf = buf or bytearray(_CHUNK)
+    rename = renames_atomic(root)
+    for _, i, target, _, old in read_journal(root):
+        t = root + target
+        if old == "-":
+            remove(t)
+            _rmdir_empty(t)
+        elif file_sha256(t, buf) != old:
+            _move(root + STAGE + "/b" + i, t, buf, rename)
+    _end(root)
+
+
+def rolled_back(root=""):
+    """The reason of a finished rollback not reported yet, else None."""
+    if _exists(root + JOURNAL):
+        return None
+    return _reason(root)
+
+
+def forget_rollback(root=""):
+    """Once the outcome of a rollback is reported: drop its marker."""
+    remove(root + ROLLBACK)

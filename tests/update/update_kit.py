@@ -117,3 +117,30 @@ def clone_board(board, directory: Path):
 
     shutil.copytree(board.dir, directory, ignore=shutil.ignore_patterns("run", "console.log"))
     return Board(directory)
+
+
+# The journal's own files: what a snapshot of the installed set leaves out, with
+# the test drivers' main.py and their flag files.
+_NOT_INSTALLED = ("main.py", "action", "wdt", ".mpypi/journal", ".mpypi/applied")
+
+
+def snapshot(board) -> dict[str, bytes | None]:
+    """Every file (its bytes) and folder (None) of a stopped board, but the journal's."""
+    out = {}
+    for path, size in board.ls().items():
+        if path in _NOT_INSTALLED or path.startswith((".mpypi/stage", ".mpypi/rollback")):
+            continue
+        out[path] = None if size is None else board.cat(path)
+    return out
+
+
+def nvs_key(board, key: str, namespace: str = "mpypi"):
+    """[type, value] of an NVS key of a stopped board, or None."""
+    return board.nvs().get(namespace, {}).get(key)
+
+
+def set_nvs_key(board, key: str, value: list, namespace: str = "mpypi") -> None:
+    """Set an NVS key of a stopped board, as a device's earlier boot would have."""
+    store = board.nvs()
+    store.setdefault(namespace, {})[key] = value
+    (board.dir / "nvs.json").write_text(json.dumps(store))
