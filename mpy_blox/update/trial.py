@@ -49,20 +49,17 @@ class Trial:
         self.need_broker = last.get("broker", True) is not False
         self.done = asyncio.Event()  # set once confirmed: the agent takes lists again
         node.state = "trial"  # what a (re)connect publishes until the verdict
+        node.state_fields = {"seq": self.seq, "left_s": self.left_s()}
 
     def left_s(self):
         return max(0, (self.trial_ms - time.ticks_diff(time.ticks_ms(), self.started)) // 1000)
 
     async def run(self, sup, client_of):
         """Watch until healthy (confirm) or not (failed): client_of() is the MQTT client."""
-        announced = False
         while True:
             client = client_of()
             online = client is not None and client.is_connected
-            if online and not announced:
-                left = self.left_s()
-                announced = await self.node.publish_status("trial", seq=self.seq, left_s=left)
-            announced = announced and online
+            self.node.state_fields["left_s"] = self.left_s()  # for the next (re)connect
             ran = sup.healthy_ms()
             if ran is not None and ran >= self.healthy_ms and (online or not self.need_broker):
                 await self._health(sup.module)
@@ -106,6 +103,7 @@ class Trial:
         last = record.save_last("ok", last.get("at"), None, last.get("list"))
         log.info("update confirmed: the new set is healthy")
         self.node.state = "online"
+        self.node.state_fields = {}
         self.node.info_extra["last_update"] = last
         await self.node.publish_info()
         await self.node.publish_status("ok", seq=self.seq)
