@@ -68,31 +68,20 @@ class Agent:
     # -- persistent state ------------------------------------------------------
 
     async def _settle(self, last):
-        # The outcome of the last trial, once (docs/protocol.md, "The trial"):
-        # a rollback that boot recovery finished, or a confirm cut short after
-        # its point of no return (the journal gone, last_update still "trial").
+        # The outcome of the last trial, once: trial.settle (loaded for it).
         if self.hold is not None:
-            return last  # on trial: trial.py decides
-        last = last or {}
+            return last  # on trial: the trial decides
         try:
-            # mpypi_recover.ROLLBACK, asked without loading the module: a boot
-            # without a rollback to report keeps that heap.
-            os.stat("/.mpypi/rollback")
+            os.stat("/.mpypi/rollback")  # mpypi_recover.ROLLBACK, asked by stat
         except OSError:
-            if last.get("result") == "trial":
-                return record.save_last("ok", last.get("at"), None, last.get("list"))
-            return last or None
+            if (last or {}).get("result") != "trial":
+                return last
         import sys
 
-        import mpypi_recover
+        from mpy_blox.update import trial
 
-        reason = mpypi_recover.rolled_back() or "rolled back"
-        log.error("the update was rolled back: %s", reason)
-        last = record.save_last("rolled_back", last.get("at"), reason, last.get("list"))
-        await record.status(self.node, "rolled_back", seq=last.get("at"), error=reason)
-        mpypi_recover.forget_rollback()  # reported: last_update keeps it
-        sys.modules.pop("mpypi_recover", None)
-        gc.collect()
+        last = await trial.settle(self.node, last or {})
+        sys.modules.pop("mpy_blox.update.trial", None)
         return last
 
     def _refresh_info(self, available=None):

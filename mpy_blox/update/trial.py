@@ -120,6 +120,24 @@ class Trial:
         machine.reset()
 
 
+async def settle(node, last):
+    """The outcome of the last trial, for the agent of the next boot: a
+    rollback boot recovery finished (reported once, then its marker goes), or
+    a confirm cut after its point of no return (the journal gone, last_update
+    still "trial": the set was confirmed). Returns last_update."""
+    import mpypi_recover
+
+    reason = mpypi_recover.rolled_back()
+    if reason is None:
+        return record.save_last("ok", last.get("at"), None, last.get("list"))
+    log.error("the update was rolled back: %s", reason)
+    last = record.save_last("rolled_back", last.get("at"), reason, last.get("list"))
+    await record.status(node, "rolled_back", seq=last.get("at"), error=reason)
+    mpypi_recover.forget_rollback()  # reported: last_update keeps it
+    sys.modules.pop("mpypi_recover", None)
+    return last
+
+
 def _short(exc):
     """'RuntimeError: boom', at most 160 characters: for status and last_update."""
     return ("%s: %s" % (type(exc).__name__, exc))[:160]

@@ -73,7 +73,7 @@ def run_trust(run_mpy, tmp_path, lane):
     (tmp_path / "esp32.py").write_text(FAKE_ESP32)
 
     def run(code: str) -> list[str]:
-        out = run_mpy(PRELUDE.format(tmp=str(tmp_path)) + code, heap="64K", lane=lane)
+        out = run_mpy(PRELUDE.format(tmp=str(tmp_path)) + code, heap="80K", lane=lane)
         return [line for line in out.splitlines() if not re.match(r"[DIWE] \d", line)]
 
     return run
