@@ -211,6 +211,10 @@ def apply(root="", buf=None):
             _rmdir_empty(t)
     with open(root + _APPLIED, "wb") as f:
         f.write(b"1")
+    # On trial only the backups are needed: not the journal's body, nor on FAT
+    # the sources of the copies (each holds a cluster at least). A cut here
+    # leaves the rest to confirm() or rollback().
+    clean_stage(root, True)
 
 
 def _rmdir_empty(path):
@@ -233,14 +237,15 @@ def _applied(root):
         return False
 
 
-def clean_stage(root=""):
-    """Remove every staged file (not the journal)."""
+def clean_stage(root="", backups=False):
+    """Remove every staged file (not the journal), or all but the backups b<i>."""
     try:
         names = os.listdir(root + STAGE)
     except OSError:
         return
     for name in names:
-        remove(root + STAGE + "/" + name)
+        if not (backups and name[0] == "b"):
+            remove(root + STAGE + "/" + name)
 
 
 def _reason(root):

@@ -378,3 +378,20 @@ def test_main_py_changes_nothing_when_the_framework_fails_outside_a_trial(boards
     assert rb.boots() == 1 and "rolling back" not in out, out
     assert snapshot(board) == {**new, "lib/mpy_blox/app.py": BROKEN_APP}
     assert ".mpypi/rollback" not in board.ls()
+
+
+@pytest.mark.parametrize("fs", FILESYSTEMS)
+def test_the_trial_keeps_only_the_replaced_files_as_backups(boards, on_trial, fs):
+    board, old = on_trial(fs)
+    trial = snapshot(board)
+    replaced = [p for p, data in old.items() if data is not None and trial.get(p) != data]
+    stage = {p: n for p, n in board.ls(".mpypi/stage").items() if n is not None}
+    # The backups b<i> alone: on FAT too, where the commit copies, not its sources n<i>.
+    assert all(p.split("/")[-1].startswith("b") for p in stage), stage
+    kept = sum(stage.values())
+    assert kept == sum(len(old[p]) for p in replaced), (stage, replaced)
+    free_on_trial = board.df()[1]
+    board.write("action", b"confirm")
+    run(boards, board)
+    freed = board.df()[1] - free_on_trial
+    print(f"{fs}: the trial keeps {len(stage)} backups, {kept} bytes; confirm frees {freed}")
