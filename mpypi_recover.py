@@ -35,7 +35,8 @@
 # backwards once request_rollback() wrote /.mpypi/rollback (the reason; it stays
 # after the rollback as its outcome, until forget_rollback()). recover() counts
 # the boots of a trial in NVS (mpypi/trial_boots) and rolls back by itself after
-# a watchdog reset or on the 4th boot. See docs/protocol.md, "Confirm, or roll back".
+# a watchdog reset or on the 4th boot. See docs/protocol.md, "The journal and boot
+# recovery".
 import hashlib
 import os
 from micropython import const
