@@ -15,6 +15,7 @@
 import asyncio
 import gc
 import sys
+import time
 
 from mpy_blox import log as logging
 from mpy_blox import startup
@@ -25,6 +26,7 @@ log = get_logger("app")
 config = None
 client = None
 node = None
+_on_trial = False  # a new update is on trial: a fatal error rolls it back
 
 _FATAL_RESET_MS = const(5000)
 # The room user_main.py must leave the framework to be imported early
@@ -89,6 +91,7 @@ async def _run():
     # a failed import leaves behind are holes the small ones can still use.
     # Without the agent (not installed, or no room) the device runs and stays
     # reachable.
+    started = time.ticks_ms()  # a trial's deadline counts from here
     config = _configure()
     boot_count = _boot_count()
     startup.drop(["mpy_blox.provision", "mpy_blox.scrub", "mpy_blox.secure"])
@@ -114,6 +117,7 @@ async def _run():
     agent = startup.import_optional("mpy_blox.update.agent") if mqtt is not None else None
     if sup is None:
         node, sup = _node_and_supervisor(config, boot_count)
+    trial = _trial(config, sup, started)  # before MQTT: its connect says "trial"
     await startup.wlan_up(config)
     if mqtt is None:
         log.error("no MQTT client: running without MQTT and updates")
@@ -131,12 +135,14 @@ async def _run():
         log.info("no update agent")
     else:
         try:
-            await agent.start(client, config, node)
+            await agent.start(client, config, node, trial and trial.done)
         except Exception as e:  # noqa: BLE001  (a broken agent must not stop the device)
             log.exception("update agent failed to start", e)
     asyncio.get_event_loop().set_exception_handler(sup.handle_exception)
     gc.collect()
     log.info("booted; free heap %d bytes", gc.mem_free())
+    if trial is not None:
+        asyncio.create_task(trial.run(sup, lambda: client))
     await sup.run()
     while True:  # the background tasks (WLAN, MQTT, agent) keep the device going
         await asyncio.sleep(3600)
@@ -149,6 +155,25 @@ def _node_and_supervisor(cfg, boot_count):
     nd = Node(device_id(), cfg, boot_count)
     log.info("%s boot %d", nd.device_id, nd.boot_count)
     return nd, Supervisor(cfg, nd)
+
+
+def _trial(cfg, sup, started):
+    # A committed update on trial (mpy_blox/update/trial.py): it rolls back at
+    # the first failure of user_main, and confirms once the set is healthy.
+    global _on_trial
+    try:
+        from mpy_blox.update import record
+    except ImportError:  # a framework without the update package
+        return None
+    if not record.on_trial():
+        return None
+    from mpy_blox.update.trial import Trial, user_main_failed
+
+    trial = Trial(cfg, node, started)
+    sup.on_failure = lambda exc: trial.failed(user_main_failed(exc))
+    _on_trial = True
+    log.info("on trial: %d s to prove the update healthy", trial.left_s())
+    return trial
 
 
 def _grow_qstr_pool():
@@ -196,11 +221,14 @@ def main():
 
 def _fatal(exc):
     import machine
-    import time
 
     try:
         gc.collect()
         log.exception("fatal: %r; reset in %d s", exc, exc, _FATAL_RESET_MS // 1000)
+        if _on_trial:  # the new framework fails: boot recovery puts the old one back
+            import mpypi_recover
+
+            mpypi_recover.request_rollback(("framework failed: %r" % (exc,))[:160])
         time.sleep_ms(_FATAL_RESET_MS)  # a pause that leaves time to Ctrl-C in
     except KeyboardInterrupt:
         raise

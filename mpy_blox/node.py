@@ -47,6 +47,7 @@ class Node:
         self.safe_mode = None  # the reason, once the supervisor gave up on user code
         self.info_extra = {}  # fields owned by the update agent
         self.state = "online"  # the status every (re)connect publishes; an install boot's differs
+        self.state_fields = {}  # and its fields (a trial's seq and time left)
 
     def info(self):
         import mpy_blox
@@ -98,4 +99,4 @@ class Node:
 
     async def on_connect(self):
         await self.publish_info()
-        await self.publish_status(self.state)
+        await self.publish_status(self.state, **self.state_fields)

@@ -37,6 +37,10 @@ class Supervisor:
         self._user = None  # the running user_main task
         self._crashed = None  # an exception of a user task, seen by the loop handler
         self.preloaded = None  # see preload(): (user_main or None,), or its exception
+        # Called with the exception at each failure, after it is logged: the
+        # trial of a new update rolls back at the first (mpy_blox/update/trial.py).
+        self.on_failure = None
+        self._since = None  # ticks_ms user_main started; None before, or -1: it is over
 
     def _load(self):
         sys.modules.pop(self.module, None)  # a restart reimports a fixed file
@@ -94,8 +98,19 @@ class Supervisor:
                 self._user.cancel()  # run() reports it and restarts
             else:
                 log.exception("a user task failed: %r", exc, exc)
+                if self.on_failure is not None:
+                    self.on_failure(exc)
         else:
             log.error("%s", context.get("message"))
+
+    def healthy_ms(self):
+        """How long user_main has run without failing, in ms; None before it
+        started. One that returned, or that does not exist, ran well for good."""
+        if self._since == -1:
+            return 1 << 30
+        if self._since is None:
+            return None
+        return time.ticks_diff(time.ticks_ms(), self._since)
 
     def _failed(self, now):
         self.failures.append(now)
@@ -115,12 +130,14 @@ class Supervisor:
             try:
                 fn = self._user_main_fn()
                 if fn is None:
+                    self._since = -1
                     return
                 log.info("starting")
-                started = time.ticks_ms()
+                started = self._since = time.ticks_ms()
                 self._user = asyncio.create_task(fn())
                 await self._user
                 log.info("returned; not restarted")
+                self._since = -1
                 return
             except asyncio.CancelledError:
                 exc = self._crashed
@@ -130,7 +147,10 @@ class Supervisor:
                 exc = e
             finally:
                 self._user = None
+            self._since = None
             self._report(exc)
+            if self.on_failure is not None:
+                self.on_failure(exc)
             now = time.ticks_ms()
             if time.ticks_diff(now, started) > self.window_ms:
                 delay_ms = self.delay_ms  # it ran well for a while: start backing off anew

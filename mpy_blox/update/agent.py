@@ -25,15 +25,19 @@ _MAX_LIST = const(16384)  # manifest.MAX_LIST_BYTES
 log = get_logger("update")
 
 
-async def start(client, config, node):
-    agent = Agent(client, config, node)
+async def start(client, config, node, hold=None):
+    """hold: an asyncio.Event set when a trial confirmed; lists wait for it."""
+    agent = Agent(client, config, node, hold)
     await agent.start()
     return agent
 
 
 class Agent:
-    def __init__(self, client, config, node):
+    def __init__(self, client, config, node, hold=None):
         self.client = client
+        # During a trial a list waits: installing it would confirm the set on
+        # trial unproven, and a rollback resets anyway (the list is retained).
+        self.hold = hold
         self.node = node
         self.config = config
         self.channel = config.get_str("update.channel", "stable")
@@ -44,9 +48,8 @@ class Agent:
         self.last = None
 
     async def start(self):
-        _confirm()
         self.seq = record.nvs_seq()
-        self.last = record.load_last()
+        self.last = await self._settle(record.load_last())
         if record.pending()[0]:
             # The install boot did not run (it could not be imported): say so
             # once, and let the seq mark the list done so it is not retried.
@@ -63,6 +66,34 @@ class Agent:
         await self.node.publish_info()
 
     # -- persistent state ------------------------------------------------------
+
+    async def _settle(self, last):
+        # The outcome of the last trial, once (docs/protocol.md, "The trial"):
+        # a rollback that boot recovery finished, or a confirm cut short after
+        # its point of no return (the journal gone, last_update still "trial").
+        if self.hold is not None:
+            return last  # on trial: trial.py decides
+        last = last or {}
+        try:
+            # mpypi_recover.ROLLBACK, asked without loading the module: a boot
+            # without a rollback to report keeps that heap.
+            os.stat("/.mpypi/rollback")
+        except OSError:
+            if last.get("result") == "trial":
+                return record.save_last("ok", last.get("at"), None, last.get("list"))
+            return last or None
+        import sys
+
+        import mpypi_recover
+
+        reason = mpypi_recover.rolled_back() or "rolled back"
+        log.error("the update was rolled back: %s", reason)
+        last = record.save_last("rolled_back", last.get("at"), reason, last.get("list"))
+        await record.status(self.node, "rolled_back", seq=last.get("at"), error=reason)
+        mpypi_recover.forget_rollback()  # reported: last_update keeps it
+        sys.modules.pop("mpypi_recover", None)
+        gc.collect()
+        return last
 
     def _refresh_info(self, available=None):
         record.info(self.node, self.seq, self.last, available)
@@ -91,6 +122,8 @@ class Agent:
         self.wake.set()
 
     async def _worker(self):
+        if self.hold is not None:
+            await self.hold.wait()
         while True:
             await self.wake.wait()
             self.wake.clear()
@@ -169,22 +202,3 @@ class Agent:
         import machine
 
         machine.reset()
-
-
-def _confirm():
-    # An applied update whose code booted and reached the broker is confirmed:
-    # its backups go (docs/protocol.md). The recovery module is dropped again.
-    try:
-        # mpypi_recover.JOURNAL, asked without loading the module: a boot with
-        # nothing to confirm keeps that heap.
-        os.stat("/.mpypi/journal")
-    except OSError:
-        return
-    import sys
-
-    import mpypi_recover
-
-    if mpypi_recover.state() == "applied":
-        mpypi_recover.confirm()
-    sys.modules.pop("mpypi_recover", None)
-    gc.collect()

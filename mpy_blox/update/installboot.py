@@ -183,10 +183,21 @@ class InstallBoot:
         node = self.node
         record.info(node, self.seq, record.load_last())
         mqtt = startup.import_optional("mpy_blox.mqtt")
+        client = None
         if mqtt is not None:  # else the app's next boot reports
-            await startup.mqtt_up(mqtt, self.config, node, announce=False)
+            client = await startup.mqtt_up(mqtt, self.config, node, announce=False)
         mqtt = None
-        await node.publish_info()
+        if self.installed and self.error is None:
+            # No info: it would name the running framework beside the files
+            # just committed (two sets); the next boot's info is the new set's.
+            if client is None or not client.is_connected:
+                # A broker gone before the new code boots is not its fault:
+                # its trial does not wait for one (mpy_blox/update/trial.py).
+                last = record.load_last() or {}
+                record.save_last("trial", last.get("at"), None, last.get("list"), broker=False)
+        else:
+            await node.publish_info()
+        client = None
         if self.error is not None:
             log.error("update failed: %s", self.error)
             await record.status(node, "failed", error=self.error, package=self.package)
@@ -201,6 +212,8 @@ class InstallBoot:
         # last_update names the list (seq and digest) even when it failed, so the
         # retained copy is not taken up again: a new list (a new seq) is needed.
         # Then nothing is pending: the next boot is the app's.
-        record.save_last("failed" if self.error else "ok", seq, self.error, digest)
+        # A committed set boots on trial (mpy_blox/update/trial.py).
+        result = "failed" if self.error else "trial" if self.installed else "ok"
+        record.save_last(result, seq, self.error, digest)
         record.set_pending(0, 0, None, digest)  # finished: this list (it may be a newer one)
         self.finished = True

@@ -59,13 +59,19 @@ def load_last():
         return None
 
 
-def save_last(result, seq, error=None, digest=None):
-    """Write and return last_update; `digest` names the list (see digest())."""
+def save_last(result, seq, error=None, digest=None, broker=True):
+    """Write and return last_update; `digest` names the list (see digest()).
+
+    result: "ok", "failed", "trial" (committed, proving itself) or
+    "rolled_back"; broker=False: the install boot found no broker after its
+    commit, so the trial does not wait for one."""
     last = {"result": result, "at": seq}
     if error:
         last["error"] = error
     if digest:
         last["list"] = digest
+    if not broker:
+        last["broker"] = False
     try:
         _mkdir()
         with open(_LAST, "w") as f:
@@ -179,6 +185,17 @@ def erase(key):
     except OSError:
         pass  # ESP_ERR_NVS_NOT_FOUND: nothing to forget
     nvs.commit()
+
+
+def on_trial():
+    """True while a committed set awaits its verdict (mpy_blox/update/trial.py):
+    mpypi_recover's journal is applied. Asked by stat, without loading it."""
+    try:
+        os.stat("/.mpypi/applied")
+        os.stat("/.mpypi/journal")
+    except OSError:
+        return False
+    return True
 
 
 def digest(payload):

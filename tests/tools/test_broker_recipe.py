@@ -207,7 +207,7 @@ def test_a_board_logs_in_as_its_id_reports_and_installs_a_signed_update(
                     "port": fleet_broker.port,
                     "username": DEVICE,
                 },
-                "update": {"channel": "recipe", "auto_update": True},
+                "update": {"channel": "recipe", "auto_update": True, "healthy_after_s": 1},
             }
         )
     )

@@ -281,7 +281,7 @@ def test_a_virtual_board_reports_installs_an_update_and_its_will_fires_via_amqtt
         json.dumps(
             {
                 "mqtt": {"server": b.host, "port": b.port},
-                "update": {"channel": "t-amqtt", "auto_update": True},
+                "update": {"channel": "t-amqtt", "auto_update": True, "healthy_after_s": 1},
             }
         )
     )

@@ -35,7 +35,7 @@ def fleet_of(boards, broker, tmp_path, board_lane):
             json.dumps(
                 {
                     "mqtt": {"server": broker.host, "port": broker.port},
-                    "update": {"channel": channel, "auto_update": True},
+                    "update": {"channel": channel, "auto_update": True, "healthy_after_s": 1},
                 }
             )
         )

@@ -48,7 +48,7 @@ def test_a_pubkey_board_installs_an_ed25519_publish_and_refuses_other_keys_and_h
     channel = f"ed-{uuid.uuid4().hex[:8]}"
     settings = {
         "mqtt": {"server": broker.host, "port": broker.port},
-        "update": {"channel": channel},
+        "update": {"channel": channel, "healthy_after_s": 1},
     }
     board = boards.create()
     board.put_tree(full_mpy, "lib/mpy_blox")

@@ -64,7 +64,7 @@ def app_board(boards, full_mpy, broker, channel):
     def make(settings: dict | None = None, files: dict | None = None, **kwargs):
         settings = settings or {
             "mqtt": {"server": broker.host, "port": broker.port},
-            "update": {"channel": channel},
+            "update": {"channel": channel, "healthy_after_s": 1},
         }
         board = boards.create(**kwargs)
         board.put_tree(full_mpy, "lib/mpy_blox")
@@ -115,10 +115,14 @@ def in_order(seen: list[str], wanted: list[str]) -> bool:
     return all(w in it for w in wanted)
 
 
-def wait_info(watch: Watcher, timeout: float = 15, **fields) -> dict:
+def wait_info(watch: Watcher, timeout: float = 15, result=None, **fields) -> dict:
+    """The latest info once it has `fields` (and last_update.result `result`)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if all(watch.info.get(k) == v for k, v in fields.items()):
+        last = watch.info.get("last_update") or {}
+        if all(watch.info.get(k) == v for k, v in fields.items()) and (
+            result is None or last.get("result") == result
+        ):
             return watch.info
         time.sleep(0.1)
     raise TimeoutError(f"no info with {fields}; latest: {watch.info}")
@@ -140,7 +144,7 @@ def test_framework_upgrade_and_user_main_install_through_the_install_boot(
     publish_update(mqtt_client(), channel, [framework_wheel, user], seq=7)
     rb.wait_for("USER v2 on framework 0.2.0", timeout=120)
     elapsed = time.monotonic() - started
-    info = wait_info(watch, seq=7, framework="0.2.0")
+    info = wait_info(watch, seq=7, framework="0.2.0", result="ok")  # after its trial
     assert info["packages"] == {"mpy_blox": "0.2.0"}
     assert info["src"] == {"user_main.py": user.sha}
     assert info["last_update"]["result"] == "ok"
@@ -266,14 +270,17 @@ def test_a_link_lost_before_the_lists_suback_is_ridden_out(
     try:
         mqtt = {"server": "127.0.0.1", "port": proxy.port}
         _, watch, rb = booted_on_v1(
-            app_board, boards, mqtt_client, {"mqtt": mqtt, "update": {"channel": channel}}
+            app_board,
+            boards,
+            mqtt_client,
+            {"mqtt": mqtt, "update": {"channel": channel, "healthy_after_s": 1}},
         )
         user = make_src("user_main.py", USER_V2)
         publish_update(mqtt_client(), channel, [user], seq=5)
         rb.wait_for("USER v2 on framework", timeout=60)
         assert proxy.dropped.is_set()
         assert "subscribing to the list broke" in rb.console()
-        assert wait_info(watch, seq=5)["last_update"]["result"] == "ok"
+        assert wait_info(watch, seq=5, result="ok")
     finally:
         proxy.close()
 
@@ -338,7 +345,7 @@ def test_a_list_that_needs_nothing_costs_one_install_boot_and_reports_idle(
     publish_update(mqtt_client(), channel, [make_src("user_main.py", USER_V1)], seq=2)
     watch.wait_status(state="idle")
     rb.wait_for("USER v1", timeout=30, count=2)
-    assert wait_info(watch, seq=2)["last_update"]["result"] == "ok"
+    assert wait_info(watch, seq=2, result="ok")
     assert "downloading" not in states(watch)
     rb.wait_for("list seq 2 seen again: already done", timeout=30)  # and not installed again
     assert rb.boots() == 3

@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 from test_update_agent import Watcher, publish
+from test_update_installboot import wait_info
 from update_kit import REPO, make_src
 
 from mpy_blox import topics
@@ -37,7 +38,7 @@ def trust_board(boards, full_mpy, broker, channel):
     def make(provision: dict | None = None, keepalive_s: int = 60, wlan: bool = False):
         settings = {
             "mqtt": {"server": broker.host, "port": broker.port, "keepalive_s": keepalive_s},
-            "update": {"channel": channel, "auto_update": True},
+            "update": {"channel": channel, "auto_update": True, "healthy_after_s": 1},
         }
         if wlan:  # an access point the test can take down (Board.set_network)
             board = boards.create(wlan={"ssid": "testnet", "psk": "testnet-psk"})
@@ -68,15 +69,6 @@ def publish_list(client, pkgs, to, seq=None, key=KEY, **fields) -> bytes:
     )
     publish(client, "mpypi/" + to, payload)
     return payload
-
-
-def wait_info(watch: Watcher, timeout: float = 20, **fields) -> dict:
-    deadline = time.monotonic() + timeout
-    while not all(watch.info.get(k) == v for k, v in fields.items()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no info with {fields}; latest: {watch.info}")
-        time.sleep(0.05)
-    return watch.info
 
 
 def _flip_store_bit(board) -> None:
@@ -209,8 +201,7 @@ def test_a_superseded_retained_list_is_ignored_and_junk_costs_no_flash_write(
     rb.wait_for("USER v3", timeout=40)
     superseded = rf"list seq 1 on channels/{channel} superseded: device at 2"
     rb.wait_for(superseded, timeout=30)
-    wait_info(watch, seq=2)
-    assert watch.info["last_update"]["result"] == "ok"
+    wait_info(watch, seq=2, result="ok")
     seen = len(watch.statuses)
     writes = board.block_writes()
 
