@@ -158,7 +158,8 @@ def test_framework_upgrade_and_user_main_install_through_the_install_boot(
             "verifying",
             "installing",
             "rebooting",
-            "online",
+            "trial",
+            "ok",
         ],
     ), seen
     assert watch.wait_status(state="rebooting", seq=7, install_boot=True)
