@@ -35,7 +35,8 @@
 # backwards once request_rollback() wrote /.mpypi/rollback (the reason; it stays
 # after the rollback as its outcome, until forget_rollback()). recover() counts
 # the boots of a trial in NVS (mpypi/trial_boots) and rolls back by itself after
-# a watchdog reset or on the 4th boot. See docs/protocol.md, "Confirm, or roll back".
+# a watchdog reset or on the 4th boot. See docs/protocol.md, "The journal and boot
+# recovery".
 import hashlib
 import os
 from micropython import const
@@ -211,6 +212,10 @@ def apply(root="", buf=None):
             _rmdir_empty(t)
     with open(root + _APPLIED, "wb") as f:
         f.write(b"1")
+    # On trial only the backups are needed: not the journal's body, nor on FAT
+    # the sources of the copies (each holds a cluster at least). A cut here
+    # leaves the rest to confirm() or rollback().
+    clean_stage(root, True)
 
 
 def _rmdir_empty(path):
@@ -233,14 +238,15 @@ def _applied(root):
         return False
 
 
-def clean_stage(root=""):
-    """Remove every staged file (not the journal)."""
+def clean_stage(root="", backups=False):
+    """Remove every staged file (not the journal), or all but the backups b<i>."""
     try:
         names = os.listdir(root + STAGE)
     except OSError:
         return
     for name in names:
-        remove(root + STAGE + "/" + name)
+        if not (backups and name[0] == "b"):
+            remove(root + STAGE + "/" + name)
 
 
 def _reason(root):

@@ -12,7 +12,7 @@ import re
 
 import pytest
 from test_update_power import sample, template
-from update_kit import REPO, clone_board, nvs_key, set_nvs_key, snapshot
+from update_kit import DRIVER, REPO, clone_board, nvs_key, set_nvs_key, snapshot
 
 from mpy_blox_tools.vboard.board import Board
 
@@ -49,6 +49,9 @@ if action == "rollback":
     print("REQUEST", r.request_rollback("test reason"))
     if r.state() == "rolling_back":
         r.rollback()
+elif action == "rollback-long":
+    print("REQUEST", r.request_rollback("line 1\nline 2 \u00e9 " + "x" * 300))
+    r.rollback()
 elif action == "request":
     print("REQUEST", r.request_rollback("test reason"))
     try:
@@ -377,4 +380,38 @@ def test_main_py_changes_nothing_when_the_framework_fails_outside_a_trial(boards
     out = rb.console()
     assert rb.boots() == 1 and "rolling back" not in out, out
     assert snapshot(board) == {**new, "lib/mpy_blox/app.py": BROKEN_APP}
+    assert ".mpypi/rollback" not in board.ls()
+
+
+@pytest.mark.parametrize("fs", FILESYSTEMS)
+def test_the_trial_keeps_only_the_replaced_files_as_backups(boards, on_trial, fs):
+    board, old = on_trial(fs)
+    trial = snapshot(board)
+    replaced = [p for p, data in old.items() if data is not None and trial.get(p) != data]
+    stage = {p: n for p, n in board.ls(".mpypi/stage").items() if n is not None}
+    # The backups b<i> alone: on FAT too, where the commit copies, not its sources n<i>.
+    assert all(p.split("/")[-1].startswith("b") for p in stage), stage
+    kept = sum(stage.values())
+    assert kept == sum(len(old[p]) for p in replaced), (stage, replaced)
+    free_on_trial = board.df()[1]
+    board.write("action", b"confirm")
+    run(boards, board)
+    freed = board.df()[1] - free_on_trial
+    print(f"{fs}: the trial keeps {len(stage)} backups, {kept} bytes; confirm frees {freed}")
+
+
+def test_an_unreported_rollback_does_not_mark_the_next_trial_and_its_reason_is_one_line(
+    boards, on_trial
+):
+    board, _ = on_trial("littlefs")
+    board.write("action", b"rollback-long")
+    out = run(boards, board)
+    assert "REQUEST True" in out, out
+    reason = board.cat(".mpypi/rollback")
+    assert reason == b"line 1?line 2 ? " + b"x" * 184, reason  # 200 bytes, one line
+    # Never reported (no forget_rollback()): the same upgrade is installed again and
+    # must go on trial, not roll back at once.
+    board.write("main.py", DRIVER.encode())
+    out = run(boards, board)
+    assert "INSTALLED 2" in out and "FINAL new applied" in out, out
     assert ".mpypi/rollback" not in board.ls()
