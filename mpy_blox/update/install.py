@@ -23,14 +23,18 @@ import gc
 import hashlib
 import os
 
-import mpypi_recover as recover
 from mpy_blox.log import get_logger
 from mpy_blox.update import state
 from mpy_blox.update.names import normalize
 from mpy_blox.update.paths import InvalidUpdate
 from mpy_blox.update.state import RESERVE_BLOCKS, hex_digest
 
-_OPS = "/ops"  # in recover.STAGE: the journal's body while the stage is built
+_OPS = "/ops"  # in the stage: the journal's body while the stage is built
+# mpypi_recover.STAGE. The recovery module is loaded only to begin and to commit
+# (_recover()): while the wheels are staged its 6 KB would cost the deflate
+# decoder its two blocks (on the 32-bit lane the install boot's edge moved from
+# 88K to over 96K while it stayed loaded).
+_STAGE = "/.mpypi/stage"
 _CHUNK = const(1024)
 
 log = get_logger("update")
@@ -84,7 +88,7 @@ class Installer:
     # journal's operations on them.
 
     def stage_path(self, i):
-        return self.root + recover.STAGE + "/n%d" % i
+        return self.root + _STAGE + "/n%d" % i
 
     def next_index(self):
         self.n += 1
@@ -139,10 +143,13 @@ class Installer:
 
     def begin(self):
         """Start from a clean stage (an applied earlier set is confirmed)."""
+        recover = _recover()
         recover.confirm(self.root)
-        recover.makedirs(self.root + recover.STAGE + "/x")
+        recover.makedirs(self.root + _STAGE + "/x")
         self.rename = recover.renames_atomic(self.root)
-        self._ops = open(self.root + recover.STAGE + _OPS, "w")
+        recover = None
+        _drop_recover()
+        self._ops = open(self.root + _STAGE + _OPS, "w")
 
     def download(self, entry):
         """A Download sink for `entry`, written into the stage."""
@@ -152,7 +159,7 @@ class Installer:
             limit = free - RESERVE_BLOCKS * block
         i = self._take(entry)
         if i is not None:  # a retry: the broken download goes
-            recover.remove(self.stage_path(i))
+            _remove(self.stage_path(i))
         i = self.next_index()
         self.downloads.append((entry, i))
         return Download(self.stage_path(i), entry, limit)
@@ -186,7 +193,7 @@ class Installer:
             os.remove(path)
 
     def _old(self, target):
-        return recover.file_sha256(self.root + target, self.buf)
+        return state.file_sha256(self.root + target, self.buf)
 
     def _cost(self, path):
         # Flash that a copy of this file takes during apply(), in whole blocks;
@@ -255,12 +262,13 @@ class Installer:
         try:
             from mpy_blox.update import layout
 
-            layout.check(self.root, self.root + recover.STAGE + _OPS)
+            layout.check(self.root, self.root + _STAGE + _OPS)
         except BaseException:  # refused, or no heap for it: nothing happened
             self.abort()
             raise
         try:
-            recover.write_journal(self.root + recover.STAGE + _OPS, self.root, self.buf)
+            recover = _recover()
+            recover.write_journal(self.root + _STAGE + _OPS, self.root, self.buf)
         except OSError:  # no complete journal: nothing happened
             self.abort()
             raise
@@ -285,7 +293,7 @@ class Installer:
         i = self.next_index()
         with open(self.stage_path(i), "w") as f:
             json.dump(self._src, f)
-        self.add(state.SRC_INDEX, recover.file_sha256(self.stage_path(i), self.buf), i)
+        self.add(state.SRC_INDEX, state.file_sha256(self.stage_path(i), self.buf), i)
 
     def abort(self):
         """Forget everything staged: the device is as it was."""
@@ -293,7 +301,27 @@ class Installer:
         self.n = self.changes = self.cost = 0
         self._src = None
         self.downloads = []
-        recover.clean_stage(self.root)
+        _recover().clean_stage(self.root)
+
+
+def _recover():
+    import mpypi_recover
+
+    return mpypi_recover
+
+
+def _drop_recover():
+    import sys
+
+    sys.modules.pop("mpypi_recover", None)
+    gc.collect()
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def install(entries, open_package, root="", device=None):
