@@ -119,14 +119,14 @@ class Fetcher:
         """Plan, pre-flight and download every package into the stage.
 
         Returns the Installer holding the downloads (its finish() stages and
-        commits them), or None when nothing is needed.
+        commits them, and the src index's news), or None when nothing is needed.
         """
         from mpy_blox.update.install import Installer
 
         inst = Installer()
         needed = inst.plan(entries)
-        if not needed:
-            return None
+        if not needed and not inst.indexed:
+            return None  # nothing to download, nothing to commit
         inst.preflight(needed, wheel_code=False)
         try:
             for entry in needed:

@@ -7,16 +7,96 @@ Each test runs an app-managed virtual board against the real Mosquitto.
 from __future__ import annotations
 
 import json
+import re
+import uuid
 
 import pytest
-from test_update_agent import publish
-from test_update_installboot import HEAP, USER_V1, app_board, channel
+from test_update_agent import Watcher, publish
+from test_update_installboot import HEAP, USER_V1, app_board, channel, publish_update
 from update_kit import REPO, make_src, sha256
 
 from mpy_blox import topics
 from mpy_blox.update import manifest
+from mpy_blox_tools import publish as publisher
+from mpy_blox_tools.cli import main as cli
+from mpy_blox_tools.vboard.board import Board
 
 __all__ = ["app_board", "channel"]  # fixtures, used by name
+
+USER_SAME = "async def user_main():\n    print('USER same')\n"
+
+
+def test_publish_wait_of_a_src_file_already_on_the_board_says_ok_and_info_src_names_it(
+    boards, broker, board_lane, mqtt_client, tmp_path, monkeypatch, capsys
+):
+    # As issue 16 did it, through the CLI: a board made with its user_main.py, then
+    # a keyless list with the same user_main.py. Nothing needs downloading, but the
+    # file counts as installed: the src index learns it (through the journal), so
+    # info.src names it and `publish --wait` sees the list installed.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(publisher, "STATE_DIR", tmp_path / "state")
+    channel = f"truth-{uuid.uuid4().hex[:8]}"
+    settings = {
+        "mqtt": {"server": broker.host, "port": broker.port},
+        "update": {"channel": channel},
+    }
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    (tmp_path / "user_main.py").write_text(USER_SAME)
+    assert cli(["vboard", "create", "b1", "--app", "--user-main", "user_main.py"]) == 0
+    rb = boards.start(Board(tmp_path / "b1"), heap=board_lane.heap, lane=board_lane)
+    rb.wait_for("USER same", timeout=30)
+    capsys.readouterr()
+    status = cli(["publish", "--extra-src-files", "user_main.py", "--wait", "120"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert re.search(rf"{rb.board.device_id}\s+ok", out), out
+    # One install boot, no download, then the app; the retained list is done.
+    rb.wait_for("list seen again: already done", timeout=30)
+    console = rb.console()
+    assert rb.boots() == 3, console
+    assert "committing 1 file operations" in console, console  # src.json, nothing else
+    rb.stop()
+    index = json.loads(rb.board.cat(".mpypi/src.json"))
+    assert index == {"user_main.py": sha256(USER_SAME.encode())}
+    publish(mqtt_client(), f"mpypi/channels/{channel}", b"")
+
+
+def test_a_src_file_in_place_is_indexed_once_and_then_a_list_needs_nothing(
+    app_board, boards, mqtt_client, channel
+):
+    # Signed lists, at the install boot's level: the first list finds user_main.py
+    # in place and only records it (no download, one commit of the index); a second
+    # list with the same file then needs nothing at all (idle, no commit).
+    board = app_board()
+    watch = Watcher(mqtt_client(), board.device_id)
+    rb = boards.start(board, heap=HEAP)
+    rb.wait_for("USER v1", timeout=30)
+    same = make_src("user_main.py", USER_V1)
+    publish_update(mqtt_client(), channel, [same], seq=2)
+    rb.wait_for("list seq 2 seen again: already done", timeout=60)
+    info = _wait_info(watch, seq=2)
+    assert info["src"] == {"user_main.py": same.sha}
+    assert info["last_update"]["result"] == "ok"
+    assert not any(s.get("state") == "downloading" for s in watch.statuses)
+    watch.wait_status(state="rebooting", seq=2)
+    assert rb.boots() == 3
+    publish_update(mqtt_client(), channel, [same], seq=3)
+    watch.wait_status(state="idle")
+    rb.wait_for("list seq 3 seen again: already done", timeout=60)
+    console = rb.console()
+    assert rb.boots() == 5, console
+    assert console.count("committing") == 1, console  # the index, once
+
+
+def _wait_info(watch: Watcher, timeout: float = 30, **fields) -> dict:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(watch.info.get(k) == v for k, v in fields.items()):
+            return watch.info
+        time.sleep(0.1)
+    raise TimeoutError(f"no info with {fields}; latest: {watch.info}")
 
 
 @pytest.fixture
