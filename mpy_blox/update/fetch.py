@@ -198,6 +198,10 @@ class Fetcher:
                     from mpy_blox.update.paths import InvalidUpdate
 
                     raise InvalidUpdate("package not on the broker: " + label)
+        if t.error is None:
+            # The end too: a package that streams in under a second would
+            # otherwise show only its 0%.
+            await status("downloading", 0, package=label, done=t.done, total=total)
 
 
 def _label(entry):

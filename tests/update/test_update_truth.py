@@ -13,7 +13,7 @@ import uuid
 import pytest
 from test_update_agent import Watcher, publish
 from test_update_installboot import HEAP, USER_V1, app_board, channel, publish_update
-from update_kit import REPO, make_src, sha256
+from update_kit import REPO, make_src, make_wheel, sha256
 
 from mpy_blox import topics
 from mpy_blox.update import manifest
@@ -97,6 +97,30 @@ def _wait_info(watch: Watcher, timeout: float = 30, **fields) -> dict:
             return watch.info
         time.sleep(0.1)
     raise TimeoutError(f"no info with {fields}; latest: {watch.info}")
+
+
+def test_every_download_reports_its_end_wheel_and_src_alike(
+    app_board, boards, mqtt_client, channel
+):
+    # Progress is throttled to one status a second per package: a package that
+    # streams in faster showed only its 0%. Each package's last `downloading`
+    # says done == total, for a src file (named by its path) as for a wheel.
+    board = app_board()
+    watch = Watcher(mqtt_client(), board.device_id)
+    rb = boards.start(board, heap=HEAP)
+    rb.wait_for("USER v1", timeout=30)
+    w = make_wheel("demo-pkg", "1.0", {"demo_pkg/__init__.py": b"VERSION = '1.0'\n"})
+    s = make_src("user_main.py", b"async def user_main():\n    print('USER v2')\n" + b"#" * 5000)
+    publish_update(mqtt_client(), channel, [w, s], seq=4)
+    rb.wait_for("USER v2", timeout=60)
+    watch.wait_status(state="rebooting", seq=4)
+    for label, pkg in (("demo-pkg", w), ("user_main.py", s)):
+        mine = [st for st in watch.statuses if st.get("package") == label]
+        seen = [(st["state"], st.get("done"), st.get("total")) for st in mine]
+        size = len(pkg.data)
+        assert ("downloading", 0, size) in seen, seen
+        assert ("downloading", size, size) in seen, seen  # the end: 100%
+        assert seen.index(("downloading", size, size)) < seen.index(("verifying", None, None))
 
 
 @pytest.fixture
