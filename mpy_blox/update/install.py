@@ -109,19 +109,15 @@ class Installer:
             elif state.src_sha256(e["path"], self.root, self.buf) != e["pkg_sha256"]:
                 needed.append(e)
             else:
-                self._index(e)
+                # In place: installed, but the src index must name it (a board
+                # made with its user_main.py, then a list with the same one), or
+                # info.src never shows it. Loaded only then: a list whose files
+                # all differ (the usual one) plans with no index in the heap.
+                src = self._src = self._src or state.src_index(self.root)
+                if src.get(e["path"]) != e["pkg_sha256"]:
+                    src[e["path"]] = e["pkg_sha256"]
+                    self.indexed = True
         return needed
-
-    def _index(self, e):
-        # A src file already in place counts as installed: the src index must
-        # name it (a board made with its user_main.py, then a list with the same
-        # one), or info.src never shows it. Loaded only then: a list whose
-        # files all differ (the usual one) plans with no index in the heap.
-        if self._src is None:
-            self._src = state.src_index(self.root)
-        if self._src.get(e["path"]) != e["pkg_sha256"]:
-            self._src[e["path"]] = e["pkg_sha256"]
-            self.indexed = True
 
     def preflight(self, needed, wheel_code=True):
         """Refuse before downloading: wheel tags, and sizes against free flash.

@@ -42,7 +42,7 @@ _SEQ = "seq"  # NVS i32: the seq of the last accepted signed list
 _IB = "ib"  # NVS blob: the pending install, as above
 _IB_SIZE = const(99)
 _IB_V1 = const(35)  # an ib written before the per-topic digests
-_DONE = const(3)  # ib offset of the list's SHA256; the channel's done at +32, cmd's at +64
+_LIST = const(3)  # ib: the list's SHA256; the last finished from channel +32, cmd +64
 _LOCKED = "locked"  # NVS i32: 1 once this device has held an update key (fail closed)
 _LAST = "/.mpypi/last.json"  # last_update, as info reports it
 CHANNEL = const(1)  # ib to: mpypi/channels/{update.channel}
@@ -125,10 +125,10 @@ def set_pending(to, tries, seq=None, digest=None):
     ib[1] = min(tries, 255)
     ib[2] = 0 if to else 1
     if digest is not None:
-        ib[_DONE : _DONE + 32] = binascii.unhexlify(digest)
+        ib[_LIST : _LIST + 32] = binascii.unhexlify(digest)
     if not to and was in (CHANNEL, CMD):
-        at = _DONE + 32 * was
-        ib[at : at + 32] = ib[_DONE : _DONE + 32]
+        at = _LIST + 32 * was
+        ib[at : at + 32] = ib[_LIST : _LIST + 32]
     if seq is not None:
         nvs.set_i32(_SEQ, seq)
     nvs.set_blob(_IB, ib)
@@ -146,7 +146,7 @@ def raise_seq(seq):
 
 def pending_digest():
     """The digest of the list the pending install is for, or None."""
-    d = _ib()[_DONE : _DONE + 32]
+    d = _ib()[_LIST : _LIST + 32]
     return binascii.hexlify(d).decode() if any(d) else None
 
 
@@ -156,9 +156,7 @@ def finished(digest):
     last.json may fail to be written."""
     ib = _ib()
     d = binascii.unhexlify(digest)
-    if ib[2] and ib[_DONE : _DONE + 32] == d:
-        return True
-    return ib[_DONE + 32 : _DONE + 64] == d or ib[_DONE + 64 :] == d
+    return (ib[2] and ib[_LIST : _LIST + 32] == d) or d in (ib[_LIST + 32 : _LIST + 64], ib[-32:])
 
 
 def locked():

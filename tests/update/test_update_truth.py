@@ -12,7 +12,14 @@ import uuid
 
 import pytest
 from test_update_agent import Watcher, publish
-from test_update_installboot import HEAP, USER_V1, app_board, channel, publish_update
+from test_update_installboot import (
+    HEAP,
+    USER_V1,
+    app_board,
+    channel,
+    publish_update,
+    wait_info,
+)
 from update_kit import REPO, make_src, make_wheel, sha256
 
 from mpy_blox import topics
@@ -38,7 +45,7 @@ def test_publish_wait_of_a_src_file_already_on_the_board_says_ok_and_info_src_na
     channel = f"truth-{uuid.uuid4().hex[:8]}"
     settings = {
         "mqtt": {"server": broker.host, "port": broker.port},
-        "update": {"channel": channel},
+        "update": {"channel": channel, "healthy_after_s": 1},
     }
     (tmp_path / "settings.json").write_text(json.dumps(settings))
     (tmp_path / "user_main.py").write_text(USER_SAME)
@@ -74,7 +81,7 @@ def test_a_src_file_in_place_is_indexed_once_and_then_a_list_needs_nothing(
     same = make_src("user_main.py", USER_V1)
     publish_update(mqtt_client(), channel, [same], seq=2)
     rb.wait_for("list seq 2 seen again: already done", timeout=60)
-    info = _wait_info(watch, seq=2)
+    info = wait_info(watch, seq=2, result="ok")  # after its trial
     assert info["src"] == {"user_main.py": same.sha}
     assert info["last_update"]["result"] == "ok"
     assert not any(s.get("state") == "downloading" for s in watch.statuses)
@@ -86,17 +93,6 @@ def test_a_src_file_in_place_is_indexed_once_and_then_a_list_needs_nothing(
     console = rb.console()
     assert rb.boots() == 5, console
     assert console.count("committing") == 1, console  # the index, once
-
-
-def _wait_info(watch: Watcher, timeout: float = 30, **fields) -> dict:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(watch.info.get(k) == v for k, v in fields.items()):
-            return watch.info
-        time.sleep(0.1)
-    raise TimeoutError(f"no info with {fields}; latest: {watch.info}")
 
 
 def test_every_download_reports_its_end_wheel_and_src_alike(
@@ -130,7 +126,7 @@ def keyless_board(boards, full_mpy, broker, channel):
     def make():
         settings = {
             "mqtt": {"server": broker.host, "port": broker.port},
-            "update": {"channel": channel},
+            "update": {"channel": channel, "healthy_after_s": 1},
         }
         board = boards.create()
         board.put_tree(full_mpy, "lib/mpy_blox")
