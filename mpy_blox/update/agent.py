@@ -150,8 +150,10 @@ class Agent:
         seq = got.seq
         digest = record.digest(payload)
         last = self.last or {}
-        # Finished, ok or failed: last_update says so, or NVS if it could not.
-        finished = last.get("list") == digest or record.finished_digest() == digest
+        # Finished, ok or failed: last_update says so, or NVS if it could not;
+        # NVS also knows the last list finished from each topic (a keyless
+        # device with a retained cmd list and a different channel list).
+        finished = last.get("list") == digest or record.finished(digest)
         if seq is not None:
             finished = finished or last.get("at") == seq
             if seq < self.seq and retained:

@@ -119,14 +119,14 @@ class Fetcher:
         """Plan, pre-flight and download every package into the stage.
 
         Returns the Installer holding the downloads (its finish() stages and
-        commits them), or None when nothing is needed.
+        commits them, and the src index's news), or None when nothing is needed.
         """
         from mpy_blox.update.install import Installer
 
         inst = Installer()
         needed = inst.plan(entries)
-        if not needed:
-            return None
+        if not needed and not inst.indexed:
+            return None  # nothing to download, nothing to commit
         inst.preflight(needed, wheel_code=False)
         try:
             for entry in needed:
@@ -198,6 +198,10 @@ class Fetcher:
                     from mpy_blox.update.paths import InvalidUpdate
 
                     raise InvalidUpdate("package not on the broker: " + label)
+        if t.error is None:
+            # The end too: a package that streams in under a second would
+            # otherwise show only its 0%.
+            await status("downloading", 0, package=label, done=t.done, total=total)
 
 
 def _label(entry):

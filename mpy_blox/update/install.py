@@ -7,6 +7,8 @@
 #
 #   inst = Installer()
 #   for entry in inst.plan(entries):   # only what differs from the device
+#       ...                            # (inst.indexed: nothing to download, but
+#                                      # the src index learns files in place)
 #       ...                            # inst.preflight(needed) first
 #       sink = inst.download(entry)    # sink.write(chunk) ..., sink.finish()
 #       inst.stage(entry)              # verify and extract into the stage
@@ -80,6 +82,7 @@ class Installer:
         self._ops = None
         self._src = None
         self._wheels = False
+        self.indexed = False  # plan() found src files in place the index lacks
         self.downloads = []  # (entry, stage index): downloaded, not staged yet
         self.block = 4096
         self.rename = False  # apply() moves by rename (LittleFS), else by copy
@@ -105,6 +108,15 @@ class Installer:
                     needed.append(e)
             elif state.src_sha256(e["path"], self.root, self.buf) != e["pkg_sha256"]:
                 needed.append(e)
+            else:
+                # In place: installed, but the src index must name it (a board
+                # made with its user_main.py, then a list with the same one), or
+                # info.src never shows it. Loaded only then: a list whose files
+                # all differ (the usual one) plans with no index in the heap.
+                src = self._src = self._src or state.src_index(self.root)
+                if src.get(e["path"]) != e["pkg_sha256"]:
+                    src[e["path"]] = e["pkg_sha256"]
+                    self.indexed = True
         return needed
 
     def preflight(self, needed, wheel_code=True):
@@ -300,6 +312,7 @@ class Installer:
         self._close()
         self.n = self.changes = self.cost = 0
         self._src = None
+        self.indexed = False
         self.downloads = []
         _recover().clean_stage(self.root)
 
@@ -331,7 +344,7 @@ def install(entries, open_package, root="", device=None):
     """
     inst = Installer(root, device)
     needed = inst.plan(entries)
-    if not needed:
+    if not needed and not inst.indexed:
         return []
     inst.preflight(needed)
     buf = inst.buf

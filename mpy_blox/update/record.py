@@ -1,20 +1,27 @@
 # The update's persistent state, owned here and nowhere else (the table is in
 # docs/protocol.md, "Persistent state"): in NVS namespace mpypi the accepted
 # seq and the pending install (which list topic, how many install boots it
-# took so far, the list's digest, whether it finished); on flash last_update
-# (/.mpypi/last.json). Also the agent's info fields. The journal and the stage
-# are mpypi_recover's; the src index is state's.
+# took so far, the list's digest, whether it finished, the last list finished
+# from each list topic); on flash last_update (/.mpypi/last.json). Also the
+# agent's info fields. The journal and the stage are mpypi_recover's; the src
+# index is state's.
 #
 # Each NVS write is durable on its own (ESP-IDF: nvs_commit is a no-op), so a
 # power cut can fall between any two. The pending install is therefore one
 # blob, written whole by one set_blob (which ESP-IDF replaces atomically):
 #   ib = to (1 byte) | tries (1) | finished (1) | SHA256 of the list (32, zeros: none)
+#        | SHA256 of the last list finished from the channel topic (32) | from cmd (32)
 # and seq is the one other key. set_pending writes seq first, then ib: a cut
 # between leaves seq raised and the old ib (no install pending, not finished
 # with this list), which the agent resumes as "equal but unfinished"; a cut
 # before either changes nothing. Separate keys (seq, ib_list, ib_fin, ib_to)
 # once let a cut leave a new list's digest beside the last list's finished
 # flag: it looked finished and was never installed.
+# The two per-topic digests are for keyless devices, whose unsigned lists have
+# no seq: each reconnect delivers the retained cmd list and the retained
+# channel list; with only the last finished list known, the other one looked
+# new every time and the two were installed in turn forever. An ib of 35 bytes
+# (written before them) reads with both zero.
 #
 # Small on purpose: the app (pending(), at every boot), its idle agent
 # and the install boot all import it, and none can spare the heap of the
@@ -33,7 +40,9 @@ from mpy_blox.update import state
 NAMESPACE = "mpypi"  # NVS: this module's keys, and trust's rot_keys
 _SEQ = "seq"  # NVS i32: the seq of the last accepted signed list
 _IB = "ib"  # NVS blob: the pending install, as above
-_IB_SIZE = const(35)
+_IB_SIZE = const(99)
+_IB_V1 = const(35)  # an ib written before the per-topic digests
+_LIST = const(3)  # ib: the list's SHA256; the last finished from channel +32, cmd +64
 _LOCKED = "locked"  # NVS i32: 1 once this device has held an update key (fail closed)
 _LAST = "/.mpypi/last.json"  # last_update, as info reports it
 CHANNEL = const(1)  # ib to: mpypi/channels/{update.channel}
@@ -87,7 +96,7 @@ def _ib():
 
     buf = bytearray(_IB_SIZE)
     try:
-        if esp32.NVS(NAMESPACE).get_blob(_IB, buf) != _IB_SIZE:
+        if esp32.NVS(NAMESPACE).get_blob(_IB, buf) not in (_IB_SIZE, _IB_V1):
             buf[:] = bytes(_IB_SIZE)
     except OSError:
         pass  # never any install: ESP_ERR_NVS_NOT_FOUND
@@ -104,17 +113,22 @@ def pending():
 
 def set_pending(to, tries, seq=None, digest=None):
     """Store the pending topic, the try count, and (if given) a new seq and the
-    list's digest. to == 0 marks that list finished. A power cut at any instant
-    leaves the old state, the new one, or (with a seq) the seq alone raised."""
+    list's digest. to == 0 marks that list finished, also as the last finished
+    from the topic it was pending on. A power cut at any instant leaves the old
+    state, the new one, or (with a seq) the seq alone raised."""
     import esp32
 
     nvs = esp32.NVS(NAMESPACE)
     ib = _ib()
+    was = ib[0]
     ib[0] = to
     ib[1] = min(tries, 255)
     ib[2] = 0 if to else 1
     if digest is not None:
-        ib[3:] = binascii.unhexlify(digest)
+        ib[_LIST : _LIST + 32] = binascii.unhexlify(digest)
+    if not to and was in (CHANNEL, CMD):
+        at = _LIST + 32 * was
+        ib[at : at + 32] = ib[_LIST : _LIST + 32]
     if seq is not None:
         nvs.set_i32(_SEQ, seq)
     nvs.set_blob(_IB, ib)
@@ -130,21 +144,19 @@ def raise_seq(seq):
     return False
 
 
-def _digest(ib):
-    d = ib[3:]
+def pending_digest():
+    """The digest of the list the pending install is for, or None."""
+    d = _ib()[_LIST : _LIST + 32]
     return binascii.hexlify(d).decode() if any(d) else None
 
 
-def pending_digest():
-    """The digest of the list the pending install is for, or None."""
-    return _digest(_ib())
-
-
-def finished_digest():
-    """The digest of the last accepted list if an install boot finished with it
-    (ok or failed): in NVS, because last.json may fail to be written."""
+def finished(digest):
+    """True if an install boot finished the list `digest` (ok or failed): the
+    last list finished, or the last one from either list topic. In NVS, because
+    last.json may fail to be written."""
     ib = _ib()
-    return _digest(ib) if ib[2] else None
+    d = binascii.unhexlify(digest)
+    return (ib[2] and ib[_LIST : _LIST + 32] == d) or d in (ib[_LIST + 32 : _LIST + 64], ib[-32:])
 
 
 def locked():

@@ -342,7 +342,13 @@ def test_power_cut_during_the_install_boot_converges_to_the_new_set(
 def test_a_list_that_needs_nothing_costs_one_install_boot_and_reports_idle(
     app_board, boards, mqtt_client, channel
 ):
-    _, watch, rb = booted_on_v1(app_board, boards, mqtt_client)
+    # user_main.py in place and in the src index (a file in place that the index
+    # lacks is recorded there: test_update_truth.py).
+    index = json.dumps({"user_main.py": sha256(USER_V1)}).encode()
+    board = app_board(files={".mpypi/src.json": index})
+    watch = Watcher(mqtt_client(), board.device_id)
+    rb = boards.start(board, heap=HEAP)
+    rb.wait_for("USER v1", timeout=30)
     publish_update(mqtt_client(), channel, [make_src("user_main.py", USER_V1)], seq=2)
     watch.wait_status(state="idle")
     rb.wait_for("USER v1", timeout=30, count=2)

@@ -58,7 +58,8 @@ def check_installed(board, out: str, n: int) -> None:
     assert ib[0] == 0 and ib[2] == 1, (n, ib[:3])  # nothing pending, finished
     last = json.loads(board.cat(".mpypi/last.json"))
     assert last["result"] == "ok" and last["at"] == 2, (n, last)
-    assert ib[3:].hex() == last["list"], n  # the list it finished is the one installed
+    assert ib[3:35].hex() == last["list"], n  # the list it finished is the one installed
+    assert ib[35:67].hex() == last["list"], n  # and the last one from the channel topic
 
 
 def test_power_cut_at_every_nvs_write_of_an_update_ends_installed_and_reported(
