@@ -320,8 +320,9 @@ def test_a_heap_too_small_for_everything_still_boots_reachable_and_says_why(
     # 32-bit lane; the trial's code, issue 14, added 1.9 KB after boot, and at 64K
     # MQTT then found no block: now it fails to start at 66K and 68K, measured).
     # What does not fit is logged and left out; the device stays on MQTT. An
-    # ESP32's figure, so the 32-bit lane's alone: on the 64-bit lane no heap leaves that window open in every layout (at 100K a .py framework
-    # failed to compile its core in some checkouts; at 92K MQTT finds no block).
+    # ESP32's figure, so the 32-bit lane's alone: on the 64-bit lane no heap leaves
+    # that window open in every layout (at 100K a .py framework failed to compile
+    # its core in some checkouts; at 92K MQTT finds no block).
     board = app_board(settings_for(broker), framework=None)
     board.put_tree(full_mpy, "lib/mpy_blox")
     w = watch(board)
