@@ -190,9 +190,11 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from mpy_blox_tools.publish import publish_release
+    import json
 
-    ok = publish_release(
+    from mpy_blox_tools.publish import release
+
+    outcome = release(
         broker=args.broker,
         channel=args.channel,
         device_ids=args.device_ids or (),
@@ -208,8 +210,11 @@ def _publish(args: argparse.Namespace) -> int:
         ca_file=args.ca_file,
         client_cert=args.client_cert,
         client_key=args.client_key,
+        out=sys.stderr if args.json else sys.stdout,
     )
-    return 0 if ok else 1
+    if args.json:
+        print(json.dumps(outcome.as_dict(), indent=2))
+    return 0 if outcome.ok else 1
 
 
 def _add_publish(sub: argparse._SubParsersAction) -> None:

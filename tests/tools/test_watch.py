@@ -1,0 +1,276 @@
+"""`publish --wait` and `--json` against a device that reports as docs/protocol.md says.
+
+The device here is a paho client on the real Mosquitto: it takes the list from its
+`cmd` topic and answers on its retained `status` and `info`, with the trial boot and
+rollback messages of issue 14 (trial-spec: `status` `trial` with `left_s`, `ok` with the
+seq; `last_update` `trial`, `ok` or `rolled_back` naming the list by `at` and `list`).
+A virtual board doing the same end to end is in tests/tools/test_fleet_update.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import secrets
+import threading
+import time
+
+import pytest
+
+from mpy_blox import topics
+from mpy_blox.update import manifest
+from mpy_blox_tools import build, publish, watch
+from mpy_blox_tools.cli import main as cli
+
+KEY = "w" * 64
+USER_MAIN = b"async def user_main():\n    pass\n"
+USER_MAIN_SHA = hashlib.sha256(USER_MAIN).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    return build.build(out_dir=tmp_path_factory.mktemp("dist"))
+
+
+@pytest.fixture(autouse=True)
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.setattr(publish, "STATE_DIR", tmp_path / "state")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "key").write_text(KEY)
+    (tmp_path / "user_main.py").write_bytes(USER_MAIN)
+
+
+class Device:
+    """Answers each list on its cmd topic with `script(list) -> [(leaf, body)]`,
+    published retained at QoS 1 as a device does; clears them at the end."""
+
+    def __init__(self, client, script, signed: bool = True):
+        self.id = "esp32-" + secrets.token_hex(6)
+        self.client, self.script, self.signed = client, script, signed
+        self.got = threading.Event()
+        client.message_callback_add(topics.node_topic(self.id, "cmd"), self._on_cmd)
+        client.subscribe(topics.node_topic(self.id, "cmd"), qos=1)
+
+    def _on_cmd(self, client, userdata, msg):
+        if not msg.payload:
+            return
+        got = manifest.decode(msg.payload, KEY if self.signed else None)
+        lst = {"seq": got.seq, "entries": got.entries}
+        lst["digest"] = hashlib.sha256(msg.payload).hexdigest()
+        for leaf, body in self.script(lst):
+            # From paho's network thread: publish, don't wait (that would block it).
+            client.publish(topics.node_topic(self.id, leaf), json.dumps(body), qos=1, retain=True)
+        self.got.set()
+
+    def clear(self):
+        for leaf in ("cmd", "info", "status"):
+            topic = topics.node_topic(self.id, leaf)
+            self.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+
+
+def installed(lst, result, **last) -> dict:
+    """An info with every package of the list installed and last_update `result`."""
+    packages = {e["name"]: e["version"] for e in lst["entries"] if e["type"] == "wheel"}
+    src = {e["path"]: e["pkg_sha256"] for e in lst["entries"] if e["type"] == "src"}
+    return {
+        "packages": packages,
+        "src": src,
+        "seq": lst["seq"],
+        "last_update": {"result": result, "at": lst["seq"], "list": lst["digest"], **last},
+    }
+
+
+OLD_INFO = {"packages": {"mpy-blox": "0.0.1"}, "src": {}, "seq": 1}
+
+
+def run_publish(broker, device, *extra, signed=True):
+    args = ["publish", "--broker", broker.url, "--wheel", str(device.wheel)]
+    args += ["--key-file", "key"] if signed else []
+    args += ["--device-ids", device.id, "--extra-src-files", "user_main.py", *extra]
+    try:
+        return cli(args)
+    finally:
+        device.clear()
+
+
+@pytest.fixture
+def device(mqtt_client, wheel):
+    made = []
+
+    def make(script, signed=True):
+        d = Device(mqtt_client(), script, signed)
+        d.wheel = wheel
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.clear()
+
+
+def _row(out: str, device_id: str) -> str:
+    return next(line for line in out[out.index("DEVICE") :].splitlines() if device_id in line)
+
+
+def test_a_device_on_trial_is_in_progress_until_it_confirms(broker, device, capsys):
+    def script(lst):
+        return [
+            ("status", {"state": "rebooting", "seq": lst["seq"], "install_boot": True}),
+            ("info", installed(lst, "trial")),  # the trial boot: the new set, not confirmed
+            ("status", {"state": "trial", "seq": lst["seq"], "left_s": 120}),
+            ("info", installed(lst, "ok")),
+            ("status", {"state": "ok", "seq": lst["seq"]}),
+        ]
+
+    d = device(script)
+    assert run_publish(broker, d, "--wait", "30") == 0
+    out = capsys.readouterr().out
+    assert f"{d.id:<20} trial (120s left)\n" in out, out  # a log line: as the device said
+    version = publish.wheel_package(d.wheel).entry["version"]
+    detail = f"mpy-blox {version}, user_main.py {USER_MAIN_SHA[:8]}"
+    assert _row(out, d.id) == f"{d.id}  ok      {detail}"
+
+
+def test_a_device_that_stays_on_trial_is_not_done(broker, device, capsys):
+    def script(lst):
+        return [
+            ("info", installed(lst, "trial")),
+            ("status", {"state": "trial", "seq": lst["seq"], "left_s": 120}),
+        ]
+
+    d = device(script)
+    assert run_publish(broker, d, "--wait", "2") == 1
+    row = _row(capsys.readouterr().out, d.id)
+    assert re.fullmatch(
+        rf"{d.id}  FAILED  timed out after 2s in state trial \(11[89]s left\)", row
+    ), row
+
+
+def test_a_device_that_rolls_back_fails_with_the_reason(broker, device, capsys):
+    reason = "user_main raised ValueError('boom')"
+
+    def script(lst):
+        return [
+            ("info", installed(lst, "trial")),
+            ("status", {"state": "trial", "seq": lst["seq"], "left_s": 120}),
+            ("status", {"state": "rolled_back", "seq": lst["seq"], "error": reason}),
+            ("info", {**OLD_INFO, "last_update": installed(lst, "rolled_back")["last_update"]}),
+        ]
+
+    d = device(script)
+    assert run_publish(broker, d, "--wait", "30") == 1
+    out = capsys.readouterr().out
+    assert _row(out, d.id) == f"{d.id}  FAILED  rolled_back: {reason}"
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["by seq", "by digest"])
+def test_an_info_naming_this_list_rolled_back_is_a_failure_without_its_status(
+    broker, device, capsys, signed
+):
+    # The status went missing (or was overwritten by a reconnect's online): the
+    # live info still names the list, by its seq (signed) or its SHA256 (unsigned).
+    def script(lst):
+        last = {"result": "rolled_back", "error": "watchdog reset"}
+        last.update({"at": lst["seq"]} if signed else {"at": None, "list": lst["digest"]})
+        return [("status", {"state": "online"}), ("info", {**OLD_INFO, "last_update": last})]
+
+    d = device(script, signed)
+    assert run_publish(broker, d, "--wait", "30", signed=signed) == 1
+    assert _row(capsys.readouterr().out, d.id) == f"{d.id}  FAILED  rolled_back: watchdog reset"
+
+
+def test_a_rollback_of_another_list_is_not_this_lists_failure(broker, device, capsys):
+    def script(lst):
+        older = {"result": "rolled_back", "at": lst["seq"] - 1, "list": "0" * 64, "error": "x"}
+        return [
+            ("status", {"state": "rolled_back", "seq": lst["seq"] - 1, "error": "x"}),
+            ("info", {**OLD_INFO, "last_update": older}),
+            ("info", installed(lst, "ok")),  # a device without trial boots: ok at once
+        ]
+
+    d = device(script)
+    assert run_publish(broker, d, "--wait", "30") == 0
+    assert _row(capsys.readouterr().out, d.id).split()[1] == "ok"
+
+
+def test_publish_json_is_one_document_on_stdout_with_progress_on_stderr(broker, device, capsys):
+    def script(lst):
+        trial = {"state": "trial", "seq": lst["seq"], "left_s": 9}
+        return [("status", trial), ("info", installed(lst, "ok"))]
+
+    d = device(script)
+    assert run_publish(broker, d, "--wait", "30", "--json") == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    entry = publish.wheel_package(d.wheel).entry
+    assert doc["ok"] is True and doc["lists"] == [f"mpypi/nodes/{d.id}/cmd"]
+    assert doc["devices"] == [
+        {
+            "device": d.id,
+            "result": "ok",
+            "state": "ok",
+            "detail": f"mpy-blox {entry['version']}, user_main.py {USER_MAIN_SHA[:8]}",
+            "versions": {
+                "packages": {"mpy-blox": entry["version"]},
+                "src": {"user_main.py": USER_MAIN_SHA},
+            },
+        }
+    ]
+    assert f"{d.id:<20} trial (9s left)\n" in captured.err
+    assert "DEVICE" in captured.err and "published 2 package(s)" in captured.err
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _until(condition, what: str, limit: float = 10.0) -> None:
+    # Waits for something the broker delivers; fails after `limit` (no timing assert).
+    end = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < end, what
+        time.sleep(0.02)
+
+
+def test_in_a_terminal_the_trial_counts_down_in_place(broker, mqtt_client):
+    from mpy_blox_tools import mqtt
+
+    clock, term = Clock(), Terminal()
+    device_id = "esp32-" + secrets.token_hex(6)
+    w = watch.Watcher([], clock=clock)
+    client = mqtt.connect(mqtt.BrokerURL(broker.host, broker.port))
+    dev = mqtt_client()
+    status = topics.node_topic(device_id, "status")
+    try:
+        w.attach(client, (device_id,))
+        w.expect_list(7, b"the list")
+        result = []
+        t = threading.Thread(target=lambda: result.append(w.wait(3600, term)))
+        t.start()
+        dev.publish(status, json.dumps({"state": "trial", "seq": 7, "left_s": 30}), 1, True)
+        _until(lambda: "trial (30s left)" in term.getvalue(), "the trial is shown")
+        clock.now += 12.5
+        w.changed.set()
+        _until(lambda: "trial (18s left)" in term.getvalue(), "it counts down")
+        assert f"\x1b[1F\x1b[J{device_id:<20} trial (18s left)\n" in term.getvalue()
+        body = {"state": "rolled_back", "seq": 7, "error": "health() returned False"}
+        dev.publish(status, json.dumps(body), 1, True).wait_for_publish(5)
+        t.join(10)
+        assert result == [False]
+        assert term.getvalue().endswith(
+            f"\x1b[1F\x1b[J{device_id:<20} rolled_back  rolled_back: health() returned False\n"
+        )
+    finally:
+        dev.publish(status, b"", 1, True).wait_for_publish(5)
+        mqtt.disconnect(client)
