@@ -248,7 +248,16 @@ def _status(args: argparse.Namespace) -> int:
     from mpy_blox_tools.mqtt import BrokerURL
 
     broker = BrokerURL.parse(args.broker) if args.broker else BrokerURL.from_settings()
-    devices = fleet.fetch(broker.with_tls(args.ca_file, args.client_cert, args.client_key))
+    broker = broker.with_tls(args.ca_file, args.client_cert, args.client_key)
+    if args.watch:
+        if args.json:
+            raise MpyBloxError("--watch and --json do not go together: --json is one snapshot")
+        try:
+            fleet.watch(broker)
+        except KeyboardInterrupt:  # how a watch ends
+            pass
+        return 0
+    devices = fleet.fetch(broker)
     print(fleet.as_json(devices) if args.json else fleet.format_table(devices))
     return 0
 
@@ -261,6 +270,12 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
         p, "mqtt[s]://[user[:password]@]host[:port] (default: from ./settings.json)"
     )
     p.add_argument("--json", action="store_true", help="JSON for scripts")
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="follow the fleet live: a table redrawn in a terminal, one line per change "
+        "in a log; Ctrl-C stops it",
+    )
     p.set_defaults(func=_status)
 
 
