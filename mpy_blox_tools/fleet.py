@@ -199,8 +199,22 @@ def watch(
     client = mqtt.connect(broker)
     lock, changed = threading.Lock(), threading.Event()
     arrived: dict[str, float] = {}  # when a live status arrived, by topic
+    logged: dict[str, str] = {}  # a log's last line of each device
+    pending: list[str] = []  # a log's lines not written yet, in the order of the reports
+
+    def note(device_id: str) -> None:  # with the lock held
+        # A log line shows a trial's left_s as the device said it: a log is not a clock.
+        mine = (topics.node_topic(device_id, "info"), topics.node_topic(device_id, "status"))
+        rows = devices_from({t: messages[t] for t in mine if t in messages})
+        line = log_line(rows[0]) if rows else None
+        if line and logged.get(device_id) != line:
+            pending.append(f"{time.strftime('%H:%M:%S')} {line}")
+        logged[device_id] = line
+
     try:
         messages = mqtt.collect_retained(client, *filters)
+        for device_id in sorted({topics.parse_node(t)[0] for t in messages}):
+            note(device_id)
 
         def on_message(c, userdata, msg) -> None:
             with lock:
@@ -209,6 +223,7 @@ def watch(
                     arrived.pop(msg.topic, None)  # as old as it is: no countdown
                 else:
                     arrived[msg.topic] = clock()
+                note(topics.parse_node(msg.topic)[0])
             changed.set()
 
         for f in filters:
@@ -221,34 +236,20 @@ def watch(
         if not subscribed.wait(mqtt.RETAINED_TIMEOUT):
             raise MpyBloxError(f"the broker at {broker} did not answer a subscription")
         tty = out.isatty()
-        drawn, shown = 0, {}
+        drawn, shown = 0, []
         while not stop.is_set():
             now = clock()
             with lock:
-                devices = devices_from(dict(messages), {t: now - at for t, at in arrived.items()})
-            if tty:
-                table = format_table(devices).splitlines()
-                if table != shown:
-                    out.write((f"\x1b[{drawn}F\x1b[J" if drawn else "") + "\n".join(table) + "\n")
-                    drawn, shown = len(table), table
-            else:
-                lines = {d.device_id: log_line(_as_reported(d, messages)) for d in devices}
-                stamp = time.strftime("%H:%M:%S")
-                for device_id, line in lines.items():
-                    if shown.get(device_id) != line:
-                        out.write(f"{stamp} {line}\n")
-                shown = lines
+                ages = {t: now - at for t, at in arrived.items()}
+                table = format_table(devices_from(dict(messages), ages)).splitlines()
+                lines, pending[:] = list(pending), []
+            if tty and table != shown:
+                out.write((f"\x1b[{drawn}F\x1b[J" if drawn else "") + "\n".join(table) + "\n")
+                drawn, shown = len(table), table
+            elif not tty and lines:
+                out.write("".join(line + "\n" for line in lines))
             out.flush()
             changed.wait(tick)
             changed.clear()
     finally:
         mqtt.disconnect(client)
-
-
-def _as_reported(d: Device, messages: dict[str, bytes]) -> Device:
-    # A log line shows a trial's left_s as the device said it: a log is not a clock.
-    if d.left_s is not None:
-        d.left_s = _decode(messages.get(topics.node_topic(d.device_id, "status"), b"")).get(
-            "left_s", d.left_s
-        )
-    return d

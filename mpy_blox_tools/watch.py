@@ -82,6 +82,9 @@ class Watcher:
     lock: threading.Lock = field(default_factory=threading.Lock)
     changed: threading.Event = field(default_factory=threading.Event)
     clock: Callable[[], float] = time.monotonic
+    # For a log: every change of a device's line, in order, as the reports arrive.
+    _pending: list[str] = field(default_factory=list)
+    _logged: dict[str, str] = field(default_factory=dict)
 
     def attach(self, client, device_ids: tuple[str, ...]) -> None:
         """Subscribe before the list is published, so no report is missed."""
@@ -116,7 +119,14 @@ class Watcher:
                 self._on_info(p, body, live)
             else:
                 self._on_status(p, body, live)
+            self._note(p)
         self.changed.set()
+
+    def _note(self, p: Progress) -> None:
+        line = self._line(p, None)
+        if self._logged.get(p.device_id) != line:
+            self._logged[p.device_id] = line
+            self._pending.append(line)
 
     def _names_this_list(self, report: dict, key: str) -> bool:
         # A report names a list by its digest (any list) or its seq (signed lists).
@@ -137,7 +147,7 @@ class Watcher:
             # A device that failed or rolled back reports its old versions after.
             self._fail(p, result, last.get("error"))
         elif p.installed and result == "ok":
-            p.outcome, p.state, p.detail = DONE, "ok", p.versions()
+            self._done(p)
         elif p.installed and result == "trial" and p.state != "trial":
             p.state, p.detail = "trial", ""
 
@@ -159,7 +169,12 @@ class Watcher:
         if state in FAILURES and ours:
             self._fail(p, state, status.get("error"))
         elif state == "ok" and p.installed and self.seq is not None and named == self.seq:
-            p.outcome, p.detail = DONE, p.versions()
+            self._done(p)
+
+    @staticmethod
+    def _done(p: Progress) -> None:
+        p.outcome, p.state, p.trial_left, p.trial_until = DONE, "ok", None, None
+        p.detail = p.versions()
 
     @staticmethod
     def _fail(p: Progress, state: str, error) -> None:
@@ -190,22 +205,22 @@ class Watcher:
             now = self.clock()
             with self.lock:
                 ordered = sorted(self.devices.values(), key=lambda p: p.device_id)
-                rows = {p.device_id: self._line(p, now if tty else None) for p in ordered}
+                rows = {p.device_id: self._line(p, now) for p in ordered}
+                for p in ordered:  # a device with no report yet: "no answer"
+                    self._note(p)
+                logged, self._pending = self._pending, []
                 finished = self.devices and all(
                     p.outcome != WAITING for p in self.devices.values()
                 )
-            if rows != shown:
-                if tty:  # redraw the block of lines in place
-                    if drawn:
-                        out.write(f"\x1b[{drawn}F\x1b[J")
-                    out.write("\n".join(rows.values()) + "\n")
-                    drawn = len(rows)
-                else:  # a log: only the lines that changed
-                    out.write(
-                        "".join(line + "\n" for d, line in rows.items() if shown.get(d) != line)
-                    )
+            if tty and rows != shown:  # redraw the block of lines in place
+                if drawn:
+                    out.write(f"\x1b[{drawn}F\x1b[J")
+                out.write("\n".join(rows.values()) + "\n")
+                drawn, shown = len(rows), rows
                 out.flush()
-                shown = rows
+            elif not tty and logged:  # a log: each change, in the order it came
+                out.write("".join(line + "\n" for line in logged))
+                out.flush()
             if finished or now >= deadline:
                 break
             self.changed.wait(0.2)
