@@ -46,9 +46,10 @@ class Device:
     """Answers each list on its cmd topic with `script(list) -> [(leaf, body)]`,
     published retained at QoS 1 as a device does; clears them at the end."""
 
-    def __init__(self, client, script, signed: bool = True):
+    def __init__(self, client, script, signed: bool = True, trust=None):
         self.id = "esp32-" + secrets.token_hex(6)
-        self.client, self.script, self.signed = client, script, signed
+        self.client, self.script = client, script
+        self.trust = trust or (KEY if signed else None)
         self.got = threading.Event()
         client.message_callback_add(topics.node_topic(self.id, "cmd"), self._on_cmd)
         client.subscribe(topics.node_topic(self.id, "cmd"), qos=1)
@@ -56,7 +57,7 @@ class Device:
     def _on_cmd(self, client, userdata, msg):
         if not msg.payload:
             return
-        got = manifest.decode(msg.payload, KEY if self.signed else None)
+        got = manifest.decode(msg.payload, self.trust)
         lst = {"seq": got.seq, "entries": got.entries}
         lst["digest"] = hashlib.sha256(msg.payload).hexdigest()
         for leaf, body in self.script(lst):
@@ -99,8 +100,8 @@ def run_publish(broker, device, *extra, signed=True):
 def device(mqtt_client, wheel):
     made = []
 
-    def make(script, signed=True):
-        d = Device(mqtt_client(), script, signed)
+    def make(script, signed=True, trust=None):
+        d = Device(mqtt_client(), script, signed, trust)
         d.wheel = wheel
         made.append(d)
         return d
@@ -274,3 +275,43 @@ def test_in_a_terminal_the_trial_counts_down_in_place(broker, mqtt_client):
     finally:
         dev.publish(status, b"", 1, True).wait_for_publish(5)
         mqtt.disconnect(client)
+
+
+@pytest.mark.parametrize("rolls_back", [True, False], ids=["trial boots", "no trial boots"])
+def test_the_demos_broken_user_main_step_expects_a_rollback(
+    broker, device, tmp_path, capsys, rolls_back
+):
+    # The demo's step 6 against a device that behaves as trial-spec says, and
+    # against one without trial boots (today's), which runs the broken user_main.
+    from mpy_blox_tools import demo, keys, mqtt
+
+    pub = keys.generate(tmp_path / "release.key").public_hex
+    seen = []
+
+    def script(lst):
+        (src,) = [e for e in lst["entries"] if e["type"] == "src"]
+        seen.append(src)
+        if not rolls_back:
+            return [("info", installed(lst, "ok"))]
+        error = "user_main raised RuntimeError('broken on purpose by the demo')"
+        return [
+            ("info", installed(lst, "trial")),
+            ("status", {"state": "trial", "seq": lst["seq"], "left_s": 120}),
+            ("status", {"state": "rolled_back", "seq": lst["seq"], "error": error}),
+        ]
+
+    d = device(script, trust=manifest.Trust(pubkeys=[bytes.fromhex(pub)]))
+    url = mqtt.BrokerURL(broker.host, broker.port)
+    got = demo.roll_back_broken(url, tmp_path / "release.key", d.id, d.wheel, tmp_path, 30)
+    out, err = capsys.readouterr()
+    broken = demo.BROKEN_USER_MAIN.encode()
+    assert seen[0]["path"] == "user_main.py"
+    assert seen[0]["pkg_sha256"] == hashlib.sha256(broken).hexdigest()
+    if rolls_back:
+        assert got is True and err == ""
+        reason = "rolled_back: user_main raised RuntimeError('broken on purpose by the demo')"
+        assert _row(out, d.id) == f"{d.id}  FAILED  {reason}"
+        assert out.rstrip().endswith(f"as expected: {d.id} {reason}")
+    else:
+        assert got is False
+        assert err.startswith(f"mpy-blox: {d.id} did not roll the broken user_main.py back (ok: ")
