@@ -273,6 +273,8 @@ def _detail(status: dict) -> str:
     package = status.get("package") or ""
     done, total = status.get("done"), status.get("total")
     if isinstance(done, int) and isinstance(total, int) and total:
+        if total < 10240:  # a small file in bytes, not "0K/0K"
+            return f"{package} {100 * done // total}% ({done}/{total} bytes)"
         return f"{package} {100 * done // total}% ({done // 1024}K/{total // 1024}K)"
     if status.get("error"):
         return f"{package}: {status['error']}" if package else str(status["error"])

@@ -315,3 +315,18 @@ def test_the_demos_broken_user_main_step_expects_a_rollback(
     else:
         assert got is False
         assert err.startswith(f"mpy-blox: {d.id} did not roll the broken user_main.py back (ok: ")
+
+
+def test_download_progress_is_in_bytes_for_a_small_file_and_in_k_for_a_large_one(
+    broker, device, capsys
+):
+    def script(lst):
+        down = {"state": "downloading", "package": "user_main.py", "done": 16, "total": 32}
+        big = {"state": "downloading", "package": "mpy-blox", "done": 307200, "total": 599040}
+        return [("status", down), ("status", big), ("info", installed(lst, "ok"))]
+
+    d = device(script)
+    assert run_publish(broker, d, "--wait", "30") == 0
+    out = capsys.readouterr().out
+    assert f"{d.id:<20} downloading  user_main.py 50% (16/32 bytes)\n" in out
+    assert f"{d.id:<20} downloading  mpy-blox 51% (300K/585K)\n" in out
