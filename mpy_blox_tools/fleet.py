@@ -11,6 +11,7 @@ state that needs a look: `trial (95s left)` (a new set running, not yet confirme
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import threading
@@ -95,7 +96,7 @@ def devices_from(messages: dict[str, bytes], ages: dict[str, float] | None = Non
         left = status.get("left_s")
         if d.state == "trial" and isinstance(left, int) and not isinstance(left, bool):
             age = (ages or {}).get(topics.node_topic(d.device_id, "status"), 0.0)
-            d.left_s = max(0, int(left - age))
+            d.left_s = max(0, math.ceil(left - age))
         d.mem_free, d.fs_free, d.boot_count = (
             info.get("mem_free"),
             info.get("fs_free"),

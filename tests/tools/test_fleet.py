@@ -226,8 +226,11 @@ def test_status_shows_trial_rollback_and_safe_mode_with_their_reasons(broker, mq
         _clear_app_states(c)
 
 
-def test_status_watch_in_a_log_is_one_line_per_change_and_ctrl_c_exits_0(broker, mqtt_client):
-    c = mqtt_client()
+def test_status_watch_in_a_log_is_one_line_per_change_and_ctrl_c_exits_0(
+    broker_factory, mqtt_client
+):
+    broker = broker_factory()  # its own: no other test's board comes and goes on it
+    c = mqtt_client(broker)
     _plant_app_states(c)
     url = f"mqtt://{broker.host}:{broker.port}"
     proc = subprocess.Popen(
@@ -274,10 +277,13 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_status_watch_in_a_terminal_redraws_the_table_and_counts_a_trial_down(broker, mqtt_client):
+def test_status_watch_in_a_terminal_redraws_the_table_and_counts_a_trial_down(
+    broker_factory, mqtt_client
+):
     from mpy_blox_tools import fleet, mqtt
 
-    c = mqtt_client()
+    broker = broker_factory()  # its own: the table holds this test's device alone
+    c = mqtt_client(broker)
     now = [500.0]
     term, stop = _Terminal(), threading.Event()
     url = mqtt.BrokerURL(broker.host, broker.port)
@@ -289,14 +295,20 @@ def test_status_watch_in_a_terminal_redraws_the_table_and_counts_a_trial_down(br
         _publish(c, status, {"state": "trial", "seq": 3, "left_s": 40})
         _until(lambda: "trial (40s left)" in term.getvalue())
         now[0] += 15.2
-        _until(lambda: "trial (24s left)" in term.getvalue())
+        _until(lambda: "trial (25s left)" in term.getvalue())
         table = term.getvalue().rsplit("\x1b[", 1)[-1]  # the last drawing
         assert table.startswith("J" + "DEVICE"), table
-        assert _cells(table.splitlines()[1])[:2] == ["esp32-00000000a004", "trial (24s left)"]
+        assert _cells(table.splitlines()[1])[:2] == ["esp32-00000000a004", "trial (25s left)"]
     finally:
         stop.set()
         t.join(10)
         c.publish(status, b"", qos=1, retain=True).wait_for_publish(5)
+
+
+def test_status_watch_and_json_together_is_one_clear_line(capsys):
+    assert cli(["status", "--watch", "--json"]) == 1
+    err = capsys.readouterr().err
+    assert err == "mpy-blox: --watch and --json do not go together: --json is one snapshot\n"
 
 
 def _until(condition, limit: float = 10.0) -> None:
