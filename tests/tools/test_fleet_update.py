@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 
 import pytest
@@ -115,6 +116,11 @@ def test_the_demo_runs_to_completion(tmp_path, capsys, board_lane):
     assert run_demo(tmp_path / "demo", boards=2, lane=board_lane) == 0
     out = capsys.readouterr().out
     assert out.count("user_main v2 says hello") == 2
+    # Step 6 (trial boots, issue 14): the broken user_main.py is rolled back by the
+    # board itself and --wait says so.
+    rolled = re.search(r"as expected: (esp32-[0-9a-f]{12}) rolled_back: \S", out)
+    assert rolled, out
+    assert re.search(rf"{rolled[1]}  FAILED  rolled_back: \S", out), out
     assert "demo finished in" in out
     # Signed with a keygen'd Ed25519 release key whose public half the boards hold.
     pub = (tmp_path / "demo" / "release.key.pub").read_text().strip()
