@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import time
 
 import pytest
 
@@ -134,3 +135,33 @@ def test_the_demo_runs_on_the_embedded_broker_without_mosquitto(tmp_path, capsys
     out = capsys.readouterr().out
     assert "starting a local broker (embedded amqtt)" in out
     assert out.count("user_main v2 says hello") == 1
+
+
+def test_status_shows_the_safe_mode_of_a_real_board_with_its_reason(
+    boards, broker, tmp_path, board_lane, capsys
+):
+    # Issue 16: a user_main.py that raises showed `safe_mode` with `ok: user_main
+    # failed 5 times in 60 s` (the app's error in the LAST UPDATE column).
+    settings = tmp_path / "settings.json"
+    app = {"crash_limit": 2, "restart_delay_ms": 50}
+    mqtt_settings = {"server": broker.host, "port": broker.port}
+    settings.write_text(json.dumps({"mqtt": mqtt_settings, "app": app}))
+    user_main = tmp_path / "user_main.py"
+    user_main.write_text("async def user_main():\n    raise ValueError('broken')\n")
+    rb = boards.start(boards.create(), heap=board_lane.heap, lane=board_lane)
+    rb.wait_for(r"\[vboard\] boot 1")
+    deploy.deploy_app(rb.serial_port, settings, None, user_main)
+    rb.wait_for("safe mode: user_main failed 2 times in 60 s", timeout=60)
+    device = rb.board.device_id
+    url = mqtt.BrokerURL(broker.host, broker.port)
+    # The device publishes safe_mode right after it logs it: read until it is there.
+    deadline = time.monotonic() + 20
+    while {d.device_id: d.state for d in fleet.fetch(url)}.get(device) != "safe_mode":
+        assert time.monotonic() < deadline, "no safe_mode status"
+        time.sleep(0.1)
+    capsys.readouterr()
+    assert cli(["status", "--broker", broker.url]) == 0
+    row = next(r for r in capsys.readouterr().out.splitlines() if r.startswith(device))
+    cells = re.split(r"\s{2,}", row)
+    assert cells[1] == "safe_mode: user_main failed 2 times in 60 s", row
+    assert "user_main failed" not in cells[5], row  # LAST UPDATE: the update's own result
