@@ -145,12 +145,19 @@ def test_status_shows_the_safe_mode_of_a_real_board_with_its_reason(
     settings = tmp_path / "settings.json"
     app = {"crash_limit": 2, "restart_delay_ms": 50}
     mqtt_settings = {"server": broker.host, "port": broker.port}
-    settings.write_text(json.dumps({"mqtt": mqtt_settings, "app": app}))
+    update = {"healthy_after_s": 1}
+    settings.write_text(json.dumps({"mqtt": mqtt_settings, "app": app, "update": update}))
     user_main = tmp_path / "user_main.py"
-    user_main.write_text("async def user_main():\n    raise ValueError('broken')\n")
+    user_main.write_text(USER_MAIN.format(tag="v1"))
     rb = boards.start(boards.create(), heap=board_lane.heap, lane=board_lane)
     rb.wait_for(r"\[vboard\] boot 1")
     deploy.deploy_app(rb.serial_port, settings, None, user_main)
+    # deploy-lib's install boots on trial too: let it be confirmed first, then
+    # break user_main.py the way a user does (make deploy-user, then a reset).
+    rb.wait_for("update confirmed", timeout=60)
+    user_main.write_text("async def user_main():\n    raise ValueError('broken')\n")
+    deploy.deploy_user(rb.serial_port, user_main)
+    deploy.mpremote(rb.serial_port, "reset")
     rb.wait_for("safe mode: user_main failed 2 times in 60 s", timeout=60)
     device = rb.board.device_id
     url = mqtt.BrokerURL(broker.host, broker.port)
@@ -164,4 +171,4 @@ def test_status_shows_the_safe_mode_of_a_real_board_with_its_reason(
     row = next(r for r in capsys.readouterr().out.splitlines() if r.startswith(device))
     cells = re.split(r"\s{2,}", row)
     assert cells[1] == "safe_mode: user_main failed 2 times in 60 s", row
-    assert "user_main failed" not in cells[5], row  # LAST UPDATE: the update's own result
+    assert cells[5] == "ok", row  # LAST UPDATE: the update's own result, not the app's error
