@@ -197,5 +197,12 @@ def roll_back_broken(
     return True
 
 
-def _show_fleet(url: mqtt.BrokerURL) -> None:
-    print(fleet.format_table(fleet.fetch(url)))
+def _show_fleet(url: mqtt.BrokerURL, settle: float = 10) -> None:
+    # A confirmed device publishes its info, then its status `ok`: --wait is done at
+    # the info, so give the statuses a moment to catch up (at most `settle` seconds).
+    deadline = time.monotonic() + settle
+    devices = fleet.fetch(url)
+    while any(d.state == "trial" for d in devices) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        devices = fleet.fetch(url)
+    print(fleet.format_table(devices))

@@ -5,15 +5,17 @@ Devices report on their retained `mpypi/nodes/{id}/status` (progress) and `info`
 (docs/protocol.md, "Trial and rollback") a device that installed the list first runs
 it on trial, then confirms it or rolls it back by itself. So, from live reports only:
 
-- **done**: an `info` shows every package of the list installed and
-  `last_update.result` is `ok` (a device that confirmed its trial, or one without
-  trial boots that reports `ok` at once); or a `status` `ok` naming this list's seq
-  after an `info` that showed the list installed;
+- **done**: an `info` shows every package of the list installed and a
+  `last_update` that names this list (by `list`, the SHA256 of the list as
+  published, or `at`, its seq) with the result `ok` (a device that confirmed its
+  trial, one without trial boots that reports `ok` at once, or one that had the
+  versions already); or a `status` `ok` naming this list's seq after such an `info`
+  on trial;
 - **in progress**: `trial` (the new set runs, not yet confirmed): shown with the time
   left, counted down here from the device's `left_s`;
 - **failed**: a `status` `failed` or `rolled_back` (for this list's seq when it names
-  one), or an `info` whose `last_update` names this list (by `list`, the SHA256 of the
-  list as published, or `at`, its seq) with the result `failed` or `rolled_back`;
+  one), or an `info` whose `last_update` names this list with the result `failed` or
+  `rolled_back`;
 - otherwise it timed out.
 
 Retained reports (what the device said before this publish) are shown but never
@@ -142,8 +144,12 @@ class Watcher:
         last = info.get("last_update")
         last = last if isinstance(last, dict) else {}
         result = str(last.get("result") or "")
-        p.installed = self._installed(info)
-        if result in FAILURES and self._names_this_list(last, "at"):
+        # What the last install did is about this list only if it names it: a
+        # device confirming an earlier set (a deploy's, say) says "ok" too, and
+        # one that has the versions already still reports ok for this list.
+        ours = self._names_this_list(last, "at")
+        p.installed = ours and self._installed(info)
+        if result in FAILURES and ours:
             # A device that failed or rolled back reports its old versions after.
             self._fail(p, result, last.get("error"))
         elif p.installed and result == "ok":
@@ -167,7 +173,9 @@ class Watcher:
         named = status.get("seq")
         ours = named is None or self.seq is None or named == self.seq
         if state in FAILURES and ours:
-            self._fail(p, state, status.get("error"))
+            error = status.get("error")
+            package = status.get("package")
+            self._fail(p, state, f"{package}: {error}" if package and error else error)
         elif state == "ok" and p.installed and self.seq is not None and named == self.seq:
             self._done(p)
 

@@ -330,3 +330,18 @@ def test_download_progress_is_in_bytes_for_a_small_file_and_in_k_for_a_large_one
     out = capsys.readouterr().out
     assert f"{d.id:<20} downloading  user_main.py 50% (16/32 bytes)\n" in out
     assert f"{d.id:<20} downloading  mpy-blox 51% (300K/585K)\n" in out
+
+
+def test_an_ok_info_about_another_set_is_not_this_lists_outcome(broker, device, capsys):
+    # A board deployed over USB confirms that set's trial and says "ok" with the
+    # versions this list has too, then refuses the list itself (found with
+    # test_fleet_update's refusing device): the refusal is the outcome.
+    def script(lst):
+        confirmed = {**installed(lst, "ok"), "last_update": {"result": "ok", "at": None}}
+        refused = {"state": "failed", "error": "unsigned list: this device needs a signed one"}
+        return [("info", confirmed), ("status", refused)]
+
+    d = device(script, signed=False)
+    assert run_publish(broker, d, "--wait", "30", signed=False) == 1
+    row = _row(capsys.readouterr().out, d.id)
+    assert row == f"{d.id}  FAILED  failed: unsigned list: this device needs a signed one"
