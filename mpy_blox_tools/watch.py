@@ -172,6 +172,10 @@ class Watcher:
             return
         named = status.get("seq")
         ours = named is None or self.seq is None or named == self.seq
+        if state == "trial" and not ours:  # the device holds lists until that verdict
+            p.detail = f"seq {named}, an earlier update: this list waits for its verdict"
+        elif state == "ok" and not ours:
+            p.detail = f"seq {named}, an earlier update"
         if state in FAILURES and ours:
             error = status.get("error")
             package = status.get("package")

@@ -345,3 +345,27 @@ def test_an_ok_info_about_another_set_is_not_this_lists_outcome(broker, device, 
     assert run_publish(broker, d, "--wait", "30", signed=False) == 1
     row = _row(capsys.readouterr().out, d.id)
     assert row == f"{d.id}  FAILED  failed: unsigned list: this device needs a signed one"
+
+
+def test_the_trial_of_an_earlier_update_is_shown_as_such(broker, device, capsys):
+    # A device on trial holds new lists until the verdict (docs/protocol.md): its
+    # trial is not this list's, and its confirmation is not this list's outcome.
+    def script(lst):
+        earlier = lst["seq"] - 1
+        return [
+            ("status", {"state": "trial", "seq": earlier, "left_s": 50}),
+            ("status", {"state": "ok", "seq": earlier}),
+            ("info", installed(lst, "trial")),
+            ("status", {"state": "trial", "seq": lst["seq"], "left_s": 120}),
+            ("info", installed(lst, "ok")),
+        ]
+
+    d = device(script)
+    assert run_publish(broker, d, "--wait", "30") == 0
+    out = capsys.readouterr().out
+    seq = int(re.search(r"list seq (\d+) ->", out)[1])
+    waits = f"seq {seq - 1}, an earlier update: this list waits for its verdict"
+    assert f"{d.id:<20} trial (50s left) {waits}\n" in out, out
+    assert f"{d.id:<20} ok           seq {seq - 1}, an earlier update\n" in out  # not done yet
+    assert f"{d.id:<20} trial (120s left)\n" in out
+    assert _row(out, d.id).split()[1] == "ok"
