@@ -172,3 +172,37 @@ def test_status_shows_the_safe_mode_of_a_real_board_with_its_reason(
     cells = re.split(r"\s{2,}", row)
     assert cells[1] == "safe_mode: user_main failed 2 times in 60 s", row
     assert cells[5] == "ok", row  # LAST UPDATE: the update's own result, not the app's error
+
+
+def _state_of(url, device: str, want: str, limit: float = 30) -> None:
+    # Reads the retained status until it is `want` (the broker's will, a boot's report).
+    deadline = time.monotonic() + limit
+    while {d.device_id: d.state for d in fleet.fetch(url)}.get(device) != want:
+        assert time.monotonic() < deadline, f"{device} not {want} in {limit}s"
+        time.sleep(0.2)
+
+
+def test_a_board_mpremote_leaves_at_the_repl_is_offline_until_reset(
+    boards, broker, tmp_path, board_lane, capsys
+):
+    # docs/vboard.md: as on hardware, mpremote leaves the board at its REPL (main.py
+    # not running, off MQTT): `status` shows it offline until `mpremote reset`.
+    settings = tmp_path / "settings.json"
+    mqtt_settings = {"server": broker.host, "port": broker.port}
+    settings.write_text(json.dumps({"mqtt": mqtt_settings, "update": {"healthy_after_s": 1}}))
+    user_main = tmp_path / "user_main.py"
+    user_main.write_text(USER_MAIN.format(tag="v1"))
+    rb = boards.start(boards.create(), heap=board_lane.heap, lane=board_lane)
+    rb.wait_for(r"\[vboard\] boot 1")
+    deploy.deploy_app(rb.serial_port, settings, None, user_main)
+    rb.wait_for("update confirmed", timeout=60)  # deploy-lib's install boots on trial
+    device, url = rb.board.device_id, mqtt.BrokerURL(broker.host, broker.port)
+    _state_of(url, device, "ok")
+    deploy.mpremote(rb.serial_port, "fs", "ls")
+    _state_of(url, device, "offline")
+    capsys.readouterr()
+    assert cli(["status", "--broker", broker.url]) == 0
+    row = next(r for r in capsys.readouterr().out.splitlines() if r.startswith(device))
+    assert re.split(r"\s{2,}", row)[1] == "offline" and row.endswith(" -"), row
+    deploy.mpremote(rb.serial_port, "reset")
+    _state_of(url, device, "online")
