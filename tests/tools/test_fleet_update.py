@@ -86,7 +86,12 @@ def test_wait_succeeds_when_every_device_reports_the_new_versions(
     assert status == 0, out
     summary = out[out.index("DEVICE") :]
     for d in ids:
-        assert f"{d}" in summary and "ok" in summary
+        # Each board ran the new set on trial first, then confirmed it (issue 14).
+        assert re.search(rf"^{d} +trial \(\d+s left\)$", out, re.M), out
+        row = next(line for line in summary.splitlines() if line.startswith(d))
+        assert re.fullmatch(
+            rf"{d}  ok      mpy_blox \S+\.dev\d+, user_main\.py [0-9a-f]{{8}}", row
+        )
     for rb in running:
         rb.wait_for("v2 running", timeout=60)
     devices = {d.device_id: d for d in fleet.fetch(mqtt.BrokerURL(broker.host, broker.port))}
