@@ -287,7 +287,9 @@ def test_status_watch_in_a_terminal_redraws_the_table_and_counts_a_trial_down(
     now = [500.0]
     term, stop = _Terminal(), threading.Event()
     url = mqtt.BrokerURL(broker.host, broker.port)
-    t = threading.Thread(target=fleet.watch, args=(url, term, lambda: now[0], stop, 0.05))
+    t = threading.Thread(
+        target=fleet.watch, args=(url, term, lambda: now[0], stop, 0.05), daemon=True
+    )
     t.start()
     status = "mpypi/nodes/esp32-00000000a004/status"
     try:

@@ -253,11 +253,14 @@ def test_in_a_terminal_the_trial_counts_down_in_place(broker, mqtt_client):
     client = mqtt.connect(mqtt.BrokerURL(broker.host, broker.port))
     dev = mqtt_client()
     status = topics.node_topic(device_id, "status")
+    result = []
+    t = threading.Thread(target=lambda: result.append(w.wait(3600, term)), daemon=True)
     try:
         w.attach(client, (device_id,))
+        # The broker handles one connection's packets in order: once this is
+        # acknowledged, the subscription is in place and the device's report is live.
+        client.publish("mpypi/test/probe", b"", qos=1).wait_for_publish(5)
         w.expect_list(7, b"the list")
-        result = []
-        t = threading.Thread(target=lambda: result.append(w.wait(3600, term)))
         t.start()
         dev.publish(status, json.dumps({"state": "trial", "seq": 7, "left_s": 30}), 1, True)
         _until(lambda: "trial (30s left)" in term.getvalue(), "the trial is shown")
@@ -273,6 +276,10 @@ def test_in_a_terminal_the_trial_counts_down_in_place(broker, mqtt_client):
             f"\x1b[1F\x1b[J{device_id:<20} rolled_back  rolled_back: health() returned False\n"
         )
     finally:
+        clock.now += 7200  # past its deadline: the wait ends even if the test failed
+        w.changed.set()
+        if t.is_alive():
+            t.join(10)
         dev.publish(status, b"", 1, True).wait_for_publish(5)
         mqtt.disconnect(client)
 
