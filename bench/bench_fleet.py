@@ -93,6 +93,7 @@ def run(workdir: Path) -> list[dict]:
                     key=key.encode(),
                     client=client,
                     log=lambda *a: None,
+                    on_list=watcher.expect_list,
                 ).payload_bytes
                 with open("/dev/null", "w") as quiet:
                     ok = watcher.wait(300, out=quiet)

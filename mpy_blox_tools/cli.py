@@ -16,6 +16,22 @@ from mpy_blox_tools.errors import MpyBloxError
 from mpy_blox_tools.vboard.board import DEFAULT_FLASH, FILESYSTEMS, Board
 
 
+def _command(
+    sub: argparse._SubParsersAction, name: str, does: str, example: str, more: str = ""
+) -> argparse.ArgumentParser:
+    """A subcommand whose --help starts with what it does and ends with an example."""
+    return sub.add_parser(
+        name,
+        help=does,
+        description=does[0].upper() + does[1:] + "." + (f"\n\n{more}" if more else ""),
+        epilog="example:\n  " + example.replace("\n", "\n  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+DIR_HELP = "the board's folder"
+
+
 def _vboard_create(args: argparse.Namespace) -> int:
     if args.seq_floor is not None and not args.app:
         raise MpyBloxError("--seq-floor goes with --app (it is set over the serial port)")
@@ -98,13 +114,31 @@ def _vboard_net(args: argparse.Namespace) -> int:
 
 
 def _add_vboard(sub: argparse._SubParsersAction) -> None:
-    vb = sub.add_parser("vboard", help="virtual ESP32 boards on the MicroPython unix port")
+    vb = _command(
+        sub,
+        "vboard",
+        "virtual ESP32 boards on the MicroPython unix port",
+        "mpy-blox vboard create boards/b1 --app --user-main user_main.py\n"
+        "mpy-blox vboard run boards/b1",
+        "Each board is a folder: its flash image, NVS and id. `mpy-blox vboard COMMAND\n"
+        "--help` for each command; docs/vboard.md for the whole story.",
+    )
     vsub = vb.add_subparsers(dest="vboard_command", required=True, metavar="COMMAND")
 
-    p = vsub.add_parser("create", help="make a virtual board in folder DIR")
-    p.add_argument("dir", metavar="DIR")
+    p = _command(
+        vsub,
+        "create",
+        "make a virtual board in folder DIR",
+        "mpy-blox vboard create boards/b1 --app --settings settings.json --user-main user_main.py",
+    )
+    p.add_argument("dir", metavar="DIR", help="a new or empty folder for the board")
     p.add_argument("--device-id", help="esp32-<12 hex digits> (default: random)")
-    p.add_argument("--fs", choices=FILESYSTEMS, default="littlefs")
+    p.add_argument(
+        "--fs",
+        choices=FILESYSTEMS,
+        default="littlefs",
+        help="the flash's filesystem; posix maps a host folder (default littlefs)",
+    )
     p.add_argument("--flash", default=DEFAULT_FLASH, help="flash size (default 2M)")
     p.add_argument(
         "--app",
@@ -127,51 +161,82 @@ def _add_vboard(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--user-main", help="with --app: a user_main.py")
     p.set_defaults(func=_vboard_create)
 
-    p = vsub.add_parser("run", help="boot the board; prints its serial port; stops on SIGTERM")
-    p.add_argument("dir", metavar="DIR")
+    p = _command(
+        vsub,
+        "run",
+        "boot the board; prints its serial port; machine.reset() reboots it; stops on SIGTERM",
+        "mpy-blox vboard run boards/b1 --heap 100K",
+    )
+    p.add_argument("dir", metavar="DIR", help=DIR_HELP)
     p.add_argument("--heap", default=micropython.DEFAULT_HEAP, help="heap size (default 100K)")
     p.add_argument(
         "--cut-at",
         type=int,
         default=0,
         metavar="N",
-        help="cut the power at the Nth flash block write of the first boot",
+        help="cut the power at the Nth flash block write of the first boot (default 0: never)",
     )
     p.add_argument(
         "--cut-nvs-at",
         type=int,
         default=0,
         metavar="N",
-        help="cut the power at the Nth NVS write (set_*, erase_key) of the run, any boot",
+        help="cut the power at the Nth NVS write (set_*, erase_key) of the run, any boot "
+        "(default 0: never)",
     )
     p.add_argument("--once", action="store_true", help="switch off instead of rebooting")
     p.add_argument("--quiet", action="store_true", help="do not echo the console")
     p.set_defaults(func=_vboard_run)
 
-    for name, helptext, func in (
-        ("ls", "list files on the stopped board's flash", _vboard_ls),
-        ("cat", "print a file from the stopped board's flash", _vboard_cat),
-        ("rm", "remove a file from the stopped board's flash", _vboard_rm),
+    for name, helptext, example, func in (
+        ("ls", "list files on the stopped board's flash", "ls boards/b1 lib", _vboard_ls),
+        (
+            "cat",
+            "print a file from the stopped board's flash",
+            "cat boards/b1 boot.py",
+            _vboard_cat,
+        ),
+        ("rm", "remove a file from the stopped board's flash", "rm boards/b1 x.py", _vboard_rm),
     ):
-        p = vsub.add_parser(name, help=helptext)
-        p.add_argument("dir", metavar="DIR")
-        p.add_argument("path", metavar="PATH", nargs="?" if name == "ls" else None, default="")
+        p = _command(vsub, name, helptext, f"mpy-blox vboard {example}")
+        p.add_argument("dir", metavar="DIR", help=DIR_HELP)
+        if name == "ls":
+            p.add_argument(
+                "path", metavar="PATH", nargs="?", default="", help="a folder (default: /)"
+            )
+        else:
+            p.add_argument("path", metavar="PATH", help="a file on the board's flash")
         p.set_defaults(func=func)
 
-    p = vsub.add_parser("put", help="copy a workstation file onto the stopped board's flash")
-    p.add_argument("dir", metavar="DIR")
-    p.add_argument("source", metavar="FILE")
-    p.add_argument("path", metavar="PATH")
+    p = _command(
+        vsub,
+        "put",
+        "copy a workstation file onto the stopped board's flash",
+        "mpy-blox vboard put boards/b1 user_main.py user_main.py",
+    )
+    p.add_argument("dir", metavar="DIR", help=DIR_HELP)
+    p.add_argument("source", metavar="FILE", help="the workstation file")
+    p.add_argument("path", metavar="PATH", help="where on the board's flash")
     p.set_defaults(func=_vboard_put)
 
-    p = vsub.add_parser("fill", help="fill the stopped board's flash (for disk-full tests)")
-    p.add_argument("dir", metavar="DIR")
-    p.add_argument("--leave", help="bytes to leave free (default 0)")
+    p = _command(
+        vsub,
+        "fill",
+        "fill the stopped board's flash (for disk-full tests)",
+        "mpy-blox vboard fill boards/b1 --leave 4K",
+    )
+    p.add_argument("dir", metavar="DIR", help=DIR_HELP)
+    p.add_argument("--leave", metavar="SIZE", help="bytes to leave free (default 0)")
     p.set_defaults(func=_vboard_fill)
 
-    p = vsub.add_parser("net", help="take the board's Wi-Fi access point down or up")
-    p.add_argument("dir", metavar="DIR")
-    p.add_argument("state", choices=("up", "down"))
+    p = _command(
+        vsub,
+        "net",
+        "take the board's Wi-Fi access point down or up (it may be running)",
+        "mpy-blox vboard net boards/b1 down",
+    )
+    p.add_argument("dir", metavar="DIR", help=DIR_HELP)
+    p.add_argument("state", choices=("up", "down"), help="up or down")
     p.set_defaults(func=_vboard_net)
 
 
@@ -183,16 +248,28 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("build", help="build the device wheel into dist/ and print its path")
-    p.add_argument("--platform", choices=PLATFORMS, default="esp32")
+    p = _command(
+        sub,
+        "build",
+        "build the device wheel into dist/ and print its path",
+        "mpy-blox build --platform esp32 --dev",
+    )
+    p.add_argument(
+        "--platform",
+        choices=PLATFORMS,
+        default="esp32",
+        help="the native code mpy-cross targets (default esp32)",
+    )
     p.add_argument("--dev", action="store_true", help="a dev version, unique to this build")
     p.set_defaults(func=_build)
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from mpy_blox_tools.publish import publish_release
+    import json
 
-    ok = publish_release(
+    from mpy_blox_tools.publish import release
+
+    outcome = release(
         broker=args.broker,
         channel=args.channel,
         device_ids=args.device_ids or (),
@@ -208,14 +285,26 @@ def _publish(args: argparse.Namespace) -> int:
         ca_file=args.ca_file,
         client_cert=args.client_cert,
         client_key=args.client_key,
+        out=sys.stderr if args.json else sys.stdout,
     )
-    return 0 if ok else 1
+    if args.json:
+        print(json.dumps(outcome.as_dict(), indent=2))
+    return 0 if outcome.ok else 1
 
 
 def _add_publish(sub: argparse._SubParsersAction) -> None:
     from mpy_blox_tools.publish import add_arguments
 
-    p = sub.add_parser("publish", help="publish an update to a channel or to devices")
+    p = _command(
+        sub,
+        "publish",
+        "publish an update to a channel or to devices",
+        "mpy-blox publish --channel stable --extra-src-files user_main.py \\\n"
+        "    --key-file release.key --wait 300",
+        "Builds the framework wheel (or takes --wheel), publishes it and the extra files\n"
+        "retained by SHA256, then the signed list. With --wait, follows each device until\n"
+        "it has confirmed the update (a device on trial is still in progress) or failed.",
+    )
     add_arguments(p)
     p.set_defaults(func=_publish)
 
@@ -230,8 +319,11 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _add_keygen(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "keygen", help="make an Ed25519 release key: PATH (private, 0600) and PATH.pub"
+    p = _command(
+        sub,
+        "keygen",
+        "make an Ed25519 release key: PATH (private, 0600) and PATH.pub",
+        "mpy-blox keygen ~/.mpy-blox/release.key",
     )
     p.add_argument("path", metavar="PATH", help="the private key file to create")
     p.add_argument("--force", action="store_true", help="replace PATH and PATH.pub if they exist")
@@ -243,7 +335,16 @@ def _status(args: argparse.Namespace) -> int:
     from mpy_blox_tools.mqtt import BrokerURL
 
     broker = BrokerURL.parse(args.broker) if args.broker else BrokerURL.from_settings()
-    devices = fleet.fetch(broker.with_tls(args.ca_file, args.client_cert, args.client_key))
+    broker = broker.with_tls(args.ca_file, args.client_cert, args.client_key)
+    if args.watch:
+        if args.json:
+            raise MpyBloxError("--watch and --json do not go together: --json is one snapshot")
+        try:
+            fleet.watch(broker)
+        except KeyboardInterrupt:  # how a watch ends
+            pass
+        return 0
+    devices = fleet.fetch(broker)
     print(fleet.as_json(devices) if args.json else fleet.format_table(devices))
     return 0
 
@@ -251,11 +352,24 @@ def _status(args: argparse.Namespace) -> int:
 def _add_status(sub: argparse._SubParsersAction) -> None:
     from mpy_blox_tools.mqtt import add_connect_arguments
 
-    p = sub.add_parser("status", help="table of the fleet from the retained info/status topics")
+    p = _command(
+        sub,
+        "status",
+        "table of the fleet from the retained info/status topics",
+        "mpy-blox status --broker mqtt://broker.lan --watch",
+        "STATE says why a device needs a look: trial (time left), rolled_back, failed or\n"
+        "safe_mode with the reason.",
+    )
     add_connect_arguments(
         p, "mqtt[s]://[user[:password]@]host[:port] (default: from ./settings.json)"
     )
     p.add_argument("--json", action="store_true", help="JSON for scripts")
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="follow the fleet live: a table redrawn in a terminal, one line per change "
+        "in a log; Ctrl-C stops it",
+    )
     p.set_defaults(func=_status)
 
 
@@ -274,17 +388,23 @@ def _broker(args: argparse.Namespace) -> int:
 
 
 def _add_broker(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "broker",
-        help="run a local MQTT broker for your devices (Mosquitto, or the embedded amqtt)",
+        "run a local MQTT broker for your devices (Mosquitto, or the embedded amqtt)",
+        "mpy-blox broker --bind 0.0.0.0 --password-file passwd",
     )
-    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--port", type=int, default=1883, help="TCP port (default 1883)")
     p.add_argument(
         "--bind",
         default="127.0.0.1",
-        help="address to listen on (0.0.0.0 for devices on your network)",
+        help="address to listen on, 0.0.0.0 for devices on your network (default 127.0.0.1)",
     )
-    p.add_argument("--dir", default=".mpy-blox/broker", help="where retained messages are kept")
+    p.add_argument(
+        "--dir",
+        default=".mpy-blox/broker",
+        help="where retained messages are kept (default .mpy-blox/broker)",
+    )
     p.add_argument("--password-file", help="a mosquitto_passwd file: no anonymous access")
     p.add_argument(
         "--acl-file",
@@ -313,7 +433,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the end-to-end demonstration on the embedded defaults")
+    p = _command(
+        sub,
+        "demo",
+        "the end-to-end demonstration on the embedded defaults",
+        "mpy-blox demo --engine amqtt",
+        "A local broker, three virtual boards, a signed fleet update, then a broken\n"
+        "user_main.py on one board that rolls back by itself.",
+    )
     p.add_argument(
         "--engine",
         choices=ENGINES,
@@ -393,15 +520,17 @@ _DEPLOY_ACTIONS = {
 
 
 def _add_deploy(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "deploy",
-        help="install Mpy-BLOX on a device over its serial port (the Makefile's targets)",
-        description="Install Mpy-BLOX on a device over its serial port, with mpremote "
-        "($MPY_BLOX_MPREMOTE names another, e.g. the Windows mpremote.exe under WSL2).",
+        "install Mpy-BLOX on a device over its serial port (the Makefile's targets)",
+        "mpy-blox deploy app --device /dev/ttyUSB0 --user-main user_main.py",
+        "With mpremote ($MPY_BLOX_MPREMOTE names another, e.g. the Windows mpremote.exe "
+        "under WSL2).",
     )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, (helptext, options) in _DEPLOY_ACTIONS.items():
-        a = actions.add_parser(action, help=helptext, description=helptext)
+        a = _command(actions, action, helptext, f"mpy-blox deploy {action} --device /dev/ttyUSB0")
         a.add_argument(
             "--device",
             default=os.environ.get("DEVICE") or None,
@@ -437,7 +566,11 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mpy-blox", description="Mpy-BLOX workstation tools: boards, builds and updates."
+        prog="mpy-blox",
+        description="Mpy-BLOX workstation tools: boards, builds and updates.\n\n"
+        "`mpy-blox COMMAND --help` says what each command does, with an example.",
+        epilog="example:\n  mpy-blox demo\n  mpy-blox publish --channel stable --wait 300",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"mpy-blox {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

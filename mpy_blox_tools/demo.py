@@ -9,12 +9,17 @@
 4. build the current source as a dev version and publish it, signed with the
    release key, with a new
    user_main.py, following every board's progress live;
-5. show the fleet table: all three on the new version, the new user_main running.
+5. show the fleet table: all three on the new version, the new user_main running;
+6. publish a broken user_main.py (it raises 2 s after it starts) to one board: the
+   board runs it on trial, sees it fail before `update.healthy_after_s` (5 s here,
+   30 by default), rolls back to the previous set by itself, and `--wait` reports
+   `rolled_back` with the reason (docs/protocol.md, "Trial and rollback").
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import tempfile
 import time
@@ -27,6 +32,9 @@ from mpy_blox_tools.vboard.process import RunningBoard
 
 BOARDS = 3
 CHANNEL = "demo"
+# A trial is confirmed once user_main ran this long without raising: short, so the
+# demo's updates confirm quickly; the broken user_main raises before it.
+HEALTHY_AFTER_S = 5
 USER_MAIN = """\
 import asyncio
 
@@ -35,6 +43,15 @@ async def user_main():
     while True:
         print("user_main {version} says hello")
         await asyncio.sleep(2)
+"""
+BROKEN_USER_MAIN = """\
+import asyncio
+
+
+async def user_main():
+    print("user_main v3 starts, and fails in 2 s")
+    await asyncio.sleep(2)
+    raise RuntimeError("broken on purpose by the demo")
 """
 
 
@@ -71,7 +88,11 @@ def run_demo(
                     {
                         "logging": {"level": "INFO"},
                         "mqtt": {"server": broker.host, "port": broker.port},
-                        "update": {"channel": CHANNEL, "auto_update": True},
+                        "update": {
+                            "channel": CHANNEL,
+                            "auto_update": True,
+                            "healthy_after_s": HEALTHY_AFTER_S,
+                        },
                     },
                     indent=2,
                 )
@@ -104,12 +125,13 @@ def run_demo(
                 _show_fleet(url)
                 _step("publishing the current source as a dev version with a new user_main.py")
                 (work / "user_main.py").write_text(USER_MAIN.format(version="v2"))
+                wheel_v2 = build.build(out_dir=work / "dist", dev=True)
                 if not publish.publish_release(
                     broker=url,
                     key_file=release_key,
                     channel=CHANNEL,
                     extra_src_files=[work / "user_main.py"],
-                    dev=True,
+                    wheel=wheel_v2,
                     wait=timeout,
                 ):
                     print("mpy-blox: the demo update did not reach every board", file=sys.stderr)
@@ -121,6 +143,16 @@ def run_demo(
                 for rb in running:
                     last = [line for line in rb.console().splitlines() if "says hello" in line]
                     print(f"{rb.board.device_id}: {last[-1]}")
+                target = running[0]
+                hellos = len(re.findall("user_main v2 says hello", target.console()))
+                if not roll_back_broken(
+                    url, release_key, target.board.device_id, wheel_v2, work, timeout
+                ):
+                    return 1
+                # The previous set runs again: v2 greets once more.
+                target.wait_for("user_main v2 says hello", timeout=timeout, count=hellos + 1)
+                _step("the fleet after the rollback")
+                _show_fleet(url)
             finally:
                 for rb in running:
                     rb.stop()
@@ -128,5 +160,49 @@ def run_demo(
     return 0
 
 
-def _show_fleet(url: mqtt.BrokerURL) -> None:
-    print(fleet.format_table(fleet.fetch(url)))
+def roll_back_broken(
+    url: mqtt.BrokerURL,
+    release_key: Path,
+    device_id: str,
+    wheel: Path,
+    work: Path,
+    timeout: float,
+) -> bool:
+    """Step 6: publish a user_main.py that raises to `device_id` (the framework
+    `wheel` it runs already) and expect `--wait` to report it rolled back; True if so."""
+    _step(
+        f"publishing a broken user_main.py to {device_id}: it raises 2 s after it "
+        f"starts, so the board rolls back by itself (healthy after {HEALTHY_AFTER_S} s)"
+    )
+    broken = work / "broken" / "user_main.py"
+    broken.parent.mkdir(exist_ok=True)
+    broken.write_text(BROKEN_USER_MAIN)
+    outcome = publish.release(
+        broker=url,
+        key_file=release_key,
+        device_ids=[device_id],
+        extra_src_files=[broken],
+        wheel=wheel,
+        wait=timeout,
+    )
+    got = outcome.devices[0] if outcome.devices else None
+    if outcome.ok or got is None or got.state != "rolled_back":
+        said = f"{got.state}: {got.detail}" if got else "no answer"
+        print(
+            f"mpy-blox: {device_id} did not roll the broken user_main.py back ({said})",
+            file=sys.stderr,
+        )
+        return False
+    print(f"as expected: {device_id} {got.detail}")
+    return True
+
+
+def _show_fleet(url: mqtt.BrokerURL, settle: float = 10) -> None:
+    # A confirmed device publishes its info, then its status `ok`: --wait is done at
+    # the info, so give the statuses a moment to catch up (at most `settle` seconds).
+    deadline = time.monotonic() + settle
+    devices = fleet.fetch(url)
+    while any(d.state == "trial" for d in devices) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        devices = fleet.fetch(url)
+    print(fleet.format_table(devices))

@@ -2,14 +2,21 @@
 
 Every device keeps a retained `info` and `status` on `mpypi/nodes/{device_id}/...`
 (DESIGN §4); the will sets `status` to offline when a device vanishes. This reads
-them all and makes one row per device.
+them all and makes one row per device. The STATE column says why a device is in a
+state that needs a look: `trial (95s left)` (a new set running, not yet confirmed),
+`rolled_back: <reason>`, `failed: <reason>`, `safe_mode: <reason>` (user code stopped).
+`watch` follows the same topics live (`status --watch`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from mpy_blox import topics
@@ -39,7 +46,9 @@ class Device:
     channel: str = ""
     seq: int | None = None
     last_update: str = ""
-    error: str = ""
+    error: str = ""  # last_update's error
+    reason: str = ""  # why the device is in `state`: failed, rolled_back, safe_mode
+    left_s: int | None = None  # of a trial, as reported (counted down by watch)
     mem_free: int | None = None
     fs_free: int | None = None
     boot_count: int | None = None
@@ -62,8 +71,9 @@ def _when(value) -> str:
     return ""
 
 
-def devices_from(messages: dict[str, bytes]) -> list[Device]:
-    """Rows from retained {topic: payload} of `mpypi/nodes/+/info|status`."""
+def devices_from(messages: dict[str, bytes], ages: dict[str, float] | None = None) -> list[Device]:
+    """Rows from retained {topic: payload} of `mpypi/nodes/+/info|status`; `ages`
+    (seconds since a live status arrived, by topic) counts a trial's time left down."""
     devices: dict[str, Device] = {}
     for topic, payload in messages.items():
         node = topics.parse_node(topic)
@@ -80,9 +90,13 @@ def devices_from(messages: dict[str, bytes]) -> list[Device]:
         d.seq = info.get("seq")
         last = info.get("last_update") or {}
         d.last_update = str(last.get("result") or "") if isinstance(last, dict) else ""
-        d.error = str(
-            status.get("error") or (last.get("error") if isinstance(last, dict) else "") or ""
-        )
+        d.error = str((last.get("error") if isinstance(last, dict) else "") or "")
+        if d.state in ("failed", "rolled_back", "safe_mode"):
+            d.reason = str(status.get("error") or "")
+        left = status.get("left_s")
+        if d.state == "trial" and isinstance(left, int) and not isinstance(left, bool):
+            age = (ages or {}).get(topics.node_topic(d.device_id, "status"), 0.0)
+            d.left_s = max(0, math.ceil(left - age))
         d.mem_free, d.fs_free, d.boot_count = (
             info.get("mem_free"),
             info.get("fs_free"),
@@ -108,6 +122,13 @@ def fetch(broker: mqtt.BrokerURL, limit: float = mqtt.RETAINED_TIMEOUT) -> list[
     finally:
         mqtt.disconnect(client)
     return devices_from(messages)
+
+
+def state_text(d: Device) -> str:
+    """The STATE column: `trial (95s left)`, `rolled_back: <reason>`, or the state."""
+    if d.left_s is not None:
+        return f"{d.state} ({d.left_s}s left)"
+    return f"{d.state}: {d.reason}" if d.reason else d.state
 
 
 def _kb(n) -> str:
@@ -139,7 +160,7 @@ def format_table(devices: list[Device]) -> str:
         rows.append(
             (
                 d.device_id,
-                d.state,
+                state_text(d),
                 d.framework or "-",
                 others or "-",
                 d.channel or "-",
@@ -155,3 +176,81 @@ def format_table(devices: list[Device]) -> str:
 
 def as_json(devices: list[Device]) -> str:
     return json.dumps([asdict(d) for d in devices], indent=2)
+
+
+def log_line(d: Device) -> str:
+    """One line of `status --watch` in a log: the device, its state, its last update."""
+    result = d.last_update + (f": {d.error}" if d.error else "")
+    return f"{d.device_id} {state_text(d)}" + (f" (last update {result})" if result else "")
+
+
+def watch(
+    broker: mqtt.BrokerURL,
+    out=None,
+    clock: Callable[[], float] = time.monotonic,
+    stop: threading.Event | None = None,
+    tick: float = 1.0,
+) -> None:
+    """`status --watch`: the table, redrawn in place in a terminal (a trial's time
+    left counts down), or one line per change in a log, until `stop` is set or
+    KeyboardInterrupt. Starts from the retained reports, then follows live ones."""
+    out = out or sys.stdout
+    stop = stop or threading.Event()
+    filters = (topics.node_topic("+", "info"), topics.node_topic("+", "status"))
+    client = mqtt.connect(broker)
+    lock, changed = threading.Lock(), threading.Event()
+    arrived: dict[str, float] = {}  # when a live status arrived, by topic
+    logged: dict[str, str] = {}  # a log's last line of each device
+    pending: list[str] = []  # a log's lines not written yet, in the order of the reports
+
+    def note(device_id: str) -> None:  # with the lock held
+        # A log line shows a trial's left_s as the device said it: a log is not a clock.
+        mine = (topics.node_topic(device_id, "info"), topics.node_topic(device_id, "status"))
+        rows = devices_from({t: messages[t] for t in mine if t in messages})
+        line = log_line(rows[0]) if rows else None
+        if line and logged.get(device_id) != line:
+            pending.append(f"{time.strftime('%H:%M:%S')} {line}")
+        logged[device_id] = line
+
+    try:
+        messages = mqtt.collect_retained(client, *filters)
+        for device_id in sorted({topics.parse_node(t)[0] for t in messages}):
+            note(device_id)
+
+        def on_message(c, userdata, msg) -> None:
+            with lock:
+                messages[msg.topic] = msg.payload
+                if msg.retain:
+                    arrived.pop(msg.topic, None)  # as old as it is: no countdown
+                else:
+                    arrived[msg.topic] = clock()
+                note(topics.parse_node(msg.topic)[0])
+            changed.set()
+
+        for f in filters:
+            client.message_callback_add(f, on_message)
+        # The retained ones come again (equal or newer): nothing between the two is lost.
+        # Drawn once subscribed, so a report published after the first drawing is live.
+        subscribed = threading.Event()
+        client.on_subscribe = lambda *args: subscribed.set()
+        client.subscribe([(f, 1) for f in filters])
+        if not subscribed.wait(mqtt.RETAINED_TIMEOUT):
+            raise MpyBloxError(f"the broker at {broker} did not answer a subscription")
+        tty = out.isatty()
+        drawn, shown = 0, []
+        while not stop.is_set():
+            now = clock()
+            with lock:
+                ages = {t: now - at for t, at in arrived.items()}
+                table = format_table(devices_from(dict(messages), ages)).splitlines()
+                lines, pending[:] = list(pending), []
+            if tty and table != shown:
+                out.write((f"\x1b[{drawn}F\x1b[J" if drawn else "") + "\n".join(table) + "\n")
+                drawn, shown = len(table), table
+            elif not tty and lines:
+                out.write("".join(line + "\n" for line in lines))
+            out.flush()
+            changed.wait(tick)
+            changed.clear()
+    finally:
+        mqtt.disconnect(client)

@@ -19,8 +19,9 @@ import hashlib
 import json
 import os
 import re
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,12 +246,14 @@ def publish_update(
     force: bool = False,
     client=None,
     log=print,
+    on_list: Callable[[int | None, bytes], None] | None = None,
 ) -> Published:
     """Publish `packages` and a list naming them to `channel` and/or each device's cmd.
 
     `key` signs the list (a ReleaseKey: Ed25519; bytes: an HMAC update.key; None:
     the unsigned seed form). `expires` (Unix time) and `next_pubkey` (64 hex, the
-    release key that comes next) go into a signed list's body."""
+    release key that comes next) go into a signed list's body. `on_list(seq, payload)`
+    is called before each list goes out (`watch.Watcher.expect_list`)."""
     check_targets(channel, device_ids)
     if key is None and (expires is not None or next_pubkey is not None):
         raise MpyBloxError("--expires and --next-pubkey need a signed list: give --key-file")
@@ -271,6 +274,8 @@ def publish_update(
         for topic in targets:
             suffix = topics.list_to(topic) if key else None
             payload = manifest.encode_list(entries, seq, key, suffix, expires, next_pubkey)
+            if on_list:
+                on_list(seq, payload)
             client.publish(topic, payload, qos=1, retain=True).wait_for_publish(30)
             sent += len(payload)
             log(f"list{f' seq {seq}' if seq else ' (unsigned)'} -> {topic}")
@@ -303,7 +308,36 @@ def default_channel(settings: Path = Path("settings.json")) -> str:
     return str(update.get("channel") or "stable")
 
 
-def publish_release(
+@dataclass
+class Release:
+    """What `release` did: the lists it published and, with `wait`, each device's outcome."""
+
+    published: Published
+    devices: list  # watch.Progress, by device id; empty without wait
+    ok: bool  # published and, with wait, every device done in time
+
+    def as_dict(self) -> dict:
+        """The document `mpy-blox publish --json` prints (docs/workstation.md)."""
+        return {
+            "ok": self.ok,
+            "seq": self.published.seq,
+            "lists": self.published.list_topics,
+            "packages": self.published.entries,
+            "devices": [p.as_dict() for p in self.devices],
+        }
+
+
+def publish_release(**kwargs) -> bool:
+    """Build (or take `wheel`), publish it with `extra_src_files` and, with `wait`,
+    follow the devices; True when published and every device updated in time.
+
+    What `mpy-blox publish` and scripts/publish_ota_update.py run, with the same
+    defaults: the broker and channel of ./settings.json, the key of $MPY_BLOX_UPDATE_KEY.
+    The keyword arguments are those of `release`."""
+    return release(**kwargs).ok
+
+
+def release(
     *,
     broker: str | mqtt.BrokerURL | None = None,
     channel: str | None = None,
@@ -320,16 +354,17 @@ def publish_release(
     ca_file: str | Path | None = None,
     client_cert: str | Path | None = None,
     client_key: str | Path | None = None,
-) -> bool:
-    """Build (or take `wheel`), publish it with `extra_src_files` and, with `wait`,
-    follow the devices; True when published and every device updated in time.
-
-    What `mpy-blox publish` and scripts/publish_ota_update.py run, with the same
-    defaults: the broker and channel of ./settings.json, the key of $MPY_BLOX_UPDATE_KEY.
-    `extra_src_files` are `FILE` or `FILE:DEVICE_PATH`; `ca_file`, `client_cert` and
-    `client_key` are the TLS files of an mqtts:// broker (`mqtt.BrokerURL.with_tls`).
-    """
+    out=None,
+) -> Release:
+    """`publish_release`, with each device's outcome. `extra_src_files` are `FILE` or
+    `FILE:DEVICE_PATH`; `ca_file`, `client_cert` and `client_key` are the TLS files of an
+    mqtts:// broker (`mqtt.BrokerURL.with_tls`); the progress goes to `out` (stdout)."""
     from mpy_blox_tools import watch
+
+    out = out or sys.stdout
+
+    def log(line: str = "") -> None:
+        print(line, file=out, flush=True)
 
     implicit = []  # what came from ./settings.json or the built-in defaults: said, once
     if broker is None:
@@ -350,7 +385,7 @@ def publish_release(
     check_targets(channel, device_ids)
     if implicit:
         source = "./settings.json" if Path("settings.json").is_file() else "built-in defaults"
-        print(f"mpy-blox: publishing with {' and '.join(implicit)} ({source})", flush=True)
+        log(f"mpy-blox: publishing with {' and '.join(implicit)} ({source})")
     sources = [parse_src_arg(str(f)) for f in extra_src_files]
     if wheel:
         framework = wheel_package(Path(wheel))
@@ -373,21 +408,22 @@ def publish_release(
             next_pubkey=next_hex,
             force=force,
             client=client,
+            log=log,
+            on_list=watcher.expect_list if watcher else None,
         )
-        print(
+        log(
             f"published {len(packages)} package(s), {done.payload_bytes} bytes, "
-            f"to {', '.join(done.list_topics)}",
-            flush=True,
+            f"to {', '.join(done.list_topics)}"
         )
         if watcher is None:
-            return True
-        ok = watcher.wait(wait)
-        print()
+            return Release(done, [], True)
+        ok = watcher.wait(wait, out)
+        log()
         if not watcher.devices:
-            print(f"mpy-blox: no device on channel {channel} answered in {wait:.0f}s")
-            return False
-        print(watcher.summary())
-        return ok
+            log(f"mpy-blox: no device on channel {channel} answered in {wait:.0f}s")
+            return Release(done, [], False)
+        log(watcher.summary())
+        return Release(done, watcher.outcomes(), ok)
     finally:
         mqtt.disconnect(client)
 
@@ -447,5 +483,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--wait",
         type=float,
         metavar="SECONDS",
-        help="follow the devices and exit non-zero unless all updated in time",
+        help="follow the devices and exit non-zero unless all updated in time "
+        "(a device on trial is not done until it confirms)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="the outcome per device as one JSON document on stdout (progress on stderr)",
     )

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 from mpy_blox_tools.cli import main as cli
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _publish(client, topic, value):
@@ -140,3 +152,170 @@ def test_broker_command_keeps_retained_messages_across_restarts(tmp_path):
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(10)
+
+
+def _cells(row: str) -> list[str]:
+    return re.split(r"\s{2,}", row)
+
+
+APP_STATES = {
+    # device: (info, status)
+    "esp32-00000000a001": (
+        {"framework": "0.2.0", "last_update": {"result": "trial", "at": 5}},
+        {"state": "trial", "seq": 5, "left_s": 95},
+    ),
+    "esp32-00000000a002": (
+        {
+            "framework": "0.1.0",
+            "last_update": {"result": "rolled_back", "at": 6, "error": "watchdog reset"},
+        },
+        {"state": "rolled_back", "seq": 6, "error": "watchdog reset"},
+    ),
+    "esp32-00000000a003": (
+        {"framework": "0.2.0", "safe_mode": True, "last_update": {"result": "ok", "at": 5}},
+        {"state": "safe_mode", "safe_mode": True, "error": "user_main failed 5 times in 60 s"},
+    ),
+}
+
+
+def _plant_app_states(c) -> None:
+    for device_id, (info, status) in APP_STATES.items():
+        _publish(c, f"mpypi/nodes/{device_id}/info", info)
+        _publish(c, f"mpypi/nodes/{device_id}/status", status)
+
+
+def _clear_app_states(c) -> None:
+    for device_id in APP_STATES:
+        for kind in ("info", "status"):
+            topic = f"mpypi/nodes/{device_id}/{kind}"
+            c.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+
+
+def test_status_shows_trial_rollback_and_safe_mode_with_their_reasons(broker, mqtt_client, capsys):
+    c = mqtt_client()
+    _plant_app_states(c)
+    try:
+        url = f"mqtt://{broker.host}:{broker.port}"
+        assert cli(["status", "--broker", url]) == 0
+        rows = {r.split()[0]: _cells(r) for r in capsys.readouterr().out.splitlines()[1:]}
+        # STATE, then LAST UPDATE: the update's own result, not the app's error.
+        assert rows["esp32-00000000a001"][1] == "trial (95s left)"
+        assert rows["esp32-00000000a001"][5] == "trial"
+        assert rows["esp32-00000000a002"][1] == "rolled_back: watchdog reset"
+        assert rows["esp32-00000000a002"][5] == "rolled_back: watchdog reset"
+        assert rows["esp32-00000000a003"][1] == "safe_mode: user_main failed 5 times in 60 s"
+        assert rows["esp32-00000000a003"][5] == "ok"
+
+        assert cli(["status", "--broker", url, "--json"]) == 0
+        data = {d["device_id"]: d for d in json.loads(capsys.readouterr().out)}
+        got = {k: (v["state"], v["reason"], v["left_s"], v["error"]) for k, v in data.items()}
+        assert got["esp32-00000000a001"] == ("trial", "", 95, "")
+        assert got["esp32-00000000a002"] == (
+            "rolled_back",
+            "watchdog reset",
+            None,
+            "watchdog reset",
+        )
+        assert got["esp32-00000000a003"] == (
+            "safe_mode",
+            "user_main failed 5 times in 60 s",
+            None,
+            "",
+        )
+    finally:
+        _clear_app_states(c)
+
+
+def test_status_watch_in_a_log_is_one_line_per_change_and_ctrl_c_exits_0(
+    broker_factory, mqtt_client
+):
+    broker = broker_factory()  # its own: no other test's board comes and goes on it
+    c = mqtt_client(broker)
+    _plant_app_states(c)
+    url = f"mqtt://{broker.host}:{broker.port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mpy_blox_tools.cli", "status", "--watch", "--broker", url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+
+    def line() -> str:
+        got = lines.get(timeout=15)
+        assert re.match(r"\d\d:\d\d:\d\d ", got), got
+        return got[9:].rstrip("\n")
+
+    try:
+        first = sorted(line() for _ in APP_STATES)
+        assert first == [
+            "esp32-00000000a001 trial (95s left) (last update trial)",
+            "esp32-00000000a002 rolled_back: watchdog reset "
+            "(last update rolled_back: watchdog reset)",
+            "esp32-00000000a003 safe_mode: user_main failed 5 times in 60 s (last update ok)",
+        ]
+        # The trial device confirms: one line, for it alone.
+        _publish(c, "mpypi/nodes/esp32-00000000a001/status", {"state": "ok", "seq": 5})
+        assert line() == "esp32-00000000a001 ok (last update trial)"
+        info = {"framework": "0.2.0", "last_update": {"result": "ok", "at": 5}}
+        _publish(c, "mpypi/nodes/esp32-00000000a001/info", info)
+        assert line() == "esp32-00000000a001 ok (last update ok)"
+        assert lines.empty()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0
+        assert proc.stderr.read() == ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _clear_app_states(c)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_status_watch_in_a_terminal_redraws_the_table_and_counts_a_trial_down(
+    broker_factory, mqtt_client
+):
+    from mpy_blox_tools import fleet, mqtt
+
+    broker = broker_factory()  # its own: the table holds this test's device alone
+    c = mqtt_client(broker)
+    now = [500.0]
+    term, stop = _Terminal(), threading.Event()
+    url = mqtt.BrokerURL(broker.host, broker.port)
+    t = threading.Thread(
+        target=fleet.watch, args=(url, term, lambda: now[0], stop, 0.05), daemon=True
+    )
+    t.start()
+    status = "mpypi/nodes/esp32-00000000a004/status"
+    try:
+        _until(lambda: term.getvalue())  # drawn once subscribed: what follows is live
+        _publish(c, status, {"state": "trial", "seq": 3, "left_s": 40})
+        _until(lambda: "trial (40s left)" in term.getvalue())
+        now[0] += 15.2
+        _until(lambda: "trial (25s left)" in term.getvalue())
+        table = term.getvalue().rsplit("\x1b[", 1)[-1]  # the last drawing
+        assert table.startswith("J" + "DEVICE"), table
+        assert _cells(table.splitlines()[1])[:2] == ["esp32-00000000a004", "trial (25s left)"]
+    finally:
+        stop.set()
+        t.join(10)
+        c.publish(status, b"", qos=1, retain=True).wait_for_publish(5)
+
+
+def test_status_watch_and_json_together_is_one_clear_line(capsys):
+    assert cli(["status", "--watch", "--json"]) == 1
+    err = capsys.readouterr().err
+    assert err == "mpy-blox: --watch and --json do not go together: --json is one snapshot\n"
+
+
+def _until(condition, limit: float = 10.0) -> None:
+    # Waits for what the broker delivers; fails after `limit` (not a timing assert).
+    end = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < end
+        time.sleep(0.02)
