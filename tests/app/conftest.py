@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from mpy_blox_tools import build
+
 REPO = Path(__file__).resolve().parent.parent.parent
 MAIN_PY = (REPO / "main.py").read_text()
 RECOVER = REPO / "mpypi_recover.py"
+
+
+@functools.cache
+def compiled_recover() -> bytes:
+    """mpypi_recover compiled: compiling its source at every boot fragments the heap."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "mpypi_recover.mpy"
+        build.compile_source(RECOVER, RECOVER.name, build.PLATFORMS["unix"], out)
+        return out.read_bytes()
+
 
 # A user_main that proves it can read the configuration, then idles.
 IDLE_USER_MAIN = """
@@ -38,7 +52,7 @@ def settings_for():
 
 @pytest.fixture
 def app_board(boards, runtime_src, runtime_mpy):
-    """An app-managed board: main.py, mpypi_recover.py, the framework, and the given files.
+    """An app-managed board: main.py, mpypi_recover.mpy, the framework, and the given files.
 
     framework: "runtime" (mpy_blox without the update agent, as .mpy), "runtime-src"
     (the same as sources), "full" (all of it, as sources) or None (install your own).
@@ -51,9 +65,9 @@ def app_board(boards, runtime_src, runtime_mpy):
         framework: str | None = "runtime",
         **kwargs,
     ):
-        files = {"main.py": MAIN_PY}
-        if RECOVER.exists():  # the update agent's boot step, as deploy-app installs it
-            files["mpypi_recover.py"] = RECOVER.read_text()
+        files: dict[str, str | bytes] = {"main.py": MAIN_PY}
+        if RECOVER.exists():  # the boot step, compiled as deploy-app installs it
+            files["mpypi_recover.mpy"] = compiled_recover()
         if settings is not None:
             files["settings.json"] = (
                 settings if isinstance(settings, str) else json.dumps(settings)
