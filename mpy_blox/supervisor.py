@@ -10,6 +10,9 @@
 #   (default 5 in 60): safe mode. User code is not started again until the next
 #   reset; MQTT and the update agent stay up so a fixed user_main.py can be
 #   pushed over the air (the agent resets the board after installing it).
+# - watchdog resets of earlier boots (mpy_blox/watchdog.py, carry_resets()):
+#   failures already seen; app.crash_limit of them in a row is safe mode at
+#   once, and they are forgotten once user_main ran app.crash_window_s well.
 # - user_main returning: logged; not restarted.
 # - preload(): the app may import user_main early in boot, for the heap's sake;
 #   it still starts only in run().
@@ -41,6 +44,8 @@ class Supervisor:
         # trial of a new update rolls back at the first (mpy_blox/update/trial.py).
         self.on_failure = None
         self._since = None  # ticks_ms user_main started; None before, or -1: it is over
+        self.resets = 0  # watchdog resets of earlier boots: see carry_resets()
+        self._forget = None
 
     def _load(self):
         sys.modules.pop(self.module, None)  # a restart reimports a fixed file
@@ -88,6 +93,25 @@ class Supervisor:
             raise early
         return early[0]
 
+    def carry_resets(self, count, forget):
+        """Take `count` watchdog resets of the boots before this one as failures.
+
+        A user_main that blocks the loop never fails in a boot: the watchdog
+        resets the device. run() calls `forget()` once user_main has run
+        app.crash_window_s without failing.
+        """
+        self.resets = count
+        self._forget = forget
+
+    async def _forget_resets(self):
+        # Wakes when user_main could have run the window since the last look.
+        while self.safe_mode is None:
+            healthy_ms = self.healthy_ms() or 0
+            if healthy_ms >= self.window_ms:
+                self._forget()
+                return
+            await asyncio.sleep_ms(max(self.window_ms - healthy_ms, 100))
+
     def handle_exception(self, loop, context):
         # The loop's handler: a task nobody awaits died. Framework tasks handle
         # their own errors, so this is user code: restart the user tasks.
@@ -125,6 +149,15 @@ class Supervisor:
         """Supervise user_main until it returns, is missing, or safe mode starts."""
         delay_ms = self.delay_ms
         started = time.ticks_ms()
+        if self.resets >= self.limit:
+            # Safe mode lasts until the next reset, as a crash loop's does: a
+            # reset (a fix installed, a power cycle) gives user code its chance.
+            self._forget()
+            await self._give_up("user_main blocked the loop: %d watchdog resets" % self.resets)
+            return
+        if self.resets:
+            self.failures = [started] * self.resets
+            asyncio.create_task(self._forget_resets())
         while True:
             self._crashed = None
             try:
@@ -155,19 +188,21 @@ class Supervisor:
             if time.ticks_diff(now, started) > self.window_ms:
                 delay_ms = self.delay_ms  # it ran well for a while: start backing off anew
             if self._failed(now):
-                self.safe_mode = "user_main failed %d times in %d s" % (
-                    self.limit,
-                    self.window_ms // 1000,
+                await self._give_up(
+                    "user_main failed %d times in %d s" % (self.limit, self.window_ms // 1000)
                 )
-                log.error("safe mode: %s; user code stays stopped until reset", self.safe_mode)
-                if self.node is not None:
-                    self.node.safe_mode = self.safe_mode
-                    await self.node.publish_info()
-                    await self.node.publish_status("safe_mode")
                 return
             log.info("restarting in %d ms", delay_ms)
             await asyncio.sleep_ms(delay_ms)
             delay_ms = min(delay_ms * 2, _MAX_DELAY_MS)
+
+    async def _give_up(self, reason):
+        self.safe_mode = reason
+        log.error("safe mode: %s; user code stays stopped until reset", reason)
+        if self.node is not None:
+            self.node.safe_mode = reason
+            await self.node.publish_info()
+            await self.node.publish_status("safe_mode")
 
     def _report(self, exc):
         if isinstance(exc, MemoryError):
