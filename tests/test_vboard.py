@@ -408,11 +408,11 @@ import machine, time
 if machine.reset_cause() == machine.WDT_RESET:
     print("watchdog reset")
 else:
-    for args in ((1, 1000), (0, 0), (0, -1)):
+    for args in ((1, 1000), (0, 0), (0, -1), (0, 1 << 31), (0, 1.5)):
         try:
             machine.WDT(*args)
-        except ValueError as e:
-            print("ValueError(%r)" % str(e))
+        except Exception as e:
+            print("%s(%r)" % (type(e).__name__, str(e)))
     wdt = machine.WDT(timeout=1000)
     for i in range(30):
         time.sleep_ms(100)
@@ -436,6 +436,9 @@ def test_a_fed_watchdog_lets_the_board_live_and_a_second_wdt_sets_its_timeout(bo
     out = rb.console()
     assert "ValueError('')" in out  # id 1: only the task watchdog 0, as on the ESP32
     assert out.count("ValueError('WDT timeout too short')") == 2
+    # Past an ESP32's machine word, or not an int, as its argument parser says.
+    assert "OverflowError('overflow converting long int to machine word')" in out
+    assert 'TypeError("can\'t convert float to int")' in out
     first = out.split("[vboard] board stopped")[0]
     assert "a longer timeout" in first
     assert "[vboard] board stopped: watchdog reset" in out

@@ -70,6 +70,8 @@ class WDT:
         global _wdt_line
         if not isinstance(timeout, int):
             raise TypeError("can't convert %s to int" % type(timeout).__name__)
+        if timeout > 0x7FFFFFFF:  # an ESP32's machine word
+            raise OverflowError("overflow converting long int to machine word")
         if id != 0:
             raise ValueError
         if timeout <= 0:
