@@ -7,6 +7,11 @@
 # feeder, and the chip resets with machine.reset_cause() == machine.WDT_RESET.
 # Once armed it cannot be stopped; a reset disarms it.
 #
+# Ctrl-C over USB (mpremote: a deploy, a REPL session) stops the loop that
+# feeds it, not the watchdog: app.main() calls hold() on its way to the REPL,
+# which gives the session 10 minutes (or the longer timeout_s) before a reset
+# brings the device back to its app.
+#
 # The install boot (mpy_blox/update/installboot.py) never arms it: it is a
 # boot of its own, and its staging and commit are synchronous (a large file is
 # copied and hashed without a turn of the loop), so no task could feed it;
@@ -32,11 +37,13 @@ _MAX_TIMEOUT_S = const(86400)  # a day: the timeout in ms stays a small int on a
 # before the chip resets, and with the 30 s default a stall must last 25 s.
 # A wake-up every 5 s costs the loop nothing worth counting.
 _MAX_INTERVAL_MS = const(5000)
+_HOLD_MS = const(600_000)
 _NAMESPACE = "mpy_blox"  # mpy_blox.secure.NAMESPACE, without importing it again
 _KEY = "wdt_resets"
 _APPLIED = "/.mpypi/applied"  # mpypi_recover's: the journal's set is on trial
 
 log = get_logger("watchdog")
+_timeout_ms = 0  # once armed
 
 
 def start(config, sup=None):
@@ -68,14 +75,23 @@ def start(config, sup=None):
 
 
 async def _feed(timeout_ms, interval_ms):
+    global _timeout_ms
     try:
         wdt = machine.WDT(timeout=timeout_ms)
     except (OSError, ValueError) as e:  # ESP-IDF refused: run without, and say so
         log.error("cannot arm: %r", e)
         return
+    _timeout_ms = timeout_ms
     while True:
         wdt.feed()
         await asyncio.sleep_ms(interval_ms)
+
+
+def hold():
+    """Ctrl-C stopped the loop: give the USB session time before the watchdog resets."""
+    if 0 < _timeout_ms < _HOLD_MS:
+        machine.WDT(timeout=_HOLD_MS)  # the same watchdog, a new timeout from now
+        log.warning("Ctrl-C: the watchdog resets the device in %d s", _HOLD_MS // 1000)
 
 
 def _count_resets():

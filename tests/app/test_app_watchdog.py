@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import serial
 
 # Blocks the loop on its first run only (a file on the flash counts the runs);
 # runs well from the second on.
@@ -178,3 +179,22 @@ def test_the_watchdog_keeps_its_count_beside_boot_count(run_mpy):
         "from mpy_blox import secure, watchdog\nprint(watchdog._NAMESPACE == secure.NAMESPACE)\n"
     )
     assert out.strip() == "True"
+
+
+def test_ctrl_c_gives_the_usb_session_ten_minutes_before_the_watchdog_resets(
+    app_board, boards, broker, settings_for
+):
+    # mpremote (a deploy, a REPL) interrupts the loop that feeds the watchdog; at
+    # a 1-s timeout the session would be cut. The emulation's file holds the
+    # timeout the watchdog runs with.
+    board = app_board(_settings(settings_for, broker, 1), user_main=HEALTHY)
+    rb = boards.start(board)
+    rb.wait_for(r"USER alive 1")
+    with serial.Serial(rb.serial_port, 115200, timeout=0.2) as port:
+        port.write(b"\x03")
+        rb.wait_for(r"watchdog: Ctrl-C: the watchdog resets the device in 600 s")
+        rb.wait_for(">>> ")
+        assert int((board.run_dir / "wdt").read_bytes()) == 600_000
+        port.write(b"print(6 * 7)\r")
+        rb.wait_for(r"\b42\b")
+    assert rb.boots() == 1
