@@ -139,12 +139,6 @@ async def _run():
         except Exception as e:  # noqa: BLE001  (a broken agent must not stop the device)
             log.exception("update agent failed to start", e)
     asyncio.get_event_loop().set_exception_handler(sup.handle_exception)
-    try:  # not in the install boot: see mpy_blox/watchdog.py
-        from mpy_blox import watchdog
-
-        watchdog.start(config, sup)
-    except MemoryError as e:  # last in, as it costs the boot least; a heap this full goes without
-        log.error("no watchdog: %r", e)
     gc.collect()
     log.info("booted; free heap %d bytes", gc.mem_free())
     if trial is not None:

@@ -10,9 +10,9 @@
 #   (default 5 in 60): safe mode. User code is not started again until the next
 #   reset; MQTT and the update agent stay up so a fixed user_main.py can be
 #   pushed over the air (the agent resets the board after installing it).
-# - watchdog resets of earlier boots (mpy_blox/watchdog.py, carry_resets()):
-#   failures already seen; app.crash_limit of them in a row is safe mode at
-#   once, and they are forgotten once user_main ran app.crash_window_s well.
+# - the watchdog (mpy_blox/watchdog.py), started once user_main is loaded,
+#   before it starts; its resets of earlier boots are failures already seen
+#   (`resets`): app.crash_limit of them in a row is safe mode at once.
 # - user_main returning: logged; not restarted.
 # - preload(): the app may import user_main early in boot, for the heap's sake;
 #   it still starts only in run().
@@ -44,8 +44,10 @@ class Supervisor:
         # trial of a new update rolls back at the first (mpy_blox/update/trial.py).
         self.on_failure = None
         self._since = None  # ticks_ms user_main started; None before, or -1: it is over
-        self.resets = 0  # watchdog resets of earlier boots: see carry_resets()
-        self._forget = None
+        self.config = config  # for the watchdog
+        # Failures of the boots before this one: a user_main that blocks the
+        # loop never fails in a boot, the watchdog resets it.
+        self.resets = 0
 
     def _load(self):
         sys.modules.pop(self.module, None)  # a restart reimports a fixed file
@@ -93,25 +95,6 @@ class Supervisor:
             raise early
         return early[0]
 
-    def carry_resets(self, count, forget):
-        """Take `count` watchdog resets of the boots before this one as failures.
-
-        A user_main that blocks the loop never fails in a boot: the watchdog
-        resets the device. run() calls `forget()` once user_main has run
-        app.crash_window_s without failing.
-        """
-        self.resets = count
-        self._forget = forget
-
-    async def _forget_resets(self):
-        # Wakes when user_main could have run the window since the last look.
-        while self.safe_mode is None:
-            healthy_ms = self.healthy_ms() or 0
-            if healthy_ms >= self.window_ms:
-                self._forget()
-                return
-            await asyncio.sleep_ms(max(self.window_ms - healthy_ms, 100))
-
     def handle_exception(self, loop, context):
         # The loop's handler: a task nobody awaits died. Framework tasks handle
         # their own errors, so this is user code: restart the user tasks.
@@ -149,15 +132,20 @@ class Supervisor:
         """Supervise user_main until it returns, is missing, or safe mode starts."""
         delay_ms = self.delay_ms
         started = time.ticks_ms()
+        try:  # the first load, as preload() does it: run() reports a failure
+            self.preloaded = (self._user_main_fn(),)
+        except Exception as e:  # noqa: BLE001
+            self.preloaded = e
+        try:  # after user code took the heap's large blocks to compile
+            from mpy_blox import watchdog
+
+            watchdog.start(self)
+        except MemoryError as e:  # a heap this full goes without
+            log.error("no watchdog: %r", e)
+        self.failures = [started] * self.resets
         if self.resets >= self.limit:
-            # Safe mode lasts until the next reset, as a crash loop's does: a
-            # reset (a fix installed, a power cycle) gives user code its chance.
-            self._forget()
             await self._give_up("user_main blocked the loop: %d watchdog resets" % self.resets)
             return
-        if self.resets:
-            self.failures = [started] * self.resets
-            asyncio.create_task(self._forget_resets())
         while True:
             self._crashed = None
             try:

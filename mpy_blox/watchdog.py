@@ -20,8 +20,9 @@
 # A watchdog reset is a crash that outlives its boot. Outside a trial it is
 # counted in NVS (key wdt_resets, beside boot_count; this module owns it) and
 # the Supervisor takes the count as failures already seen: app.crash_limit of
-# them in a row end in safe mode, with the device online for a fix. The count
-# is erased once user_main ran app.crash_window_s without failing. On trial
+# them in a row end in safe mode, with the device online for a fix. The feeder
+# erases the count once user_main ran app.crash_window_s without failing; with
+# the watchdog off nothing is counted. On trial
 # (mpypi_recover's /.mpypi/applied exists) it is not counted: boot recovery
 # rolls the new set back after a watchdog reset instead.
 import asyncio
@@ -30,107 +31,112 @@ import os
 
 from mpy_blox.log import get_logger
 
-_DEFAULT_TIMEOUT_S = const(30)
-_MAX_TIMEOUT_S = const(86400)  # a day: the timeout in ms stays a small int on an ESP32
+# Names are few and short on purpose: each new one is a qstr, and the qstr
+# pool grows by doubling, in one block, late in a boot whose heap is full.
+_DEFAULT_S = const(30)
+_MAX_S = const(86400)  # a day: the timeout in ms stays a small int on an ESP32
 # Fed every quarter of the timeout, at most every 5 s: a feed may then come
 # three quarters of the timeout late (a long flash write, a slow handler)
 # before the chip resets, and with the 30 s default a stall must last 25 s.
 # A wake-up every 5 s costs the loop nothing worth counting.
 _MAX_INTERVAL_MS = const(5000)
 _HOLD_MS = const(600_000)
-_NAMESPACE = "mpy_blox"  # mpy_blox.secure.NAMESPACE, without importing it again
-_KEY = "wdt_resets"
-_APPLIED = "/.mpypi/applied"  # mpypi_recover's: the journal's set is on trial
 
 log = get_logger("watchdog")
-_timeout_ms = 0  # once armed
+_armed_ms = 0
 
 
-def start(config, sup=None):
-    """Count a watchdog reset for `sup` (a Supervisor), then arm and feed the watchdog.
+def start(sup):
+    """Arm the watchdog and feed it; tell `sup` (the Supervisor) the resets in a row.
 
     Returns the task that arms and feeds it, or None when watchdog.timeout_s is 0.
     """
-    resets = _count_resets()
-    if resets and sup is not None:
-        sup.carry_resets(resets, _forget)
-    timeout_s = config.get_int("watchdog.timeout_s", _DEFAULT_TIMEOUT_S)
-    if not 0 <= timeout_s <= _MAX_TIMEOUT_S:
+    t = sup.config.get_int("watchdog.timeout_s", _DEFAULT_S)
+    if not 0 <= t <= _MAX_S:
         # Fail closed: a typo must not switch the watchdog off.
-        log.warning(
-            "watchdog.timeout_s %d: 0 (off) to %d; using %d",
-            timeout_s,
-            _MAX_TIMEOUT_S,
-            _DEFAULT_TIMEOUT_S,
-        )
-        timeout_s = _DEFAULT_TIMEOUT_S
-    if timeout_s == 0:
+        log.warning("watchdog.timeout_s %d: 0 (off) to %d; using %d", t, _MAX_S, _DEFAULT_S)
+        t = _DEFAULT_S
+    n = _count()
+    if t == 0:
+        if n:  # off: nothing would forget a count, so there is none
+            _forget()
         log.info("watchdog off (watchdog.timeout_s 0)")
         return None
-    interval_ms = min(timeout_s * 250, _MAX_INTERVAL_MS)
-    log.info("armed: %d s, fed every %d ms", timeout_s, interval_ms)
+    sup.resets = n
+    if n >= sup.limit:
+        # Safe mode lasts until the next reset, as a crash loop's does: a reset
+        # (a fix installed, a power cycle) gives user code its chance again.
+        _forget()
+        n = 0
+    log.info("armed: %d s, fed every %d ms", t, min(t * 250, _MAX_INTERVAL_MS))
     # The task arms it: once the task exists, nothing can fail between arming
     # and the first feed (a MemoryError before leaves the device without one).
-    return asyncio.create_task(_feed(timeout_s * 1000, interval_ms))
+    return asyncio.create_task(_feed(t * 1000, sup, n))
 
 
-async def _feed(timeout_ms, interval_ms):
-    global _timeout_ms
+async def _feed(ms, sup, n):
+    global _armed_ms
     try:
-        wdt = machine.WDT(timeout=timeout_ms)
+        wdt = machine.WDT(timeout=ms)
     except (OSError, ValueError) as e:  # ESP-IDF refused: run without, and say so
         log.error("cannot arm: %r", e)
         return
-    _timeout_ms = timeout_ms
+    _armed_ms = ms
+    ms = min(ms // 4, _MAX_INTERVAL_MS)
     while True:
         wdt.feed()
-        await asyncio.sleep_ms(interval_ms)
+        # The resets were a crash loop no more once user_main ran a whole window
+        # without failing (or returned, or there is none: Supervisor.healthy_ms).
+        if n and (sup.healthy_ms() or 0) >= sup.window_ms:
+            n = 0
+            _forget()
+        await asyncio.sleep_ms(ms)
 
 
 def hold():
     """Ctrl-C stopped the loop: give the USB session time before the watchdog resets."""
-    if 0 < _timeout_ms < _HOLD_MS:
+    if 0 < _armed_ms < _HOLD_MS:
         machine.WDT(timeout=_HOLD_MS)  # the same watchdog, a new timeout from now
         log.warning("Ctrl-C: the watchdog resets the device in %d s", _HOLD_MS // 1000)
 
 
-def _count_resets():
-    # The watchdog resets in a row, this boot's included.
+def _count():
+    # The watchdog resets in a row, this boot's included; NVS namespace
+    # mpy_blox (mpy_blox.secure.NAMESPACE, not imported again), beside boot_count.
     import esp32
 
-    nvs = esp32.NVS(_NAMESPACE)
+    nvs = esp32.NVS("mpy_blox")
     try:
-        count = nvs.get_i32(_KEY)
+        n = nvs.get_i32("wdt_resets")
     except OSError:  # ESP_ERR_NVS_NOT_FOUND: none since the last healthy run
-        count = 0
-    if machine.reset_cause() == machine.WDT_RESET and not _on_trial():
-        count += 1
-        log.warning("reset by the watchdog (%d in a row)", count)
-        try:
-            nvs.set_i32(_KEY, count)
-            nvs.commit()
-        except OSError as e:  # NVS full or worn: the reset goes uncounted
-            log.warning("cannot count the watchdog reset: %r", e)
-    return count
-
-
-def _on_trial():
-    # A stat, not an import of mpypi_recover: main.py dropped it to free its heap.
+        n = 0
+    if machine.reset_cause() != machine.WDT_RESET:
+        return n
     try:
-        os.stat(_APPLIED)
-        return True
+        # On trial: boot recovery rolls back instead. A stat of mpypi_recover's
+        # marker, not an import: main.py dropped that module to free its heap.
+        os.stat("/.mpypi/applied")
+        return n
     except OSError:
-        return False
+        pass
+    n += 1
+    log.warning("reset by the watchdog (%d in a row)", n)
+    try:
+        nvs.set_i32("wdt_resets", n)
+        nvs.commit()
+    except OSError as e:  # NVS full or worn: the reset goes uncounted
+        log.warning("cannot count the watchdog reset: %r", e)
+    return n
 
 
 def _forget():
-    # Called by the Supervisor, only with a count to forget: one NVS erase.
+    # Only with a count to forget: one NVS erase.
     import esp32
 
     try:
-        nvs = esp32.NVS(_NAMESPACE)
-        nvs.erase_key(_KEY)
+        nvs = esp32.NVS("mpy_blox")
+        nvs.erase_key("wdt_resets")
         nvs.commit()
-        log.info("user_main ran well: watchdog resets forgotten")
+        log.info("watchdog resets forgotten")
     except OSError as e:  # it stays counted; the next healthy run tries again
         log.warning("cannot forget the watchdog resets: %r", e)
