@@ -214,6 +214,8 @@ def main():
         ib.commit()
         asyncio.run(ib.report())  # ends in a reset
     except KeyboardInterrupt:
+        if "mpy_blox.watchdog" in sys.modules:  # time for the USB session: see there
+            sys.modules["mpy_blox.watchdog"].hold()
         raise  # Ctrl-C over USB (mpremote) must reach the REPL
     except BaseException as e:  # noqa: BLE001  (the device must never stop at a REPL)
         _fatal(e)

@@ -10,6 +10,9 @@
 #   (default 5 in 60): safe mode. User code is not started again until the next
 #   reset; MQTT and the update agent stay up so a fixed user_main.py can be
 #   pushed over the air (the agent resets the board after installing it).
+# - the watchdog (mpy_blox/watchdog.py), started once user_main is loaded,
+#   before it starts; its resets of earlier boots are failures already seen
+#   (`resets`): app.crash_limit of them in a row is safe mode at once.
 # - user_main returning: logged; not restarted.
 # - preload(): the app may import user_main early in boot, for the heap's sake;
 #   it still starts only in run().
@@ -41,6 +44,10 @@ class Supervisor:
         # trial of a new update rolls back at the first (mpy_blox/update/trial.py).
         self.on_failure = None
         self._since = None  # ticks_ms user_main started; None before, or -1: it is over
+        self.config = config  # for the watchdog
+        # Failures of the boots before this one: a user_main that blocks the
+        # loop never fails in a boot, the watchdog resets it.
+        self.resets = 0
 
     def _load(self):
         sys.modules.pop(self.module, None)  # a restart reimports a fixed file
@@ -125,6 +132,20 @@ class Supervisor:
         """Supervise user_main until it returns, is missing, or safe mode starts."""
         delay_ms = self.delay_ms
         started = time.ticks_ms()
+        try:  # the first load, as preload() does it: run() reports a failure
+            self.preloaded = (self._user_main_fn(),)
+        except Exception as e:  # noqa: BLE001
+            self.preloaded = e
+        try:  # after user code took the heap's large blocks to compile
+            from mpy_blox import watchdog
+
+            watchdog.start(self)
+        except MemoryError as e:  # a heap this full goes without
+            log.error("no watchdog: %r", e)
+        self.failures = [started] * self.resets
+        if self.resets >= self.limit:
+            await self._give_up("user_main blocked the loop: %d watchdog resets" % self.resets)
+            return
         while True:
             self._crashed = None
             try:
@@ -155,19 +176,21 @@ class Supervisor:
             if time.ticks_diff(now, started) > self.window_ms:
                 delay_ms = self.delay_ms  # it ran well for a while: start backing off anew
             if self._failed(now):
-                self.safe_mode = "user_main failed %d times in %d s" % (
-                    self.limit,
-                    self.window_ms // 1000,
+                await self._give_up(
+                    "user_main failed %d times in %d s" % (self.limit, self.window_ms // 1000)
                 )
-                log.error("safe mode: %s; user code stays stopped until reset", self.safe_mode)
-                if self.node is not None:
-                    self.node.safe_mode = self.safe_mode
-                    await self.node.publish_info()
-                    await self.node.publish_status("safe_mode")
                 return
             log.info("restarting in %d ms", delay_ms)
             await asyncio.sleep_ms(delay_ms)
             delay_ms = min(delay_ms * 2, _MAX_DELAY_MS)
+
+    async def _give_up(self, reason):
+        self.safe_mode = reason
+        log.error("safe mode: %s; user code stays stopped until reset", reason)
+        if self.node is not None:
+            self.node.safe_mode = reason
+            await self.node.publish_info()
+            await self.node.publish_status("safe_mode")
 
     def _report(self, exc):
         if isinstance(exc, MemoryError):

@@ -366,6 +366,85 @@ def test_sigterm_switches_the_board_off_and_leaves_no_process(boards):
     assert "board switched off" in board.console_log.read_text()
 
 
+# Boot 1 arms the watchdog and blocks; the boot after the watchdog reset outlives
+# three of the old timeouts: the reset disarmed it.
+BLOCKING_MAIN = """
+import machine, time
+print("cause", machine.reset_cause())
+if machine.reset_cause() == machine.WDT_RESET:
+    time.sleep_ms(1500)
+    print("still up")
+else:
+    machine.WDT(timeout=500)
+    print("armed")
+    %s
+"""
+BLOCKS = {
+    "busy-loop": "while True:\n        pass",
+    "socket-read": (
+        "import socket\n    s = socket.socket()\n"
+        "    s.bind(socket.getaddrinfo('127.0.0.1', 0)[0][-1])\n"
+        "    s.listen(1)\n    s.accept()"
+    ),
+}
+
+
+@pytest.mark.parametrize("block", sorted(BLOCKS))
+def test_an_unfed_watchdog_resets_a_blocked_board_and_the_reset_disarms_it(boards, block):
+    board = boards.create(files={"main.py": BLOCKING_MAIN % BLOCKS[block]})
+    rb = boards.start(board)
+    rb.wait_for("still up")
+    rb.wait_for(r"armed\r?\n\[vboard\] board stopped: watchdog reset\n")
+    out = rb.console()
+    assert "[vboard] boot 2 (reset cause 3," in out
+    assert "cause 3" in out.split("boot 2")[1]
+    assert rb.boots() == 2
+
+
+# Fed from a plain loop for three timeouts, the board lives; a second WDT() is
+# the same watchdog with a new timeout, longer then shorter.
+FED_MAIN = """
+import machine, time
+if machine.reset_cause() == machine.WDT_RESET:
+    print("watchdog reset")
+else:
+    for args in ((1, 1000), (0, 0), (0, -1), (0, 1 << 31), (0, 1.5)):
+        try:
+            machine.WDT(*args)
+        except Exception as e:
+            print("%s(%r)" % (type(e).__name__, str(e)))
+    wdt = machine.WDT(timeout=1000)
+    for i in range(30):
+        time.sleep_ms(100)
+        wdt.feed()
+    print("fed for 3 timeouts")
+    machine.WDT(timeout=3000)
+    time.sleep_ms(1500)
+    print("a longer timeout")
+    machine.WDT(timeout=200)
+    while True:
+        pass
+"""
+
+
+def test_a_fed_watchdog_lets_the_board_live_and_a_second_wdt_sets_its_timeout(boards):
+    board = boards.create(files={"main.py": FED_MAIN})
+    rb = boards.start(board)
+    rb.wait_for("fed for 3 timeouts")
+    assert board.block_writes() == 0  # a feed is no flash write (0 too if this boot ended)
+    rb.wait_for("watchdog reset\r?\n")  # the board's own line, after its reset
+    out = rb.console()
+    assert "ValueError('')" in out  # id 1: only the task watchdog 0, as on the ESP32
+    assert out.count("ValueError('WDT timeout too short')") == 2
+    # Past an ESP32's machine word, or not an int, as its argument parser says.
+    assert "OverflowError('overflow converting long int to machine word')" in out
+    assert 'TypeError("can\'t convert float to int")' in out
+    first = out.split("[vboard] board stopped")[0]
+    assert "a longer timeout" in first
+    assert "[vboard] board stopped: watchdog reset" in out
+    assert rb.boots() == 2
+
+
 @pytest.mark.parametrize(
     "flag, error", [("--cut-at", "a block write"), ("--cut-nvs-at", "an NVS write")]
 )

@@ -31,8 +31,14 @@ from mpy_blox_tools.errors import MpyBloxError
 from mpy_blox_tools.vboard.board import FIRMWARE, Board
 
 # machine.reset_cause() values of the ESP32 port, by what stopped the last boot.
-PWRON_RESET, HARD_RESET, DEEPSLEEP_RESET, SOFT_RESET = 1, 2, 4, 5
-CAUSES = {"reset": HARD_RESET, "soft-reset": SOFT_RESET, "deepsleep": DEEPSLEEP_RESET}
+PWRON_RESET, HARD_RESET, WDT_RESET, DEEPSLEEP_RESET, SOFT_RESET = 1, 2, 3, 4, 5
+CAUSES = {
+    "reset": HARD_RESET,
+    "soft-reset": SOFT_RESET,
+    "deepsleep": DEEPSLEEP_RESET,
+    "watchdog": WDT_RESET,
+}
+WATCHDOG_REASON = "watchdog reset"
 FAST_REBOOTS = 10
 # The emulated hardware (machine, esp32, network, os, the flash driver and the
 # boot ROM) is Python living in the board's heap, where an ESP32 has C outside it.
@@ -40,8 +46,9 @@ FAST_REBOOTS = 10
 # --heap free, as it would on the hardware, by word size: with it, main.py finds
 # 97.5 KB free at --heap 100K on either lane (measured, 1.29 64-bit and 1.28
 # 32-bit; the emulation's objects are ~5.5 KB smaller on the 32-bit build). The
-# NVS cut points and esp32.Partition added 2.2 KB (64-bit) and 1.3 KB (32-bit).
-EMULATION_HEAP = {64: 22656, 32: 16640}
+# NVS cut points and esp32.Partition added 2.2 KB (64-bit) and 1.3 KB (32-bit),
+# machine.WDT 992 and 512 bytes.
+EMULATION_HEAP = {64: 23648, 32: 17152}
 # The smallest --heap in which the boot ROM still runs a one-line main.py
 # (measured: 12K fails on a 64-bit build, 4K on a 32-bit one). Below it the
 # board would print a MemoryError and stop at its REPL.
@@ -191,6 +198,8 @@ class Supervisor:
     ) -> tuple[int, str]:
         run = self.board.run_dir
         (run / "reason").write_bytes(b"")
+        (run / "wdt").write_bytes(b"")  # a reset disarms the watchdog, as on the ESP32
+        watchdog = Watchdog(run / "wdt")
         termios.tcflush(board_slave, termios.TCIFLUSH)  # a UART's FIFO is empty after reset
         # Every boot: a board killed in the REPL leaves the tty in its raw mode.
         _set_board_tty(board_slave)
@@ -249,6 +258,10 @@ class Supervisor:
                         os.read(wake_r, 512)
                 if self._held is not None and time.monotonic() > self._hold_until:
                     self._release(board_master)  # no prompt came: main.py reads them
+                if watchdog.expired():
+                    self._power_off()
+                    (run / "reason").write_text(WATCHDOG_REASON)
+                    break
             if self._stop:
                 self._power_off()
             self._from_board(board_master, user_master)  # what it said last
@@ -323,6 +336,39 @@ class Supervisor:
             except ProcessLookupError:
                 pass
             child.wait()
+
+
+class Watchdog:
+    """The host side of the emulated `machine.WDT` (firmware/machine.py).
+
+    The board writes its timeout in ms to run/wdt when it arms the watchdog and
+    again at every feed: a feed is a moved mtime, seen here at the next turn of
+    the select loop (every 50 ms at least). Time runs on this side's clock from
+    the moment a feed is seen, so a supervisor slow to look is late to reset,
+    never early. An empty file is a disarmed watchdog.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._mtime_ns: int | None = None
+        self._timeout_s = 0.0
+        self._fed_at = 0.0
+
+    def expired(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        if not st.st_size:
+            return False
+        if st.st_mtime_ns != self._mtime_ns:
+            try:
+                self._timeout_s = int(self.path.read_bytes()) / 1000
+            except ValueError:
+                return False  # read in the middle of a write: again at the next turn
+            self._mtime_ns = st.st_mtime_ns
+            self._fed_at = time.monotonic()
+        return time.monotonic() - self._fed_at > self._timeout_s
 
 
 def _set_board_tty(fd: int) -> None:

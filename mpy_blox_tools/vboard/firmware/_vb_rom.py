@@ -29,7 +29,9 @@ def _start_board():
     board["dir"] = board_dir
     run = board_dir + "/run/"
     _vb_host.start(board, open(run + "reason", "wb"))
-    machine._start(int(os.getenv("VBOARD_RESET_CAUSE") or machine.PWRON_RESET))
+    machine._start(
+        int(os.getenv("VBOARD_RESET_CAUSE") or machine.PWRON_RESET), open(run + "wdt", "wb")
+    )
     network._start(open(run + "net", "rb"))
     writes = open(run + "writes", "wb")
     esp32._start(

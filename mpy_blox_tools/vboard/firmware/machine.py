@@ -10,11 +10,14 @@ DEEPSLEEP_RESET = 4
 SOFT_RESET = 5
 
 _reset_cause = PWRON_RESET
+_wdt = None  # run/wdt, opened before the flash is mounted: see WDT
+_wdt_line = b""
 
 
-def _start(reset_cause):
-    global _reset_cause
+def _start(reset_cause, wdt_file):
+    global _reset_cause, _wdt
     _reset_cause = reset_cause
+    _wdt = wdt_file
 
 
 def unique_id():
@@ -49,3 +52,34 @@ def lightsleep(time_ms=0):
     import time
 
     time.sleep_ms(time_ms)
+
+
+class WDT:
+    """The ESP32's task watchdog (ports/esp32/machine_wdt.c, 1.22).
+
+    Arming it writes the timeout, in ms, to run/wdt; each feed writes it again,
+    which moves the file's mtime: one write() of bytes made when it was armed,
+    to a host file, never a flash write. The supervisor resets a board whose
+    file stays untouched for longer than the timeout. As on the ESP32, every
+    WDT() is the same watchdog: a second call sets a new timeout (counted from
+    then), there is no way to stop it, and only a reset disarms it (the next
+    boot opens run/wdt empty).
+    """
+
+    def __init__(self, id=0, timeout=5000):
+        global _wdt_line
+        if not isinstance(timeout, int):
+            raise TypeError("can't convert %s to int" % type(timeout).__name__)
+        if timeout > 0x7FFFFFFF:  # an ESP32's machine word
+            raise OverflowError("overflow converting long int to machine word")
+        if id != 0:
+            raise ValueError
+        if timeout <= 0:
+            raise ValueError("WDT timeout too short")
+        # Fixed width: a shorter timeout overwrites a longer one whole.
+        _wdt_line = b"%10d" % timeout
+        self.feed()
+
+    def feed(self):
+        _wdt.seek(0)
+        _wdt.write(_wdt_line)
