@@ -123,7 +123,7 @@ class Fetcher:
         """
         from mpy_blox.update.install import Installer
 
-        inst = Installer()
+        inst = Installer(lean=True)
         needed = inst.plan(entries)
         if not needed and not inst.indexed:
             return None  # nothing to download, nothing to commit

@@ -32,10 +32,10 @@ from mpy_blox.update.paths import InvalidUpdate
 from mpy_blox.update.state import RESERVE_BLOCKS, hex_digest
 
 _OPS = "/ops"  # in the stage: the journal's body while the stage is built
-# mpypi_recover.STAGE. The recovery module is loaded only to begin and to commit
-# (_recover()): while the wheels are staged its 6 KB would cost the deflate
-# decoder its two blocks (on the 32-bit lane the install boot's edge moved from
-# 88K to over 96K while it stayed loaded).
+# mpypi_recover.STAGE. A lean Installer loads the recovery module only to begin
+# and to commit (_recover()): while the wheels are staged its 6 KB would cost the
+# deflate decoder its two blocks (on the 32-bit lane the install boot's edge moved
+# from 88K to over 96K while it stayed loaded).
 _STAGE = "/.mpypi/stage"
 _CHUNK = const(1024)
 
@@ -72,9 +72,13 @@ class Download:
 
 
 class Installer:
-    def __init__(self, root="", device=None):
+    def __init__(self, root="", device=None, lean=False):
         self.root = root
         self.device = device  # (mpy, platform) for tests; None: this device
+        # lean: mpypi_recover is loaded only to begin and to commit (the install
+        # boot, whose staging wants its heap); else it stays loaded throughout
+        # (install(): its first import, on a whole heap, is the only one).
+        self.lean = lean
         self.buf = bytearray(_CHUNK)  # the one buffer of the whole install
         self.n = 0  # the next stage file index
         self.changes = 0  # operations written to the journal's body
@@ -160,7 +164,8 @@ class Installer:
         recover.makedirs(self.root + _STAGE + "/x")
         self.rename = recover.renames_atomic(self.root)
         recover = None
-        _drop_recover()
+        if self.lean:
+            _drop_recover()
         self._ops = open(self.root + _STAGE + _OPS, "w")
 
     def download(self, entry):

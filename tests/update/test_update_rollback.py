@@ -41,7 +41,7 @@ def which_set():
 
 
 if flag("wdt"):
-    machine._start(machine.WDT_RESET)  # as the boot after a watchdog reset
+    machine._start(machine.WDT_RESET, machine._wdt)  # as the boot after a watchdog reset
 print("RECOVER", r.recover())
 print("SET", which_set())
 action = flag("action")
