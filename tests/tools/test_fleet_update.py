@@ -157,9 +157,8 @@ def test_status_shows_the_safe_mode_of_a_real_board_with_its_reason(
     rb = boards.start(boards.create(), heap=board_lane.heap, lane=board_lane)
     rb.wait_for(r"\[vboard\] boot 1")
     deploy.deploy_app(rb.serial_port, settings, None, user_main)
-    # deploy-lib's install boots on trial too: let it be confirmed first, then
-    # break user_main.py the way a user does (make deploy-user, then a reset).
-    rb.wait_for("update confirmed", timeout=60)
+    # Then break user_main.py the way a user does (make deploy-user, then a reset).
+    rb.wait_for("v1 running", timeout=60)
     user_main.write_text("async def user_main():\n    raise ValueError('broken')\n")
     deploy.deploy_user(rb.serial_port, user_main)
     deploy.mpremote(rb.serial_port, "reset")
@@ -176,7 +175,7 @@ def test_status_shows_the_safe_mode_of_a_real_board_with_its_reason(
     row = next(r for r in capsys.readouterr().out.splitlines() if r.startswith(device))
     cells = re.split(r"\s{2,}", row)
     assert cells[1] == "safe_mode: user_main failed 2 times in 60 s", row
-    assert cells[5] == "ok", row  # LAST UPDATE: the update's own result, not the app's error
+    assert cells[5] == "-", row  # LAST UPDATE: none yet (a deploy is not one), not the error
 
 
 def _state_of(url, device: str, want: str, limit: float = 30) -> None:
@@ -200,9 +199,9 @@ def test_a_board_mpremote_leaves_at_the_repl_is_offline_until_reset(
     rb = boards.start(boards.create(), heap=board_lane.heap, lane=board_lane)
     rb.wait_for(r"\[vboard\] boot 1")
     deploy.deploy_app(rb.serial_port, settings, None, user_main)
-    rb.wait_for("update confirmed", timeout=60)  # deploy-lib's install boots on trial
+    rb.wait_for("v1 running", timeout=60)
     device, url = rb.board.device_id, mqtt.BrokerURL(broker.host, broker.port)
-    _state_of(url, device, "ok")
+    _state_of(url, device, "online")
     deploy.mpremote(rb.serial_port, "fs", "ls")
     _state_of(url, device, "offline")
     capsys.readouterr()

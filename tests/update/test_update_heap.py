@@ -30,6 +30,7 @@ import gc
 gc.collect()
 print("HEAP before-import", gc.mem_free())
 from mpy_blox.update.install import install
+import mpypi_recover  # the install loads it at its start, and keeps it
 gc.collect()
 print("HEAP after-import", gc.mem_free())
 try:
