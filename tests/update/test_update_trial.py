@@ -4,16 +4,14 @@ Virtual boards with the compiled framework, through a real Mosquitto: a signed l
 installed by the install boot; the next boot is on trial (docs/protocol.md, "The trial").
 """
 
+# ruff: noqa: F811  (pytest injects the fixtures imported from test_update_installboot)
 from __future__ import annotations
 
-import json
 import shutil
 import time
-import uuid
 
-import pytest
 from test_update_agent import Watcher
-from test_update_installboot import HEAP, KEY, USER_V1, publish_update
+from test_update_installboot import HEAP, USER_V1, app_board, channel, publish_update  # noqa: F401
 from update_kit import REPO, make_src, make_wheel
 
 from mpy_blox_tools import build
@@ -25,31 +23,6 @@ def settings(broker, chan, **update):
         "update": {"channel": chan, "healthy_after_s": 2, "trial_s": 60, **update},
         "app": {"restart_delay_ms": 100},
     }
-
-
-@pytest.fixture
-def channel():
-    return f"trial-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def app_board(boards, full_mpy):
-    """The compiled framework under /lib, main.py and the recovery module at the root."""
-
-    def make(settings: dict):
-        board = boards.create()
-        board.put_tree(full_mpy, "lib/mpy_blox")
-        for path, data in {
-            "main.py": (REPO / "main.py").read_bytes(),
-            "mpypi_recover.mpy": (full_mpy.parent / "mpypi_recover.mpy").read_bytes(),
-            "settings.json": json.dumps(settings).encode(),
-            "provision.json": json.dumps({"update.key": KEY}).encode(),
-            "user_main.py": USER_V1,
-        }.items():
-            board.write(path, data)
-        return board
-
-    return make
 
 
 def user_main(body: str) -> bytes:
