@@ -6,7 +6,9 @@
 #
 # Boot: settings.json -> logging level -> secure store + /provision.json ->
 # boot_count -> WLAN -> MQTT (info/status on every connect, will = offline) ->
-# update agent (if installed) -> user_main() under the supervisor. Boot waits
+# update agent (if installed) -> user_main() under the supervisor, and beside
+# it the trial of a new update (mpy_blox.update.trial) if one is on trial, and
+# the watchdog's feeder (mpy_blox.watchdog, started by the supervisor). Boot waits
 # for WLAN and MQTT only up to wlan.wait_s / mqtt.wait_s (default 30 s each):
 # user code runs without a network too, and both reconnect in the background.
 #
