@@ -127,6 +127,18 @@ def test_a_health_check_that_says_no_is_rolled_back(
     )
     publish_update(mqtt_client(), channel, [bad], seq=5)
     rolled_back(board, watch, rb, 5, "health() returned False")
+    # The rolled-back list stays refused; a newer one is tried as usual.
+    fixed = make_src(
+        "user_main.py",
+        user_main("while True:\n    await asyncio.sleep(1)")
+        + b"async def health():\n    return True\n",
+    )
+    rb = boards.start(board, heap=HEAP)
+    rb.wait_for("list seq 5 seen again: already done", timeout=30)
+    publish_update(mqtt_client(), channel, [fixed], seq=6)
+    assert watch.wait_status(state="ok", seq=6, timeout=60)
+    rb.stop()
+    assert board.cat("user_main.py") == fixed.data
 
 
 def test_a_user_main_that_blocks_the_loop_is_reset_by_the_watchdog_and_rolled_back(
