@@ -113,10 +113,15 @@ class Trial:
         """Roll back: boot recovery puts the old set back after this reset."""
         import machine
 
-        import mpypi_recover
-
         log.error("trial failed: %s; rolling back", reason)
-        mpypi_recover.request_rollback(reason)
+        try:
+            import mpypi_recover
+
+            mpypi_recover.request_rollback(reason)
+        except Exception as e:  # noqa: BLE001  (no heap to load it: the reset still counts)
+            # The next boots are trial boots again; boot recovery rolls back
+            # by itself at the fourth (without this reason).
+            log.exception("cannot request the rollback", e)
         machine.reset()
 
 

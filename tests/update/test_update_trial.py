@@ -32,10 +32,11 @@ def user_main(body: str) -> bytes:
     ).encode()
 
 
-def on_v1(app_board, boards, mqtt_client, broker, channel, **update):
+def on_v1(app_board, boards, mqtt_client, broker, channel, lane=None, **update):
+    """A board running USER v1; on `lane` at its board heap if given (32-bit: 100K)."""
     board = app_board(settings(broker, channel, **update))
     watch = Watcher(mqtt_client(broker), board.device_id)
-    rb = boards.start(board, heap=HEAP)
+    rb = boards.start(board, heap=lane.board_heap if lane else HEAP, lane=lane)
     rb.wait_for("USER v1", timeout=30)
     return board, watch, rb
 
@@ -96,13 +97,13 @@ def test_a_good_update_boots_on_trial_then_is_confirmed(
 
 
 def test_a_user_main_that_raises_after_5_s_is_rolled_back(
-    app_board,
-    boards,
-    mqtt_client,
-    broker,
-    channel,
+    lane, app_board, boards, mqtt_client, broker, channel
 ):
-    board, watch, rb = on_v1(app_board, boards, mqtt_client, broker, channel, healthy_after_s=30)
+    # On both lanes at their board heap: the rollback is requested from a busy
+    # app (32-bit: 100K, an ESP32's).
+    board, watch, rb = on_v1(
+        app_board, boards, mqtt_client, broker, channel, lane, healthy_after_s=30
+    )
     bad = make_src(
         "user_main.py", user_main("await asyncio.sleep(5)\nraise RuntimeError('sensor gone')")
     )
