@@ -160,7 +160,7 @@ def test_mounted_repl_imports_from_the_working_tree(board, tmp_path):
     seen = b""
     try:
         deadline = time.monotonic() + 60
-        sent = False
+        sent = 0
         while time.monotonic() < deadline and b"tree /remote ok" not in seen:
             r, _, _ = select.select([fd], [], [], 0.2)
             if r:
@@ -168,9 +168,12 @@ def test_mounted_repl_imports_from_the_working_tree(board, tmp_path):
                     seen += os.read(fd, 4096)
                 except OSError:
                     break
-            if not sent and b">>>" in seen:
+            # At each new prompt, up to three times: a board that mpremote's
+            # setup soft-resets just after its first prompt drops the line typed
+            # there (seen once in CI under load: the banner came again, no output).
+            if sent < 3 and b">>>" in seen:
                 os.write(fd, b"import mpy_blox.log, os; print('tree', os.getcwd(), 'ok')\r")
-                sent = True
+                sent += 1
                 seen = seen.replace(b">>>", b"")
         assert b"/remote" in seen and b"mounted at /remote" in seen
         assert b"tree /remote ok" in seen, seen.decode(errors="replace")
