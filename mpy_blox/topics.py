@@ -7,6 +7,8 @@
 #   mpypi/nodes/{device_id}/info|status   what a device reports
 #   mpypi/packages/wheel/{sha256}         a wheel's bytes
 #   mpypi/packages/src/{path}/{sha256}    a source file's bytes
+#   {package topic}/{k}                   chunk k (0, 1, ...) of a chunked package
+#   {package topic}/hashes                its hash list
 #
 # A list is valid on one topic: its "to" field and the install boot name it
 # without the prefix ("channels/stable", "nodes/<id>/cmd": list_to()).
@@ -41,3 +43,8 @@ def package_topic(entry):
     if entry["type"] == "wheel":
         return PREFIX + "packages/wheel/" + entry["pkg_sha256"]
     return "%spackages/src/%s/%s" % (PREFIX, entry["path"], entry["pkg_sha256"])
+
+
+def chunk_topic(entry, k):
+    """Where chunk k of a chunked package is retained; k None: its hash list."""
+    return package_topic(entry) + ("/hashes" if k is None else "/%d" % k)

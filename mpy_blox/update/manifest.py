@@ -26,6 +26,10 @@
 #          "tag": "mpy6-bytecode-esp32",          <- optional: pre-flight tag check
 #          "pkg_sha256": "<hex>", "size": 123456}, <- size: bytes of the package
 #         {"type": "src", "path": "user_main.py", "pkg_sha256": "<hex>", "size": 210}]}
+#    Any entry may be chunked (docs/protocol.md, "Chunked packages"): three more
+#    fields, all or none: "chunk_size" (bytes of every chunk but the last),
+#    "chunks" (their count, which must agree with size) and "chunks_sha256" (the
+#    SHA256 of the hash list, the chunks' raw 32-byte SHA256s in order).
 #    The message signed is the 32-byte SHA-256 of the body: the ESP32 hashes
 #    SHA-256 in hardware, and Ed25519's own SHA-512 then runs over one block.
 #
@@ -50,6 +54,10 @@ SIGNED_HEADER = b"mpypi-hmac-sha256 "
 ED25519_HEADER = b"mpypi-ed25519 "
 MAX_LIST_BYTES = 16384  # a list is small; never buffer more than this
 MAX_SEQ = 0x7FFFFFFF  # NVS keeps the seq as a signed 32-bit integer
+# A chunk's bounds. Every message of a chunked package fits in chunk_size bytes,
+# its hash list (32 bytes a chunk) included: chunks <= chunk_size // 32.
+MIN_CHUNK = 1024
+MAX_CHUNK = 16777216
 _HEX = "0123456789abcdef"
 
 
@@ -132,7 +140,23 @@ def check_entry(entry, signed):
         out["path"] = check_src_path(entry.get("path"))
     else:
         raise InvalidUpdate("unknown package type: %s" % str(kind)[:20])
+    if "chunk_size" in entry or "chunks" in entry or "chunks_sha256" in entry:
+        _chunked(entry, size, out)
     return out
+
+
+def _chunked(entry, size, out):
+    # A chunked entry's fields, checked against each other and its size.
+    cs, n = entry.get("chunk_size"), entry.get("chunks")
+    if not _int(cs) or not MIN_CHUNK <= cs <= MAX_CHUNK:
+        raise InvalidUpdate("bad chunk_size: 1024 to 16777216 bytes")
+    if size is None or not _int(n) or n < 1 or n != (size + cs - 1) // cs:
+        raise InvalidUpdate("chunks disagrees with size and chunk_size")
+    if n > cs // 32:
+        raise InvalidUpdate("too many chunks: %d of %d bytes" % (n, cs))
+    out["chunk_size"] = cs
+    out["chunks"] = n
+    out["chunks_sha256"] = _sha(entry.get("chunks_sha256"))
 
 
 def check_pubkey(text):
