@@ -16,7 +16,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from mpy_blox_tools import build, deploy, fleet
+from mpy_blox_tools import build, deploy, fleet, publish
 from mpy_blox_tools.cli import main as cli
 from mpy_blox_tools.mqtt import BrokerURL
 
@@ -99,8 +99,8 @@ def _retained(broker, topic: str, user: tuple[str, str] = PUBLISHER) -> bytes | 
 
 @pytest.fixture
 def bridged(broker_factory, tmp_path):
-    """(central, edge, edge account): the example's brokers, the edge bridged to the
-    central as its config says, its link up."""
+    """(central, edge, edge account, board passwords): the example's brokers, the edge
+    bridged to the central as its config says, its link up."""
     central_lines, edge_lines = _config("central.conf"), _config("edge.conf")
     edge_user = _value(edge_lines, "remote_username")
     accounts = {PUBLISHER[0]: PUBLISHER[1], edge_user: _value(edge_lines, "remote_password")}
@@ -137,8 +137,6 @@ def bridged(broker_factory, tmp_path):
 def test_an_update_published_on_the_central_broker_reaches_boards_on_the_edge(
     bridged, boards, board_lane, tmp_path, monkeypatch, capsys
 ):
-    from mpy_blox_tools import publish
-
     central, edge, edge_user, passwords = bridged
     monkeypatch.setattr(publish, "STATE_DIR", tmp_path / "state")
     monkeypatch.chdir(tmp_path)
