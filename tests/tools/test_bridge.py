@@ -208,3 +208,50 @@ def test_an_update_published_on_the_central_broker_reaches_boards_on_the_edge(
     assert rows[BOARDS[0]][1] != "offline", rows
     # The bridge logged in on the central broker with the edge's account (bridge.acl).
     assert f"u'{edge_user}'" in central.log()
+
+
+def _login(broker, user: tuple[str, str], will: tuple[str, bytes] | None = None) -> mqtt.Client:
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user[0])
+    c.username_pw_set(*user)
+    if will:
+        c.will_set(*will, qos=1, retain=True)
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    return c
+
+
+def _wait_retained(broker, topic: str, want: bytes, limit: float = 30) -> None:
+    deadline = time.monotonic() + limit
+    while (got := _retained(broker, topic)) != want:
+        assert time.monotonic() < deadline, f"{topic}: {got!r}, not {want!r}"
+        time.sleep(0.2)
+
+
+def test_a_will_fired_while_the_link_is_down_reaches_the_central_broker_when_it_is_back(
+    bridged,
+):
+    # The edge sends what changed while the central broker was away (its retained
+    # messages cross again when the link is back): a board's will, here.
+    central, edge, _, passwords = bridged
+    device = BOARDS[0]
+    status = f"mpypi/nodes/{device}/status"
+    board = _login(edge, (device, passwords[device]), (status, b'{"state": "offline"}'))
+    board.publish(status, b'{"state": "online"}', qos=1, retain=True).wait_for_publish(5)
+    _wait_retained(central, status, b'{"state": "online"}')
+    # No loop: one publish on the central broker is delivered there once.
+    seen: list[bytes] = []
+    watcher = _login(central, PUBLISHER)
+    watcher.on_message = lambda c, u, msg: seen.append(msg.payload)
+    watcher.subscribe(f"mpypi/nodes/{device}/cmd", qos=1)
+    time.sleep(0.3)
+    watcher.publish(f"mpypi/nodes/{device}/cmd", b"[]", qos=1).wait_for_publish(5)
+    time.sleep(1)
+    watcher.loop_stop()
+    watcher.disconnect()
+    assert seen == [b"[]"]
+
+    central.stop()
+    board.socket().close()  # the board dies: no DISCONNECT, the edge sends its will
+    board.loop_stop()
+    central.start()  # the same port and store: still `online` there until the link is back
+    _wait_retained(central, status, b'{"state": "offline"}')
