@@ -93,10 +93,10 @@ def make_partitions(directory: Path, config: dict, executable: str) -> None:
             f"{executable} ({len(payload)} bytes) does not fit an app partition of "
             f"{parts[0][4]} bytes"
         )
-    (directory / "otadata.img").write_bytes(b"\xff" * OTADATA_SIZE)  # as erased flash
+    # As after `esptool erase_flash write_flash`: erased flash reads 0xFF.
+    (directory / "otadata.img").write_bytes(b"\xff" * OTADATA_SIZE)
     for label, _, _, _, size in parts:
-        with open(directory / f"{label}.img", "wb") as f:
-            f.truncate(size)  # sparse
+        (directory / f"{label}.img").write_bytes(b"\xff" * size)
     with open(directory / "ota_0.img", "r+b") as f:
         f.write(data)
 

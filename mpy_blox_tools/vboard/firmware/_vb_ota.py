@@ -102,8 +102,8 @@ def _check_image(part):
     h = hashlib.sha256()
     mv = memoryview(_buf)
     n = len(_buf)
-    h.update(mv[_HEADER:])
-    done = n - _HEADER
+    done = min(length, n - _HEADER)
+    h.update(mv[_HEADER : _HEADER + done])
     at = n
     while done < length:
         part.readblocks(0, _buf, at)
