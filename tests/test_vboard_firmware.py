@@ -3,11 +3,18 @@ bootloader's rollback, and the firmware image formats (issue 11, the foundation)
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
+import struct
 from pathlib import Path
 
+import pytest
+
 from mpy_blox_tools import micropython
+from mpy_blox_tools.cli import main as cli
+from mpy_blox_tools.errors import MpyBloxError
+from mpy_blox_tools.firmware import parse_image, read_image
 from mpy_blox_tools.vboard.board import Board
 from mpy_blox_tools.vboard.image import make_image
 from mpy_blox_tools.vboard.process import RunningBoard
@@ -276,3 +283,143 @@ def test_a_power_cut_while_confirming_boots_the_old_or_the_new_firmware(boards, 
         finally:
             rb.stop()
         assert steps(rb) == [(expect, steps(rb)[0][1])], (n, rb.console())
+
+
+# -- firmware images ----------------------------------------------------------------
+
+
+def esp_app(chip_id: int = 0, version: str = "v1.22.2", hash_appended: bool = True) -> bytes:
+    """An ESP32 application image as ESP-IDF lays it out (esp_app_format.h): header,
+    a DROM segment starting with esp_app_desc_t, a code segment, the checksum at the
+    end of the padding to 16 bytes, then the SHA256 of it all."""
+    desc = struct.pack("<IIII", 0xABCD5432, 0, 0, 0) + version.encode().ljust(32, b"\0")
+    desc += b"micropython".ljust(32, b"\0") + bytes(256 - len(desc) - 32)
+    segments = [(0x3F400020, desc), (0x40080000, bytes(range(256)) * 5 + b"code")]
+    image = bytearray(
+        struct.pack(
+            "<BBBBIBBBBHBHH4sB",
+            0xE9,
+            len(segments),
+            2,
+            0x20,
+            0x40081000,
+            0xEE,
+            0,
+            0,
+            0,
+            chip_id,
+            0,
+            0,
+            0xFFFF,
+            bytes(4),
+            1 if hash_appended else 0,
+        )
+    )
+    checksum = 0xEF
+    for addr, data in segments:
+        image += struct.pack("<II", addr, len(data)) + data
+        for b in data:
+            checksum ^= b
+    image += bytes(15 - len(image) % 16) + bytes([checksum])
+    if hash_appended:
+        image += hashlib.sha256(image).digest()
+    return bytes(image)
+
+
+def refusal(data: bytes) -> str:
+    with pytest.raises(MpyBloxError) as e:
+        parse_image(data)
+    return str(e.value)
+
+
+def test_an_esp32_app_image_gives_its_chip_version_size_and_sha256():
+    data = esp_app()
+    image = parse_image(data)
+    assert image.format == "esp32-app" and image.chip == "esp32"
+    assert image.version == "v1.22.2"
+    assert image.size == len(data) and image.sha256 == hashlib.sha256(data).hexdigest()
+    assert parse_image(esp_app(hash_appended=False)).version == "v1.22.2"
+
+
+@pytest.mark.parametrize(
+    "chip_id, chip", [(0, "esp32"), (2, "esp32s2"), (5, "esp32c3"), (9, "esp32s3")]
+)
+def test_the_chip_comes_from_the_extended_header(chip_id, chip):
+    assert parse_image(esp_app(chip_id=chip_id)).chip == chip
+
+
+def test_bad_images_are_refused_with_the_reason():
+    good = esp_app()
+    assert "first byte 0x7f" in refusal(b"\x7fELF" + good[4:])
+    assert "unknown chip id 0x0003" in refusal(esp_app(chip_id=3))
+    assert "truncated" in refusal(good[:-40])
+    assert "truncated" in refusal(good[:20])
+    corrupt = bytearray(good)
+    corrupt[-1] ^= 1
+    assert "appended SHA256 does not match" in refusal(bytes(corrupt))
+    corrupt = bytearray(esp_app(hash_appended=False))
+    corrupt[100] ^= 1
+    assert "checksum" in refusal(bytes(corrupt))
+    assert "bytes after the image's end" in refusal(good + b"extra")
+    assert refusal(b"") == "empty file"
+
+
+@pytest.mark.parametrize("at", [0x1000, 0x0])
+def test_a_full_flash_image_is_named_as_the_mistake_it_is(at):
+    # As `esptool write_flash` takes it: bootloader, partition table at flash 0x8000,
+    # the app at 0x10000; a file written from 0x1000 (ESP32) or 0x0 (later chips).
+    flash = bytearray(b"\xff" * (0x10000 - at)) + esp_app()
+    flash[0:24] = esp_app()[:24]  # the bootloader is an image too
+    flash[0x8000 - at : 0x8002 - at] = b"\xaa\x50"
+    message = refusal(bytes(flash))
+    assert "a full flash image" in message and "app-bin" in message, message
+
+
+def test_a_virtual_board_image_parses_through_the_same_function(tmp_path):
+    payload = b"#!/bin/sh\nexit 0\n"
+    data = make_image(payload, "1.0-test")
+    image = parse_image(data)
+    assert (image.format, image.chip, image.version, image.size) == (
+        "vboard",
+        "esp32",
+        "1.0-test",
+        len(data),
+    )
+    assert "truncated" in refusal(data[:-1])
+    corrupt = bytearray(data)
+    corrupt[-2] ^= 1
+    assert "SHA256 does not match" in refusal(bytes(corrupt))
+
+
+def test_vboard_firmware_makes_an_image_from_an_executable(tmp_path, capsys):
+    out = tmp_path / "fw.img"
+    exe = micropython.executable()
+    assert cli(["vboard", "firmware", exe, "--version", "9.9", "-o", str(out)]) == 0
+    image = read_image(out)
+    assert (image.format, image.chip, image.version) == ("vboard", "esp32", "9.9")
+    assert image.sha256 in capsys.readouterr().out
+    s3 = tmp_path / "s3.img"
+    assert (
+        cli(["vboard", "firmware", exe, "--version", "1", "--chip", "esp32s3", "-o", str(s3)]) == 0
+    )
+    assert read_image(s3).chip == "esp32s3"
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    assert cli(["vboard", "firmware", str(text), "--version", "1", "-o", str(out)]) == 1
+    assert "not an executable" in capsys.readouterr().err
+    assert cli(["vboard", "firmware", exe, "--version", "x" * 32, "-o", str(out)]) == 1
+    assert "1 to 31 bytes" in capsys.readouterr().err
+
+
+def test_a_board_whose_image_is_for_another_chip_does_not_boot_it(boards):
+    # The bootloader checks the chip: an esp32s3 image in ota_0 is passed over,
+    # and with nothing else to boot the board stays off, saying why.
+    board = boards.create(flash_size="4M")
+    s3 = make_image(variant("s3"), "s3", chip_id=9)
+    with open(board.dir / "ota_0.img", "r+b") as f:
+        f.write(s3)
+    with pytest.raises(MpyBloxError) as e:
+        RunningBoard(board).start()
+    out = str(e.value)
+    assert "ota_0: not bootable (an image for chip id 9, this board is an esp32)" in out, out
+    assert "bootloader: no bootable app partition" in out
