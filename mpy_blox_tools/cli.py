@@ -263,7 +263,10 @@ def _add_vboard(sub: argparse._SubParsersAction) -> None:
     p.add_argument("binary", metavar="BINARY", help="a micropython unix executable")
     p.add_argument("--version", required=True, help="the firmware's version (up to 31 bytes)")
     p.add_argument(
-        "--chip", default="esp32", choices=list(CHIP_IDS), help="the chip it is for (esp32)"
+        "--chip",
+        default="esp32",
+        choices=list(CHIP_IDS),
+        help="the chip it is for (default esp32)",
     )
     p.add_argument("-o", "--output", required=True, metavar="IMAGE", help="the image to write")
     p.set_defaults(func=_vboard_firmware)

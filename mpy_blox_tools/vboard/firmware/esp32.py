@@ -140,13 +140,13 @@ def _check_key(key):
 
 _ERR_INVALID_ARG = 0x102
 _ERR_INVALID_SIZE = 0x104
-_ERR_NOT_FOUND = 0x105
+_ERR_ESP_NOT_FOUND = 0x105
 _ERR_OTA_VALIDATE_FAILED = 0x1503
 _ERR.update(
     {
         _ERR_INVALID_ARG: "ESP_ERR_INVALID_ARG",
         _ERR_INVALID_SIZE: "ESP_ERR_INVALID_SIZE",
-        _ERR_NOT_FOUND: "ESP_ERR_NOT_FOUND",
+        _ERR_ESP_NOT_FOUND: "ESP_ERR_NOT_FOUND",
         _ERR_OTA_VALIDATE_FAILED: "ESP_ERR_OTA_VALIDATE_FAILED",
     }
 )
@@ -263,7 +263,7 @@ class Partition:
         if self._row[1] != Partition.TYPE_APP:
             _fail(_ERR_OTA_VALIDATE_FAILED)  # esp_image_verify finds no app there
         if Partition._ota is None:
-            _fail(_ERR_NOT_FOUND)  # no otadata partition
+            _fail(_ERR_ESP_NOT_FOUND)  # no otadata partition
         Partition._ota.set_boot(self)
 
     def get_next_update(self):
@@ -279,7 +279,7 @@ class Partition:
     @classmethod
     def mark_app_valid_cancel_rollback(cls):
         if cls._ota is None:
-            _fail(_ERR_NOT_FOUND)  # no otadata partition: the -261 of MicroPython's docs
+            _fail(_ERR_ESP_NOT_FOUND)  # no otadata partition: the -261 of MicroPython's docs
         cls._ota.mark_valid()
 
 
