@@ -217,23 +217,10 @@ class Supervisor:
         # Every boot: a board killed in the REPL leaves the tty in its raw mode.
         _set_board_tty(board_slave)
         self.boots += 1
-        executable = self.executable
-        if self.ota:
-            # A soft reset restarts the interpreter, not the chip: no bootloader.
-            if cause != SOFT_RESET or self.firmware is None:
-                try:
-                    self.firmware = bootloader.select_boot(self.board.dir, self.board.config)
-                except MpyBloxError as e:
-                    self.log(f"bootloader: {e}")
-                    self._stop = self.bricked = True  # nothing to boot again
-                    return 1, "no bootable app partition"
-                for note in self.firmware.notes:
-                    self.log(f"bootloader: {note}")
-                fw = self.firmware
-                self.log(f"bootloader: booting {fw.label} ({fw.version}, {fw.state})")
-                if self.named and fw.executable.read_bytes() != Path(self.executable).read_bytes():
-                    self.log(f"this board runs the firmware in {fw.label}, not {self.executable}")
-            executable = str(self.firmware.executable)
+        executable = self._firmware(cause)
+        if executable is None:
+            self._stop = self.bricked = True  # nothing to boot again
+            return 1, "no bootable app partition"
         bits = micropython.word_bits(executable)
         extra = EMULATION_HEAP[bits] + (OTA_HEAP[bits] if self.ota else 0)
         self.log(
@@ -307,6 +294,26 @@ class Supervisor:
         except (FileNotFoundError, ValueError):
             pass  # the board died before its NVS started: nothing written
         return status, (run / "reason").read_text(errors="replace").strip()
+
+    def _firmware(self, cause: int) -> str | None:
+        """The executable this boot runs: the board's firmware if it has OTA
+        partitions (None if none boots), else the one the supervisor was given."""
+        if not self.ota:
+            return self.executable
+        # A soft reset restarts the interpreter, not the chip: no bootloader.
+        if cause != SOFT_RESET or self.firmware is None:
+            try:
+                self.firmware = bootloader.select_boot(self.board.dir, self.board.config)
+            except MpyBloxError as e:
+                self.log(f"bootloader: {e}")
+                return None
+            fw = self.firmware
+            for note in fw.notes:
+                self.log(f"bootloader: {note}")
+            self.log(f"bootloader: booting {fw.label} ({fw.version}, {fw.state})")
+            if self.named and fw.executable.read_bytes() != Path(self.executable).read_bytes():
+                self.log(f"this board runs the firmware in {fw.label}, not {self.executable}")
+        return str(self.firmware.executable)
 
     def _from_board(self, board_master: int, user_master: int) -> None:
         while True:
