@@ -155,7 +155,7 @@ def test_a_4m_board_has_otadata_and_two_app_slots_with_the_esp32_partition_api(b
     # The first boot recorded ota_0 as valid (the bootloader's set_actual_ota_seq).
     assert "mark ok" in out
     rb.stop()
-    assert board.otadata()[0] == {"seq": 1, "state": "valid", "valid": True}
+    assert board.otadata()[0] == {"seq": 1, "state": "valid", "written": True}
     assert board.read_partition("ota_1")[3 * 4096 : 3 * 4096 + 2] == b"\xff\xff"  # erased
 
 
@@ -173,6 +173,20 @@ def test_a_2m_board_has_a_factory_app_and_no_ota_slot(boards):
     assert "mark (-261, 'ESP_ERR_NOT_FOUND')" in out  # as MicroPython's docs say
     assert "read (5,)" in out
     assert not (board.dir / "ota_0.img").exists()
+
+
+def test_a_board_with_ota_partitions_leaves_its_code_the_same_heap(boards, lane):
+    # The OTA half of the emulation is given on top of --heap (supervisor.OTA_HEAP):
+    # the board's code finds what it finds on a board without it.
+    main = "import gc\ngc.collect()\nprint('free', gc.mem_free())\n"
+    free = {}
+    for flash in ("2M", "4M"):
+        board = boards.create(flash_size=flash, lane=lane, files={"main.py": main})
+        rb = boards.start(board, heap="100K", lane=lane)
+        free[flash] = int(rb.wait_for(r"free (\d+)").group(1))
+        rb.stop()
+    assert abs(free["4M"] - free["2M"]) < 512, free
+    assert free["4M"] > 96_000, free  # about 97.5 KB at --heap 100K (docs/vboard.md)
 
 
 # -- booting other firmware, rollback, confirm --------------------------------------

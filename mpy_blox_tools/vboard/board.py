@@ -111,13 +111,13 @@ class Board:
         return bool(bootloader.slots(self.config))
 
     def otadata(self) -> list[dict]:
-        """The two otadata entries: [{"seq", "state", "valid"}, ...] (state by name)."""
+        """The two otadata entries: [{"seq", "state", "written"}, ...], the state by
+        name; `written` when the entry holds a sequence whose CRC matches."""
         out = []
         for seq, state, crc in bootloader.read_otadata(self.dir / "otadata.img"):
-            valid = seq != 0xFFFFFFFF and crc == bootloader.entry_crc(seq)
-            out.append(
-                {"seq": seq, "state": bootloader.STATE_NAMES.get(state, state), "valid": valid}
-            )
+            written = seq != 0xFFFFFFFF and crc == bootloader.entry_crc(seq)
+            name = bootloader.STATE_NAMES.get(state, state)
+            out.append({"seq": seq, "state": name, "written": written})
         return out
 
     def read_partition(self, label: str) -> bytes:
