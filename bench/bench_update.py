@@ -79,7 +79,7 @@ def _raw_limit(workdir: Path) -> dict[int, float]:
                 conn.sendall(payloads[size])
 
     threading.Thread(target=serve, daemon=True).start()
-    board = Board.create(workdir / "raw", flash_size=FLASH)
+    board = Board.create(workdir / "raw", flash_size=FLASH, executable=LANE.executable)
     board.write("main.py", RAW_MAIN.format(sizes=list(SIZES.values()), port=port).encode())
     with RunningBoard(board, heap=LANE.heap, executable=LANE.executable) as rb:
         rb.wait_for(r"RAW %d " % SIZES["4 MiB"], timeout=120)
@@ -145,7 +145,7 @@ def run(workdir: Path) -> list[dict]:
             )
         )
         (workdir / "provision.json").write_text(json.dumps({"update.key": key}))
-        board = Board.create(workdir / "board", flash_size=FLASH)
+        board = Board.create(workdir / "board", flash_size=FLASH, executable=LANE.executable)
         with RunningBoard(board, heap=LANE.heap, executable=LANE.executable) as rb:
             rb.wait_for(r"\[vboard\] boot 1")
             deploy.deploy_app(rb.serial_port, settings, workdir / "provision.json")

@@ -113,6 +113,16 @@ def _vboard_net(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vboard_firmware(args: argparse.Namespace) -> int:
+    from mpy_blox_tools.firmware import read_image
+    from mpy_blox_tools.vboard.image import write_image
+
+    out = write_image(args.binary, args.version, args.output, chip=args.chip)
+    image = read_image(out)
+    print(f"{out}: {image.chip} firmware {image.version}, {image.size} bytes, {image.sha256}")
+    return 0
+
+
 def _add_vboard(sub: argparse._SubParsersAction) -> None:
     vb = _command(
         sub,
@@ -238,6 +248,28 @@ def _add_vboard(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dir", metavar="DIR", help=DIR_HELP)
     p.add_argument("state", choices=("up", "down"), help="up or down")
     p.set_defaults(func=_vboard_net)
+
+    from mpy_blox_tools.firmware import CHIP_IDS
+
+    p = _command(
+        vsub,
+        "firmware",
+        "wrap a MicroPython executable as a virtual-board firmware image",
+        "mpy-blox vboard firmware ../shared/tools/micropython32/micropython --version 1.28-32 "
+        "-o mp32.vbfw",
+        "A board from --flash 4M up boots the image in its active app partition;\n"
+        "docs/vboard.md, 'Firmware and partitions'.",
+    )
+    p.add_argument("binary", metavar="BINARY", help="a micropython unix executable")
+    p.add_argument("--version", required=True, help="the firmware's version (up to 31 bytes)")
+    p.add_argument(
+        "--chip",
+        default="esp32",
+        choices=list(CHIP_IDS),
+        help="the chip it is for (default esp32)",
+    )
+    p.add_argument("-o", "--output", required=True, metavar="IMAGE", help="the image to write")
+    p.set_defaults(func=_vboard_firmware)
 
 
 def _build(args: argparse.Namespace) -> int:

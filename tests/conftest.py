@@ -12,6 +12,7 @@ lane can say. Without the 32-bit binary those runs are skipped, saying why.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -214,8 +215,16 @@ def boards(tmp_path):
 
     class Factory:
         def create(
-            self, *, framework: bool = False, files: dict[str, str | bytes] | None = None, **kwargs
+            self,
+            *,
+            framework: bool = False,
+            files: dict[str, str | bytes] | None = None,
+            lane: Lane | None = None,
+            **kwargs,
         ) -> Board:
+            """A board; from flash_size="4M" up its firmware (ota_0) is `lane`'s."""
+            if lane is not None:
+                kwargs["executable"] = lane.executable
             board = Board.create(tmp_path / f"board{next(counter)}", **kwargs)
             if framework:
                 board.put_tree(REPO / "mpy_blox", "lib/mpy_blox")
@@ -227,6 +236,9 @@ def boards(tmp_path):
             """Boot `board` (on `lane`'s executable when given; the heap is still yours)."""
             if lane is not None:
                 kwargs["executable"] = lane.executable
+                if board.has_ota and not _runs_on(board, lane):
+                    # A board with OTA partitions boots its own firmware, not the lane's.
+                    pytest.fail(f"{board.dir} has OTA partitions: create it with lane=")
             rb = RunningBoard(board, **kwargs)
             running.append(rb)
             return rb.start()
@@ -234,6 +246,15 @@ def boards(tmp_path):
     yield Factory()
     for rb in running:
         rb.stop()
+
+
+def _runs_on(board: Board, lane: Lane) -> bool:
+    """Is the firmware in the board's ota_0 (its factory image) `lane`'s executable?"""
+    from mpy_blox_tools.vboard import image
+
+    head = board.read_partition("ota_0")[: image.HEADER_SIZE]
+    digest = image.unpack_header(head)[3]
+    return digest == hashlib.sha256(Path(lane.executable).read_bytes()).digest()
 
 
 def settings_for(broker: Mosquitto, **extra) -> str:

@@ -4,6 +4,7 @@
     DIR/flash.img     the flash: LittleFS2 or FAT on a block-device image
     DIR/flash/        ... or a host folder in `posix` mode
     DIR/nvs.json      the emulated NVS partition (committed values only)
+    DIR/otadata.img, ota_0.img, ota_1.img   the OTA partitions (from 4M of flash up)
     DIR/console.log   everything the board printed, with the supervisor's boot lines
     DIR/run/          live files shared with the running board (lock, serial, net, writes)
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from mpy_blox_tools import fleet, micropython
 from mpy_blox_tools.errors import MpyBloxError
+from mpy_blox_tools.vboard import bootloader
 
 FIRMWARE = Path(__file__).with_name("firmware")
 FILESYSTEMS = ("littlefs", "fat", "posix")
@@ -50,8 +52,13 @@ class Board:
         fs: str = "littlefs",
         flash_size: str | int = DEFAULT_FLASH,
         wlan: dict | None = None,
+        executable: str | None = None,
     ) -> Board:
-        """Make a new board with an empty, formatted flash."""
+        """Make a new board with an empty, formatted flash.
+
+        From 4M of flash up it has OTA partitions, with `executable` (default: the
+        `micropython` boards run on, micropython.executable()) as the firmware in
+        ota_0, as a board fresh from `esptool write_flash`."""
         directory = Path(directory)
         if (directory / "board.json").exists():
             raise MpyBloxError(f"{directory}: a board exists there already")
@@ -78,8 +85,17 @@ class Board:
             "flash_size": size,
             "block_size": BLOCK_SIZE,
             "wlan": wlan,  # the emulated access point: {"ssid", "psk"} or None for any
+            "chip": "esp32",
+            "chip_id": 0,  # ESP-IDF's esp_chip_id_t, as firmware images name it
+            "partitions": bootloader.partition_table(size),
         }
         (directory / "board.json").write_text(json.dumps(config, indent=2) + "\n")
+        try:
+            bootloader.make_partitions(directory, config, executable or micropython.executable())
+        except MpyBloxError:
+            for name in ("board.json", "otadata.img", "ota_0.img", "ota_1.img"):
+                (directory / name).unlink(missing_ok=True)
+            raise
         if fs == "posix":
             (directory / "flash").mkdir(exist_ok=True)
         else:
@@ -88,6 +104,27 @@ class Board:
         board = cls(directory)
         board.tool("format")
         return board
+
+    @property
+    def has_ota(self) -> bool:
+        """Does the board have OTA app partitions (ota_0, ota_1)?"""
+        return bool(bootloader.slots(self.config))
+
+    def otadata(self) -> list[dict]:
+        """The two otadata entries: [{"seq", "state", "written"}, ...], the state by
+        name; `written` when the entry holds a sequence whose CRC matches."""
+        out = []
+        for seq, state, crc in bootloader.read_otadata(self.dir / "otadata.img"):
+            written = seq != 0xFFFFFFFF and crc == bootloader.entry_crc(seq)
+            name = bootloader.STATE_NAMES.get(state, state)
+            out.append({"seq": seq, "state": name, "written": written})
+        return out
+
+    def read_partition(self, label: str) -> bytes:
+        """The bytes of an OTA partition's file (otadata, ota_0, ota_1)."""
+        if label != "otadata" and label not in (p[0] for p in bootloader.slots(self.config)):
+            raise MpyBloxError(f"{self.dir}: no partition {label!r} with bytes of its own")
+        return (self.dir / f"{label}.img").read_bytes()
 
     @property
     def device_id(self) -> str:

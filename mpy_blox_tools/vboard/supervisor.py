@@ -28,6 +28,7 @@ from typing import BinaryIO
 
 from mpy_blox_tools import micropython
 from mpy_blox_tools.errors import MpyBloxError
+from mpy_blox_tools.vboard import bootloader
 from mpy_blox_tools.vboard.board import FIRMWARE, Board
 
 # machine.reset_cause() values of the ESP32 port, by what stopped the last boot.
@@ -47,8 +48,12 @@ FAST_REBOOTS = 10
 # 97.5 KB free at --heap 100K on either lane (measured, 1.29 64-bit and 1.28
 # 32-bit; the emulation's objects are ~5.5 KB smaller on the 32-bit build). The
 # NVS cut points and esp32.Partition added 2.2 KB (64-bit) and 1.3 KB (32-bit),
-# machine.WDT 992 and 512 bytes.
-EMULATION_HEAP = {64: 23648, 32: 17152}
+# machine.WDT 992 and 512 bytes, the whole partition table (find, RUNNING,
+# writeblocks' erase, get_next_update) 3776 and 2656 bytes.
+EMULATION_HEAP = {64: 27424, 32: 19808}
+# On a board with OTA partitions, the emulation's OTA half (_vb_ota, three open
+# partition files and set_boot's buffers) on top of that (measured as above).
+OTA_HEAP = {64: 4192, 32: 3120}
 # The smallest --heap in which the boot ROM still runs a one-line main.py
 # (measured: 12K fails on a 64-bit build, 4K on a 32-bit one). Below it the
 # board would print a MemoryError and stop at its REPL.
@@ -81,6 +86,12 @@ class Supervisor:
     ) -> None:
         self.board = board
         self.executable = executable or micropython.executable()
+        # A board with OTA partitions runs the firmware in them (the bootloader
+        # picks it at each boot); the executable above is for boards without.
+        self.ota = bool(bootloader.slots(board.config))
+        self.named = executable is not None or bool(os.environ.get(micropython.ENV_VAR))
+        self.firmware: bootloader.Boot | None = None  # what the last bootloader run chose
+        self.bricked = False
         self.word_bits = micropython.word_bits(self.executable)
         self.heap = micropython.parse_size(heap)
         least = MIN_HEAP[self.word_bits]
@@ -184,6 +195,8 @@ class Supervisor:
                 (run / name).unlink(missing_ok=True)
             self.log("board switched off")
             self._log_file.close()
+        if self.bricked:
+            return 1
         # With --once: 0 when the board stopped the way a board does (reset, power
         # cut, REPL exit), else MicroPython's own status (a crash of the port).
         if self.once and not (reason or status == 0):
@@ -204,6 +217,12 @@ class Supervisor:
         # Every boot: a board killed in the REPL leaves the tty in its raw mode.
         _set_board_tty(board_slave)
         self.boots += 1
+        executable = self._firmware(cause)
+        if executable is None:
+            self._stop = self.bricked = True  # nothing to boot again
+            return 1, "no bootable app partition"
+        bits = micropython.word_bits(executable)
+        extra = EMULATION_HEAP[bits] + (OTA_HEAP[bits] if self.ota else 0)
         self.log(
             f"boot {self.boots} (reset cause {cause}, heap {self.heap}"
             + (f", power cut at block write {self.cut_at}" if self.cut_at else "")
@@ -221,12 +240,13 @@ class Supervisor:
             "VBOARD_NVS_BASE": str(self.nvs_writes),
             "VBOARD_CUT_NVS_AT": str(self.cut_nvs_at),
             "VBOARD_RAW_REPL": "1" if raw else "",
+            "VBOARD_RUNNING": self.firmware.label if self.ota else "",
         }
         self._child = subprocess.Popen(
             [
-                self.executable,
+                executable,
                 "-X",
-                f"heapsize={self.heap + EMULATION_HEAP[self.word_bits]}",
+                f"heapsize={self.heap + extra}",
                 "-i",
                 str(FIRMWARE / "_vb_rom.py"),
             ],
@@ -274,6 +294,26 @@ class Supervisor:
         except (FileNotFoundError, ValueError):
             pass  # the board died before its NVS started: nothing written
         return status, (run / "reason").read_text(errors="replace").strip()
+
+    def _firmware(self, cause: int) -> str | None:
+        """The executable this boot runs: the board's firmware if it has OTA
+        partitions (None if none boots), else the one the supervisor was given."""
+        if not self.ota:
+            return self.executable
+        # A soft reset restarts the interpreter, not the chip: no bootloader.
+        if cause != SOFT_RESET or self.firmware is None:
+            try:
+                self.firmware = bootloader.select_boot(self.board.dir, self.board.config)
+            except MpyBloxError as e:
+                self.log(f"bootloader: {e}")
+                return None
+            fw = self.firmware
+            for note in fw.notes:
+                self.log(f"bootloader: {note}")
+            self.log(f"bootloader: booting {fw.label} ({fw.version}, {fw.state})")
+            if self.named and fw.executable.read_bytes() != Path(self.executable).read_bytes():
+                self.log(f"this board runs the firmware in {fw.label}, not {self.executable}")
+        return str(self.firmware.executable)
 
     def _from_board(self, board_master: int, user_master: int) -> None:
         while True:

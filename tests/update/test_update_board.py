@@ -109,7 +109,7 @@ def test_4mib_wheel_and_1mib_src_install_on_16mib_flash_with_100k_heap(lane, boa
     )
     s = make_src("big.bin", os.urandom(1024 * 1024))
     board = update_board(
-        board_files([w, s], manifest.encode_list([w.entry, s.entry])), flash_size="16M"
+        board_files([w, s], manifest.encode_list([w.entry, s.entry])), flash_size="16M", lane=lane
     )
     out = run_to_done(boards, board, heap="100K", lane=lane)
     assert "RUNS none" in out and "INSTALLED 2" in out, out
@@ -119,7 +119,9 @@ def test_4mib_wheel_and_1mib_src_install_on_16mib_flash_with_100k_heap(lane, boa
 
 def test_4mib_src_installs_with_a_64k_heap(lane, boards, update_board):
     s = make_src("big.bin", os.urandom(4 * 1024 * 1024))
-    board = update_board(board_files([s], manifest.encode_list([s.entry])), flash_size="16M")
+    board = update_board(
+        board_files([s], manifest.encode_list([s.entry])), flash_size="16M", lane=lane
+    )
     out = run_to_done(boards, board, heap="64K", lane=lane)
     assert "INSTALLED 1" in out, out
     assert sha256(board.cat("big.bin")) == s.sha

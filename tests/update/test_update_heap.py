@@ -63,7 +63,7 @@ def many_files(n: int, version: str) -> dict[str, bytes]:
 
 def install_on_board(boards, update_board, pkg, lane, board=None):
     if board is None:
-        board = update_board(flash_size="4M")
+        board = update_board(flash_size="4M", lane=lane)
     board.write("main.py", (DEPLOY_MAIN % pkg.entry).encode())
     board.write("pkg.whl", pkg.data)
     rb = boards.start(board, heap=ESP32_HEAP, lane=lane)

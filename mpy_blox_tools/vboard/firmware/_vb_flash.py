@@ -16,19 +16,49 @@ _LFS_PROG_SIZE = 256
 _ERASED = b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff" * 16
 
 
+# The block-write count of this boot, shared by every partition of the chip (the
+# filesystem's and the app partitions'): one knob, --cut-at, cuts at any of them.
+_writes = 0
+_cut_at = 0  # 0: never
+_counter = None  # an open host file the count is mirrored to
+_on_cut = None
+# Allocated at boot, within the emulation's own heap allowance: counting must
+# not take heap from the board's code at the moment it runs.
+_digits = bytearray(b"         0\n")
+
+
+def start(counter, cut_at, on_cut):
+    """From the boot ROM: count block writes into `counter`; cut the power at `cut_at`."""
+    global _counter, _cut_at, _on_cut
+    _counter, _cut_at, _on_cut = counter, cut_at, on_cut
+
+
+def count():
+    # One flash operation (a program or a sector erase). Allocates nothing, or the
+    # emulation would fragment the heap the board's code is measured against.
+    global _writes
+    _writes += 1
+    if _writes == _cut_at:
+        # Power fails before this operation reaches the flash: everything
+        # written so far is on the image (posix writes are unbuffered).
+        _on_cut(_writes)
+    if _counter:
+        n = _writes
+        i = 9
+        while i >= 0:
+            _digits[i] = 0x30 + n % 10 if n or i == 9 else 0x20
+            n //= 10
+            i -= 1
+        _counter.seek(0)
+        _counter.write(_digits)
+
+
 class Flash:
-    def __init__(self, image, block_size, block_count, counter=None, cut_at=0, on_cut=None):
+    def __init__(self, image, block_size, block_count):
         self._image = image  # an open 'r+b' file: stays usable after the host fs is unmounted
         self._block_size = block_size
         self._block_count = block_count
-        self._counter = counter  # an open host file the count is mirrored to
-        self._cut_at = cut_at  # 0: never
-        self._on_cut = on_cut
-        self.writes = 0
-        # Allocated at boot, within the emulation's own heap allowance: an erase
-        # must not take heap from the board's code at the moment it runs.
         self._erased = _ERASED
-        self._digits = bytearray(b"         0\n")
 
     def readblocks(self, block, buf, offset=0):
         self._image.seek(block * self._block_size + offset)
@@ -36,26 +66,8 @@ class Flash:
         if n != len(buf):
             raise OSError(5)  # EIO: the image is shorter than the filesystem thinks
 
-    def _count(self):
-        # Runs inside the board's heap: it must allocate nothing, or the emulation
-        # would fragment the heap the board's code is measured against.
-        self.writes += 1
-        if self.writes == self._cut_at:
-            # Power fails before this operation reaches the flash: everything
-            # written so far is on the image (posix writes are unbuffered).
-            self._on_cut(self.writes)
-        if self._counter:
-            n = self.writes
-            i = 9
-            while i >= 0:
-                self._digits[i] = 0x30 + n % 10 if n or i == 9 else 0x20
-                n //= 10
-                i -= 1
-            self._counter.seek(0)
-            self._counter.write(self._digits)
-
     def writeblocks(self, block, buf, offset=0):
-        self._count()
+        count()
         self._image.seek(block * self._block_size + offset)
         self._image.write(buf)
 
@@ -69,7 +81,7 @@ class Flash:
             # sector it erased but never programmed must not show its old data
             # (stale metadata could then pass for current after a power cut).
             # An erase is a flash operation like a write: counted, and cuttable.
-            self._count()
+            count()
             self._image.seek(arg * self._block_size)
             left = self._block_size
             while left > 0:
@@ -87,7 +99,7 @@ def open_image(board):
     return open(board["dir"] + "/flash.img", "r+b")
 
 
-def mount(board, image, root, counter=None, cut_at=0, on_cut=None):
+def mount(board, image, root):
     """Mount the board's flash (from open_image) at `root`; return the Flash, if any."""
     import vfs
 
@@ -95,14 +107,7 @@ def mount(board, image, root, counter=None, cut_at=0, on_cut=None):
     if fs == "posix":
         vfs.mount(image, root)
         return None
-    flash = Flash(
-        image,
-        board["block_size"],
-        board["flash_size"] // board["block_size"],
-        counter,
-        cut_at,
-        on_cut,
-    )
+    flash = Flash(image, board["block_size"], board["flash_size"] // board["block_size"])
     if fs == "littlefs":
         vfs.mount(vfs.VfsLfs2(flash, progsize=_LFS_PROG_SIZE), root)
     else:

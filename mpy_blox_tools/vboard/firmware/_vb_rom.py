@@ -6,7 +6,8 @@
 # VBOARD_RESET_CAUSE (machine.*_RESET), VBOARD_CUT_AT (power cut at that block
 # write; 0 for none), VBOARD_NVS_BASE (NVS writes of the run's earlier boots),
 # VBOARD_CUT_NVS_AT (power cut at that NVS write of the run), VBOARD_RAW_REPL
-# (set: skip main.py, as after a soft reset from the raw REPL).
+# (set: skip main.py, as after a soft reset from the raw REPL), VBOARD_RUNNING
+# (the app partition the bootloader booted, on a board with OTA partitions).
 import esp32  # imported now: the host path is gone later
 import json
 import machine
@@ -33,7 +34,11 @@ def _start_board():
         int(os.getenv("VBOARD_RESET_CAUSE") or machine.PWRON_RESET), open(run + "wdt", "wb")
     )
     network._start(open(run + "net", "rb"))
-    writes = open(run + "writes", "wb")
+    _vb_flash.start(
+        open(run + "writes", "wb"),
+        int(os.getenv("VBOARD_CUT_AT") or 0),
+        lambda n: _vb_host.power_off("power-cut at block write %d" % n),
+    )
     esp32._start(
         open(run + "nvs_writes", "wb"),
         int(os.getenv("VBOARD_NVS_BASE") or 0),
@@ -41,15 +46,20 @@ def _start_board():
         lambda n: _vb_host.power_off("power-cut at NVS write %d" % n),
     )
     image = _vb_flash.open_image(board)
+    # The partition table (bootloader.partition_table); a board made before it
+    # had one has its filesystem only.
+    table = board.get("partitions") or [["vfs", 1, 0x81, 0x200000, board["flash_size"]]]
+    devices = {}
+    ota = None
+    for label, _, _, _, size in table:
+        if label == "otadata" or label.startswith("ota_"):
+            f = open(board_dir + "/" + label + ".img", "r+b")
+            devices[label] = _vb_flash.Flash(f, board["block_size"], size // board["block_size"])
+    if devices:
+        import _vb_ota as ota
     vfs.umount("/")  # from here on, only files opened above reach the host
-    esp32.Partition._flash = _vb_flash.mount(
-        board,
-        image,
-        "/",
-        writes,
-        int(os.getenv("VBOARD_CUT_AT") or 0),
-        lambda n: _vb_host.power_off("power-cut at block write %d" % n),
-    )
+    devices["vfs"] = _vb_flash.mount(board, image, "/")
+    esp32._start_partitions(table, devices, os.getenv("VBOARD_RUNNING"), ota)
     os.chdir("/")
     sys.path[:] = ["", ".frozen", "/lib"]
 
