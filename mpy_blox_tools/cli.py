@@ -281,6 +281,8 @@ def _publish(args: argparse.Namespace) -> int:
         expires=args.expires,
         next_pubkey=args.next_pubkey,
         force=args.force,
+        chunk_size=args.chunk_size,
+        expire=args.expire,
         wait=args.wait,
         ca_file=args.ca_file,
         client_cert=args.client_cert,

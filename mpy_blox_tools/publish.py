@@ -9,6 +9,12 @@ the whole `mpy-blox publish`: build, publish, follow the devices.
 The list format, its signature and the topics come from `mpy_blox.update.manifest`,
 the same module the devices run. Packages are published before the list that names
 them, so a device never sees a list whose packages are missing.
+
+A package larger than the chunk size goes out as chunks and a hash list
+(`mpy_blox_tools.chunks`, docs/protocol.md "Chunked packages"). The chunk size is
+--chunk-size, else the default lowered to fit the Maximum Packet Size the broker
+states in its MQTT 5 CONNACK. Every message is checked against that limit before
+the first is sent: a release the broker would refuse is refused whole, here.
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ from mpy_blox import topics
 from mpy_blox.update import manifest
 from mpy_blox.update.manifest import InvalidUpdate
 from mpy_blox.update.paths import check_src_path, check_wheel_path, fold
-from mpy_blox_tools import build, fleet, keys, mqtt, wheel
+from mpy_blox_tools import build, chunks, fleet, keys, mqtt, wheel
 from mpy_blox_tools.errors import MpyBloxError, read_file
 from mpy_blox_tools.keys import ReleaseKey
+from mpy_blox_tools.micropython import format_size, parse_size
 
 KEY_ENV = "MPY_BLOX_UPDATE_KEY"
 STATE_DIR = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "mpy-blox"
@@ -147,14 +154,41 @@ def load_key(key_file: str | None) -> ReleaseKey | bytes | None:
     return keys.hmac_key(text, f"key in ${KEY_ENV}") if text else None
 
 
-def parse_duration(text: str) -> int:
-    """Seconds in `30d`, `12h`, `90m`, `3600s` or `2w` (--expires)."""
+def parse_duration(text: str, flag: str = "--expires") -> int:
+    """Seconds in `30d`, `12h`, `90m`, `3600s` or `2w` (--expires, --expire)."""
     m = re.fullmatch(r"([1-9][0-9]{0,6})([smhdw])", text.strip())
     if not m:
         raise MpyBloxError(
-            f"--expires {text!r}: expected a number and a unit, s m h d or w (e.g. 30d)"
+            f"{flag} {text!r}: expected a number and a unit, s m h d or w (e.g. 30d)"
         )
     return int(m.group(1)) * DURATION_UNITS[m.group(2)]
+
+
+def parse_chunk_size(text: str | int) -> int:
+    """--chunk-size: bytes (`64K`, `1M`, `65536`), or 0 for `0` and `off` (one message
+    a package)."""
+    if isinstance(text, str) and text.strip().lower() in ("0", "off"):
+        return 0
+    if text == 0:
+        return 0
+    try:
+        size = parse_size(text)
+    except MpyBloxError:
+        size = None
+    if size is None or not manifest.MIN_CHUNK <= size <= manifest.MAX_CHUNK:
+        raise MpyBloxError(
+            f"--chunk-size {text!r}: from 1K to 16M (what a device takes), "
+            "or 0 or off for one message a package"
+        )
+    return size
+
+
+def parse_expire(text: str) -> int:
+    """--expire: the packages' MQTT 5 Message Expiry Interval, in seconds."""
+    seconds = parse_duration(text, "--expire")
+    if seconds > mqtt.MAX_EXPIRY_S:
+        raise MpyBloxError(f"--expire {text!r}: at most {mqtt.MAX_EXPIRY_S} s (MQTT 5's limit)")
+    return seconds
 
 
 def _verified_seqs(client, key: ReleaseKey | bytes, log) -> dict[str, int]:
@@ -230,8 +264,110 @@ def next_seq(
 class Published:
     seq: int | None
     list_topics: list[str]
-    payload_bytes: int  # everything this publish sent: packages and lists
+    payload_bytes: int  # everything this publish sent: packages, chunks, hash lists, lists
     entries: list[dict]
+    chunk_size: int = 0  # of the chunked packages; 0: none was chunked
+
+
+@dataclass(frozen=True)
+class Message:
+    """One retained message of a release, with what it carries (for messages)."""
+
+    topic: str
+    payload: bytes
+    what: str  # "package user_main.py", "chunk 3 of mpy-blox 0.7.0", "the list"
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A package as it goes out: its list entry and its messages."""
+
+    package: Package
+    entry: dict  # the package's entry, with the chunk fields when chunked
+    messages: list[Message]
+
+    @property
+    def chunked(self) -> bool:
+        return "chunks" in self.entry
+
+
+def cut(package: Package, chunk_size: int) -> Cut:
+    """`package` as one message, or as chunks when it is larger than `chunk_size` (0: never)."""
+    if not chunk_size or len(package.data) <= chunk_size:
+        what = f"package {package.label}"
+        return Cut(package, package.entry, [Message(package.topic, package.data, what)])
+    try:
+        done = chunks.chunk(package.entry, package.data, chunk_size)
+    except ValueError as e:
+        raise MpyBloxError(f"package {package.label}: {e}") from None
+    n = len(done.chunks)
+    messages = [
+        Message(topic, payload, f"chunk {k} of {n} of {package.label}")
+        for k, (topic, payload) in enumerate(done.messages()[:-1])
+    ]
+    topic, payload = done.messages()[-1]
+    messages.append(Message(topic, payload, f"the hash list of {package.label}"))
+    return Cut(package, done.entry, messages)
+
+
+def chunk_size_to_use(requested: int | None, limits: mqtt.BrokerLimits) -> tuple[int, str]:
+    """The chunk size (0: none) and why, from --chunk-size and what the broker said."""
+    if requested is not None:
+        return requested, "--chunk-size" if requested else "--chunk-size off"
+    size = chunks.chunk_size_for(limits.max_packet_size)
+    if size < manifest.MIN_CHUNK:
+        raise MpyBloxError(
+            f"the broker takes packets of at most {limits.max_packet_size} bytes "
+            f"({limits.describe()}): too small even for chunks of 1K, the smallest a "
+            "device takes"
+        )
+    if size == chunks.DEFAULT_CHUNK_SIZE:
+        return size, f"the default; {limits.describe()}"
+    return size, f"to fit the broker's limit of {limits.max_packet_size} bytes"
+
+
+def check_sizes(
+    messages: Sequence[Message], limits: mqtt.BrokerLimits, expiry: set[str], broker
+) -> None:
+    """Refuse, before anything is sent, a message larger than the broker takes."""
+    limit = limits.max_packet_size
+    if not limit:
+        return
+    for m in messages:
+        size = mqtt.packet_size(m.topic, len(m.payload), limits.mqtt5, m.topic in expiry)
+        if size <= limit:
+            continue
+        fit = chunks.chunk_size_for(limit)
+        hint = (
+            f"publish with a smaller --chunk-size, e.g. --chunk-size {format_size(fit)}"
+            if m.what != "the list" and fit >= manifest.MIN_CHUNK
+            else "publish fewer packages at a time"
+        )
+        raise MpyBloxError(
+            f"{m.what}: a {size}-byte message on {m.topic} is larger than the broker at "
+            f"{broker} takes, {limit} bytes ({limits.describe()}); nothing was published: "
+            f"{hint}"
+        )
+
+
+def _hung_up(e: mqtt.HungUp, m: Message, limits: mqtt.BrokerLimits) -> str:
+    # Said when the broker drops the connection on a message: the release stops
+    # there, before its list, so no device sees it.
+    said = f"while taking {m.what}, a message of {len(m.payload)} bytes on {m.topic}; " + (
+        "the lists after it were not published"
+        if m.what == "the list"
+        else "the list was not published: no device sees this release"
+    )
+    if limits.max_packet_size:
+        return f"{e} {said}"
+    big = len(m.payload)
+    fit = chunks.DEFAULT_CHUNK_SIZE if big > chunks.DEFAULT_CHUNK_SIZE else big // 2048 * 1024
+    return (
+        f"{e} {said}. It says no limit ({limits.describe()}), but that is how a broker "
+        "refuses a packet larger than it takes (Mosquitto's max_packet_size, a hosted "
+        "broker's message size limit): publish with a smaller --chunk-size, e.g. "
+        f"--chunk-size {format_size(max(fit, manifest.MIN_CHUNK))}"
+    )
 
 
 def publish_update(
@@ -244,6 +380,8 @@ def publish_update(
     expires: int | None = None,
     next_pubkey: str | None = None,
     force: bool = False,
+    chunk_size: int | None = None,
+    package_expiry: int | None = None,
     client=None,
     log=print,
     on_list: Callable[[int | None, bytes], None] | None = None,
@@ -252,34 +390,80 @@ def publish_update(
 
     `key` signs the list (a ReleaseKey: Ed25519; bytes: an HMAC update.key; None:
     the unsigned seed form). `expires` (Unix time) and `next_pubkey` (64 hex, the
-    release key that comes next) go into a signed list's body. `on_list(seq, payload)`
-    is called before each list goes out (`watch.Watcher.expect_list`)."""
+    release key that comes next) go into a signed list's body. `chunk_size`: bytes
+    (--chunk-size), 0 for one message a package, None for the default that fits the
+    broker. `package_expiry`: seconds after which the broker drops the packages and
+    their chunks (MQTT 5 message expiry; refused on an MQTT 3.1.1 broker).
+    `on_list(seq, payload)` is called before each list goes out
+    (`watch.Watcher.expect_list`). A `client` of our own comes from
+    `mqtt.connect(broker, mqtt5=True)`; another 3.1.1 client learns no limit."""
     check_targets(channel, device_ids)
     if key is None and (expires is not None or next_pubkey is not None):
         raise MpyBloxError("--expires and --next-pubkey need a signed list: give --key-file")
     own = client is None
-    client = client or mqtt.connect(broker)
+    client = client or mqtt.connect(broker, mqtt5=True)
     try:
-        # The seq first: a publish refused for its seq sends nothing.
+        limits = mqtt.broker_limits(client)
+        if package_expiry is not None and not limits.mqtt5:
+            raise MpyBloxError(
+                f"--expire: the broker at {broker} speaks only MQTT 3.1.1, which has no "
+                "message expiry; nothing was published: publish without --expire and "
+                "remove old packages with `mpy-blox prune`"
+            )
+        if package_expiry is not None and expires and time.time() + package_expiry < expires:
+            log(
+                "warning: the packages leave the broker (--expire) before devices stop "
+                "taking the list (--expires): a device that comes later fails with "
+                "'package not on the broker'"
+            )
+        size, why = chunk_size_to_use(chunk_size, limits)
+        cuts = [cut(p, size) for p in packages]
+        outgoing = [m for c in cuts for m in c.messages]
+        expiring = {m.topic for m in outgoing} if package_expiry is not None else set()
+        # Every package message first, then the seq: a release refused for its size
+        # sends nothing and uses no seq.
+        check_sizes(outgoing, limits, expiring, broker)
         seq = next_seq(client, broker, key, force, log) if key else None
-        sent = 0
-        for p in packages:
-            log(f"package {p.label}: {len(p.data)} bytes -> {p.topic}")
-            client.publish(p.topic, p.data, qos=1, retain=True).wait_for_publish(120)
-            sent += len(p.data)
-        entries = [p.entry for p in packages]
+        entries = [c.entry for c in cuts]
         targets = ([topics.channel_topic(channel)] if channel else []) + [
             topics.node_topic(d, "cmd") for d in device_ids
         ]
+        lists = []
         for topic in targets:
             suffix = topics.list_to(topic) if key else None
             payload = manifest.encode_list(entries, seq, key, suffix, expires, next_pubkey)
+            lists.append(Message(topic, payload, "the list"))
+        check_sizes(lists, limits, set(), broker)
+        if any(c.chunked for c in cuts):
+            log(f"chunks of {format_size(size)} bytes ({why})")
+        sent = 0
+        for c in cuts:
+            p = c.package
+            if c.chunked:
+                n = c.entry["chunks"]
+                log(
+                    f"package {p.label}: {len(p.data)} bytes in {n} chunks -> "
+                    f"{p.topic}/0..{n - 1}, /hashes"
+                )
+            else:
+                log(f"package {p.label}: {len(p.data)} bytes -> {p.topic}")
+            for m in c.messages:
+                try:
+                    mqtt.publish_retained(client, m.topic, m.payload, expiry_s=package_expiry)
+                except mqtt.HungUp as e:
+                    raise MpyBloxError(_hung_up(e, m, limits)) from None
+                sent += len(m.payload)
+        for m in lists:
             if on_list:
-                on_list(seq, payload)
-            client.publish(topic, payload, qos=1, retain=True).wait_for_publish(30)
-            sent += len(payload)
-            log(f"list{f' seq {seq}' if seq else ' (unsigned)'} -> {topic}")
-        return Published(seq, targets, sent, entries)
+                on_list(seq, m.payload)
+            try:
+                mqtt.publish_retained(client, m.topic, m.payload, timeout=30)
+            except mqtt.HungUp as e:
+                raise MpyBloxError(_hung_up(e, m, limits)) from None
+            sent += len(m.payload)
+            log(f"list{f' seq {seq}' if seq else ' (unsigned)'} -> {m.topic}")
+        chunked = size if any(c.chunked for c in cuts) else 0
+        return Published(seq, targets, sent, entries, chunked)
     finally:
         if own:
             mqtt.disconnect(client)
@@ -350,6 +534,8 @@ def release(
     expires: str | None = None,
     next_pubkey: str | Path | None = None,
     force: bool = False,
+    chunk_size: str | int | None = None,
+    expire: str | None = None,
     wait: float | None = None,
     ca_file: str | Path | None = None,
     client_cert: str | Path | None = None,
@@ -357,8 +543,10 @@ def release(
     out=None,
 ) -> Release:
     """`publish_release`, with each device's outcome. `extra_src_files` are `FILE` or
-    `FILE:DEVICE_PATH`; `ca_file`, `client_cert` and `client_key` are the TLS files of an
-    mqtts:// broker (`mqtt.BrokerURL.with_tls`); the progress goes to `out` (stdout)."""
+    `FILE:DEVICE_PATH`; `chunk_size` is --chunk-size (`64K`, `off`; None: fit the
+    broker), `expire` is --expire (`30d`: the broker drops the packages after that);
+    `ca_file`, `client_cert` and `client_key` are the TLS files of an mqtts:// broker
+    (`mqtt.BrokerURL.with_tls`); the progress goes to `out` (stdout)."""
     from mpy_blox_tools import watch
 
     out = out or sys.stdout
@@ -376,6 +564,8 @@ def release(
     key = load_key(str(key_file) if key_file else None)
     expires_at = int(time.time()) + parse_duration(expires) if expires else None
     next_hex = keys.load_public_key(next_pubkey) if next_pubkey else None
+    chunk_bytes = parse_chunk_size(chunk_size) if chunk_size is not None else None
+    package_expiry = parse_expire(expire) if expire else None
     if key is None and (expires_at or next_hex):
         raise MpyBloxError("--expires and --next-pubkey need a signed list: give --key-file")
     device_ids = tuple(device_ids)
@@ -392,7 +582,7 @@ def release(
     else:
         framework = wheel_package(build.build(platform=platform, dev=dev))
     packages = [framework, *sources]
-    client = mqtt.connect(broker)
+    client = mqtt.connect(broker, mqtt5=True)
     try:
         watcher = None
         if wait:
@@ -407,6 +597,8 @@ def release(
             expires=expires_at,
             next_pubkey=next_hex,
             force=force,
+            chunk_size=chunk_bytes,
+            package_expiry=package_expiry,
             client=client,
             log=log,
             on_list=watcher.expect_list if watcher else None,
@@ -468,6 +660,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--expires",
         metavar="DURATION",
         help="devices refuse the list after this long, e.g. 30d, 12h (s m h d w)",
+    )
+    p.add_argument(
+        "--chunk-size",
+        metavar="SIZE",
+        help="cut packages larger than SIZE into chunks of SIZE (e.g. 64K, 1M; 0 or off: "
+        "one message a package); default: 64K, lowered to fit the broker's MQTT 5 "
+        "Maximum Packet Size",
+    )
+    p.add_argument(
+        "--expire",
+        metavar="DURATION",
+        help="the broker drops the packages and chunks after this long, e.g. 30d (an MQTT 5 "
+        "message expiry; not the lists); refused on an MQTT 3.1.1 broker",
     )
     p.add_argument(
         "--next-pubkey",
