@@ -359,8 +359,12 @@ def publish_retained(
         while True:
             if lost or not client.is_connected() or info.rc == paho.MQTT_ERR_NO_CONN:
                 reason = lost[0] if lost else "connection lost"
+                # An MQTT 5 broker says why in its DISCONNECT; paho's word for a
+                # 3.1.1 broker's closed socket ("Unspecified error") says nothing.
+                why = f" ({reason})" if lost and broker_limits(client).mqtt5 else ""
                 raise HungUp(
-                    f"the broker at {client.host}:{client.port} hung up ({reason})", reason
+                    f"the broker at {client.host}:{client.port} closed the connection{why}",
+                    reason,
                 )
             if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_AGAIN):
                 raise MpyBloxError(f"cannot publish on {topic}: {paho.error_string(info.rc)}")
