@@ -375,6 +375,40 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_status)
 
 
+def _prune(args: argparse.Namespace) -> int:
+    from mpy_blox_tools import prune
+    from mpy_blox_tools.mqtt import BrokerURL
+
+    broker = BrokerURL.parse(args.broker) if args.broker else BrokerURL.from_settings()
+    broker = broker.with_tls(args.ca_file, args.client_cert, args.client_key)
+    prune.prune(broker, yes=args.yes)
+    return 0
+
+
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    from mpy_blox_tools.mqtt import add_connect_arguments
+
+    p = _command(
+        sub,
+        "prune",
+        "list the retained packages and chunks that no current list references; "
+        "--yes deletes them",
+        "mpy-blox prune --broker mqtt://broker.lan\n"
+        "mpy-blox prune --broker mqtt://broker.lan --yes",
+        "Reads every retained list (channels and devices' cmd, signed or not: no key is\n"
+        "needed) and every retained package, chunk and hash list under mpypi/packages/.\n"
+        "A list it cannot read stops it: nothing is deleted. Do not run --yes while a\n"
+        "publish is under way (it refuses if it sees the lists change).",
+    )
+    add_connect_arguments(
+        p, "mqtt[s]://[user[:password]@]host[:port] (default: from ./settings.json)"
+    )
+    p.add_argument(
+        "--yes", action="store_true", help="delete them (an empty retained message on each)"
+    )
+    p.set_defaults(func=_prune)
+
+
 def _broker(args: argparse.Namespace) -> int:
     from mpy_blox_tools.broker import run_broker
 
@@ -550,6 +584,7 @@ PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_publish,
     _add_keygen,
     _add_status,
+    _add_prune,
     _add_broker,
     _add_vboard,
     _add_demo,
