@@ -35,10 +35,10 @@ from mpy_blox import topics
 from mpy_blox.update import manifest
 from mpy_blox.update.manifest import InvalidUpdate
 from mpy_blox.update.paths import check_src_path, check_wheel_path, fold
-from mpy_blox_tools import build, chunks, fleet, keys, mqtt, wheel
+from mpy_blox_tools import build, fit, fleet, keys, mqtt, wheel
 from mpy_blox_tools.errors import MpyBloxError, read_file
 from mpy_blox_tools.keys import ReleaseKey
-from mpy_blox_tools.micropython import format_size, parse_size
+from mpy_blox_tools.micropython import format_size
 
 KEY_ENV = "MPY_BLOX_UPDATE_KEY"
 STATE_DIR = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "mpy-blox"
@@ -164,25 +164,6 @@ def parse_duration(text: str, flag: str = "--expires") -> int:
     return int(m.group(1)) * DURATION_UNITS[m.group(2)]
 
 
-def parse_chunk_size(text: str | int) -> int:
-    """--chunk-size: bytes (`64K`, `1M`, `65536`), or 0 for `0` and `off` (one message
-    a package)."""
-    if isinstance(text, str) and text.strip().lower() in ("0", "off"):
-        return 0
-    if text == 0:
-        return 0
-    try:
-        size = parse_size(text)
-    except MpyBloxError:
-        size = None
-    if size is None or not manifest.MIN_CHUNK <= size <= manifest.MAX_CHUNK:
-        raise MpyBloxError(
-            f"--chunk-size {text!r}: from 1K to 16M (what a device takes), "
-            "or 0 or off for one message a package"
-        )
-    return size
-
-
 def parse_expire(text: str) -> int:
     """--expire: the packages' MQTT 5 Message Expiry Interval, in seconds."""
     seconds = parse_duration(text, "--expire")
@@ -269,107 +250,6 @@ class Published:
     chunk_size: int = 0  # of the chunked packages; 0: none was chunked
 
 
-@dataclass(frozen=True)
-class Message:
-    """One retained message of a release, with what it carries (for messages)."""
-
-    topic: str
-    payload: bytes
-    what: str  # "package user_main.py", "chunk 3 of mpy-blox 0.7.0", "the list"
-
-
-@dataclass(frozen=True)
-class Cut:
-    """A package as it goes out: its list entry and its messages."""
-
-    package: Package
-    entry: dict  # the package's entry, with the chunk fields when chunked
-    messages: list[Message]
-
-    @property
-    def chunked(self) -> bool:
-        return "chunks" in self.entry
-
-
-def cut(package: Package, chunk_size: int) -> Cut:
-    """`package` as one message, or as chunks when it is larger than `chunk_size` (0: never)."""
-    if not chunk_size or len(package.data) <= chunk_size:
-        what = f"package {package.label}"
-        return Cut(package, package.entry, [Message(package.topic, package.data, what)])
-    try:
-        done = chunks.chunk(package.entry, package.data, chunk_size)
-    except ValueError as e:
-        raise MpyBloxError(f"package {package.label}: {e}") from None
-    n = len(done.chunks)
-    messages = [
-        Message(topic, payload, f"chunk {k} of {n} of {package.label}")
-        for k, (topic, payload) in enumerate(done.messages()[:-1])
-    ]
-    topic, payload = done.messages()[-1]
-    messages.append(Message(topic, payload, f"the hash list of {package.label}"))
-    return Cut(package, done.entry, messages)
-
-
-def chunk_size_to_use(requested: int | None, limits: mqtt.BrokerLimits) -> tuple[int, str]:
-    """The chunk size (0: none) and why, from --chunk-size and what the broker said."""
-    if requested is not None:
-        return requested, "--chunk-size" if requested else "--chunk-size off"
-    size = chunks.chunk_size_for(limits.max_packet_size)
-    if size < manifest.MIN_CHUNK:
-        raise MpyBloxError(
-            f"the broker takes packets of at most {limits.max_packet_size} bytes "
-            f"({limits.describe()}): too small even for chunks of 1K, the smallest a "
-            "device takes"
-        )
-    if size == chunks.DEFAULT_CHUNK_SIZE:
-        return size, f"the default; {limits.describe()}"
-    return size, f"to fit the broker's limit of {limits.max_packet_size} bytes"
-
-
-def check_sizes(
-    messages: Sequence[Message], limits: mqtt.BrokerLimits, expiry: set[str], broker
-) -> None:
-    """Refuse, before anything is sent, a message larger than the broker takes."""
-    limit = limits.max_packet_size
-    if not limit:
-        return
-    for m in messages:
-        size = mqtt.packet_size(m.topic, len(m.payload), limits.mqtt5, m.topic in expiry)
-        if size <= limit:
-            continue
-        fit = chunks.chunk_size_for(limit)
-        hint = (
-            f"publish with a smaller --chunk-size, e.g. --chunk-size {format_size(fit)}"
-            if m.what != "the list" and fit >= manifest.MIN_CHUNK
-            else "publish fewer packages at a time"
-        )
-        raise MpyBloxError(
-            f"{m.what}: a {size}-byte message on {m.topic} is larger than the broker at "
-            f"{broker} takes, {limit} bytes ({limits.describe()}); nothing was published: "
-            f"{hint}"
-        )
-
-
-def _hung_up(e: mqtt.HungUp, m: Message, limits: mqtt.BrokerLimits) -> str:
-    # Said when the broker drops the connection on a message: the release stops
-    # there, before its list, so no device sees it.
-    said = f"while taking {m.what}, a message of {len(m.payload)} bytes on {m.topic}; " + (
-        "the lists after it were not published"
-        if m.what == "the list"
-        else "the list was not published: no device sees this release"
-    )
-    if limits.max_packet_size:
-        return f"{e} {said}"
-    big = len(m.payload)
-    fit = chunks.DEFAULT_CHUNK_SIZE if big > chunks.DEFAULT_CHUNK_SIZE else big // 2048 * 1024
-    return (
-        f"{e} {said}. It says no limit ({limits.describe()}), but that is how a broker "
-        "refuses a packet larger than it takes (Mosquitto's max_packet_size, a hosted "
-        "broker's message size limit): publish with a smaller --chunk-size, e.g. "
-        f"--chunk-size {format_size(max(fit, manifest.MIN_CHUNK))}"
-    )
-
-
 def publish_update(
     broker: mqtt.BrokerURL,
     packages: list[Package],
@@ -416,13 +296,13 @@ def publish_update(
                 "taking the list (--expires): a device that comes later fails with "
                 "'package not on the broker'"
             )
-        size, why = chunk_size_to_use(chunk_size, limits)
-        cuts = [cut(p, size) for p in packages]
+        size, why = fit.chunk_size_to_use(chunk_size, limits)
+        cuts = [fit.cut(p, size) for p in packages]
         outgoing = [m for c in cuts for m in c.messages]
         expiring = {m.topic for m in outgoing} if package_expiry is not None else set()
         # Every package message first, then the seq: a release refused for its size
         # sends nothing and uses no seq.
-        check_sizes(outgoing, limits, expiring, broker)
+        fit.check_sizes(outgoing, limits, expiring, broker)
         seq = next_seq(client, broker, key, force, log) if key else None
         entries = [c.entry for c in cuts]
         targets = ([topics.channel_topic(channel)] if channel else []) + [
@@ -432,8 +312,8 @@ def publish_update(
         for topic in targets:
             suffix = topics.list_to(topic) if key else None
             payload = manifest.encode_list(entries, seq, key, suffix, expires, next_pubkey)
-            lists.append(Message(topic, payload, "the list"))
-        check_sizes(lists, limits, set(), broker)
+            lists.append(fit.Message(topic, payload, "the list"))
+        fit.check_sizes(lists, limits, set(), broker)
         if any(c.chunked for c in cuts):
             log(f"chunks of {format_size(size)} bytes ({why})")
         sent = 0
@@ -451,7 +331,7 @@ def publish_update(
                 try:
                     mqtt.publish_retained(client, m.topic, m.payload, expiry_s=package_expiry)
                 except mqtt.HungUp as e:
-                    raise MpyBloxError(_hung_up(e, m, limits)) from None
+                    raise MpyBloxError(fit.hung_up(e, m, limits)) from None
                 sent += len(m.payload)
         for m in lists:
             if on_list:
@@ -459,7 +339,7 @@ def publish_update(
             try:
                 mqtt.publish_retained(client, m.topic, m.payload, timeout=30)
             except mqtt.HungUp as e:
-                raise MpyBloxError(_hung_up(e, m, limits)) from None
+                raise MpyBloxError(fit.hung_up(e, m, limits)) from None
             sent += len(m.payload)
             log(f"list{f' seq {seq}' if seq else ' (unsigned)'} -> {m.topic}")
         chunked = size if any(c.chunked for c in cuts) else 0
@@ -564,7 +444,7 @@ def release(
     key = load_key(str(key_file) if key_file else None)
     expires_at = int(time.time()) + parse_duration(expires) if expires else None
     next_hex = keys.load_public_key(next_pubkey) if next_pubkey else None
-    chunk_bytes = parse_chunk_size(chunk_size) if chunk_size is not None else None
+    chunk_bytes = fit.parse_chunk_size(chunk_size) if chunk_size is not None else None
     package_expiry = parse_expire(expire) if expire else None
     if key is None and (expires_at or next_hex):
         raise MpyBloxError("--expires and --next-pubkey need a signed list: give --key-file")
