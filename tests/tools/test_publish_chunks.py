@@ -316,3 +316,27 @@ def test_expire_puts_a_message_expiry_on_packages_and_chunks_and_they_go(broker,
     time.sleep(3.5)
     assert not _retained(broker, "mpypi/packages/src/exp/#")
     assert _list(broker, "exp")  # still there: prune or the next release replaces it
+
+
+def test_json_names_the_chunks_and_the_progress_goes_to_stderr(limited, tmp_path, capsys):
+    import json
+
+    _file(tmp_path, "j.bin", 70_000)
+    assert _publish(limited, "j", "--json", "--extra-src-files", "j.bin:out/j.bin") == 0
+    got = capsys.readouterr()
+    doc = json.loads(got.out)
+    [e] = [e for e in doc["packages"] if e.get("path") == "out/j.bin"]
+    assert (e["chunk_size"], e["chunks"]) == (65536, 2) and doc["ok"] is True
+    assert "package out/j.bin: 70000 bytes in 2 chunks" in got.err
+
+
+def test_packages_that_expire_before_the_list_are_warned_of(broker, tmp_path, capsys):
+    _file(tmp_path, "w.py", 10)
+    args = ["--expire", "1d", "--expires", "30d", "--extra-src-files", "w.py:warn/w.py"]
+    assert _publish(broker, "warn", *args) == 0
+    assert (
+        "warning: the packages leave the broker (--expire) before devices stop taking the "
+        "list (--expires)" in capsys.readouterr().out
+    )
+    assert _publish(broker, "warn", "--expire", "30d", "--expires", "1d") == 0
+    assert "warning" not in capsys.readouterr().out
