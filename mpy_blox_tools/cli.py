@@ -304,8 +304,10 @@ def _add_publish(sub: argparse._SubParsersAction) -> None:
         "mpy-blox publish --channel stable --extra-src-files user_main.py \\\n"
         "    --key-file release.key --wait 300",
         "Builds the framework wheel (or takes --wheel), publishes it and the extra files\n"
-        "retained by SHA256, then the signed list. With --wait, follows each device until\n"
-        "it has confirmed the update (a device on trial is still in progress) or failed.",
+        "retained by SHA256 (as chunks when larger than --chunk-size), then the signed list.\n"
+        "A release the broker would refuse is refused whole, before anything is sent.\n"
+        "With --wait, follows each device until it has confirmed the update (a device on\n"
+        "trial is still in progress) or failed.",
     )
     add_arguments(p)
     p.set_defaults(func=_publish)

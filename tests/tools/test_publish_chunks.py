@@ -15,7 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from mpy_blox import topics
 from mpy_blox.update import manifest
-from mpy_blox_tools import chunks, mqtt, publish
+from mpy_blox_tools import chunks, fit, mqtt, publish
 from mpy_blox_tools.broker import EmbeddedBroker, Mosquitto, amqtt_installed
 from mpy_blox_tools.cli import main as cli
 from mpy_blox_tools.errors import MpyBloxError
@@ -340,3 +340,18 @@ def test_packages_that_expire_before_the_list_are_warned_of(broker, tmp_path, ca
     )
     assert _publish(broker, "warn", "--expire", "30d", "--expires", "1d") == 0
     assert "warning" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("size, chunked", [(1023, None), (1024, None), (1025, 2), (4097, 5)])
+def test_a_package_of_exactly_the_chunk_size_is_one_message_one_byte_more_is_chunks(
+    tmp_path, size, chunked
+):
+    (tmp_path / "edge.bin").write_bytes(os.urandom(size))
+    c = fit.cut(publish.src_package(tmp_path / "edge.bin"), 1024)
+    assert c.entry.get("chunks") == chunked
+    assert len(c.messages) == (chunked + 1 if chunked else 1)  # chunks and their hash list
+    if chunked:
+        assert [len(m.payload) for m in c.messages[:-1]][-1] == size - 1024 * (chunked - 1)
+        assert c.messages[-1].topic.endswith("/hashes") and len(c.messages[-1].payload) == (
+            32 * chunked
+        )
