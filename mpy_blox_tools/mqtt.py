@@ -193,7 +193,7 @@ def connect(
         try:
             return _connect(broker, client_id, timeout, paho.MQTTv5)
         except _NoMqtt5:
-            pass  # a 3.1.1 broker (amqtt): it said so in its CONNACK
+            pass  # a 3.1.1 broker (amqtt says so in its CONNACK; others hang up)
     return _connect(broker, client_id, timeout, paho.MQTTv311)
 
 
@@ -250,6 +250,11 @@ def _connect(
     reason = outcome.get("reason")
     if reason is None:  # it hung up without a CONNACK
         client.loop_stop()
+        if protocol == paho.MQTTv5:
+            # Some 3.1.1 brokers close the connection on an MQTT 5 CONNECT instead of
+            # answering it (RabbitMQ's plugin before 3.13 does); 3.1.1 is tried next,
+            # which, for any other cause, says it again.
+            raise _NoMqtt5(f"the broker at {broker} hung up on an MQTT 5 CONNECT")
         error = outcome.get("error", "no CONNACK")
         hint = "" if broker.client_cert or not broker.tls else "; does it want --client-cert?"
         raise MpyBloxError(f"the broker at {broker} hung up: {error}{hint}")

@@ -355,3 +355,33 @@ def test_a_package_of_exactly_the_chunk_size_is_one_message_one_byte_more_is_chu
         assert c.messages[-1].topic.endswith("/hashes") and len(c.messages[-1].payload) == (
             32 * chunked
         )
+
+
+def test_a_3_1_1_broker_that_hangs_up_on_an_mqtt_5_connect_is_spoken_to_in_3_1_1():
+    # A scripted broker (as RabbitMQ's plugin before 3.13 does): it closes the
+    # connection on an MQTT 5 CONNECT and answers a 3.1.1 one.
+    import socket
+
+    levels = []
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        for _ in range(2):
+            conn, _ = server.accept()
+            data = conn.recv(256)  # a CONNECT: 0x10, length, "\0\4MQTT", level
+            levels.append(data[8])
+            if data[8] == 4:
+                conn.sendall(b"\x20\x02\x00\x00")  # CONNACK: accepted
+                conn.recv(256)  # until the client's DISCONNECT
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    c = mqtt.connect(mqtt.BrokerURL("127.0.0.1", server.getsockname()[1]), mqtt5=True)
+    try:
+        assert mqtt.broker_limits(c) == mqtt.BrokerLimits(False, None)
+    finally:
+        mqtt.disconnect(c)
+        thread.join(5)
+        server.close()
+    assert levels == [5, 4]
