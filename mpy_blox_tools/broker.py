@@ -214,13 +214,17 @@ class EmbeddedBroker(LocalBroker):
 
     name = "embedded amqtt"
 
-    def __init__(self, directory: str | Path, *, port: int | None = None) -> None:
+    def __init__(
+        self, directory: str | Path, *, port: int | None = None, max_packet_size: int | None = None
+    ) -> None:
         super().__init__(directory, port, "127.0.0.1")
+        self.max_packet_size = max_packet_size  # --max-packet-size; None: its default
 
     def command(self) -> list[str]:
+        limit = ["--max-packet-size", str(self.max_packet_size)] if self.max_packet_size else []
         return [
             sys.executable, "-m", "mpy_blox_tools.cli", "broker", "--engine", "amqtt",
-            "--port", str(self.port), "--bind", self.host, "--dir", str(self.dir),
+            "--port", str(self.port), "--bind", self.host, "--dir", str(self.dir), *limit,
         ]  # fmt: skip
 
 

@@ -313,6 +313,8 @@ def _publish(args: argparse.Namespace) -> int:
         expires=args.expires,
         next_pubkey=args.next_pubkey,
         force=args.force,
+        chunk_size=args.chunk_size,
+        expire=args.expire,
         wait=args.wait,
         ca_file=args.ca_file,
         client_cert=args.client_cert,
@@ -334,8 +336,10 @@ def _add_publish(sub: argparse._SubParsersAction) -> None:
         "mpy-blox publish --channel stable --extra-src-files user_main.py \\\n"
         "    --key-file release.key --wait 300",
         "Builds the framework wheel (or takes --wheel), publishes it and the extra files\n"
-        "retained by SHA256, then the signed list. With --wait, follows each device until\n"
-        "it has confirmed the update (a device on trial is still in progress) or failed.",
+        "retained by SHA256 (as chunks when larger than --chunk-size), then the signed list.\n"
+        "A release the broker would refuse is refused whole, before anything is sent.\n"
+        "With --wait, follows each device until it has confirmed the update (a device on\n"
+        "trial is still in progress) or failed.",
     )
     add_arguments(p)
     p.set_defaults(func=_publish)
@@ -403,6 +407,40 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
         "in a log; Ctrl-C stops it",
     )
     p.set_defaults(func=_status)
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from mpy_blox_tools import prune
+    from mpy_blox_tools.mqtt import BrokerURL
+
+    broker = BrokerURL.parse(args.broker) if args.broker else BrokerURL.from_settings()
+    broker = broker.with_tls(args.ca_file, args.client_cert, args.client_key)
+    prune.prune(broker, yes=args.yes)
+    return 0
+
+
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    from mpy_blox_tools.mqtt import add_connect_arguments
+
+    p = _command(
+        sub,
+        "prune",
+        "list the retained packages and chunks that no current list references; "
+        "--yes deletes them",
+        "mpy-blox prune --broker mqtt://broker.lan\n"
+        "mpy-blox prune --broker mqtt://broker.lan --yes",
+        "Reads every retained list (channels and devices' cmd, signed or not: no key is\n"
+        "needed) and every retained package, chunk and hash list under mpypi/packages/.\n"
+        "A list it cannot read stops it: nothing is deleted. Do not run --yes while a\n"
+        "publish is under way (it refuses if it sees the lists change).",
+    )
+    add_connect_arguments(
+        p, "mqtt[s]://[user[:password]@]host[:port] (default: from ./settings.json)"
+    )
+    p.add_argument(
+        "--yes", action="store_true", help="delete them (an empty retained message on each)"
+    )
+    p.set_defaults(func=_prune)
 
 
 def _broker(args: argparse.Namespace) -> int:
@@ -580,6 +618,7 @@ PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_publish,
     _add_keygen,
     _add_status,
+    _add_prune,
     _add_broker,
     _add_vboard,
     _add_demo,

@@ -9,6 +9,12 @@ Every command that connects takes the same flags (`add_connect_arguments`) and t
 them into one `BrokerURL` (`BrokerURL.with_tls`), which `connect` uses: the TLS
 options are threaded through once, not per command. `--key-file` is the update key
 (publish), hence `--client-key` for the TLS one.
+
+The publisher connects with `connect(broker, mqtt5=True)`: MQTT 5 where the broker
+speaks it, for its CONNACK's Maximum Packet Size and for message expiry, MQTT 3.1.1
+otherwise (the embedded amqtt broker). `broker_limits(client)` says what it learnt;
+`publish_retained` sends one retained QoS 1 message and says so when the broker hangs
+up on it (a broker that refuses a packet too large for it without saying its limit).
 """
 
 from __future__ import annotations
@@ -19,18 +25,28 @@ import json
 import os
 import ssl
 import threading
+import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from mpy_blox_tools.errors import MpyBloxError
 
 CONNECT_TIMEOUT = 10.0
+PUBLISH_TIMEOUT = 120.0  # for the PUBACK of one message, a several-MiB package on a slow link
+# MQTT 5's reason code for a CONNECT in a version the broker does not speak (a 3.1.1
+# broker's return code 1, as paho reports it).
+UNSUPPORTED_PROTOCOL_VERSION = 132
+# The Message Expiry Interval is a four-byte integer (MQTT 5, 3.3.2.3.3).
+MAX_EXPIRY_S = 2**32 - 1
 RETAINED_TIMEOUT = 10.0  # for the broker to send what it retains, large packages and all
 
 
@@ -136,12 +152,58 @@ def _unreachable_hint(broker: BrokerURL, error: OSError) -> str:
     return ""
 
 
+@dataclass(frozen=True)
+class BrokerLimits:
+    """What a broker said about itself in its CONNACK."""
+
+    mqtt5: bool  # it speaks MQTT 5 (message expiry, properties)
+    max_packet_size: int | None  # its Maximum Packet Size; None: not said (3.1.1: never)
+
+    def describe(self) -> str:
+        """Where a limit came from, for messages."""
+        if self.max_packet_size:
+            return "Maximum Packet Size in the broker's MQTT 5 CONNACK"
+        if self.mqtt5:
+            return "the broker's MQTT 5 CONNACK says no limit"
+        return "the broker speaks only MQTT 3.1.1, which has no way to say its limit"
+
+
+_LIMITS: weakref.WeakKeyDictionary[paho.Client, BrokerLimits] = weakref.WeakKeyDictionary()
+
+
+def broker_limits(client: paho.Client) -> BrokerLimits:
+    """What the broker of a client from `connect` said about itself."""
+    return _LIMITS.get(client, BrokerLimits(False, None))
+
+
+class _NoMqtt5(MpyBloxError):
+    pass
+
+
 def connect(
-    broker: BrokerURL, client_id: str | None = None, timeout: float = CONNECT_TIMEOUT
+    broker: BrokerURL,
+    client_id: str | None = None,
+    timeout: float = CONNECT_TIMEOUT,
+    mqtt5: bool = False,
 ) -> paho.Client:
-    """A paho client, connected, with its network loop running; clear errors otherwise."""
+    """A paho client, connected, with its network loop running; clear errors otherwise.
+
+    `mqtt5`: MQTT 5 if the broker speaks it, else 3.1.1 (`broker_limits` says which)."""
+    if mqtt5:
+        try:
+            return _connect(broker, client_id, timeout, paho.MQTTv5)
+        except _NoMqtt5:
+            pass  # a 3.1.1 broker (amqtt says so in its CONNACK; others hang up)
+    return _connect(broker, client_id, timeout, paho.MQTTv311)
+
+
+def _connect(
+    broker: BrokerURL, client_id: str | None, timeout: float, protocol: int
+) -> paho.Client:
     client = paho.Client(
-        CallbackAPIVersion.VERSION2, client_id=client_id or f"mpy-blox-{uuid.uuid4().hex[:12]}"
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id or f"mpy-blox-{uuid.uuid4().hex[:12]}",
+        protocol=protocol,
     )
     if broker.username is not None:
         client.username_pw_set(broker.username, broker.password)
@@ -152,6 +214,7 @@ def connect(
 
     def on_connect(c, userdata, flags, reason: ReasonCode, properties):
         outcome["reason"] = reason
+        outcome["properties"] = properties
         done.set()
 
     def on_disconnect(c, userdata, flags, reason: ReasonCode, properties):
@@ -187,13 +250,24 @@ def connect(
     reason = outcome.get("reason")
     if reason is None:  # it hung up without a CONNACK
         client.loop_stop()
+        if protocol == paho.MQTTv5:
+            # Some 3.1.1 brokers close the connection on an MQTT 5 CONNECT instead of
+            # answering it (RabbitMQ's plugin before 3.13 does); 3.1.1 is tried next,
+            # which, for any other cause, says it again.
+            raise _NoMqtt5(f"the broker at {broker} hung up on an MQTT 5 CONNECT")
         error = outcome.get("error", "no CONNACK")
         hint = "" if broker.client_cert or not broker.tls else "; does it want --client-cert?"
         raise MpyBloxError(f"the broker at {broker} hung up: {error}{hint}")
     if reason.is_failure:
         client.loop_stop()
+        if protocol == paho.MQTTv5 and reason.value == UNSUPPORTED_PROTOCOL_VERSION:
+            raise _NoMqtt5(f"the broker at {broker} does not speak MQTT 5")
         raise MpyBloxError(f"the broker at {broker} refused the connection: {reason}")
     client.on_connect = client.on_disconnect = client.on_log = None
+    properties = outcome.get("properties")
+    _LIMITS[client] = BrokerLimits(
+        protocol == paho.MQTTv5, getattr(properties, "MaximumPacketSize", None)
+    )
     return client
 
 
@@ -228,6 +302,90 @@ def add_connect_arguments(p: argparse.ArgumentParser, broker_help: str) -> None:
         help="with mqtts://: a client certificate for a broker that asks for one",
     )
     p.add_argument("--client-key", metavar="PEM", help="the private key of --client-cert")
+
+
+def packet_size(topic: str, payload_size: int, mqtt5: bool, expiry: bool = False) -> int:
+    """The bytes of a QoS 1 PUBLISH of `payload_size` bytes on `topic`, as a broker
+    compares it with its maximum packet size: fixed header, topic, packet id, the
+    MQTT 5 properties (a Message Expiry Interval: 5 bytes), payload."""
+    properties = 5 if expiry else 0
+    remaining = 2 + len(topic.encode()) + 2 + payload_size
+    if mqtt5:
+        remaining += _varint_size(properties) + properties
+    return 1 + _varint_size(remaining) + remaining
+
+
+def _varint_size(n: int) -> int:
+    return 1 if n < 128 else 2 if n < 16384 else 3 if n < 2097152 else 4
+
+
+class HungUp(MpyBloxError):
+    """The broker closed the connection before it acknowledged a message."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # the DISCONNECT's reason (MQTT 5) or paho's word for it
+
+
+def publish_retained(
+    client: paho.Client,
+    topic: str,
+    payload: bytes,
+    *,
+    expiry_s: int | None = None,
+    timeout: float = PUBLISH_TIMEOUT,
+) -> None:
+    """Publish one retained QoS 1 message and wait for the broker's PUBACK.
+
+    `expiry_s`: an MQTT 5 Message Expiry Interval (the client must be MQTT 5). Raises
+    HungUp when the connection drops first: paho would reconnect and send the message
+    again, to be dropped again, for ever (Mosquitto's answer to a packet over its
+    `max_packet_size` from a 3.1.1 client is to hang up)."""
+    properties = None
+    if expiry_s is not None:
+        if not broker_limits(client).mqtt5:
+            raise MpyBloxError("message expiry needs an MQTT 5 connection")
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.MessageExpiryInterval = expiry_s
+    lost: list[str] = []
+    chained = client.on_disconnect
+
+    def on_disconnect(c, userdata, flags, reason, props):
+        lost.append(str(reason))
+        if chained is not None:
+            chained(c, userdata, flags, reason, props)
+
+    client.on_disconnect = on_disconnect
+    try:
+        if not client.is_connected():
+            raise HungUp(f"not connected to the broker at {client.host}:{client.port}", "")
+        info = client.publish(topic, payload, qos=1, retain=True, properties=properties)
+        deadline = time.monotonic() + timeout
+        while True:
+            if lost or not client.is_connected() or info.rc == paho.MQTT_ERR_NO_CONN:
+                reason = lost[0] if lost else "connection lost"
+                # An MQTT 5 broker says why in its DISCONNECT; paho's word for a
+                # 3.1.1 broker's closed socket ("Unspecified error") says nothing.
+                why = f" ({reason})" if lost and broker_limits(client).mqtt5 else ""
+                raise HungUp(
+                    f"the broker at {client.host}:{client.port} closed the connection{why}",
+                    reason,
+                )
+            if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_AGAIN):
+                raise MpyBloxError(f"cannot publish on {topic}: {paho.error_string(info.rc)}")
+            if info.is_published():
+                return
+            if time.monotonic() > deadline:
+                raise MpyBloxError(
+                    f"no PUBACK from the broker at {client.host}:{client.port} within "
+                    f"{timeout:.0f}s for {len(payload)} bytes on {topic}"
+                )
+            try:
+                info.wait_for_publish(0.05)
+            except (RuntimeError, ValueError):
+                pass  # its rc changed while we waited: said at the top of the loop
+    finally:
+        client.on_disconnect = chained
 
 
 def disconnect(client: paho.Client) -> None:

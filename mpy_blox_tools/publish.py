@@ -9,6 +9,12 @@ the whole `mpy-blox publish`: build, publish, follow the devices.
 The list format, its signature and the topics come from `mpy_blox.update.manifest`,
 the same module the devices run. Packages are published before the list that names
 them, so a device never sees a list whose packages are missing.
+
+A package larger than the chunk size goes out as chunks and a hash list
+(`mpy_blox_tools.chunks`, docs/protocol.md "Chunked packages"). The chunk size is
+--chunk-size, else the default lowered to fit the Maximum Packet Size the broker
+states in its MQTT 5 CONNACK. Every message is checked against that limit before
+the first is sent: a release the broker would refuse is refused whole, here.
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ from mpy_blox import topics
 from mpy_blox.update import manifest
 from mpy_blox.update.manifest import InvalidUpdate
 from mpy_blox.update.paths import check_src_path, check_wheel_path, fold
-from mpy_blox_tools import build, fleet, keys, mqtt, wheel
+from mpy_blox_tools import build, fit, fleet, keys, mqtt, wheel
 from mpy_blox_tools.errors import MpyBloxError, read_file
 from mpy_blox_tools.keys import ReleaseKey
+from mpy_blox_tools.micropython import format_size
 
 KEY_ENV = "MPY_BLOX_UPDATE_KEY"
 STATE_DIR = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "mpy-blox"
@@ -147,14 +154,22 @@ def load_key(key_file: str | None) -> ReleaseKey | bytes | None:
     return keys.hmac_key(text, f"key in ${KEY_ENV}") if text else None
 
 
-def parse_duration(text: str) -> int:
-    """Seconds in `30d`, `12h`, `90m`, `3600s` or `2w` (--expires)."""
+def parse_duration(text: str, flag: str = "--expires") -> int:
+    """Seconds in `30d`, `12h`, `90m`, `3600s` or `2w` (--expires, --expire)."""
     m = re.fullmatch(r"([1-9][0-9]{0,6})([smhdw])", text.strip())
     if not m:
         raise MpyBloxError(
-            f"--expires {text!r}: expected a number and a unit, s m h d or w (e.g. 30d)"
+            f"{flag} {text!r}: expected a number and a unit, s m h d or w (e.g. 30d)"
         )
     return int(m.group(1)) * DURATION_UNITS[m.group(2)]
+
+
+def parse_expire(text: str) -> int:
+    """--expire: the packages' MQTT 5 Message Expiry Interval, in seconds."""
+    seconds = parse_duration(text, "--expire")
+    if seconds > mqtt.MAX_EXPIRY_S:
+        raise MpyBloxError(f"--expire {text!r}: at most {mqtt.MAX_EXPIRY_S} s (MQTT 5's limit)")
+    return seconds
 
 
 def _verified_seqs(client, key: ReleaseKey | bytes, log) -> dict[str, int]:
@@ -230,8 +245,9 @@ def next_seq(
 class Published:
     seq: int | None
     list_topics: list[str]
-    payload_bytes: int  # everything this publish sent: packages and lists
+    payload_bytes: int  # everything this publish sent: packages, chunks, hash lists, lists
     entries: list[dict]
+    chunk_size: int = 0  # of the chunked packages; 0: none was chunked
 
 
 def publish_update(
@@ -244,6 +260,8 @@ def publish_update(
     expires: int | None = None,
     next_pubkey: str | None = None,
     force: bool = False,
+    chunk_size: int | None = None,
+    package_expiry: int | None = None,
     client=None,
     log=print,
     on_list: Callable[[int | None, bytes], None] | None = None,
@@ -252,34 +270,80 @@ def publish_update(
 
     `key` signs the list (a ReleaseKey: Ed25519; bytes: an HMAC update.key; None:
     the unsigned seed form). `expires` (Unix time) and `next_pubkey` (64 hex, the
-    release key that comes next) go into a signed list's body. `on_list(seq, payload)`
-    is called before each list goes out (`watch.Watcher.expect_list`)."""
+    release key that comes next) go into a signed list's body. `chunk_size`: bytes
+    (--chunk-size), 0 for one message a package, None for the default that fits the
+    broker. `package_expiry`: seconds after which the broker drops the packages and
+    their chunks (MQTT 5 message expiry; refused on an MQTT 3.1.1 broker).
+    `on_list(seq, payload)` is called before each list goes out
+    (`watch.Watcher.expect_list`). A `client` of our own comes from
+    `mqtt.connect(broker, mqtt5=True)`; another 3.1.1 client learns no limit."""
     check_targets(channel, device_ids)
     if key is None and (expires is not None or next_pubkey is not None):
         raise MpyBloxError("--expires and --next-pubkey need a signed list: give --key-file")
     own = client is None
-    client = client or mqtt.connect(broker)
+    client = client or mqtt.connect(broker, mqtt5=True)
     try:
-        # The seq first: a publish refused for its seq sends nothing.
+        limits = mqtt.broker_limits(client)
+        if package_expiry is not None and not limits.mqtt5:
+            raise MpyBloxError(
+                f"--expire: the broker at {broker} speaks only MQTT 3.1.1, which has no "
+                "message expiry; nothing was published: publish without --expire and "
+                "remove old packages with `mpy-blox prune`"
+            )
+        if package_expiry is not None and expires and time.time() + package_expiry < expires:
+            log(
+                "warning: the packages leave the broker (--expire) before devices stop "
+                "taking the list (--expires): a device that comes later fails with "
+                "'package not on the broker'"
+            )
+        size, why = fit.chunk_size_to_use(chunk_size, limits)
+        cuts = [fit.cut(p, size) for p in packages]
+        outgoing = [m for c in cuts for m in c.messages]
+        expiring = {m.topic for m in outgoing} if package_expiry is not None else set()
+        # Every package message first, then the seq: a release refused for its size
+        # sends nothing and uses no seq.
+        fit.check_sizes(outgoing, limits, expiring, broker)
         seq = next_seq(client, broker, key, force, log) if key else None
-        sent = 0
-        for p in packages:
-            log(f"package {p.label}: {len(p.data)} bytes -> {p.topic}")
-            client.publish(p.topic, p.data, qos=1, retain=True).wait_for_publish(120)
-            sent += len(p.data)
-        entries = [p.entry for p in packages]
+        entries = [c.entry for c in cuts]
         targets = ([topics.channel_topic(channel)] if channel else []) + [
             topics.node_topic(d, "cmd") for d in device_ids
         ]
+        lists = []
         for topic in targets:
             suffix = topics.list_to(topic) if key else None
             payload = manifest.encode_list(entries, seq, key, suffix, expires, next_pubkey)
+            lists.append(fit.Message(topic, payload, "the list"))
+        fit.check_sizes(lists, limits, set(), broker)
+        if any(c.chunked for c in cuts):
+            log(f"chunks of {format_size(size)} bytes ({why})")
+        sent = 0
+        for c in cuts:
+            p = c.package
+            if c.chunked:
+                n = c.entry["chunks"]
+                log(
+                    f"package {p.label}: {len(p.data)} bytes in {n} chunks -> "
+                    f"{p.topic}/0..{n - 1}, /hashes"
+                )
+            else:
+                log(f"package {p.label}: {len(p.data)} bytes -> {p.topic}")
+            for m in c.messages:
+                try:
+                    mqtt.publish_retained(client, m.topic, m.payload, expiry_s=package_expiry)
+                except mqtt.HungUp as e:
+                    raise MpyBloxError(fit.hung_up(e, m, limits)) from None
+                sent += len(m.payload)
+        for m in lists:
             if on_list:
-                on_list(seq, payload)
-            client.publish(topic, payload, qos=1, retain=True).wait_for_publish(30)
-            sent += len(payload)
-            log(f"list{f' seq {seq}' if seq else ' (unsigned)'} -> {topic}")
-        return Published(seq, targets, sent, entries)
+                on_list(seq, m.payload)
+            try:
+                mqtt.publish_retained(client, m.topic, m.payload, timeout=30)
+            except mqtt.HungUp as e:
+                raise MpyBloxError(fit.hung_up(e, m, limits)) from None
+            sent += len(m.payload)
+            log(f"list{f' seq {seq}' if seq else ' (unsigned)'} -> {m.topic}")
+        chunked = size if any(c.chunked for c in cuts) else 0
+        return Published(seq, targets, sent, entries, chunked)
     finally:
         if own:
             mqtt.disconnect(client)
@@ -350,6 +414,8 @@ def release(
     expires: str | None = None,
     next_pubkey: str | Path | None = None,
     force: bool = False,
+    chunk_size: str | int | None = None,
+    expire: str | None = None,
     wait: float | None = None,
     ca_file: str | Path | None = None,
     client_cert: str | Path | None = None,
@@ -357,8 +423,10 @@ def release(
     out=None,
 ) -> Release:
     """`publish_release`, with each device's outcome. `extra_src_files` are `FILE` or
-    `FILE:DEVICE_PATH`; `ca_file`, `client_cert` and `client_key` are the TLS files of an
-    mqtts:// broker (`mqtt.BrokerURL.with_tls`); the progress goes to `out` (stdout)."""
+    `FILE:DEVICE_PATH`; `chunk_size` is --chunk-size (`64K`, `off`; None: fit the
+    broker), `expire` is --expire (`30d`: the broker drops the packages after that);
+    `ca_file`, `client_cert` and `client_key` are the TLS files of an mqtts:// broker
+    (`mqtt.BrokerURL.with_tls`); the progress goes to `out` (stdout)."""
     from mpy_blox_tools import watch
 
     out = out or sys.stdout
@@ -376,6 +444,8 @@ def release(
     key = load_key(str(key_file) if key_file else None)
     expires_at = int(time.time()) + parse_duration(expires) if expires else None
     next_hex = keys.load_public_key(next_pubkey) if next_pubkey else None
+    chunk_bytes = fit.parse_chunk_size(chunk_size) if chunk_size is not None else None
+    package_expiry = parse_expire(expire) if expire else None
     if key is None and (expires_at or next_hex):
         raise MpyBloxError("--expires and --next-pubkey need a signed list: give --key-file")
     device_ids = tuple(device_ids)
@@ -392,7 +462,7 @@ def release(
     else:
         framework = wheel_package(build.build(platform=platform, dev=dev))
     packages = [framework, *sources]
-    client = mqtt.connect(broker)
+    client = mqtt.connect(broker, mqtt5=True)
     try:
         watcher = None
         if wait:
@@ -407,6 +477,8 @@ def release(
             expires=expires_at,
             next_pubkey=next_hex,
             force=force,
+            chunk_size=chunk_bytes,
+            package_expiry=package_expiry,
             client=client,
             log=log,
             on_list=watcher.expect_list if watcher else None,
@@ -468,6 +540,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--expires",
         metavar="DURATION",
         help="devices refuse the list after this long, e.g. 30d, 12h (s m h d w)",
+    )
+    p.add_argument(
+        "--chunk-size",
+        metavar="SIZE",
+        help="cut packages larger than SIZE into chunks of SIZE (e.g. 64K, 1M; 0 or off: "
+        "one message a package); default: 64K, lowered to fit the broker's MQTT 5 "
+        "Maximum Packet Size",
+    )
+    p.add_argument(
+        "--expire",
+        metavar="DURATION",
+        help="the broker drops the packages and chunks after this long, e.g. 30d (an MQTT 5 "
+        "message expiry; not the lists); refused on an MQTT 3.1.1 broker",
     )
     p.add_argument(
         "--next-pubkey",

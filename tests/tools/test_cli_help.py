@@ -31,7 +31,7 @@ COMMANDS = list(_commands(build_parser()))
 def test_the_walk_finds_every_command():
     names = {" ".join(path) for path, _ in COMMANDS}
     assert {"build", "publish", "status", "broker", "vboard create", "vboard run"} <= names
-    assert {"deploy app", "deploy purge-lib", "vboard net", "keygen", "demo"} <= names
+    assert {"deploy app", "deploy purge-lib", "vboard net", "keygen", "demo", "prune"} <= names
 
 
 @pytest.mark.parametrize("path, parser", COMMANDS, ids=[" ".join(p) for p, _ in COMMANDS])
