@@ -7,8 +7,8 @@
 #   mpypi/nodes/{device_id}/info|status   what a device reports
 #   mpypi/packages/wheel/{sha256}         a wheel's bytes
 #   mpypi/packages/src/{path}/{sha256}    a source file's bytes
-#   {package topic}/{k}                   chunk k (0, 1, ...) of a chunked package
-#   {package topic}/hashes                its hash list
+#   {package topic}/{chunk_size}/{k}      chunk k (0, 1, ...) of a chunked package
+#   {package topic}/{chunk_size}/hashes   its hash list
 #
 # A list is valid on one topic: its "to" field and the install boot name it
 # without the prefix ("channels/stable", "nodes/<id>/cmd": list_to()).
@@ -46,5 +46,7 @@ def package_topic(entry):
 
 
 def chunk_topic(entry, k):
-    """Where chunk k of a chunked package is retained; k None: its hash list."""
-    return package_topic(entry) + ("/hashes" if k is None else "/%d" % k)
+    """Where chunk k of a chunked package is retained; k None: its hash list.
+    Under its chunk size: the same package cut two ways is two sets of chunks,
+    so a list keeps its chunks when the package is published again in others."""
+    return "%s/%d/%s" % (package_topic(entry), entry["chunk_size"], "hashes" if k is None else k)

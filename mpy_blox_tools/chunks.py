@@ -17,7 +17,7 @@ from mpy_blox.update import manifest
 DEFAULT_CHUNK_SIZE = 64 * 1024
 # What a PUBLISH adds to its payload, at most: fixed header (5), topic length (2),
 # the longest package topic (mpypi/packages/src/ + a 255-byte path + / + 64 hex +
-# /hashes), packet id (2), MQTT 5 properties (message expiry and their length).
+# /16777216/hashes), packet id (2), MQTT 5 properties (message expiry and their length).
 PUBLISH_OVERHEAD = 512
 
 
@@ -53,7 +53,7 @@ def chunk(entry: dict, data: bytes, chunk_size: int) -> Chunked:
     try:
         manifest.check_entry(out, True)
     except manifest.InvalidUpdate as e:
-        raise ValueError(f"cannot cut {len(data)} bytes into {chunk_size}-byte chunks: {e}")
+        raise ValueError(f"cannot cut {len(data)} bytes into {chunk_size}-byte chunks: {e}") from e
     return Chunked(out, hashes, chunks)
 
 

@@ -59,8 +59,9 @@ class Orphan:
         )
         if n:
             parts.append(f"{n} chunk{'s' if n != 1 else ''}")
-        if self.package_topic + "/hashes" in self.sizes:
-            parts.append("hash list")
+        hash_lists = sum(1 for t in self.sizes if t.endswith("/hashes"))
+        if hash_lists:
+            parts.append("hash list" if hash_lists == 1 else f"{hash_lists} hash lists")
         return " + ".join(parts)
 
 
@@ -92,7 +93,10 @@ def package_of(topic: str) -> str | None:
     if not ((parts[2] == "wheel" and i == 3) or (parts[2] == "src" and i >= 4)):
         return None
     rest = parts[i + 1 :]
-    if rest and not (len(rest) == 1 and (rest[0] == "hashes" or rest[0].isdigit())):
+    # A chunk or hash list: {package topic}/{chunk_size}/{k or "hashes"}.
+    if rest and not (
+        len(rest) == 2 and rest[0].isdigit() and (rest[1] == "hashes" or rest[1].isdigit())
+    ):
         return None
     return "/".join(parts[: i + 1])
 

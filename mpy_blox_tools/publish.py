@@ -323,7 +323,7 @@ def publish_update(
                 n = c.entry["chunks"]
                 log(
                     f"package {p.label}: {len(p.data)} bytes in {n} chunks -> "
-                    f"{p.topic}/0..{n - 1}, /hashes"
+                    f"{p.topic}/{c.entry['chunk_size']}/0..{n - 1}, /hashes"
                 )
             else:
                 log(f"package {p.label}: {len(p.data)} bytes -> {p.topic}")

@@ -162,9 +162,11 @@ def test_prune_refuses_to_delete_when_the_lists_change_while_it_reads(
     "topic, owner",
     [
         ("mpypi/packages/wheel/" + "a" * 64, "mpypi/packages/wheel/" + "a" * 64),
-        ("mpypi/packages/wheel/" + "a" * 64 + "/12", "mpypi/packages/wheel/" + "a" * 64),
-        ("mpypi/packages/src/" + "b" * 64 + "/x.py/" + "a" * 64 + "/hashes",
+        ("mpypi/packages/wheel/" + "a" * 64 + "/65536/12", "mpypi/packages/wheel/" + "a" * 64),
+        ("mpypi/packages/src/" + "b" * 64 + "/x.py/" + "a" * 64 + "/1024/hashes",
          "mpypi/packages/src/" + "b" * 64 + "/x.py/" + "a" * 64),
+        ("mpypi/packages/wheel/" + "a" * 64 + "/12", None),  # no chunk size
+        ("mpypi/packages/wheel/" + "a" * 64 + "/hashes", None),
         ("mpypi/packages/src/" + "a" * 64, None),  # no path
         ("mpypi/packages/wheel/x/" + "a" * 64, None),
         ("mpypi/packages/wheel/" + "A" * 64, None),
