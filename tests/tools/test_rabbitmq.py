@@ -133,7 +133,7 @@ def test_a_dev_release_installs_and_status_lists_the_board_on_rabbitmq_announce_
         ]
     )  # fmt: skip
     out = capsys.readouterr().out
-    assert status == 0, out + rb.output()
+    assert status == 0, out + rb.console()
     rb.wait_for("v2 running", timeout=60)
 
     assert cli(["status", "--broker", rabbitmq.url]) == 0
