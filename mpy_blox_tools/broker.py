@@ -368,12 +368,20 @@ class RabbitMQ(LocalBroker):
     name = "RabbitMQ"
     log_name = "rabbitmq.log"
 
-    def __init__(self, directory: str | Path, *, port: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        port: int | None = None,
+        epmd_port: int | None = None,
+        cookie: str | None = None,
+    ) -> None:
+        """`epmd_port` and `cookie`: the same for nodes that are to be clustered (`join`)."""
         self.executable = find_rabbitmq()
         if not self.executable:
             raise MpyBloxError(RABBITMQ_HINT)
         super().__init__(directory, port, "127.0.0.1")
-        self.epmd_port = free_port()
+        self.epmd_port = epmd_port or free_port()
         self.dist_port = free_port()
         self.nodename = f"mpyblox-{os.getpid()}-{self.port}@localhost"
         self.user = "rabbitmq" if os.geteuid() == 0 else None
@@ -393,6 +401,10 @@ class RabbitMQ(LocalBroker):
         (self.dir / "rabbitmq-env.conf").write_text("")  # not /etc/rabbitmq's
         for sub in ("mnesia", "log", "home"):
             (self.dir / sub).mkdir(exist_ok=True)
+        if cookie:
+            path = self.dir / "home" / ".erlang.cookie"
+            path.write_text(cookie)
+            path.chmod(0o400)  # Erlang refuses a cookie others can read
         if self.user:
             for path in [self.dir, *self.dir.rglob("*")]:
                 shutil.chown(path, self.user, self.user)
@@ -440,6 +452,33 @@ class RabbitMQ(LocalBroker):
                 f"and {self.dir / 'log'}"
             )
         return self
+
+    def ctl(self, *args: str, timeout: float = 120) -> str:
+        """`rabbitmqctl -n NODE ARGS...` as the node's user; its output, or MpyBloxError."""
+        ctl = Path(self.executable).with_name("rabbitmqctl")
+        done = subprocess.run(
+            [str(ctl), "-n", self.nodename, *args],
+            env=self.environment(),
+            cwd=self.dir,
+            user=self.user,
+            group=self.user,
+            extra_groups=[] if self.user else None,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if done.returncode:
+            raise MpyBloxError(f"rabbitmqctl {' '.join(args)}: {done.stdout}{done.stderr}")
+        return done.stdout
+
+    def join(self, other: RabbitMQ, timeout: float = 60) -> None:
+        """Make this running node a member of `other`'s cluster (same epmd, same cookie)."""
+        self.ctl("stop_app")
+        self.ctl("join_cluster", other.nodename)
+        self.ctl("start_app")
+        if not wait_for_port(self.host, self.port, timeout):
+            raise MpyBloxError(f"{self.name} {self.nodename}: no MQTT after joining a cluster")
 
     def _signal(self, signum: int) -> None:
         super()._signal(signum)

@@ -25,7 +25,7 @@ import pytest
 
 from mpy_blox import topics
 from mpy_blox_tools import deploy, publish
-from mpy_blox_tools.broker import RABBITMQ_HINT, RabbitMQ, find_rabbitmq
+from mpy_blox_tools.broker import RABBITMQ_HINT, RabbitMQ, find_rabbitmq, free_port
 from mpy_blox_tools.cli import main as cli
 
 USER_MAIN = (
@@ -178,3 +178,53 @@ def _wait_for(got: list, n: int, limit: float) -> float:
         assert time.monotonic() < deadline, got
         time.sleep(0.02)
     return time.monotonic()
+
+
+@pytest.mark.soak
+def test_a_two_node_cluster_keeps_retained_messages_on_the_node_they_came_through():
+    # docs/scaling.md, "RabbitMQ": what a cluster does with retained messages (two
+    # more nodes: about 20 s, hence make soak).
+    if not find_rabbitmq():
+        pytest.skip(RABBITMQ_HINT)
+    epmd, cookie = free_port(), secrets.token_hex(16).upper()
+    dirs = [tempfile.mkdtemp(prefix="mpy-blox-rabbitmq-") for _ in range(2)]
+    a, b = (RabbitMQ(d, epmd_port=epmd, cookie=cookie) for d in dirs)
+    clients: list[paho.Client] = []
+
+    def client(node: RabbitMQ, got: list) -> paho.Client:
+        c = _client(node, "cluster", got)
+        clients.append(c)
+        return c
+
+    def retained_on(node: RabbitMQ, topic: str) -> list:
+        got: list = []
+        client(node, got).subscribe(topic, 1)
+        time.sleep(1.5)
+        return [payload for _, _, payload in got]
+
+    try:
+        a.start()
+        b.start()
+        b.join(a)
+        live: list = []
+        client(b, live).subscribe("x/live", 1)
+        time.sleep(0.5)
+        pub_a, pub_b = client(a, []), client(b, [])
+        pub_a.publish("x/retained", b"via a", qos=1, retain=True).wait_for_publish(10)
+        pub_a.publish("x/live", b"live", qos=1).wait_for_publish(10)
+        # Live messages cross the cluster; retained ones stay on their node.
+        assert retained_on(a, "x/retained") == [b"via a"]
+        assert retained_on(b, "x/retained") == []
+        assert [payload for _, _, payload in live] == [b"live"]
+        # A newer one through b: a keeps serving the old one.
+        pub_b.publish("x/retained", b"via b", qos=1, retain=True).wait_for_publish(10)
+        assert retained_on(b, "x/retained") == [b"via b"]
+        assert retained_on(a, "x/retained") == [b"via a"]
+    finally:
+        for c in clients:
+            c.loop_stop()
+            c.disconnect()
+        b.stop()
+        a.stop()
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
