@@ -11,15 +11,10 @@
 #          {"state": "safe_mode", "safe_mode": true, "error": "user_main failed 5 times in 60 s"}
 #   will   {"state": "offline"}  (retained, set by the broker when the link dies)
 #
-# A request on mpypi/announce (from `mpy-blox status`) is answered with info and
-# the last status again, live: subscribers that retained messages do not reach
-# (RabbitMQ's wildcard subscriptions, docs/mqtt.md) see the device all the same.
-import asyncio
+# A request on mpypi/announce is answered with both again: mpy_blox/presence.py.
 import gc
 import json
 import os
-import time
-from micropython import const
 
 from mpy_blox.log import get_logger
 from mpy_blox.topics import node_topic
@@ -27,9 +22,6 @@ from mpy_blox.topics import node_topic
 log = get_logger("node")
 
 OFFLINE = b'{"state": "offline"}'
-# At most one announce answer per this: the requests inside it are answered
-# once, at its end, so a flood of them costs two publishes every 2 s.
-_ANNOUNCE_MS = const(2000)
 
 
 def device_id():
@@ -59,8 +51,6 @@ class Node:
         self.state = "online"  # the status every (re)connect publishes; an install boot's differs
         self.state_fields = {}  # and its fields (a trial's seq and time left)
         self._status = None  # the last status published, for an announce answer
-        self._announced = None  # ticks_ms of the last announce answer
-        self._owed = False  # an answer is scheduled
 
     def info(self):
         import mpy_blox
@@ -116,26 +106,9 @@ class Node:
         await self.publish_info()
         await self.publish_status(self.state, **self.state_fields)
 
-    async def on_announce(self, msg):
-        """The handler of mpypi/announce: answer, at most once per _ANNOUNCE_MS."""
-        # A retained request is stale (and would be answered at every connect);
-        # an install boot keeps its heap for the download (its progress is live).
-        if msg.retain or self._owed or self.state == "installing":
-            return
-        self._owed = True
-        asyncio.create_task(self._announce())
-
-    async def _announce(self):
-        # A task, not the handler: it may wait, and the receive loop must not.
-        if self._announced is not None:
-            since = time.ticks_diff(time.ticks_ms(), self._announced)
-            if 0 <= since < _ANNOUNCE_MS:
-                await asyncio.sleep_ms(_ANNOUNCE_MS - since)
-        self._announced = time.ticks_ms()
-        self._owed = False
-        if not await self.publish_info():
-            return  # not connected: the next connect publishes both anyway
-        if self._status is None:  # asked before on_connect's own status
-            await self.publish_status(self.state, **self.state_fields)
-        else:
-            await self._publish("status", self._status)
+    async def republish_status(self):
+        """The last status published, again (mpy_blox/presence.py); the connect's own
+        before there is one."""
+        if self._status is None:
+            return await self.publish_status(self.state, **self.state_fields)
+        return await self._publish("status", self._status)

@@ -104,8 +104,14 @@ async def mqtt_up(mqtt, cfg, nd, announce=True):
     nd.client = c
     if announce:
         c.add_connect_callback(nd.on_connect)
+    if announce and nd.state != "installing":
         # Registered only (not connected yet): sent with the others at connect.
-        await c.subscribe(ANNOUNCE, nd.on_announce, 0)
+        # Not by an install boot: its heap and its link are the download's (its
+        # progress is published live anyway).
+        from mpy_blox import presence
+
+        presence.node = nd
+        await c.subscribe(ANNOUNCE, presence.handler, 0)
     c.start()
     try:
         await asyncio.wait_for(c.connected(), cfg.get_int("mqtt.wait_s", 30))

@@ -16,7 +16,7 @@
 # without the prefix ("channels/stable", "nodes/<id>/cmd": list_to()).
 # "+" and "#" as arguments make filters: node_topic("+", "info").
 PREFIX = "mpypi/"
-ANNOUNCE = PREFIX + "announce"
+ANNOUNCE = "mpypi/announce"  # PREFIX + "announce"
 
 
 def list_to(topic):

@@ -31,7 +31,7 @@ from mpy_blox_tools.errors import MpyBloxError
 # What mpy_blox.node.device_id() makes: "esp32-" and the lower-case hex of the
 # 6-byte base MAC.
 DEVICE_ID = re.compile(r"^esp32-([0-9a-f]{12})$")
-# A device answers an announce request at most once per 2 s (mpy_blox/node.py), a
+# A device answers an announce request at most once per 2 s (mpy_blox/presence.py), a
 # request inside that at its end: half a second more covers the round trip.
 ANSWER_WINDOW = 2.5
 
