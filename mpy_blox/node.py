@@ -10,6 +10,8 @@
 #   status {"state": "online"}   or, in safe mode,
 #          {"state": "safe_mode", "safe_mode": true, "error": "user_main failed 5 times in 60 s"}
 #   will   {"state": "offline"}  (retained, set by the broker when the link dies)
+#
+# A request on mpypi/announce is answered with both again: mpy_blox/presence.py.
 import gc
 import json
 import os
@@ -48,6 +50,7 @@ class Node:
         self.info_extra = {}  # fields owned by the update agent
         self.state = "online"  # the status every (re)connect publishes; an install boot's differs
         self.state_fields = {}  # and its fields (a trial's seq and time left)
+        self._status = None  # the last status published, for an announce answer
 
     def info(self):
         import mpy_blox
@@ -76,6 +79,8 @@ class Node:
             return False
         try:
             await client.publish(node_topic(self.device_id, leaf), payload, retain=True, qos=qos)
+            if leaf == "status":
+                self._status = payload
             return True
         except OSError as e:  # MQTTError: the link went away; the next connect republishes
             log.warning("cannot publish %s: %r", leaf, e)
@@ -100,3 +105,10 @@ class Node:
     async def on_connect(self):
         await self.publish_info()
         await self.publish_status(self.state, **self.state_fields)
+
+    async def republish_status(self):
+        """The last status published, again (mpy_blox/presence.py); the connect's own
+        before there is one."""
+        if self._status is None:
+            return await self.publish_status(self.state, **self.state_fields)
+        return await self._publish("status", self._status)

@@ -72,14 +72,14 @@ async def mqtt_up(mqtt, cfg, nd, announce=True):
     """Start node `nd`'s MQTT client (module `mqtt`); wait for it up to mqtt.wait_s.
 
     Returns the client, None without mqtt.server. announce: publish info and
-    status on every connect (nd.on_connect).
+    status on every connect (nd.on_connect), and again when mpypi/announce asks.
     """
     server = cfg.get_str("mqtt.server")
     if not server:
         log.error("no mqtt.server configured: running without MQTT and updates")
         return None
     from mpy_blox.node import OFFLINE
-    from mpy_blox.topics import node_topic
+    from mpy_blox.topics import ANNOUNCE, node_topic
 
     ssl = cfg.get_bool("mqtt.ssl", False)
     ssl_params = cfg.get_dict("mqtt.ssl_params", {})
@@ -104,6 +104,14 @@ async def mqtt_up(mqtt, cfg, nd, announce=True):
     nd.client = c
     if announce:
         c.add_connect_callback(nd.on_connect)
+    if announce and nd.state != "installing":
+        # Registered only (not connected yet): sent with the others at connect.
+        # Not by an install boot: its heap and its link are the download's (its
+        # progress is published live anyway).
+        from mpy_blox import presence
+
+        presence.node = nd
+        await c.subscribe(ANNOUNCE, presence.handler, 0)
     c.start()
     try:
         await asyncio.wait_for(c.connected(), cfg.get_int("mqtt.wait_s", 30))

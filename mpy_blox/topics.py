@@ -9,11 +9,14 @@
 #   mpypi/packages/src/{path}/{sha256}    a source file's bytes
 #   {package topic}/{chunk_size}/{k}      chunk k (0, 1, ...) of a chunked package
 #   {package topic}/{chunk_size}/hashes   its hash list
+#   mpypi/announce                        a request: every device publishes its
+#                                         info and status again (not retained)
 #
 # A list is valid on one topic: its "to" field and the install boot name it
 # without the prefix ("channels/stable", "nodes/<id>/cmd": list_to()).
 # "+" and "#" as arguments make filters: node_topic("+", "info").
 PREFIX = "mpypi/"
+ANNOUNCE = "mpypi/announce"  # PREFIX + "announce"
 
 
 def list_to(topic):

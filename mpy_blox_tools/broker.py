@@ -337,3 +337,166 @@ def run_broker(
     )
     broker.exec_foreground()
     return 0  # not reached
+
+
+RABBITMQ_HINT = (
+    "RabbitMQ is not installed: `sudo apt-get install rabbitmq-server` (Debian, Ubuntu, "
+    "WSL2; scripts/ensure-rabbitmq.sh) or `brew install rabbitmq` (macOS)"
+)
+
+
+def find_rabbitmq() -> str | None:
+    """RabbitMQ's own start script (not Debian's wrapper in /usr/sbin, which runs the
+    system node's files as user rabbitmq)."""
+    for candidate in (
+        "/usr/lib/rabbitmq/bin/rabbitmq-server",
+        "/opt/homebrew/sbin/rabbitmq-server",
+        "/usr/local/sbin/rabbitmq-server",
+    ):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return shutil.which("rabbitmq-server")
+
+
+class RabbitMQ(LocalBroker):
+    """A single RabbitMQ node with its MQTT plugin on `host`:`port`, anonymous MQTT allowed.
+
+    Everything the node writes (Mnesia, logs, the Erlang cookie, the enabled plugins
+    file) is in `directory`; its node name is unique, its distribution port and its
+    epmd (a private one, on a free port) are its own, so runs side by side, or a
+    system RabbitMQ, do not clash. Started as root it runs as user `rabbitmq`, as
+    Debian's wrapper would: its folder is made over to that user. The node takes
+    seconds to start (measured in tests/tools/test_rabbitmq.py): share one.
+    """
+
+    name = "RabbitMQ"
+    log_name = "rabbitmq.log"
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        port: int | None = None,
+        epmd_port: int | None = None,
+        cookie: str | None = None,
+    ) -> None:
+        """`epmd_port` and `cookie`: the same for nodes that are to be clustered (`join`)."""
+        self.executable = find_rabbitmq()
+        if not self.executable:
+            raise MpyBloxError(RABBITMQ_HINT)
+        super().__init__(directory, port, "127.0.0.1")
+        self.epmd_port = epmd_port or free_port()
+        self.dist_port = free_port()
+        self.nodename = f"mpyblox-{os.getpid()}-{self.port}@localhost"
+        self.user = "rabbitmq" if os.geteuid() == 0 else None
+        (self.dir / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
+        (self.dir / "rabbitmq.conf").write_text(
+            "\n".join(
+                [
+                    "listeners.tcp = none",  # no AMQP: MQTT only
+                    f"mqtt.listeners.tcp.default = {self.host}:{self.port}",
+                    "mqtt.allow_anonymous = true",  # as user guest, from loopback only
+                    "log.file.level = info",
+                    "log.console = false",
+                    "",
+                ]
+            )
+        )
+        (self.dir / "rabbitmq-env.conf").write_text("")  # not /etc/rabbitmq's
+        for sub in ("mnesia", "log", "home"):
+            (self.dir / sub).mkdir(exist_ok=True)
+        if cookie:
+            path = self.dir / "home" / ".erlang.cookie"
+            path.write_text(cookie)
+            path.chmod(0o400)  # Erlang refuses a cookie others can read
+        if self.user:
+            for path in [self.dir, *self.dir.rglob("*")]:
+                shutil.chown(path, self.user, self.user)
+
+    def environment(self) -> dict[str, str]:
+        """The node's environment; `rabbitmqctl -n NODE` needs the same."""
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self.dir / "home"),  # its .erlang.cookie
+            "LANG": "C.UTF-8",
+            "RABBITMQ_NODENAME": self.nodename,
+            "RABBITMQ_CONF_ENV_FILE": str(self.dir / "rabbitmq-env.conf"),
+            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.dir / "advanced.config"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+            "RABBITMQ_PID_FILE": str(self.dir / "rabbitmq.pid"),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "ERL_EPMD_PORT": str(self.epmd_port),
+        }
+
+    def command(self) -> list[str]:
+        return [self.executable]
+
+    def start(self, timeout: float = 60) -> RabbitMQ:
+        log = open(self.log_file, "ab")
+        self.process = subprocess.Popen(
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.dir,
+            env=self.environment(),
+            user=self.user,
+            group=self.user,
+            extra_groups=[] if self.user else None,
+        )
+        log.close()
+        # The MQTT listener opens last, once the plugin has started.
+        if not wait_for_port(self.host, self.port, timeout):
+            self.stop()
+            raise MpyBloxError(
+                f"{self.name} did not start on port {self.port}: see {self.log_file} "
+                f"and {self.dir / 'log'}"
+            )
+        return self
+
+    def ctl(self, *args: str, timeout: float = 120) -> str:
+        """`rabbitmqctl -n NODE ARGS...` as the node's user; its output, or MpyBloxError."""
+        ctl = Path(self.executable).with_name("rabbitmqctl")
+        done = subprocess.run(
+            [str(ctl), "-n", self.nodename, *args],
+            env=self.environment(),
+            cwd=self.dir,
+            user=self.user,
+            group=self.user,
+            extra_groups=[] if self.user else None,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if done.returncode:
+            raise MpyBloxError(f"rabbitmqctl {' '.join(args)}: {done.stdout}{done.stderr}")
+        return done.stdout
+
+    def join(self, other: RabbitMQ, timeout: float = 60) -> None:
+        """Make this running node a member of `other`'s cluster (same epmd, same cookie)."""
+        self.ctl("stop_app")
+        self.ctl("join_cluster", other.nodename)
+        self.ctl("start_app")
+        if not wait_for_port(self.host, self.port, timeout):
+            raise MpyBloxError(f"{self.name} {self.nodename}: no MQTT after joining a cluster")
+
+    def _signal(self, signum: int) -> None:
+        super()._signal(signum)
+        # The node started a private epmd (its own port): end it too.
+        epmd = shutil.which("epmd")
+        if epmd:
+            subprocess.run(
+                [epmd, "-kill"],
+                env={**self.environment(), "ERL_EPMD_PORT": str(self.epmd_port)},
+                capture_output=True,
+                timeout=10,
+                check=False,
+            )
+
+    def log(self) -> str:
+        logs = [self.log_file, *sorted((self.dir / "log").glob("*.log"))]
+        return "".join(p.read_text(errors="replace") for p in logs if p.is_file())

@@ -380,7 +380,9 @@ def _status(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:  # how a watch ends
             pass
         return 0
-    devices = fleet.fetch(broker)
+    if not 0 <= args.listen <= 3600:
+        raise MpyBloxError(f"--listen {args.listen:g}: from 0 (retained reports only) to 3600 s")
+    devices = fleet.fetch(broker, listen=args.listen)
     print(fleet.as_json(devices) if args.json else fleet.format_table(devices))
     return 0
 
@@ -405,6 +407,14 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="follow the fleet live: a table redrawn in a terminal, one line per change "
         "in a log; Ctrl-C stops it",
+    )
+    p.add_argument(
+        "--listen",
+        type=float,
+        default=2.5,  # fleet.ANSWER_WINDOW (not imported here: paho is slow to import)
+        metavar="SECONDS",
+        help="ask live devices to announce themselves and wait up to SECONDS for their "
+        "answers (default %(default)s; 0: retained reports only)",
     )
     p.set_defaults(func=_status)
 

@@ -6,6 +6,11 @@ them all and makes one row per device. The STATE column says why a device is in 
 state that needs a look: `trial (95s left)` (a new set running, not yet confirmed),
 `rolled_back: <reason>`, `failed: <reason>`, `safe_mode: <reason>` (user code stopped).
 `watch` follows the same topics live (`status --watch`).
+
+Both then ask every device to announce itself (`mpypi/announce`, not retained): each
+live device answers with its info and status again, within ANSWER_WINDOW. That shows
+the devices a broker does not send retained messages to a wildcard subscription for
+(RabbitMQ's MQTT plugin, docs/scaling.md), and proves who is there now.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from mpy_blox_tools.errors import MpyBloxError
 # What mpy_blox.node.device_id() makes: "esp32-" and the lower-case hex of the
 # 6-byte base MAC.
 DEVICE_ID = re.compile(r"^esp32-([0-9a-f]{12})$")
+# A device answers an announce request at most once per 2 s (mpy_blox/presence.py), a
+# request inside that at its end: half a second more covers the round trip.
+ANSWER_WINDOW = 2.5
 
 
 def check_device_id(device_id: str) -> None:
@@ -111,17 +119,72 @@ def devices_from(messages: dict[str, bytes], ages: dict[str, float] | None = Non
     return sorted(devices.values(), key=lambda d: d.device_id)
 
 
-def fetch(broker: mqtt.BrokerURL, limit: float = mqtt.RETAINED_TIMEOUT) -> list[Device]:
+FILTERS = (topics.node_topic("+", "info"), topics.node_topic("+", "status"))
+
+
+def fetch(
+    broker: mqtt.BrokerURL, limit: float = mqtt.RETAINED_TIMEOUT, listen: float = 0.0
+) -> list[Device]:
     """Every device's retained info and status, as rows (one round trip: the
-    broker's answer marks the end of the retained messages, mqtt.collect_retained)."""
+    broker's answer marks the end of the retained messages, mqtt.collect_retained).
+
+    `listen` > 0: then ask the devices to announce themselves and take their answers
+    for up to `listen` seconds (less once every device not offline has answered).
+    """
     client = mqtt.connect(broker)
     try:
-        messages = mqtt.collect_retained(
-            client, topics.node_topic("+", "info"), topics.node_topic("+", "status"), limit=limit
-        )
+        messages = mqtt.collect_retained(client, *FILTERS, limit=limit)
+        if listen > 0:
+            messages.update(ask_to_announce(client, messages, listen, limit))
     finally:
         mqtt.disconnect(client)
     return devices_from(messages)
+
+
+def ask_to_announce(
+    client, retained: dict[str, bytes], listen: float, limit: float = mqtt.RETAINED_TIMEOUT
+) -> dict[str, bytes]:
+    """Publish an announce request and collect the answers: {topic: payload}.
+
+    Subscribed first, so no answer is lost. Returns early once every device the
+    `retained` reports show not offline has answered (its status comes after its
+    info); otherwise after `listen` seconds. A redelivered retained report is kept
+    (it is as new as the one read before) but proves no device there.
+    """
+    expected = {d.device_id for d in devices_from(retained) if d.state != "offline"}
+    answers: dict[str, bytes] = {}
+    answered: set[str] = set()
+    cond = threading.Condition()
+    subscribed = threading.Event()
+
+    def on_message(c, userdata, msg) -> None:
+        node = topics.parse_node(msg.topic)
+        with cond:
+            answers[msg.topic] = msg.payload
+            if node and node[1] == "status" and not msg.retain:
+                answered.add(node[0])
+                cond.notify_all()
+
+    chained = client.on_subscribe
+    client.on_subscribe = lambda *args: subscribed.set()
+    for f in FILTERS:
+        client.message_callback_add(f, on_message)
+    try:
+        client.subscribe([(f, 1) for f in FILTERS])
+        if not subscribed.wait(limit):
+            raise MpyBloxError(
+                f"no answer from the broker at {client.host}:{client.port} to a subscription"
+            )
+        client.publish(topics.ANNOUNCE, b"", qos=0, retain=False)
+        with cond:
+            cond.wait_for(lambda: expected and expected <= answered, timeout=listen)
+            found = dict(answers)
+        client.unsubscribe(list(FILTERS))
+        return found
+    finally:
+        client.on_subscribe = chained
+        for f in FILTERS:
+            client.message_callback_remove(f)
 
 
 def state_text(d: Device) -> str:
@@ -196,7 +259,7 @@ def watch(
     KeyboardInterrupt. Starts from the retained reports, then follows live ones."""
     out = out or sys.stdout
     stop = stop or threading.Event()
-    filters = (topics.node_topic("+", "info"), topics.node_topic("+", "status"))
+    filters = FILTERS
     client = mqtt.connect(broker)
     lock, changed = threading.Lock(), threading.Event()
     arrived: dict[str, float] = {}  # when a live status arrived, by topic
@@ -236,6 +299,9 @@ def watch(
         client.subscribe([(f, 1) for f in filters])
         if not subscribed.wait(mqtt.RETAINED_TIMEOUT):
             raise MpyBloxError(f"the broker at {broker} did not answer a subscription")
+        # Live devices answer with their reports: the ones retained messages do
+        # not bring (RabbitMQ) show up too.
+        client.publish(topics.ANNOUNCE, b"", qos=0, retain=False)
         tty = out.isatty()
         drawn, shown = 0, []
         while not stop.is_set():

@@ -15,7 +15,7 @@ from mpy_blox.log import get_logger
 from mpy_blox.mqtt import dial, packet
 from mpy_blox.mqtt.errors import MQTTError, ProtocolError, SubscribeError
 from mpy_blox.mqtt.message import Message
-from mpy_blox.mqtt.topic import check_filter, matches
+from mpy_blox.mqtt.topic import check_filter, matches, respelled
 
 _STABLE_MS = const(30000)  # a connection that lasted this long resets the backoff
 _MAX_TOPIC = const(512)  # longer topics are refused: the topic string is held in RAM
@@ -367,21 +367,32 @@ class MQTTClient:
         topic = str(raw, "utf-8")
         pid = await conn.read_u16() if qos else 0
         msg = Message(conn, topic, size, qos, retain, dup)
-        for topic_filter, handler, _ in self._subs:
-            if matches(topic_filter, topic):
-                try:
-                    await handler(msg)
-                except Exception as e:
-                    if conn.error is not None:
-                        raise conn.error  # the connection failed under the handler
-                    log.exception("handler for %s failed", e, topic)
-                break
-        else:
+        handler = self._handler(topic)
+        if handler is None:
             log.debug("no handler for %s", topic)
+        else:
+            try:
+                await handler(msg)
+            except Exception as e:
+                if conn.error is not None:
+                    raise conn.error  # the connection failed under the handler
+                log.exception("handler for %s failed", e, topic)
         await msg.release()
         if qos:
             # Only now: the handler has consumed the payload (or failed on it).
             await conn.send(packet.puback(pid))
+
+    def _handler(self, topic):
+        # The first subscription whose filter matches; failing that, an exact
+        # one the broker delivered respelled ('.' as '/', RabbitMQ: topic.py).
+        # The second pass runs only for a topic nothing else matched.
+        for topic_filter, handler, _ in self._subs:
+            if matches(topic_filter, topic):
+                return handler
+        for topic_filter, handler, _ in self._subs:
+            if respelled(topic_filter, topic):
+                return handler
+        return None
 
     async def _watch(self, conn):
         keepalive = self._keepalive_ms

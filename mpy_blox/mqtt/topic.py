@@ -29,6 +29,27 @@ def matches(pattern, topic):
     return t == nt
 
 
+def respelled(pattern, topic):
+    """True if `topic` is the exact filter `pattern` with some '.' delivered as '/'.
+
+    RabbitMQ's MQTT plugin maps topics to AMQP routing keys, where '.' separates
+    words, and back again on delivery: a message published on "a/b.py" reaches
+    the subscriber of "a/b.py" as "a/b/py". A device subscribes to exact
+    topics, so the subscription says what the message is (a package's SHA256
+    check still proves its bytes). Wildcard filters never match this way.
+    """
+    n = len(pattern)
+    if n != len(topic):
+        return False
+    for i in range(n):
+        c = pattern[i]
+        if c in "+#":
+            return False
+        if c != topic[i] and not (c == "." and topic[i] == "/"):
+            return False
+    return True
+
+
 def check_filter(pattern):
     """Raise ValueError unless `pattern` is a well-formed topic filter."""
     if not pattern or len(pattern) > 65535:
