@@ -51,7 +51,8 @@ def test_status_shows_devices_in_several_states(broker, mqtt_client, capsys):
     _publish(c, base % ("000000000003", "status"), {"state": "offline"})
     _publish(c, base % ("000000000004", "status"), b"{not json")
     url = f"mqtt://{broker.host}:{broker.port}"
-    assert cli(["status", "--broker", url]) == 0
+    # Retained stand-ins answer no announce request: no time spent listening for one.
+    assert cli(["status", "--broker", url, "--listen", "0"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:3] == ["DEVICE", "STATE", "FRAMEWORK"]
     row1 = next(line for line in lines if "000000000001" in line)
@@ -64,7 +65,7 @@ def test_status_shows_devices_in_several_states(broker, mqtt_client, capsys):
     assert "offline" in row3 and row3.endswith(" -")  # no wall clock: not known when
     assert "unknown" in next(line for line in lines if "000000000004" in line)
 
-    assert cli(["status", "--broker", url, "--json"]) == 0
+    assert cli(["status", "--broker", url, "--json", "--listen", "0"]) == 0
     data = {d["device_id"]: d for d in json.loads(capsys.readouterr().out)}
     assert data["esp32-000000000001"]["packages"] == {"mpy-blox": "0.7.0", "sensors": "1.2"}
     assert data["esp32-000000000002"]["state"] == "failed"
@@ -196,7 +197,7 @@ def test_status_shows_trial_rollback_and_safe_mode_with_their_reasons(broker, mq
     _plant_app_states(c)
     try:
         url = f"mqtt://{broker.host}:{broker.port}"
-        assert cli(["status", "--broker", url]) == 0
+        assert cli(["status", "--broker", url, "--listen", "0"]) == 0
         rows = {r.split()[0]: _cells(r) for r in capsys.readouterr().out.splitlines()[1:]}
         # STATE, then LAST UPDATE: the update's own result, not the app's error.
         assert rows["esp32-00000000a001"][1] == "trial (95s left)"
@@ -206,7 +207,7 @@ def test_status_shows_trial_rollback_and_safe_mode_with_their_reasons(broker, mq
         assert rows["esp32-00000000a003"][1] == "safe_mode: user_main failed 5 times in 60 s"
         assert rows["esp32-00000000a003"][5] == "ok"
 
-        assert cli(["status", "--broker", url, "--json"]) == 0
+        assert cli(["status", "--broker", url, "--json", "--listen", "0"]) == 0
         data = {d["device_id"]: d for d in json.loads(capsys.readouterr().out)}
         got = {k: (v["state"], v["reason"], v["left_s"], v["error"]) for k, v in data.items()}
         assert got["esp32-00000000a001"] == ("trial", "", 95, "")
