@@ -1,6 +1,7 @@
 """Update agent end to end: publish -> installed, against the raw-socket limit.
 
-For src packages of 64 KiB, 1 MiB and 4 MiB on a virtual board with its lane's board
+For src packages of 64 KiB, 1 MiB and 4 MiB, each published as one message and
+in 64 KiB chunks, on a virtual board with its lane's board
 heap (the 32-bit lane's 100K, an ESP32's, when MPY_BLOX_MICROPYTHON32 names its
 binary; else the 64-bit lane's equivalent, mpy_blox_tools.micropython) and 16 MiB
 of flash, running the full app:
@@ -19,6 +20,7 @@ Ratios compare within the run (the machine is shared and noisy).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -28,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from mpy_blox_tools import deploy, micropython, mqtt, publish
+from mpy_blox_tools import chunks, deploy, micropython, mqtt, publish
 from mpy_blox_tools.broker import Mosquitto
 from mpy_blox_tools.vboard.board import Board
 from mpy_blox_tools.vboard.process import RunningBoard
@@ -36,6 +38,9 @@ from mpy_blox_tools.vboard.process import RunningBoard
 LANE = micropython.board_lane()
 TITLE = f"Update end to end vs raw socket into flash, {LANE.name}, {LANE.heap} heap"
 SIZES = {"64 KiB": 64 * 1024, "1 MiB": 1024 * 1024, "4 MiB": 4 * 1024 * 1024}
+# Each size both ways: one message, and chunks of the publisher's default size
+# (a package no larger than a chunk is one message either way: one row).
+FORMS = {"single message": 0, "64K chunks": chunks.DEFAULT_CHUNK_SIZE}
 FLASH = "16M"
 
 RAW_MAIN = """
@@ -154,9 +159,13 @@ def run(workdir: Path) -> list[dict]:
             timeline = _Timeline(client, board.device_id)
             booted = 1
             rb.wait_for(APP_READY, count=booted, timeout=60)
-            for label, size in SIZES.items():
+            for (label, size), (form, chunk_size) in itertools.product(
+                SIZES.items(), FORMS.items()
+            ):
+                if chunk_size and size <= chunk_size:
+                    continue
                 blob = workdir / f"blob{size}.bin"
-                blob.write_bytes(os.urandom(size))
+                blob.write_bytes(os.urandom(size))  # new bytes: a package to install
                 package = publish.src_package(blob, "data/blob.bin")
                 t0 = time.monotonic()
                 publish.publish_update(
@@ -164,6 +173,7 @@ def run(workdir: Path) -> list[dict]:
                     [package],
                     channel="bench",
                     key=key.encode(),
+                    chunk_size=chunk_size,
                     client=client,
                     log=lambda *a: None,
                 )
@@ -171,11 +181,10 @@ def run(workdir: Path) -> list[dict]:
                 e2e = marks["rebooting"] - t0
                 download = marks["installing"] - marks["downloading"]
                 rb.wait_for(r"\[vboard\] boot \d+", count=rb.boots() + 1, timeout=60)
-                for path, seconds in (
-                    ("update e2e", e2e),
-                    ("update download", download),
-                    ("raw socket", raw[size]),
-                ):
+                rows_here = [(f"update e2e, {form}", e2e), (f"update download, {form}", download)]
+                if form == "single message":
+                    rows_here.append(("raw socket", raw[size]))
+                for path, seconds in rows_here:
                     rows.append(
                         {
                             "payload": label,
