@@ -1,0 +1,114 @@
+"""Chunked packages on the device (issue 15): downloaded chunk by chunk, each checked
+against the hash list, and resumed from the last chunk verified on flash after a
+broken link, a broker restart or a power cut.
+
+App-managed virtual boards against a real Mosquitto (and the embedded broker), the
+chunks cut by the publisher's own code (mpy_blox_tools.chunks).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from test_update_agent import Watcher, publish
+from test_update_installboot import (
+    HEAP,
+    KEY,
+    USER_V2,
+    app_board,
+    channel,
+    pending,
+    wait_info,
+)
+from update_kit import make_src, make_wheel
+
+from mpy_blox.update import manifest
+from mpy_blox_tools import chunks
+
+__all__ = ["app_board", "channel"]  # fixtures, used by name
+
+K = 1024
+# A shorter stall than the 30 s default (update.stall_s), for the missing pieces.
+STALL_S = 3
+
+
+def settings(broker, channel, **update) -> dict:
+    return {
+        "mqtt": {"server": broker.host, "port": broker.port},
+        "update": {"channel": channel, "healthy_after_s": 1, "stall_s": STALL_S, **update},
+    }
+
+
+def cut(pkg, chunk_size: int) -> chunks.Chunked:
+    return chunks.chunk(pkg.entry, pkg.data, chunk_size)
+
+
+def publish_chunked(client, c: chunks.Chunked, skip=(), replace=None) -> None:
+    """Every message of `c` but the chunks in `skip` (k, or "hashes"); `replace`:
+    {k or "hashes": payload} published instead."""
+    for topic, payload in c.messages():
+        k = topic.rsplit("/", 1)[1]
+        k = k if k == "hashes" else int(k)
+        if k in skip:
+            continue
+        publish(client, topic, (replace or {}).get(k, payload))
+
+
+def publish_list(client, channel, entries, seq) -> None:
+    to = f"channels/{channel}"
+    publish(client, "mpypi/" + to, manifest.encode_list(entries, seq, KEY, to))
+
+
+def start_v1(app_board, boards, mqtt_client, broker, channel, *, lane=None, heap=None, **kw):
+    board = app_board(settings(broker, channel), **kw)
+    watch = Watcher(mqtt_client(), board.device_id)
+    rb = boards.start(board, heap=heap or HEAP, lane=lane)
+    rb.wait_for("USER v1", timeout=30)
+    return board, watch, rb
+
+
+def dl_files(board) -> list[str]:
+    return [p for p in board.ls() if p.startswith(".mpypi/dl/")]
+
+
+def stage_files(board) -> list[str]:
+    return [p for p in board.ls() if p.startswith(".mpypi/stage/")]
+
+
+def big_wheel(size: int, name: str = "big", version: str = "1.0"):
+    # Incompressible: the wheel is as big as its file.
+    return make_wheel(
+        name, version, {"big/__init__.py": b"OK = 1\n", "big/blob.bin": os.urandom(size)}
+    )
+
+
+def test_a_chunked_wheel_and_a_chunked_src_file_install_at_the_board_heap(
+    lane, app_board, boards, mqtt_client, broker, channel, heap_report
+):
+    board, watch, rb = start_v1(
+        app_board, boards, mqtt_client, broker, channel, lane=lane, heap=lane.heap
+    )
+    wheel = cut(big_wheel(150 * K), 16 * K)
+    user = cut(make_src("user_main.py", USER_V2 + b"#" * 5000), 1 * K)  # 6 chunks
+    client = mqtt_client()
+    for c in (wheel, user):
+        publish_chunked(client, c)
+    publish_list(client, channel, [wheel.entry, user.entry], seq=3)
+    rb.wait_for("USER v2 on framework", timeout=90)
+    info = wait_info(watch, seq=3, result="ok")
+    assert info["packages"].get("big") == "1.0"
+    assert info["src"]["user_main.py"] == user.entry["pkg_sha256"]
+    done = [s for s in watch.statuses if s.get("state") == "downloading"]
+    size = wheel.entry["size"]
+    end = {"state": "downloading", "package": "big", "done": size, "total": size}
+    assert end in done, done
+    assert not any("resumed_at" in s for s in done)  # nothing to resume
+    out = rb.console()
+    free = re.search(r"install boot; free heap (\d+)", out)
+    heap_report(
+        f"{lane.name} lane, {lane.heap} board: install boot "
+        f"free heap {free and free.group(1)} bytes (chunked wheel and src file)"
+    )
+    rb.stop()
+    assert dl_files(board) == [] and not pending(board)
