@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
+import pytest
 from test_update_agent import Watcher, publish
 from test_update_installboot import (
     HEAP,
     KEY,
+    USER_V1,
     USER_V2,
     app_board,
     channel,
@@ -112,3 +115,76 @@ def test_a_chunked_wheel_and_a_chunked_src_file_install_at_the_board_heap(
     )
     rb.stop()
     assert dl_files(board) == [] and not pending(board)
+
+
+def _swap(c: chunks.Chunked) -> dict:
+    return {2: c.chunks[3], 3: c.chunks[2]}
+
+
+# (what is wrong, what is published instead of the package's messages, the reason)
+BAD = {
+    "chunk of the wrong size": (
+        lambda c: {"replace": {3: c.chunks[3][:-1]}},
+        r"chunk 3 of big 1\.0: 1023 bytes published, 1024 expected",
+    ),
+    "chunk of the wrong hash": (
+        lambda c: {"replace": {3: bytes(1024)}},
+        r"chunk 3 of big 1\.0: SHA256 mismatch",
+    ),
+    "chunks out of order": (
+        lambda c: {"replace": _swap(c)},
+        r"chunk 2 of big 1\.0: SHA256 mismatch",
+    ),
+    "missing chunk": (
+        lambda c: {"skip": (7,)},
+        r"package not on the broker: big 1\.0 \(chunk 7\)",
+    ),
+    "hash list of the wrong size": (
+        lambda c: {"replace": {"hashes": c.hashes[:-32]}},
+        r"hash list of big 1\.0: \d+ bytes published, \d+ expected",
+    ),
+    "hash list of the wrong hash": (
+        lambda c: {"replace": {"hashes": c.hashes[32:] + c.hashes[:32]}},
+        r"hash list of big 1\.0: SHA256 mismatch",
+    ),
+    "missing hash list": (
+        lambda c: {"skip": ("hashes",)},
+        r"package not on the broker: big 1\.0 \(hash list\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD))
+def test_a_bad_chunked_package_is_refused_and_nothing_changes(
+    bad, app_board, boards, mqtt_client, broker, channel
+):
+    board, watch, rb = start_v1(app_board, boards, mqtt_client, broker, channel)
+    c = cut(big_wheel(10 * K), 1 * K)
+    assert c.entry["chunks"] >= 8
+    damage, reason = BAD[bad]
+    client = mqtt_client()
+    publish_chunked(client, c, **damage(c))
+    publish_list(client, channel, [c.entry], seq=4)
+    failed = watch.wait_status(state="failed", timeout=30 + STALL_S)
+    assert re.fullmatch(reason, failed["error"]), failed
+    assert failed["package"] == "big"
+    rb.wait_for("USER v1", timeout=30, count=2)  # the old set, booted again
+    wait_info(watch, seq=4, result="failed")
+    rb.stop()
+    assert dl_files(board) == [] and stage_files(board) == []
+    assert not any(p.startswith("lib/big") for p in board.ls())
+    assert board.cat("user_main.py") == USER_V1
+
+
+def test_a_chunk_count_that_disagrees_with_the_size_is_refused_before_a_download(
+    app_board, boards, mqtt_client, broker, channel
+):
+    _, watch, rb = start_v1(app_board, boards, mqtt_client, broker, channel)
+    c = cut(big_wheel(10 * K), 1 * K)
+    client = mqtt_client()
+    publish_chunked(client, c)
+    publish_list(client, channel, [{**c.entry, "chunks": c.entry["chunks"] - 1}], seq=4)
+    failed = watch.wait_status(state="failed")
+    assert failed["error"] == "chunks disagrees with size and chunk_size", failed
+    time.sleep(1)
+    assert rb.boots() == 1 and "downloading" not in [s.get("state") for s in watch.statuses]
