@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import threading
 import time
 
 import pytest
@@ -24,7 +26,7 @@ from test_update_installboot import (
     pending,
     wait_info,
 )
-from update_kit import make_src, make_wheel
+from update_kit import make_src, make_wheel, sha256
 
 from mpy_blox.update import manifest
 from mpy_blox_tools import chunks
@@ -188,3 +190,115 @@ def test_a_chunk_count_that_disagrees_with_the_size_is_refused_before_a_download
     assert failed["error"] == "chunks disagrees with size and chunk_size", failed
     time.sleep(1)
     assert rb.boots() == 1 and "downloading" not in [s.get("state") for s in watch.statuses]
+
+
+class Relay:
+    """A TCP relay to the broker that counts what it hands the board, and on
+    connection `on` (1: the app's, 2: the install boot's), once it has handed
+    over `after` bytes, cuts the link ("cut") or stops forwarding ("hold")."""
+
+    def __init__(self, broker, on: int, after: int, action: str) -> None:
+        self.target = (broker.host, broker.port)
+        self.on, self.after, self.action = on, after, action
+        self.connections = 0
+        self.sent: dict[int, int] = {}  # bytes handed to the board, per connection
+        self.acted = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                board, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            n = self.connections
+            self.sent[n] = 0
+            upstream = socket.create_connection(self.target)
+            threading.Thread(target=self._pipe, args=(board, upstream, 0), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, board, n), daemon=True).start()
+
+    def _pipe(self, src, dst, n: int) -> None:
+        try:
+            while data := src.recv(4096):
+                if n == self.on and self.sent[n] + len(data) > self.after:
+                    data = data[: self.after - self.sent[n]]
+                    dst.sendall(data)
+                    self.sent[n] += len(data)
+                    self.acted.set()
+                    if self.action == "hold":
+                        time.sleep(3600)  # the board waits; the power goes first
+                    break
+                dst.sendall(data)
+                if n:
+                    self.sent[n] += len(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def publish_size(topic: str, payload: bytes) -> int:
+    """The bytes of a QoS 1 PUBLISH of `payload` on `topic` (MQTT 3.1.1)."""
+    rest = 2 + len(topic.encode()) + 2 + len(payload)
+    return 1 + (1 if rest < 128 else 2 if rest < 16384 else 3) + rest
+
+
+MIB = 1024 * 1024
+CHUNK = 64 * K
+
+
+@pytest.mark.parametrize("how", ["link drop", "power cut"])
+def test_a_download_broken_at_half_resumes_from_the_last_chunk_on_flash(
+    how, app_board, boards, mqtt_client, broker, channel
+):
+    # A 4 MiB src file in 64 KiB chunks; the install boot's connection (the
+    # board's second) is cut, or held while the power goes, 2 MiB and half a
+    # chunk into the package. Counted at the relay: the bytes handed to the
+    # board beyond one copy of everything are what it downloaded again.
+    action = "hold" if how == "power cut" else "cut"
+    relay = Relay(broker, on=2, after=2 * MIB + CHUNK // 2, action=action)
+    try:
+        mqtt = {"server": "127.0.0.1", "port": relay.port}
+        board = app_board(
+            {"mqtt": mqtt, "update": {"channel": channel, "healthy_after_s": 1}},
+            flash_size="16M",
+        )
+        watch = Watcher(mqtt_client(), board.device_id)
+        rb = boards.start(board, heap=HEAP)
+        rb.wait_for("USER v1", timeout=30)
+        big = cut(make_src("big.bin", os.urandom(4 * MIB)), CHUNK)
+        client = mqtt_client()
+        publish_chunked(client, big)
+        publish_list(client, channel, [big.entry], seq=6)
+        assert relay.acted.wait(60)
+        if how == "power cut":
+            time.sleep(0.5)
+            rb.stop()
+            kept = board.ls()[".mpypi/dl/" + big.entry["pkg_sha256"]]
+            assert kept == 2 * MIB  # every whole chunk, synced at its end
+            rb = boards.start(board, heap=HEAP)
+        wait_info(watch, timeout=120, seq=6, result="ok")
+        rb.stop()
+    finally:
+        relay.close()
+    assert sha256(board.cat("big.bin")) == big.entry["pkg_sha256"]
+    assert dl_files(board) == [] and not pending(board)
+    # The device's report: where it resumed, and the log line.
+    watch.wait_status(state="downloading", package="big.bin", resumed_at=2 * MIB)
+    assert "big.bin: resuming at chunk 32, byte 2097152" in rb.console()
+    # The relay's count: everything after the app's first connection, less one
+    # copy of every message of the package as MQTT frames it. What is left is
+    # what came again, plus what is no package (the list, acks): an upper bound.
+    handed = sum(n for c, n in relay.sent.items() if c != 1)
+    again = handed - sum(publish_size(t, p) for t, p in big.messages())
+    print(f"{how}: {handed} bytes handed to the board, {again} bytes downloaded again")
+    assert 0 < again <= CHUNK, (again, relay.sent)
