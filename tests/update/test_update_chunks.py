@@ -8,6 +8,7 @@ chunks cut by the publisher's own code (mpy_blox_tools.chunks).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -30,6 +31,7 @@ from update_kit import make_src, make_wheel, sha256
 
 from mpy_blox.update import manifest
 from mpy_blox_tools import chunks
+from mpy_blox_tools.broker import EmbeddedBroker, amqtt_installed
 
 __all__ = ["app_board", "channel"]  # fixtures, used by name
 
@@ -96,8 +98,10 @@ def test_a_chunked_wheel_and_a_chunked_src_file_install_at_the_board_heap(
     )
     wheel = cut(big_wheel(150 * K), 16 * K)
     user = cut(make_src("user_main.py", USER_V2 + b"#" * 5000), 1 * K)  # 6 chunks
+    # Chunks of a package no list names: the device subscribes to none of them.
+    ghost = cut(big_wheel(20 * K, name="ghost"), 4 * K)
     client = mqtt_client()
-    for c in (wheel, user):
+    for c in (wheel, user, ghost):
         publish_chunked(client, c)
     publish_list(client, channel, [wheel.entry, user.entry], seq=3)
     rb.wait_for("USER v2 on framework", timeout=90)
@@ -117,6 +121,8 @@ def test_a_chunked_wheel_and_a_chunked_src_file_install_at_the_board_heap(
     )
     rb.stop()
     assert dl_files(board) == [] and not pending(board)
+    assert not any("ghost" in json.dumps(s) for s in watch.statuses)
+    assert not any("ghost" in p for p in board.ls()) and "ghost" not in info["packages"]
 
 
 def _swap(c: chunks.Chunked) -> dict:
@@ -302,3 +308,54 @@ def test_a_download_broken_at_half_resumes_from_the_last_chunk_on_flash(
     again = handed - sum(publish_size(t, p) for t, p in big.messages())
     print(f"{how}: {handed} bytes handed to the board, {again} bytes downloaded again")
     assert 0 < again <= CHUNK, (again, relay.sent)
+
+
+class LimitedEmbeddedBroker(EmbeddedBroker):
+    """`mpy-blox broker --engine amqtt --max-packet-size SIZE`."""
+
+    def __init__(self, directory, max_packet_size: int) -> None:
+        super().__init__(directory)
+        self.max_packet_size = max_packet_size
+
+    def command(self) -> list[str]:
+        return [*super().command(), "--max-packet-size", str(self.max_packet_size)]
+
+
+LIMIT = 131072  # AWS IoT Core's 128 KB, as Mosquitto's max_packet_size
+
+
+@pytest.fixture(params=["mosquitto", "embedded"])
+def limited_broker(request, broker_factory, tmp_path):
+    """A broker that ends the connection of any packet over 128 KiB."""
+    if request.param == "mosquitto":
+        yield broker_factory(f"max_packet_size {LIMIT}\nmessage_size_limit {LIMIT}")
+        return
+    if not amqtt_installed():
+        pytest.skip("the embedded broker needs amqtt")
+    with LimitedEmbeddedBroker(tmp_path / "embedded", LIMIT) as b:
+        b.start()
+        yield b
+
+
+def test_a_4mib_wheel_and_a_1mib_src_file_install_through_a_broker_capped_at_128k(
+    lane32, limited_broker, app_board, boards, mqtt_client, channel
+):
+    # Issue 15's broker limits: in 64 KiB chunks (the publisher's default) to an
+    # ESP32's 100K heap; as one message each, both would be over the limit.
+    wheel = cut(big_wheel(4 * MIB), chunks.DEFAULT_CHUNK_SIZE)
+    src = cut(make_src("big.bin", os.urandom(MIB)), chunks.DEFAULT_CHUNK_SIZE)
+    assert (wheel.entry["chunks"], src.entry["chunks"]) == (65, 16)
+    board = app_board(settings(limited_broker, channel), flash_size="16M")
+    watch = Watcher(mqtt_client(limited_broker), board.device_id)
+    rb = boards.start(board, heap=lane32.heap, lane=lane32)
+    rb.wait_for("USER v1", timeout=30)
+    client = mqtt_client(limited_broker)
+    publish_chunked(client, wheel)
+    publish_chunked(client, src)
+    publish_list(client, channel, [wheel.entry, src.entry], seq=8)
+    info = wait_info(watch, timeout=180, seq=8, result="ok")
+    rb.stop()
+    assert info["packages"].get("big") == "1.0"
+    assert info["src"]["big.bin"] == src.entry["pkg_sha256"]
+    assert sha256(board.cat("big.bin")) == src.entry["pkg_sha256"]
+    assert dl_files(board) == []
