@@ -208,7 +208,8 @@ class Fetcher:
         # publish waits for its PUBACK, which the receive loop reads only after
         # the package it is streaming; QoS 0 goes out at once.
         if first:
-            await self._progress(t)
+            # Where it starts (the handler may be streaming already).
+            await self._progress(t, self.resumed_at or 0)
         shown = t.done
         idle_ms = 0
         while not t.finished.is_set():
@@ -238,13 +239,13 @@ class Fetcher:
             # chunks may each take less.
             await self._progress(t)
 
-    async def _progress(self, t):
+    async def _progress(self, t, done=None):
         self._shown_ms = time.ticks_ms()
         await self.status(
             "downloading",
             0,
             package=self.current,
-            done=t.done,
+            done=t.done if done is None else done,
             total=t.total,
             resumed_at=self.resumed_at,
         )
