@@ -4,8 +4,9 @@
 # resumes from the last chunk verified on flash instead of from byte 0.
 #
 # Loaded by mpy_blox.update.fetch for a chunked entry only. Its files, in DIR:
-#   {pkg_sha256}     the package as far as it came (chunks 0..k-1 verified)
-#   {pkg_sha256}.h   its hash list, checked against the list's chunks_sha256
+#   {name}     the package as far as it came (chunks 0..k-1 verified); name is
+#              its pkg_sha256 (a src file's: then "." and the CRC32 of its path)
+#   {name}.h   its hash list, checked against the list's chunks_sha256
 # They survive the install boot's restarts and Installer.begin() (the stage is
 # cleaned there; these are not in it). They go when the package is staged
 # (Installer.stage moves the download into the stage), on any failure
@@ -24,7 +25,6 @@ import os
 
 from mpy_blox.log import get_logger
 from mpy_blox.topics import chunk_topic
-from mpy_blox.update.fetch import label
 from mpy_blox.update.paths import InvalidUpdate
 from mpy_blox.update.state import hex_digest
 
@@ -42,14 +42,12 @@ class _Piece:
     # One message of the package (a chunk, or the hash list) on its way to
     # flash; fetch.Fetcher.follow watches it, `handler` runs in the client's
     # receive loop. `write(mv)` takes its bytes.
-    def __init__(self, dl, size, where, write):
+    def __init__(self, dl, size, what, write):
         import asyncio
 
         self.dl = dl
         self.size = size
-        self.where = where  # " (chunk 7)", " (hash list)"
-        self.label = dl.label
-        self.total = dl.entry["size"]
+        self.what = what  # "chunk 7", "hash list"
         self._write = write
         self.error = None
         self.finished = asyncio.Event()
@@ -65,7 +63,7 @@ class _Piece:
             if msg.size != self.size:
                 raise InvalidUpdate(
                     "%s of %s: %d bytes published, %d expected"
-                    % (self.where[2:-1], self.label, msg.size, self.size)
+                    % (self.what, self.dl.label, msg.size, self.size)
                 )
             buf = self.dl.buf
             mv = memoryview(buf)
@@ -87,7 +85,7 @@ class _Download:
         self.inst = inst
         self.entry = entry
         self.label = label(entry)
-        self.path = inst.root + DIR + "/" + entry["pkg_sha256"]
+        self.path = path(inst.root, entry)
         self.cs = entry["chunk_size"]
         self.n = entry["chunks"]
         self.k = 0  # chunks verified on flash
@@ -133,7 +131,7 @@ class _Download:
     def hashes_piece(self):
         self.h = hashlib.sha256()
         self.f = open(self.path + ".h", "wb")
-        return _Piece(self, _HASH * self.n, " (hash list)", self._hashes_write)
+        return _Piece(self, _HASH * self.n, "hash list", self._hashes_write)
 
     def _hashes_write(self, mv):
         self.h.update(mv)
@@ -183,7 +181,7 @@ class _Download:
     def chunk_piece(self):
         self.h = hashlib.sha256()
         self.listed(self.k)
-        return _Piece(self, self.size(self.k), " (chunk %d)" % self.k, self._chunk_write)
+        return _Piece(self, self.size(self.k), "chunk %d" % self.k, self._chunk_write)
 
     def _chunk_write(self, mv):
         # Straight into the package's hasher too: a chunk that fails or
@@ -263,7 +261,8 @@ async def _attempt(fetcher, inst, entry):
 
 
 async def _take(fetcher, topic, t, first, last):
-    await fetcher.transfer(topic, t, first, last)
+    what = "%s (%s)" % (t.dl.label, t.what)  # if it stalls: not on the broker
+    await fetcher.transfer(topic, t, what, first, last)
     if t.error is not None:
         raise t.error
 
@@ -276,3 +275,29 @@ def _feed(f, size, h, mv):
             raise OSError("file ended early")
         h.update(mv[:got])
         size -= got
+
+
+def label(entry):
+    # How errors name a package: a wheel by name and version, a src file by path.
+    if entry["type"] == "wheel":
+        return entry["name"] + " " + entry["version"]
+    return entry["path"]
+
+
+def path(root, entry):
+    """Where `entry`'s download is kept: named by its SHA256, and a src file by
+    its path's CRC too (two paths may list the same bytes, each its own topic)."""
+    name = root + DIR + "/" + entry["pkg_sha256"]
+    if entry["type"] == "src":
+        import binascii
+
+        name += ".%08x" % binascii.crc32(entry["path"].encode())
+    return name
+
+
+def kept(root, entry):
+    """The bytes of `entry`'s download already on flash (the pre-flight's)."""
+    try:
+        return os.stat(path(root, entry))[6]
+    except OSError:
+        return 0

@@ -28,14 +28,10 @@ log = get_logger("update")
 
 class _Transfer:
     # One package download; `handler` runs in the client's receive loop.
-    # What follow() reads of a transfer: label, total, done, where, finished, error.
-    where = ""  # after the label in "package not on the broker"
-
+    # What follow() reads of a transfer: done, finished, error.
     def __init__(self, inst, entry):
         self.inst = inst
         self.entry = entry
-        self.label = label(entry)
-        self.total = entry["size"]
         self.done = 0
         self.error = None
         self.finished = asyncio.Event()
@@ -83,6 +79,7 @@ class Fetcher:
         # No byte for this long: not on the broker (update.stall_s).
         self.stall_s = stall_s if stall_s > 0 else _STALL_S
         self.current = None  # the package being worked on, for status
+        self.total = None  # its size
         self.resumed_at = None  # where a chunked download resumed, for status
         self._shown_ms = 0  # when progress was last published
 
@@ -146,6 +143,7 @@ class Fetcher:
         try:
             for entry in needed:
                 self.current = entry.get("name") or entry["path"]
+                self.total = entry["size"]
                 if "chunks" in entry:
                     from mpy_blox.update import chunks
 
@@ -180,7 +178,7 @@ class Fetcher:
             log.warning("download of %s broken (%r): retrying", topic, error)
         raise InvalidUpdate("download failed: %r" % error)
 
-    async def transfer(self, topic, t, first=True, last=True):
+    async def transfer(self, topic, t, what=None, first=True, last=True):
         """Take one retained message on `topic` (its exact name) into transfer `t`.
 
         A broken link ends up in t.error (OSError), as does what t's handler
@@ -188,7 +186,7 @@ class Fetcher:
         """
         try:
             await self.client.subscribe(topic, t.handler)
-            await self.follow(t, first, last)
+            await self.follow(t, what, first, last)
         except OSError as e:
             t.error = e
         finally:
@@ -197,12 +195,13 @@ class Fetcher:
             except OSError:
                 pass  # not connected: a new connection has no subscription
 
-    async def follow(self, t, first=True, last=True):
+    async def follow(self, t, what=None, first=True, last=True):
         """Wait for transfer `t` to finish, reporting its progress.
 
         first, last: publish its start, and its end; a chunk of a package is
         neither unless it is the package's first or last. Raises OSError when
-        the link drops, InvalidUpdate when no byte comes for stall_s.
+        the link drops, InvalidUpdate when no byte comes for stall_s ("package
+        not on the broker: " + what, by default the package's name).
         """
         # Progress from here, not from the handler, and at QoS 0: a QoS 1
         # publish waits for its PUBACK, which the receive loop reads only after
@@ -230,7 +229,7 @@ class Fetcher:
                 if idle_ms > self.stall_s * 1000:
                     from mpy_blox.update.paths import InvalidUpdate
 
-                    raise InvalidUpdate("package not on the broker: " + t.label + t.where)
+                    raise InvalidUpdate("package not on the broker: " + (what or self.current))
         if t.error is None and (
             last or time.ticks_diff(time.ticks_ms(), self._shown_ms) >= _PROGRESS_MS
         ):
@@ -246,13 +245,6 @@ class Fetcher:
             0,
             package=self.current,
             done=t.done if done is None else done,
-            total=t.total,
+            total=self.total,
             resumed_at=self.resumed_at,
         )
-
-
-def label(entry):
-    """How errors name a package: a wheel by name and version, a src file by path."""
-    if entry["type"] == "wheel":
-        return entry["name"] + " " + entry["version"]
-    return entry["path"]

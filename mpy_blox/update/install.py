@@ -144,7 +144,11 @@ class Installer:
             # Staged files plus the copies apply() writes (a wheel's download
             # goes before its files are copied): about twice the package; less
             # what a resumed download already holds.
-            need += 2 * (size + block) - self._kept(e)
+            need += 2 * (size + block)
+            if "chunks" in e:
+                from mpy_blox.update import chunks
+
+                need -= chunks.kept(self.root, e)
         if need > free:
             raise InvalidUpdate("does not fit: needs %d bytes, %d free" % (need, free))
         wheels = wheel_code and any(e["type"] == "wheel" for e in needed)
@@ -190,15 +194,6 @@ class Installer:
         download, mpy_blox.update.chunks), to be staged from `path`."""
         self._take(entry)
         self.downloads.append((entry, path))
-
-    def _kept(self, entry):
-        # The bytes of entry's chunked download already on flash.
-        if "chunks" not in entry:
-            return 0
-        try:
-            return os.stat(self.root + _DL + "/" + entry["pkg_sha256"])[6]
-        except OSError:
-            return 0
 
     def drop_downloads(self, keep=()):
         """Delete the chunked downloads (and hash lists) of packages not in `keep`."""
