@@ -204,7 +204,8 @@ def test_a_chunk_count_that_disagrees_with_the_size_is_refused_before_a_download
 class Relay:
     """A TCP relay to the broker that counts what it hands the board, and on
     connection `on` (1: the app's, 2: the install boot's), once it has handed
-    over `after` bytes, cuts the link ("cut") or stops forwarding ("hold")."""
+    over `after` bytes, cuts the link ("cut") or stops forwarding ("hold") until
+    release(), which cuts it then."""
 
     def __init__(self, broker, on: int, after: int, action: str) -> None:
         self.target = (broker.host, broker.port)
@@ -212,6 +213,7 @@ class Relay:
         self.connections = 0
         self.sent: dict[int, int] = {}  # bytes handed to the board, per connection
         self.acted = threading.Event()
+        self.released = threading.Event()
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -238,7 +240,7 @@ class Relay:
                     self.sent[n] += len(data)
                     self.acted.set()
                     if self.action == "hold":
-                        time.sleep(3600)  # the board waits; the power goes first
+                        self.released.wait(120)  # the board waits, for what comes
                     break
                 dst.sendall(data)
                 if n:
@@ -251,7 +253,11 @@ class Relay:
             except OSError:
                 pass
 
+    def release(self) -> None:
+        self.released.set()
+
     def close(self) -> None:
+        self.release()
         self.server.close()
 
 
@@ -265,15 +271,18 @@ MIB = 1024 * 1024
 CHUNK = 64 * K
 
 
-@pytest.mark.parametrize("how", ["link drop", "power cut"])
+@pytest.mark.parametrize("how", ["link drop", "broker restart", "power cut"])
 def test_a_download_broken_at_half_resumes_from_the_last_chunk_on_flash(
-    how, app_board, boards, mqtt_client, broker, channel
+    how, app_board, boards, mqtt_client, broker, broker_factory, channel
 ):
     # A 4 MiB src file in 64 KiB chunks; the install boot's connection (the
-    # board's second) is cut, or held while the power goes, 2 MiB and half a
-    # chunk into the package. Counted at the relay: the bytes handed to the
-    # board beyond one copy of everything are what it downloaded again.
-    action = "hold" if how == "power cut" else "cut"
+    # board's second) is cut, or held while the broker restarts or the power
+    # goes, 2 MiB and half a chunk into the package. Counted at the relay: the
+    # bytes handed to the board beyond one copy of everything are what it
+    # downloaded again.
+    if how == "broker restart":
+        broker = broker_factory()  # its own, to restart
+    action = "cut" if how == "link drop" else "hold"
     relay = Relay(broker, on=2, after=2 * MIB + CHUNK // 2, action=action)
     try:
         mqtt = {"server": "127.0.0.1", "port": relay.port}
@@ -281,14 +290,19 @@ def test_a_download_broken_at_half_resumes_from_the_last_chunk_on_flash(
             {"mqtt": mqtt, "update": {"channel": channel, "healthy_after_s": 1}},
             flash_size="16M",
         )
-        watch = Watcher(mqtt_client(), board.device_id)
+        watch = Watcher(mqtt_client(broker), board.device_id)
         rb = boards.start(board, heap=HEAP)
         rb.wait_for("USER v1", timeout=30)
         big = cut(make_src("big.bin", os.urandom(4 * MIB)), CHUNK)
-        client = mqtt_client()
+        client = mqtt_client(broker)
         publish_chunked(client, big)
         publish_list(client, channel, [big.entry], seq=6)
         assert relay.acted.wait(60)
+        if how == "broker restart":
+            broker.stop()  # retained messages saved
+            broker.start()
+            watch = Watcher(mqtt_client(broker), board.device_id)  # a new session
+            relay.release()  # the board finds its link gone
         if how == "power cut":
             time.sleep(0.5)
             rb.stop()
