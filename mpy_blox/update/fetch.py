@@ -82,6 +82,7 @@ class Fetcher:
         self.total = None  # its size
         self.resumed_at = None  # where a chunked download resumed, for status
         self._shown_ms = 0  # when progress was last published
+        self._shown = 0  # and the bytes it said were done
 
     async def status(self, st, qos=1, **fields):
         await record.status(self.node, st, qos, **fields)
@@ -209,7 +210,7 @@ class Fetcher:
         if first:
             # Where it starts (the handler may be streaming already).
             await self._progress(t, self.resumed_at or 0)
-        shown = t.done
+        last = t.done
         idle_ms = 0
         while not t.finished.is_set():
             try:
@@ -220,16 +221,19 @@ class Fetcher:
                 break
             if not self.client.is_connected:
                 raise OSError("broker connection lost")
-            if t.done != shown:
-                shown = t.done
+            if t.done != last:
+                last = t.done
                 idle_ms = 0
-                await self._progress(t)
             else:
                 idle_ms += _PROGRESS_MS
                 if idle_ms > self.stall_s * 1000:
                     from mpy_blox.update.paths import InvalidUpdate
 
                     raise InvalidUpdate("package not on the broker: " + (what or self.current))
+            if t.done != self._shown:
+                # Not only this transfer's bytes: chunks that came in under a
+                # second each, before one that stalls, are shown too.
+                await self._progress(t)
         if t.error is None and (
             last or time.ticks_diff(time.ticks_ms(), self._shown_ms) >= _PROGRESS_MS
         ):
@@ -240,11 +244,12 @@ class Fetcher:
 
     async def _progress(self, t, done=None):
         self._shown_ms = time.ticks_ms()
+        self._shown = done = t.done if done is None else done
         await self.status(
             "downloading",
             0,
             package=self.current,
-            done=t.done if done is None else done,
+            done=done,
             total=self.total,
             resumed_at=self.resumed_at,
         )

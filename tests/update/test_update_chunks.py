@@ -29,6 +29,7 @@ from test_update_installboot import (
 )
 from update_kit import make_src, make_wheel, sha256
 
+from mpy_blox import topics
 from mpy_blox.update import manifest
 from mpy_blox_tools import chunks
 from mpy_blox_tools.broker import EmbeddedBroker, amqtt_installed
@@ -377,3 +378,31 @@ def test_a_4mib_wheel_and_a_1mib_src_file_install_through_a_broker_capped_at_128
     assert info["src"]["big.bin"] == src.entry["pkg_sha256"]
     assert sha256(board.cat("big.bin")) == src.entry["pkg_sha256"]
     assert dl_files(board) == []
+
+
+def test_a_kept_download_goes_when_the_list_no_longer_names_its_package(
+    app_board, boards, mqtt_client, broker, channel
+):
+    # The power goes while the install boot waits for chunk 8 of 16 (not
+    # published yet); meanwhile a newer list replaces the one being installed.
+    # The next install boot takes the newer list and deletes the download.
+    board = app_board(settings(broker, channel, stall_s=30))
+    watch = Watcher(mqtt_client(), board.device_id)
+    rb = boards.start(board, heap=HEAP)
+    rb.wait_for("USER v1", timeout=30)
+    data = make_src("data.bin", os.urandom(64 * K))
+    c = cut(data, 4 * K)
+    client = mqtt_client()
+    publish_chunked(client, c, skip=range(8, 16))
+    publish_list(client, channel, [c.entry], seq=5)
+    watch.wait_status(state="downloading", package="data.bin", done=32 * K)
+    rb.stop()
+    assert len(dl_files(board)) == 2  # the download and its hash list
+    user = make_src("user_main.py", USER_V2)
+    publish(client, topics.package_topic(user.entry), user.data)
+    publish_list(client, channel, [user.entry], seq=6)
+    rb = boards.start(board, heap=HEAP)
+    rb.wait_for("USER v2 on framework", timeout=60)
+    wait_info(watch, seq=6, result="ok")
+    rb.stop()
+    assert dl_files(board) == [] and "data.bin" not in board.ls()
