@@ -1,10 +1,13 @@
 # Download over MQTT: fetch a retained list, and download its packages, each
 # from its retained topic straight into the stage, verified (SHA256, size).
+# A chunked package (docs/protocol.md, "Chunked packages") is mpy_blox.update.chunks'
+# business, loaded only for one: chunk by chunk, resumable.
 #
 # Used by the install boot (mpy_blox.update.installboot); the handlers run in
 # the client's receive loop and only stream into the installer's sinks.
 import asyncio
 import gc
+import time
 
 from mpy_blox.log import get_logger
 from mpy_blox.topics import PREFIX
@@ -25,6 +28,7 @@ log = get_logger("update")
 
 class _Transfer:
     # One package download; `handler` runs in the client's receive loop.
+    # What follow() reads of a transfer: done, finished, error.
     def __init__(self, inst, entry):
         self.inst = inst
         self.entry = entry
@@ -69,10 +73,16 @@ class _Transfer:
 
 
 class Fetcher:
-    def __init__(self, client, node):
+    def __init__(self, client, node, stall_s=_STALL_S):
         self.client = client  # the started MQTTClient
         self.node = node
+        # No byte for this long: not on the broker (update.stall_s).
+        self.stall_s = stall_s if stall_s > 0 else _STALL_S
         self.current = None  # the package being worked on, for status
+        self.total = None  # its size
+        self.resumed_at = None  # where a chunked download resumed, for status
+        self._shown_ms = 0  # when progress was last published
+        self._shown = 0  # and the bytes it said were done
 
     async def status(self, st, qos=1, **fields):
         await record.status(self.node, st, qos, **fields)
@@ -105,7 +115,7 @@ class Fetcher:
             # list comes then.
             log.warning("subscribing to the list broke (%r): waiting for the reconnect", e)
         try:
-            await asyncio.wait_for(arrived.wait(), _STALL_S)
+            await asyncio.wait_for(arrived.wait(), self.stall_s)
         except asyncio.TimeoutError:
             raise InvalidUpdate("update list no longer on the broker") from None
         finally:
@@ -125,13 +135,22 @@ class Fetcher:
 
         inst = Installer(lean=True)
         needed = inst.plan(entries)
+        # Chunked downloads kept from an earlier attempt, for a list that no
+        # longer needs them, go before the pre-flight counts the flash.
+        inst.drop_downloads([e["pkg_sha256"] for e in needed if "chunks" in e])
         if not needed and not inst.indexed:
             return None  # nothing to download, nothing to commit
         inst.preflight(needed, wheel_code=False)
         try:
             for entry in needed:
-                self.current = _label(entry)
-                await self._download(inst, entry)
+                self.current = entry.get("name") or entry["path"]
+                self.total = entry["size"]
+                if "chunks" in entry:
+                    from mpy_blox.update import chunks
+
+                    await chunks.download(self, inst, entry)
+                else:
+                    await self._download(inst, entry)
                 # Its size and SHA256 checked; a wheel's files (RECORD) are
                 # checked while it is staged, under "installing".
                 await self.status("verifying", package=self.current)
@@ -151,16 +170,7 @@ class Fetcher:
         for _ in range(_RETRIES):
             await self.client.connected()
             t = _Transfer(inst, entry)
-            try:
-                await self.client.subscribe(topic, t.handler)
-                await self._follow(t)
-            except OSError as e:
-                t.error = e
-            finally:
-                try:
-                    await self.client.unsubscribe(topic)
-                except OSError:
-                    pass  # not connected: a new connection has no subscription
+            await self.transfer(topic, t)
             if t.error is None:
                 return
             if isinstance(t.error, (InvalidUpdate, MemoryError)):
@@ -169,15 +179,38 @@ class Fetcher:
             log.warning("download of %s broken (%r): retrying", topic, error)
         raise InvalidUpdate("download failed: %r" % error)
 
-    async def _follow(self, t):
+    async def transfer(self, topic, t, what=None, first=True, last=True):
+        """Take one retained message on `topic` (its exact name) into transfer `t`.
+
+        A broken link ends up in t.error (OSError), as does what t's handler
+        raised; a stall raises InvalidUpdate.
+        """
+        try:
+            await self.client.subscribe(topic, t.handler)
+            await self.follow(t, what, first, last)
+        except OSError as e:
+            t.error = e
+        finally:
+            try:
+                await self.client.unsubscribe(topic)
+            except OSError:
+                pass  # not connected: a new connection has no subscription
+
+    async def follow(self, t, what=None, first=True, last=True):
+        """Wait for transfer `t` to finish, reporting its progress.
+
+        first, last: publish its start, and its end; a chunk of a package is
+        neither unless it is the package's first or last. Raises OSError when
+        the link drops, InvalidUpdate when no byte comes for stall_s ("package
+        not on the broker: " + what, by default the package's name).
+        """
         # Progress from here, not from the handler, and at QoS 0: a QoS 1
         # publish waits for its PUBACK, which the receive loop reads only after
         # the package it is streaming; QoS 0 goes out at once.
-        label = _label(t.entry)
-        total = t.entry["size"]
-        status = self.status
-        await status("downloading", 0, package=label, done=0, total=total)
-        shown = 0
+        if first:
+            # Where it starts (the handler may be streaming already).
+            await self._progress(t, self.resumed_at or 0)
+        last = t.done
         idle_ms = 0
         while not t.finished.is_set():
             try:
@@ -188,21 +221,35 @@ class Fetcher:
                 break
             if not self.client.is_connected:
                 raise OSError("broker connection lost")
-            if t.done != shown:
-                shown = t.done
+            if t.done != last:
+                last = t.done
                 idle_ms = 0
-                await status("downloading", 0, package=label, done=t.done, total=total)
             else:
                 idle_ms += _PROGRESS_MS
-                if idle_ms > _STALL_S * 1000:
+                if idle_ms > self.stall_s * 1000:
                     from mpy_blox.update.paths import InvalidUpdate
 
-                    raise InvalidUpdate("package not on the broker: " + label)
-        if t.error is None:
+                    raise InvalidUpdate("package not on the broker: " + (what or self.current))
+            if t.done != self._shown:
+                # Not only this transfer's bytes: chunks that came in under a
+                # second each, before one that stalls, are shown too.
+                await self._progress(t)
+        if t.error is None and (
+            last or time.ticks_diff(time.ticks_ms(), self._shown_ms) >= _PROGRESS_MS
+        ):
             # The end too: a package that streams in under a second would
-            # otherwise show only its 0%.
-            await status("downloading", 0, package=label, done=t.done, total=total)
+            # otherwise show only its 0%; and a chunk's, once a second, as
+            # chunks may each take less.
+            await self._progress(t)
 
-
-def _label(entry):
-    return entry.get("name") or entry.get("path")
+    async def _progress(self, t, done=None):
+        self._shown_ms = time.ticks_ms()
+        self._shown = done = t.done if done is None else done
+        await self.status(
+            "downloading",
+            0,
+            package=self.current,
+            done=done,
+            total=self.total,
+            resumed_at=self.resumed_at,
+        )

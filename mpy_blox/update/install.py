@@ -37,6 +37,9 @@ _OPS = "/ops"  # in the stage: the journal's body while the stage is built
 # deflate decoder its two blocks (on the 32-bit lane the install boot's edge moved
 # from 88K to over 96K while it stayed loaded).
 _STAGE = "/.mpypi/stage"
+# mpy_blox.update.chunks.DIR: chunked downloads, kept across the install boot's
+# restarts (outside the stage, which begin() cleans) until staged or refused.
+_DL = "/.mpypi/dl"
 _CHUNK = const(1024)
 
 log = get_logger("update")
@@ -139,8 +142,13 @@ class Installer:
                 raise InvalidUpdate("wheel tag %s does not run on this device" % tag)
             size = e["size"] or 0
             # Staged files plus the copies apply() writes (a wheel's download
-            # goes before its files are copied): about twice the package.
+            # goes before its files are copied): about twice the package; less
+            # what a resumed download already holds.
             need += 2 * (size + block)
+            if "chunks" in e:
+                from mpy_blox.update import chunks
+
+                need -= chunks.kept(self.root, e)
         if need > free:
             raise InvalidUpdate("does not fit: needs %d bytes, %d free" % (need, free))
         wheels = wheel_code and any(e["type"] == "wheel" for e in needed)
@@ -175,14 +183,31 @@ class Installer:
         if limit is None:
             limit = free - RESERVE_BLOCKS * block
         i = self._take(entry)
-        if i is not None:  # a retry: the broken download goes
+        if isinstance(i, int):  # a retry: the broken download goes
             _remove(self.stage_path(i))
         i = self.next_index()
         self.downloads.append((entry, i))
         return Download(self.stage_path(i), entry, limit)
 
+    def downloaded(self, entry, path):
+        """Take a package downloaded outside the stage, verified (a chunked
+        download, mpy_blox.update.chunks), to be staged from `path`."""
+        self._take(entry)
+        self.downloads.append((entry, path))
+
+    def drop_downloads(self, keep=()):
+        """Delete the chunked downloads (and hash lists) of packages not in `keep`."""
+        try:
+            names = os.listdir(self.root + _DL)
+        except OSError:
+            return
+        for name in names:
+            if name[:64] not in keep:
+                _remove(self.root + _DL + "/" + name)
+
     def _take(self, entry):
-        # The stage index of entry's download, no longer listed; None if none.
+        # The stage index of entry's download (or the path of a chunked
+        # one), no longer listed; None if none.
         for k in range(len(self.downloads)):
             if self.downloads[k][0] is entry:
                 return self.downloads.pop(k)[1]
@@ -193,6 +218,12 @@ class Installer:
         i = self._take(entry)
         if i is None:
             raise ValueError("not downloaded: " + (entry.get("name") or entry["path"]))
+        if isinstance(i, str):
+            # A chunked download moves into the stage: from here on it is the
+            # stage's (a cut now downloads it again), and its hash list goes.
+            path, i = i, self.next_index()
+            os.rename(path, self.stage_path(i))
+            _remove(path + ".h")
         if entry["type"] == "src":
             target = "/" + entry["path"]
             self.add(target, entry["pkg_sha256"], i)
@@ -259,6 +290,7 @@ class Installer:
 
     def commit(self):
         """Write the journal and switch over; True if anything changed."""
+        self.drop_downloads()  # all staged by now
         try:
             self._stage_src_index()
         except OSError:
@@ -320,6 +352,7 @@ class Installer:
         self.indexed = False
         self.downloads = []
         _recover().clean_stage(self.root)
+        self.drop_downloads()
 
 
 def _recover():

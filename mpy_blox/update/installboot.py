@@ -83,7 +83,7 @@ class InstallBoot:
             log.error("install boot without a broker: retrying after a reset")
             machine.reset()  # counted: after _MAX_TRIES the app boots again
         if self.error is None:
-            ib = Fetcher(client, node)
+            ib = Fetcher(client, node, config.get_int("update.stall_s", 30))
             try:
                 await self._fetch(ib)
                 if self.inst is not None:
@@ -167,6 +167,8 @@ class InstallBoot:
                 log.exception("install failed", e)
                 self.error = repr(e)[:100]
         inst = None
+        if self.error is not None:
+            _drop_downloads()
         if not self.finished:
             self._done(self.listed, self.digest)
 
@@ -217,3 +219,18 @@ class InstallBoot:
         record.save_last(result, seq, self.error, digest)
         record.set_pending(0, 0, None, digest)  # finished: this list (it may be a newer one)
         self.finished = True
+
+
+def _drop_downloads():
+    # A failed list is not taken up again: its chunked downloads, kept across
+    # the install boot's restarts (mpy_blox.update.chunks), go. The install
+    # core is loaded for it only when there are any.
+    import os
+
+    try:
+        os.stat("/.mpypi/dl")
+    except OSError:
+        return
+    from mpy_blox.update.install import Installer
+
+    Installer().drop_downloads()
