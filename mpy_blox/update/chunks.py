@@ -151,36 +151,39 @@ class _Download:
             have = os.stat(self.path)[6]
         except OSError:
             return 0
-        buf = self.inst.buf
-        mv = memoryview(buf)
-        with open(self.path, "rb") as f:
-            # Each whole chunk against its hash, up to the first that fails...
-            while self.k < self.n:
-                size = self.size(self.k)
-                if have < self.done + size:
-                    break  # the chunk a cut left short
-                h = hashlib.sha256()
+        mv = memoryview(self.inst.buf)
+        # Each whole chunk against its hash, up to the first that fails; one
+        # file open at a time (each holds a 1 KB cache): its hash first.
+        while self.k < self.n:
+            size = self.size(self.k)
+            if have < self.done + size:
+                break  # the chunk a cut left short
+            want = self.listed(self.k)
+            h = hashlib.sha256()
+            with open(self.path, "rb") as f:
+                f.seek(self.done)
                 _feed(f, size, h, mv)
-                if h.digest() != self.listed(self.k):
-                    break  # written in part, or damaged: fetched again
-                self.k += 1
-                self.done += size
-            # ...then those into the package's hasher, which cannot take back
-            # the bytes of a chunk that failed.
-            f.seek(0)
-            _feed(f, self.done, self.pkg, mv)
+            if h.digest() != want:
+                break  # written in part, or damaged: fetched again
+            self.k += 1
+            self.done += size
+        # Then those into the package's hasher, which cannot take back the
+        # bytes of a chunk that failed.
+        if self.done:
+            with open(self.path, "rb") as f:
+                _feed(f, self.done, self.pkg, mv)
         return self.done
 
-    def open(self):
+    def chunk_piece(self):
+        self.h = hashlib.sha256()
+        # The listed hash, then the package's file: never both open (a file's
+        # cache is a 1 KB block, more than a 100K install boot has twice).
+        self.listed(self.k)
         try:
             self.f = open(self.path, "r+b")
         except OSError:
             self.f = open(self.path, "wb")
         self.f.seek(self.done)
-
-    def chunk_piece(self):
-        self.h = hashlib.sha256()
-        self.listed(self.k)
         return _Piece(self, self.size(self.k), "chunk %d" % self.k, self._chunk_write)
 
     def _chunk_write(self, mv):
@@ -196,8 +199,8 @@ class _Download:
         if self.h.digest() != self.want:
             raise InvalidUpdate("chunk %d of %s: SHA256 mismatch" % (self.k, self.label))
         # On flash before it counts: a power cut from here keeps it (LittleFS
-        # commits a file's new size at a sync, and only then).
-        self.f.flush()
+        # commits a file's new size when it is closed or synced, and only then).
+        self.close()
         self.k += 1
 
     def finish(self):
@@ -246,7 +249,6 @@ async def _attempt(fetcher, inst, entry):
         if dl.scan():
             fetcher.resumed_at = dl.done
             log.info("%s: resuming at chunk %d, byte %d", dl.label, dl.k, dl.done)
-        dl.open()
         first = True
         while dl.k < dl.n:
             t = dl.chunk_piece()

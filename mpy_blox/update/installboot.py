@@ -156,6 +156,8 @@ class InstallBoot:
         # failed before that, they go now: the deflate window wants the room.
         startup.drop(("mpy_blox.update.manifest", "mpy_blox.update.trust"))
         startup.drop(("mpy_blox.hmac", "mpy_blox.ed25519"))
+        # So do the chunked downloads' code (imported only by a list with chunks).
+        startup.drop(("mpy_blox.update.chunks",))
         inst, self.inst = self.inst, None
         if inst is not None and self.error is None:
             log.info("staging; free heap %d bytes", gc.mem_free())

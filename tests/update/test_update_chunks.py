@@ -364,7 +364,7 @@ def test_a_4mib_wheel_and_a_1mib_src_file_install_through_a_broker_capped_at_128
     wheel = cut(big_wheel(4 * MIB), chunks.DEFAULT_CHUNK_SIZE)
     src = cut(make_src("big.bin", os.urandom(MIB)), chunks.DEFAULT_CHUNK_SIZE)
     assert (wheel.entry["chunks"], src.entry["chunks"]) == (65, 16)
-    board = app_board(settings(limited_broker, channel), flash_size="16M")
+    board = app_board(settings(limited_broker, channel), flash_size="16M", lane=lane32)
     watch = Watcher(mqtt_client(limited_broker), board.device_id)
     rb = boards.start(board, heap=lane32.heap, lane=lane32)
     rb.wait_for("USER v1", timeout=30)
