@@ -405,6 +405,12 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_status)
 
 
+def _add_rollout(sub: argparse._SubParsersAction) -> None:
+    from mpy_blox_tools import rollout
+
+    rollout.add_parser(sub, _command)
+
+
 def _broker(args: argparse.Namespace) -> int:
     from mpy_blox_tools.broker import run_broker
 
@@ -580,6 +586,7 @@ PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_publish,
     _add_keygen,
     _add_status,
+    _add_rollout,
     _add_broker,
     _add_vboard,
     _add_demo,
