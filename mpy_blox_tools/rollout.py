@@ -248,6 +248,7 @@ class Runner:
             self._judge_all()
             failed = self.failures()
             if len(failed) > limit:
+                self.progress()
                 doc["status"] = "halted"
                 doc["reason"] = f"{len(failed)} failure(s), more than --max-failures {limit}"
                 self.save()
@@ -405,6 +406,7 @@ def new_state(
         "bake_s": bake_s,
         "timeout_s": timeout_s,
         "entries": entries,
+        "signed": False,  # set by start: resume and revert need the key again
         "previous": previous,
         "order": ordered,
         "stage": 0,
@@ -453,6 +455,7 @@ def start(
             previous,
             devices,
         )
+        doc["signed"] = opts.key is not None
         runner = Runner(client, broker, doc, packages, opts)
         runner.save()
         runner.say(
@@ -479,6 +482,7 @@ def resume(broker: mqtt.BrokerURL, channel: str, opts: Options | None = None) ->
         doc = _existing(client, channel)
         if doc["status"] not in ("running", "paused"):
             raise MpyBloxError(f"the rollout on {channel} is {doc['status']}: nothing to resume")
+        _check_key(doc, opts.key)
         packages = fetch_packages(client, doc["entries"])
         doc["status"], doc["reason"] = "running", ""
         runner = Runner(client, broker, doc, packages, opts)
@@ -487,6 +491,15 @@ def resume(broker: mqtt.BrokerURL, channel: str, opts: Options | None = None) ->
         return _run(runner)
     finally:
         mqtt.disconnect(client)
+
+
+def _check_key(doc: dict, key) -> None:
+    # The devices hold an update key: an unsigned list would be refused by each.
+    if doc.get("signed") and key is None:
+        raise MpyBloxError(
+            f"the rollout on {doc['channel']} sends signed lists: give its --key-file "
+            "(or $MPY_BLOX_UPDATE_KEY)"
+        )
 
 
 def _existing(client, channel: str) -> dict:
@@ -521,6 +534,7 @@ def control(
                 raise MpyBloxError(
                     f"no previous release to revert to: {channel} had no list when it started"
                 )
+            _check_key(doc, key)
             packages = fetch_packages(client, doc["previous"])
         doc["status"] = status
         doc["reason"] = f"{status} by {socket.gethostname()}"
