@@ -406,9 +406,9 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_rollout(sub: argparse._SubParsersAction) -> None:
-    from mpy_blox_tools import rollout
+    from mpy_blox_tools import rollout_cli
 
-    rollout.add_parser(sub, _command)
+    rollout_cli.add_parser(sub, _command)
 
 
 def _broker(args: argparse.Namespace) -> int:

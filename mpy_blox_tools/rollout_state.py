@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import re
+import time
 
 from mpy_blox import topics
 from mpy_blox_tools.errors import MpyBloxError
@@ -147,3 +148,93 @@ def stages_by_device(messages: dict[str, bytes]) -> dict[str, str]:
         for device_id in doc.get("devices") or {}:
             out[device_id] = f"{device_stage(doc, device_id)} ({doc.get('channel')})"
     return out
+
+
+def stage_line(doc: dict) -> str:
+    """`stage 2/4 (10%): 2 devices, 2 sent, 1 confirmed, 0 failed, ETA 1m30s`."""
+    i, t = doc["stage"], doc["targets"]
+    members = doc["order"][(t[i - 1] if i else 0) : t[i]]
+    states = [doc["devices"].get(d, {}).get("state") for d in members]
+    sent = sum(s in (SENT, OK, FAILED) for s in states)
+    ok, failed = states.count(OK), states.count(FAILED)
+    label = doc["stages"][min(i, len(doc["stages"]) - 1)] if len(t) == len(doc["stages"]) else ""
+    line = (
+        f"stage {i + 1}/{len(t)}{f' ({label})' if label else ''}: {len(members)} device(s), "
+        f"{sent} sent, {ok} confirmed, {failed} failed"
+    )
+    if doc.get("stage_done_at") and i + 1 < len(t):
+        left = doc["stage_done_at"] + doc["bake_s"] - time.time()
+        line += f", baking ({max(0, int(left))}s left)"
+    eta = _eta(doc)
+    return line + (f", ETA {_hms(eta)}" if eta is not None else "")
+
+
+def _eta(doc: dict) -> float | None:
+    """Seconds to the end: the stages so far took `stage_s` each on average; a bake
+    after each stage but the last. None before the first stage has finished."""
+    took = doc.get("stage_s") or []
+    if not took or doc["status"] != "running":
+        return None
+    i, n, now = doc["stage"], len(doc["targets"]), time.time()
+    mean = sum(took) / len(took)
+    if doc.get("stage_done_at"):  # baking: the rest of the bake, then the stages after
+        left = max(0.0, doc["stage_done_at"] + doc["bake_s"] - now)
+        return left + (n - i - 1) * (mean + doc["bake_s"]) - doc["bake_s"]
+    current = max(0.0, mean - (now - (doc.get("stage_started_at") or now)))
+    return current + (n - i - 1) * (mean + doc["bake_s"])
+
+
+def _hms(seconds: float) -> str:
+    s = max(0, round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def summary(doc: dict) -> str:
+    rows = [("DEVICE", "STAGE", "RESULT", "DETAIL")]
+    for d in doc["order"]:
+        v = doc["devices"].get(d)
+        if v is None:
+            rows.append((d, "-", "not sent", ""))
+        else:
+            result = {OK: "ok", FAILED: "FAILED"}.get(v["state"], v["state"])
+            rows.append((d, str(v["stage"] + 1), result, v.get("reason", "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    reason = f": {doc['reason']}" if doc.get("reason") else ""
+    return f"rollout on {doc['channel']} {doc['status']}{reason}\n{table}"
+
+
+def new_state(
+    channel: str,
+    stages: str,
+    max_failures: str,
+    bake_s: float,
+    timeout_s: float,
+    entries: list,
+    previous: list | None,
+    devices: list[str],
+) -> dict:
+    plan = parse_stages(stages)
+    ordered = order(devices)
+    return {
+        "v": FORMAT_VERSION,
+        "channel": channel,
+        "status": "running",
+        "stages": plan,
+        "targets": targets(plan, len(ordered)),
+        "max_failures": parse_max_failures(max_failures),
+        "bake_s": bake_s,
+        "timeout_s": timeout_s,
+        "entries": entries,
+        "signed": False,  # set by start: resume and revert need the key again
+        "previous": previous,
+        "order": ordered,
+        "stage": 0,
+        "stage_done_at": None,
+        "stage_started_at": None,
+        "stage_s": [],
+        "devices": {},
+        "channel_list": None,
+        "reason": "",
+        "rev": 0,
+    }
