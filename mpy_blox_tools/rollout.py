@@ -326,6 +326,9 @@ class Runner:
 
     def _stopped(self) -> int:
         status = self.control["status"]
+        # Written again with what this run knows (a device sent since the pause read
+        # the state), the pause or abort kept: a resume must not send it twice.
+        self.save()
         self.say(f"rollout {status} by another command: stopped sending")
         return PAUSED if status == "paused" else ABORTED
 
@@ -457,12 +460,17 @@ def control(
     client = mqtt.connect(broker)
     try:
         doc = _existing(client, channel)
-        if doc["status"] in ("done", "aborted", "halted") and not (status == "aborted" and revert):
+        if doc["status"] == "done":
+            raise MpyBloxError(
+                f"the rollout on {channel} is done: the channel has its list; publish the "
+                "previous release to the channel to go back"
+            )
+        if doc["status"] in ("aborted", "halted") and not (status == "aborted" and revert):
             raise MpyBloxError(f"the rollout on {channel} is {doc['status']} already")
         if status == "paused" and doc["status"] != "running":
             raise MpyBloxError(f"the rollout on {channel} is {doc['status']}: nothing to pause")
         packages = None
-        sent = [d for d, v in doc["devices"].items() if v.get("state") != rs.SENDING]
+        sent = list(doc["devices"])  # a `sending` one may have it: the previous is harmless
         if revert:
             if not doc.get("previous"):
                 raise MpyBloxError(
