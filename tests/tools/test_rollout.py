@@ -365,3 +365,38 @@ def test_pause_stops_a_rollout_and_abort_revert_sends_the_previous_release_back(
     assert _state(broker)["status"] == "aborted"
     assert cli(["rollout", "resume", "--broker", broker.url, "--channel", CHANNEL]) == 1
     assert "is aborted: nothing to resume" in capsys.readouterr().err
+
+
+def test_a_device_that_never_answers_fails_after_the_timeout(
+    broker, release_wheel, tmp_path, capsys
+):
+    # A device that reported on the channel once (its retained info), then went silent.
+    ghost, channel = "esp32-0000000000fe", "ro-ghost"
+    client = mqtt.connect(mqtt.BrokerURL(broker.host, broker.port))
+    info = json.dumps({"device_id": ghost, "channel": channel}).encode()
+    client.publish(topics.node_topic(ghost, "info"), info, qos=1, retain=True).wait_for_publish()
+    try:
+        argv = _start(broker, release_wheel, "--stages", "100%", "--timeout", "2s", "--quiet")
+        argv[5] = channel
+        assert cli([*argv, *_release(tmp_path, "v9")]) == 1
+        out = capsys.readouterr().out
+        assert "stage 1/1" not in out  # --quiet: no progress, the summary as it failed
+        assert f"rollout on {channel} halted: 1 failure(s), more than --max-failures 0" in out
+        assert re.search(rf"^{ghost}  1 +FAILED +no answer in 2s$", out, re.M), out
+        assert cli(["rollout", "status", "--broker", broker.url, "--channel", channel]) == 0
+        assert re.search(rf"^{ghost}  1 +FAILED", capsys.readouterr().out, re.M)
+    finally:
+        for t in (topics.node_topic(ghost, "info"), rs.topic(channel)):
+            client.publish(t, b"", qos=1, retain=True).wait_for_publish()
+        mqtt.disconnect(client)
+
+
+def test_stages_resolve_to_growing_device_counts_and_the_order_is_stable():
+    plan = rs.parse_stages("1,10%,50%,100%")
+    assert rs.targets(plan, 12) == [1, 2, 6, 12]
+    assert rs.targets(plan, 4) == [1, 2, 4]  # 10% of 4 adds nobody after the canary
+    assert rs.targets(rs.parse_stages("5,100%"), 3) == [3]
+    assert rs.failure_limit("2", 50) == 2 and rs.failure_limit("10%", 50) == 5
+    assert rs.failure_limit("10%", 9) == 0
+    ids = [f"esp32-{n:012x}" for n in range(12)]
+    assert rs.order(ids) == rs.order(reversed(ids)) != sorted(ids)
