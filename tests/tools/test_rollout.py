@@ -314,7 +314,14 @@ def test_a_workstation_killed_mid_stage_is_resumed_from_the_broker_without_sendi
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(10)
+    # The worst moment: killed after the list went out, before `sent` was written.
+    doc = _state(broker)
     assert doc["status"] == "running"
+    second = next(d for d, v in doc["devices"].items() if v["stage"] == 1)
+    doc["devices"][second]["state"] = "sending"
+    client = mqtt.connect(mqtt.BrokerURL(broker.host, broker.port))
+    client.publish(rs.topic(CHANNEL), rs.encode(doc), qos=1, retain=True).wait_for_publish()
+    mqtt.disconnect(client)
     resume = ["rollout", "resume", "--broker", broker.url, "--channel", CHANNEL]
     assert cli(resume) == 1
     assert "sends signed lists: give its --key-file" in capsys.readouterr().err
