@@ -392,6 +392,11 @@ def test_a_device_that_never_answers_fails_after_the_timeout(
         assert re.search(rf"^{ghost}  1 +FAILED +no answer in 2s$", out, re.M), out
         assert cli(["rollout", "status", "--broker", broker.url, "--channel", channel]) == 0
         assert re.search(rf"^{ghost}  1 +FAILED", capsys.readouterr().out, re.M)
+        argv = ["rollout", "status", "--broker", broker.url, "--channel", channel, "--json"]
+        assert cli(argv) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["status"] == "halted" and doc["order"] == [ghost]
+        assert doc["devices"][ghost]["state"] == "failed"
     finally:
         for t in (topics.node_topic(ghost, "info"), rs.topic(channel)):
             client.publish(t, b"", qos=1, retain=True).wait_for_publish()
