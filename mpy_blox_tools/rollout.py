@@ -1,7 +1,7 @@
 """`mpy-blox rollout`: a release to a channel's devices in stages, with no server.
 
     start(broker, packages, channel="stable", stages="1,10%,50%,100%",
-          max_failures="2", bake_s=600, key=key)
+          max_failures="2", bake_s=600, opts=Options(key=key))
 
 The devices that report on the channel (their retained `info`) are put in order by
 the SHA256 of their id; each stage sends the release as a signed `cmd` list to the
@@ -242,7 +242,8 @@ class Runner:
         while True:
             if self.control:
                 return self._stopped()
-            self._judge_all()
+            if self._judge_all():  # an outcome: on the broker at once, for `rollout status`
+                self.save()
             failed = self.failures()
             if len(failed) > limit:
                 self.progress()
@@ -261,7 +262,6 @@ class Runner:
                 continue
             pending = [d for d in members if doc["devices"][d]["state"] == rs.SENT]
             if pending:
-                self.save_if_decided()
                 self.progress()
                 self.changed.wait(0.5)
                 self.changed.clear()
@@ -280,10 +280,6 @@ class Runner:
                 self.changed.clear()
                 continue
             doc["stage"], doc["stage_done_at"] = i + 1, None
-            self.save()
-
-    def save_if_decided(self) -> None:
-        if self._judge_all():
             self.save()
 
     def members(self, i: int) -> list[str]:
