@@ -77,16 +77,31 @@ def previous_entries(client, channel: str, key) -> list | None:
         return None
 
 
+CHUNK_FIELDS = ("chunk_size", "chunks", "chunks_sha256")
+
+
 def fetch_packages(client, entries: list[dict]) -> list[publish.Package]:
-    """The release's packages from their retained topics (resume, revert), checked."""
-    wanted = [topics.package_topic(e) for e in entries]
+    """The release's packages from their retained topics (resume, revert), checked
+    against their SHA256: one message, or the chunks of a chunked one put together.
+    Each comes back as `wheel_package`/`src_package` make it (no chunk fields), so
+    publish_update publishes it as it would a new one."""
+    wanted = []
+    for e in entries:
+        n = e.get("chunks")
+        wanted += [topics.chunk_topic(e, k) for k in range(n)] if n else [topics.package_topic(e)]
     got = mqtt.collect_retained(client, *wanted)
     out = []
-    for e, t in zip(entries, wanted):
-        data = got.get(t, b"")
+    for e in entries:
+        n = e.get("chunks")
+        parts = [topics.chunk_topic(e, k) for k in range(n)] if n else [topics.package_topic(e)]
+        data = b"".join(got.get(t, b"") for t in parts)
         if hashlib.sha256(data).hexdigest() != e["pkg_sha256"]:
-            raise MpyBloxError(f"{t}: the package is not retained on the broker (or differs)")
-        out.append(publish.Package(e, data, t))
+            raise MpyBloxError(
+                f"{topics.package_topic(e)}: the package is not retained on the broker "
+                "(or differs): publish the release again"
+            )
+        plain = {k: v for k, v in e.items() if k not in CHUNK_FIELDS}
+        out.append(publish.Package(plain, data, topics.package_topic(e)))
     return out
 
 
@@ -162,7 +177,7 @@ class Runner:
                 }
             self.save()
 
-        publish.publish_update(
+        done = publish.publish_update(
             self.broker,
             self.packages,
             device_ids=tuple(device_ids),
@@ -173,6 +188,9 @@ class Runner:
             **(self.opts.publish_kwargs or {}),
         )
         with self.lock:
+            # The entries as listed (chunk fields, if publish chunked a package): where
+            # resume and revert find the packages again.
+            self.doc["entries"] = done.entries
             for d in device_ids:
                 devices[d]["state"] = rs.SENT
         self.save()

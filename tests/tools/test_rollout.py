@@ -25,6 +25,7 @@ from mpy_blox import topics
 from mpy_blox_tools import build, fleet, mqtt, publish, wheel
 from mpy_blox_tools import rollout_state as rs
 from mpy_blox_tools.cli import main as cli
+from mpy_blox_tools.errors import MpyBloxError
 from mpy_blox_tools.vboard.process import RunningBoard
 
 REPO = Path(__file__).resolve().parents[2]
@@ -412,3 +413,25 @@ def test_stages_resolve_to_growing_device_counts_and_the_order_is_stable():
     assert rs.failure_limit("10%", 9) == 0
     ids = [f"esp32-{n:012x}" for n in range(12)]
     assert rs.order(ids) == rs.order(reversed(ids)) != sorted(ids)
+
+
+def test_resume_finds_a_chunked_package_again_on_the_broker(broker, tmp_path):
+    from mpy_blox_tools import chunks
+    from mpy_blox_tools.rollout import fetch_packages
+
+    (tmp_path / "big.py").write_bytes(bytes(range(256)) * 20)  # 5120 bytes: 3 chunks
+    package = publish.src_package(tmp_path / "big.py")
+    cut = chunks.chunk(package.entry, package.data, 2048)
+    client = mqtt.connect(mqtt.BrokerURL(broker.host, broker.port))
+    try:
+        for t, payload in cut.messages():
+            client.publish(t, payload, qos=1, retain=True).wait_for_publish()
+        [got] = fetch_packages(client, [cut.entry])
+        assert got.data == package.data and got.entry == package.entry  # no chunk fields
+        missing = dict(cut.entry, pkg_sha256="0" * 64)
+        with pytest.raises(MpyBloxError, match="not retained on the broker"):
+            fetch_packages(client, [missing])
+    finally:
+        for t, _ in cut.messages():
+            client.publish(t, b"", qos=1, retain=True).wait_for_publish()
+        mqtt.disconnect(client)
