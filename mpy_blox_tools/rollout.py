@@ -336,7 +336,9 @@ class Runner:
         doc["status"], doc["reason"] = "done", ""
         self.save()
         self.say(f"channel list published on {topics.channel_topic(doc['channel'])}")
-        return DONE
+        # Done, but 0 only when every device confirmed: failures within --max-failures
+        # still ask for a look.
+        return HALTED if self.failures() else DONE
 
     def _stopped(self) -> int:
         status = self.control["status"]
@@ -420,6 +422,10 @@ def start(
 
 def _run(runner: Runner) -> int:
     code = runner.run()
+    failed = len(runner.failures())
+    if runner.doc["status"] == "done" and failed:
+        runner.doc["reason"] = f"{failed} failure(s), within --max-failures"
+        runner.save()
     if not runner.opts.quiet or code != DONE:
         print(rs.summary(runner.doc), file=runner.out, flush=True)
     return code

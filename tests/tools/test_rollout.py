@@ -435,3 +435,28 @@ def test_resume_finds_a_chunked_package_again_on_the_broker(broker, tmp_path):
         for t, _ in cut.messages():
             client.publish(t, b"", qos=1, retain=True).wait_for_publish()
         mqtt.disconnect(client)
+
+
+def test_failures_within_max_failures_finish_the_rollout_but_exit_non_zero(
+    broker, release_wheel, tmp_path, capsys
+):
+    ghost, channel = "esp32-0000000000fd", "ro-tolerant"
+    client = mqtt.connect(mqtt.BrokerURL(broker.host, broker.port))
+    info = json.dumps({"device_id": ghost, "channel": channel}).encode()
+    client.publish(topics.node_topic(ghost, "info"), info, qos=1, retain=True).wait_for_publish()
+    try:
+        argv = _start(broker, release_wheel, "--stages", "100%", "--timeout", "1s")
+        argv[5] = channel
+        assert cli([*argv, "--max-failures", "100%", *_release(tmp_path, "v10")]) == 1
+        out = capsys.readouterr().out
+        assert f"channel list published on mpypi/channels/{channel}" in out
+        assert f"rollout on {channel} done: 1 failure(s), within --max-failures" in out
+        assert re.search(rf"^{ghost}  1 +FAILED +no answer in 1s$", out, re.M), out
+    finally:
+        for t in (
+            topics.node_topic(ghost, "info"),
+            rs.topic(channel),
+            topics.channel_topic(channel),
+        ):
+            client.publish(t, b"", qos=1, retain=True).wait_for_publish()
+        mqtt.disconnect(client)
