@@ -453,6 +453,12 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_prune)
 
 
+def _add_rollout(sub: argparse._SubParsersAction) -> None:
+    from mpy_blox_tools import rollout_cli
+
+    rollout_cli.add_parser(sub, _command)
+
+
 def _broker(args: argparse.Namespace) -> int:
     from mpy_blox_tools.broker import run_broker
 
@@ -629,6 +635,7 @@ PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_keygen,
     _add_status,
     _add_prune,
+    _add_rollout,
     _add_broker,
     _add_vboard,
     _add_demo,

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from mpy_blox import topics
-from mpy_blox_tools import mqtt
+from mpy_blox_tools import mqtt, rollout_state
 from mpy_blox_tools.errors import MpyBloxError
 
 # What mpy_blox.node.device_id() makes: "esp32-" and the lower-case hex of the
@@ -61,6 +61,7 @@ class Device:
     fs_free: int | None = None
     boot_count: int | None = None
     last_seen: str = ""
+    rollout_stage: str = ""  # `2/4 ok (stable)`: its stage in a rollout (rollout_state)
     info: dict = field(default_factory=dict)
     status: dict = field(default_factory=dict)
 
@@ -133,12 +134,16 @@ def fetch(
     """
     client = mqtt.connect(broker)
     try:
-        messages = mqtt.collect_retained(client, *FILTERS, limit=limit)
+        messages = mqtt.collect_retained(client, *FILTERS, rollout_state.topic("#"), limit=limit)
         if listen > 0:
             messages.update(ask_to_announce(client, messages, listen, limit))
     finally:
         mqtt.disconnect(client)
-    return devices_from(messages)
+    devices = devices_from(messages)
+    stages = rollout_state.stages_by_device(messages)
+    for d in devices:
+        d.rollout_stage = stages.get(d.device_id, "")
+    return devices
 
 
 def ask_to_announce(
@@ -233,6 +238,12 @@ def format_table(devices: list[Device]) -> str:
                 d.last_seen or "-",
             )
         )
+    if any(d.rollout_stage for d in devices):  # a column only while there is a rollout
+        rows = [
+            (*r, "STAGE" if i == 0 else devices[i - 1].rollout_stage or "-")
+            for i, r in enumerate(rows)
+        ]
+        header = rows[0]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 

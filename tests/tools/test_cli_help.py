@@ -32,6 +32,7 @@ def test_the_walk_finds_every_command():
     names = {" ".join(path) for path, _ in COMMANDS}
     assert {"build", "publish", "status", "broker", "vboard create", "vboard run"} <= names
     assert {"deploy app", "deploy purge-lib", "vboard net", "keygen", "demo", "prune"} <= names
+    assert {"rollout start", "rollout resume", "rollout abort"} <= names
 
 
 @pytest.mark.parametrize("path, parser", COMMANDS, ids=[" ".join(p) for p, _ in COMMANDS])
