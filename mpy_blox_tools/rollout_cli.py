@@ -8,12 +8,11 @@ match a keyword argument of publish.publish_update pass through to it by name.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import time
 from pathlib import Path
 
-from mpy_blox_tools import keys, mqtt, publish
+from mpy_blox_tools import fit, keys, mqtt, publish
 from mpy_blox_tools import rollout_state as rs
 from mpy_blox_tools.errors import MpyBloxError
 from mpy_blox_tools.rollout import Options, control, resume, start, status
@@ -38,19 +37,16 @@ def _broker(args) -> mqtt.BrokerURL:
 
 
 def _publish_kwargs(args) -> dict:
-    """publish_update's keyword arguments from the release flags: --expires and
-    --next-pubkey as `release` makes them, any other flag of publish by its name."""
-    known = set(inspect.signature(publish.publish_update).parameters)
-    out = {
-        name: getattr(args, name)
-        for name in known
-        - {"broker", "packages", "channel", "device_ids", "key", "client"}
-        - {"log", "on_list", "expires", "next_pubkey"}
-        if getattr(args, name, None) not in (None, False)
-    }
-    if getattr(args, "expires", None):
+    """publish_update's keyword arguments from the release flags, converted as
+    `publish.release` converts them for `publish`."""
+    out = {"force": args.force}
+    if args.chunk_size is not None:
+        out["chunk_size"] = fit.parse_chunk_size(args.chunk_size)
+    if args.expire:
+        out["package_expiry"] = publish.parse_expire(args.expire)
+    if args.expires:
         out["expires"] = int(time.time()) + publish.parse_duration(args.expires)
-    if getattr(args, "next_pubkey", None):
+    if args.next_pubkey:
         out["next_pubkey"] = keys.load_public_key(args.next_pubkey)
     return out
 

@@ -460,3 +460,19 @@ def test_failures_within_max_failures_finish_the_rollout_but_exit_non_zero(
         ):
             client.publish(t, b"", qos=1, retain=True).wait_for_publish()
         mqtt.disconnect(client)
+
+
+def test_the_release_flags_reach_publish_as_publish_takes_them():
+    from mpy_blox_tools import rollout_cli
+    from mpy_blox_tools.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["rollout", "start", "--channel", "c", "--stages", "1,100%", "--chunk-size", "16K",
+         "--expire", "2d", "--expires", "30d", "--force"]
+    )  # fmt: skip
+    kwargs = rollout_cli._publish_kwargs(args)
+    assert kwargs["chunk_size"] == 16 * 1024 and kwargs["package_expiry"] == 2 * 86400
+    assert kwargs["force"] is True
+    assert abs(kwargs["expires"] - (time.time() + 30 * 86400)) < 60
+    args = build_parser().parse_args(["rollout", "start", "--channel", "c", "--stages", "100%"])
+    assert rollout_cli._publish_kwargs(args) == {"force": False}
