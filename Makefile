@@ -67,9 +67,17 @@ lane32:
 		echo "mpy-blox: 32-bit lane: $$MPY_BLOX_MICROPYTHON32"; \
 	else echo "mpy-blox: no 32-bit lane (MPY_BLOX_MICROPYTHON32 unset): its tests are skipped"; fi
 
+# The suite runs on TEST_WORKERS processes (pytest-xdist): its boards and brokers
+# mostly wait, so two workers on two cores take half the time of one. Each worker
+# has its own session broker and temporary folders. TEST_WORKERS=0: one process.
+# --dist loadgroup: a module marked xdist_group stays on one worker (one RabbitMQ
+# node; the heap edges' tests one at a time).
+TEST_WORKERS ?= 2
+TEST_DIST = $(if $(filter 0,$(TEST_WORKERS)),,--dist loadgroup)
+
 # pytest exits 5 when it collected no test: a broken suite, not a pass.
 test: setup mosquitto lane32
-	@$(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
+	@$(PY) -m pytest -n $(TEST_WORKERS) $(TEST_DIST) $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "mpy-blox: no tests were collected"; fi; \
 	exit $$status
 

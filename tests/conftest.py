@@ -49,6 +49,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 _HEAP_LINES: list[str] = []
+HEAP_PROPERTY = "heap figure"
 
 
 @pytest.fixture
@@ -57,9 +58,19 @@ def heap_report(request):
 
     def report(text: str) -> None:
         print(text)
-        _HEAP_LINES.append(f"{request.node.nodeid.split('::')[-1]}: {text}")
+        # In the test's report, not a list here: under `-n` the test runs in a worker
+        # and the summary is written by the controller, which receives the reports.
+        request.node.user_properties.append((HEAP_PROPERTY, text))
 
     return report
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "teardown":
+        name = report.nodeid.split("::")[-1]
+        for key, text in report.user_properties:
+            if key == HEAP_PROPERTY:
+                _HEAP_LINES.append(f"{name}: {text}")
 
 
 def pytest_terminal_summary(terminalreporter):

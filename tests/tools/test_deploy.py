@@ -24,8 +24,15 @@ def deploy(action: str, device: str, *args: str) -> int:
     return cli(["deploy", action, "--device", device, *args])
 
 
+# make's targets depend on `setup`, which runs `poetry install` from this checkout when
+# its pyproject.toml or poetry.lock is newer than the venv's marker: that would repoint
+# a venv shared between checkouts, twice at once under `make test`'s -n. The tests are
+# about the device targets: the venv is taken as it is.
+MAKE = ["make", "--no-print-directory", "-o", ".venv/.installed"]
+
+
 def make(target: str, device: str, **variables: str) -> subprocess.CompletedProcess:
-    args = ["make", "--no-print-directory", target, f"DEVICE={device}"]
+    args = [*MAKE, target, f"DEVICE={device}"]
     args += [f"{k.upper()}={v}" for k, v in variables.items()]
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
 
@@ -154,9 +161,7 @@ def test_mounted_repl_imports_from_the_working_tree(board, tmp_path):
     pid, fd = pty.fork()
     if pid == 0:
         os.chdir(REPO)
-        os.execvp(
-            "make", ["make", "--no-print-directory", "mounted-repl", f"DEVICE={rb.serial_port}"]
-        )
+        os.execvp("make", [*MAKE, "mounted-repl", f"DEVICE={rb.serial_port}"])
     seen = b""
     try:
         deadline = time.monotonic() + 60
@@ -321,8 +326,7 @@ def test_make_passes_mpremote_to_the_device_targets(tmp_path):
     env = {**os.environ, "RECORD": str(record)}
     for target in ("deploy-user", "repl"):
         out = subprocess.run(
-            ["make", "--no-print-directory", target, "DEVICE=COM4", f"MPREMOTE={fake}"]
-            + [f"USER_MAIN={user}"],
+            [*MAKE, target, "DEVICE=COM4", f"MPREMOTE={fake}"] + [f"USER_MAIN={user}"],
             cwd=REPO,
             env=env,
             capture_output=True,

@@ -22,6 +22,10 @@ import pytest
 from mpy_blox_tools import micropython
 from mpy_blox_tools.vboard.board import Board
 
+# One worker takes the whole module under `make test`'s -n: the wheel and its venv are
+# made once.
+pytestmark = pytest.mark.xdist_group("packaging")
+
 REPO = Path(__file__).resolve().parents[2]
 POETRY = Path(sys.executable).with_name("poetry")
 

@@ -28,6 +28,9 @@ from mpy_blox_tools import deploy, publish
 from mpy_blox_tools.broker import RABBITMQ_HINT, RabbitMQ, find_rabbitmq, free_port
 from mpy_blox_tools.cli import main as cli
 
+# One worker takes the whole module under `make test`'s -n: one node, started once.
+pytestmark = pytest.mark.xdist_group("rabbitmq")
+
 USER_MAIN = (
     "import asyncio\n\nasync def user_main():\n"
     "    print('{tag} running')\n    await asyncio.sleep(3600)\n"

@@ -14,6 +14,10 @@ from update_kit import REPO
 from mpy_blox.update import manifest
 from mpy_blox_tools import keys, mqtt, publish
 
+# The heap edges' tests run one at a time under `make test`'s -n (one worker takes
+# them all): two of them never share the cores, whose timing moves the edge.
+pytestmark = pytest.mark.xdist_group("heap")
+
 # The app's heap is busy: user_main holds a ballast and prints the free heap
 # twice a second, so the figures before and after each list are in the console.
 USER_V1 = b"""

@@ -23,6 +23,10 @@ from mpy_blox.update import manifest
 from mpy_blox_tools import wheel
 from mpy_blox_tools.micropython import DEFAULT_HEAP as ESP32_HEAP
 
+# The heap edges' tests run one at a time under `make test`'s -n (one worker takes
+# them all): two of them never share the cores, whose timing moves the edge.
+pytestmark = pytest.mark.xdist_group("heap")
+
 # main.py of a board that does only what deploy-lib's `mpremote exec` does after
 # its soft reset: import the install core, install one wheel.
 DEPLOY_MAIN = """

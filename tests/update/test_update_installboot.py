@@ -22,6 +22,10 @@ from mpy_blox import topics
 from mpy_blox.update import manifest
 from mpy_blox_tools import build, micropython
 
+# The heap edges' tests run one at a time under `make test`'s -n (one worker takes
+# them all): two of them never share the cores, whose timing moves the edge.
+pytestmark = pytest.mark.xdist_group("heap")
+
 KEY = "fedcba9876543210" * 4
 # Each lane's board heap (mpy_blox_tools.micropython): 100K on the 32-bit lane, as
 # an ESP32; its 64-bit equivalent elsewhere. The heap tests run on both lanes at
