@@ -193,10 +193,32 @@ def ask_to_announce(
 
 
 def state_text(d: Device) -> str:
-    """The STATE column: `trial (95s left)`, `rolled_back: <reason>`, or the state."""
+    """The STATE column: `trial (95s left)`, `rolled_back: <reason>`, `downloading
+    (big.bin 52% (2048K/4096K), resumed at 1024K)`, or the state."""
     if d.left_s is not None:
         return f"{d.state} ({d.left_s}s left)"
+    if d.state == "downloading":
+        return f"{d.state} ({progress_text(d.status)})"
     return f"{d.state}: {d.reason}" if d.reason else d.state
+
+
+def progress_text(status: dict) -> str:
+    """A status's package and progress: `big.bin 52% (2048K/4096K), resumed at 1024K`
+    (a chunked download that resumed), or its error."""
+    package = status.get("package") or ""
+    done, total = status.get("done"), status.get("total")
+    if isinstance(done, int) and isinstance(total, int) and total:
+        if total < 10240:  # a small file in bytes, not "0K/0K"
+            text = f"{package} {100 * done // total}% ({done}/{total} bytes)"
+        else:
+            text = f"{package} {100 * done // total}% ({done // 1024}K/{total // 1024}K)"
+        resumed = status.get("resumed_at")
+        if isinstance(resumed, int) and resumed > 0:
+            text += f", resumed at {resumed // 1024}K"
+        return text
+    if status.get("error"):
+        return f"{package}: {status['error']}" if package else str(status["error"])
+    return str(package)
 
 
 def _kb(n) -> str:

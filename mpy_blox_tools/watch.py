@@ -160,7 +160,7 @@ class Watcher:
     def _on_status(self, p: Progress, status: dict, live: bool) -> None:
         state = str(status.get("state") or "?")
         p.state = state
-        p.detail = _detail(status)
+        p.detail = fleet.progress_text(status)
         p.trial_left = p.trial_until = None
         left = status.get("left_s")
         if state == "trial" and isinstance(left, int) and not isinstance(left, bool):
@@ -279,15 +279,3 @@ def versions(packages: dict, src: dict) -> str:
         [f"{k} {v}" for k, v in sorted(packages.items())]
         + [f"{k} {str(v)[:8]}" for k, v in sorted(src.items())]
     )
-
-
-def _detail(status: dict) -> str:
-    package = status.get("package") or ""
-    done, total = status.get("done"), status.get("total")
-    if isinstance(done, int) and isinstance(total, int) and total:
-        if total < 10240:  # a small file in bytes, not "0K/0K"
-            return f"{package} {100 * done // total}% ({done}/{total} bytes)"
-        return f"{package} {100 * done // total}% ({done // 1024}K/{total // 1024}K)"
-    if status.get("error"):
-        return f"{package}: {status['error']}" if package else str(status["error"])
-    return str(package)

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+from mpy_blox_tools import fleet
 from mpy_blox_tools.cli import main as cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -320,3 +321,18 @@ def _until(condition, limit: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < end
         time.sleep(0.02)
+
+
+def test_a_resumed_download_shows_where_it_resumed():
+    status = {
+        "state": "downloading",
+        "package": "big.bin",
+        "done": 3 * 1048576,
+        "total": 4 * 1048576,
+        "resumed_at": 2 * 1048576,
+    }
+    d = fleet.devices_from({"mpypi/nodes/esp32-000000000001/status": json.dumps(status).encode()})
+    assert fleet.state_text(d[0]) == "downloading (big.bin 75% (3072K/4096K), resumed at 2048K)"
+    status.update(resumed_at=None, done=0)
+    d = fleet.devices_from({"mpypi/nodes/esp32-000000000001/status": json.dumps(status).encode()})
+    assert fleet.state_text(d[0]) == "downloading (big.bin 0% (0K/4096K))"
