@@ -8,8 +8,7 @@ import json
 import os
 import time
 
-from mpy_blox import hass
-from mpy_blox.hass.entities import Entity
+from mpy_blox.hass.entity import Entity
 
 # object_id, name, unit, device_class, state_class
 _SENSORS = (
@@ -37,11 +36,11 @@ class _Diag(Entity):
         )
 
 
-def start(node, every_s):
-    topic = hass.hub.base("sensor", "diagnostics") + "/state"
+def start(hub, every_s):
+    topic = hub.base("sensor", "diagnostics") + "/state"
     for s in _SENSORS:
         _Diag(*s, topic=topic)
-    asyncio.create_task(_loop(node, topic, max(every_s, 5)))
+    asyncio.create_task(_loop(hub, topic, max(every_s, 5)))
 
 
 def _fs_free():
@@ -61,14 +60,14 @@ def _rssi():
         return None
 
 
-async def _loop(node, topic, every_s):
+async def _loop(hub, topic, every_s):
     uptime = 0
     last = time.ticks_ms()
     while True:
         now = time.ticks_ms()
         uptime += time.ticks_diff(now, last) // 1000
         last = now - time.ticks_diff(now, last) % 1000
-        lu = node.info_extra.get("last_update") or {}
+        lu = hub.node.info_extra.get("last_update") or {}
         gc.collect()
         state = {
             "mem_free": gc.mem_free(),
@@ -77,7 +76,7 @@ async def _loop(node, topic, every_s):
             "uptime": uptime,
             "last_update": lu.get("result") or "none",
         }
-        c = hass.hub.client
+        c = hub.client
         if c.is_connected:
             try:
                 await c.publish(topic, json.dumps(state), True, 0)

@@ -1,4 +1,4 @@
-# Entities for user code, announced to Home Assistant (mpy_blox/hass/__init__.py).
+# Entities for user code, announced to Home Assistant (mpy_blox/hass/hub.py).
 #
 #   from mpy_blox.hass.entities import BinarySensor, Button, Light, Number, Sensor, Switch
 #
@@ -18,37 +18,7 @@
 # Extra discovery fields go in as keywords: Sensor("Flow", state_class="measurement").
 import json
 
-from mpy_blox import hass
-
-
-class Entity:
-    component = None
-    has_state = True
-    has_command = False
-
-    def __init__(self, name, oid=None, **extra):
-        self.name = name
-        self.object_id = oid or hass.object_id(name)
-        self.extra = {k: v for k, v in extra.items() if v is not None}
-        self.value = None
-        hass.register(self)
-
-    def payload(self):
-        """The state as published; None: nothing to publish yet."""
-        return None if self.value is None else str(self.value)
-
-    async def publish(self):
-        p = self.payload()
-        if p is not None and hass.hub is not None:
-            await hass.hub.publish_state(self, p)
-
-    async def set(self, value):
-        """Record the state and publish it (when connected: else at the next connect)."""
-        self.value = value
-        await self.publish()
-
-    async def command(self, payload):
-        raise ValueError("read-only")
+from mpy_blox.hass.entity import Entity
 
 
 class Sensor(Entity):

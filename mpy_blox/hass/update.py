@@ -15,7 +15,7 @@
 # app that boots after it publishes the whole state again.
 import json
 
-from mpy_blox.hass.entities import Entity
+from mpy_blox.hass.entity import Entity
 
 OBJECT_ID = "software"
 
