@@ -144,6 +144,13 @@ async def _run():
             log.exception("update agent failed to start", e)
     if client is not None and config.get_bool("hass.enabled", False):
         await _hass(agent)
+    if client is not None and config.get_bool("logging.remote", False):
+        try:  # the remote log (mpy_blox/remotelog.py): `mpy-blox logs DEVICE`
+            from mpy_blox import remotelog
+
+            remotelog.start(client, node, config)
+        except Exception as e:  # noqa: BLE001  (MemoryError: the device runs on without it)
+            log.exception("remote log failed to start", e)
     asyncio.get_event_loop().set_exception_handler(sup.handle_exception)
     gc.collect()
     log.info("booted; free heap %d bytes", gc.mem_free())

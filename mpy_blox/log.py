@@ -23,6 +23,9 @@ _LETTERS = {DEBUG: "D", INFO: "I", WARNING: "W", ERROR: "E", CRITICAL: "C"}
 _level = INFO
 _start_ms = time.ticks_ms()
 _loggers = {}
+# Called with (level, name, msg) after each line is printed: the remote log
+# (mpy_blox/remotelog.py) when logging.remote is on.
+sink = None
 
 
 def set_level(level):
@@ -35,6 +38,10 @@ def set_level(level):
     _level = level
 
 
+def letter(level):
+    return _LETTERS.get(level, "?")
+
+
 def level():
     """The global level (a number)."""
     return _level
@@ -44,6 +51,8 @@ def write(level, name, msg):
     """One formatted line, whatever the level (the `logging` module decides its own)."""
     t = time.ticks_diff(time.ticks_ms(), _start_ms)
     print("%s %d.%03d %s: %s" % (_LETTERS.get(level, "?"), t // 1000, t % 1000, name, msg))
+    if sink is not None:
+        sink(level, t, name, msg)
 
 
 class Logger:
