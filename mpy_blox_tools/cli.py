@@ -435,10 +435,12 @@ def _add_logs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("device", metavar="DEVICE", help="the device id, e.g. esp32-840d8ed29760")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing; Ctrl-C stops it")
     p.add_argument(
-        "--level", default="DEBUG", help="DEBUG, INFO, WARNING, ERROR or CRITICAL and above"
+        "--level",
+        default="DEBUG",
+        help="show DEBUG, INFO, WARNING, ERROR or CRITICAL and above (default: DEBUG)",
     )
     p.add_argument(
-        "--wait", type=float, default=3.0, help="without --follow: seconds to listen (3)"
+        "--wait", type=float, default=3.0, help="without --follow: seconds to listen (default: 3)"
     )
     p.set_defaults(func=_logs)
 
