@@ -129,6 +129,7 @@ class Agent:
                 to, (payload, retained) = self.pending.popitem()
                 now = self.install_now and to.startswith("channels/")
                 error = None
+                gc.collect()  # the garbage of other tasks (hass's JSON) out of the way
                 try:
                     await self._handle(payload, to, retained)
                 except ValueError as e:  # InvalidUpdate: a short reason for status
