@@ -66,7 +66,7 @@ async def _loop(hub, topic, every_s):
     while True:
         now = time.ticks_ms()
         uptime += time.ticks_diff(now, last) // 1000
-        last = now - time.ticks_diff(now, last) % 1000
+        last = time.ticks_add(now, -(time.ticks_diff(now, last) % 1000))  # keep the rest
         lu = hub.node.info_extra.get("last_update") or {}
         gc.collect()
         state = {
