@@ -15,13 +15,17 @@ DEBUG = const(10)
 INFO = const(20)
 WARNING = const(30)
 ERROR = const(40)
+CRITICAL = const(50)
 
 _NAMES = {"DEBUG": DEBUG, "INFO": INFO, "WARNING": WARNING, "WARN": WARNING, "ERROR": ERROR}
-_LETTERS = {DEBUG: "D", INFO: "I", WARNING: "W", ERROR: "E"}
+_LETTERS = {DEBUG: "D", INFO: "I", WARNING: "W", ERROR: "E", CRITICAL: "C"}
 
 _level = INFO
 _start_ms = time.ticks_ms()
 _loggers = {}
+# Called with (level, name, msg) after each line is printed: the remote log
+# (mpy_blox/remotelog.py) when logging.remote is on.
+sink = None
 
 
 def set_level(level):
@@ -32,6 +36,23 @@ def set_level(level):
         if level is None:
             raise ValueError("unknown log level")
     _level = level
+
+
+def letter(level):
+    return _LETTERS.get(level, "?")
+
+
+def level():
+    """The global level (a number)."""
+    return _level
+
+
+def write(level, name, msg):
+    """One formatted line, whatever the level (the `logging` module decides its own)."""
+    t = time.ticks_diff(time.ticks_ms(), _start_ms)
+    print("%s %d.%03d %s: %s" % (_LETTERS.get(level, "?"), t // 1000, t % 1000, name, msg))
+    if sink is not None:
+        sink(level, t, name, msg)
 
 
 class Logger:
@@ -46,9 +67,7 @@ class Logger:
                 msg = msg % args
             except (TypeError, ValueError):
                 msg = "%s %r" % (msg, args)  # a bad format must not kill the caller
-        t = time.ticks_diff(time.ticks_ms(), _start_ms)
-        letter = _LETTERS.get(level, "?")
-        print("%s %d.%03d %s: %s" % (letter, t // 1000, t % 1000, self.name, msg))
+        write(level, self.name, msg)
 
     def debug(self, msg, *args):
         self.log(DEBUG, msg, *args)

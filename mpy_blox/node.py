@@ -22,6 +22,7 @@ from mpy_blox.topics import node_topic
 log = get_logger("node")
 
 OFFLINE = b'{"state": "offline"}'
+_BUSY = ("downloading", "verifying", "installing")
 
 
 def device_id():
@@ -51,6 +52,15 @@ class Node:
         self.state = "online"  # the status every (re)connect publishes; an install boot's differs
         self.state_fields = {}  # and its fields (a trial's seq and time left)
         self._status = None  # the last status published, for an announce answer
+        self.on_info = None  # `await on_info()` after each info (mpy_blox/hass/update.py)
+        # Home Assistant's update entity shows an install's progress: its state
+        # topic, when hass.enabled (the install boot runs without mpy_blox.hass).
+        self.hass_update = None
+        if config.get_bool("hass.enabled", False):
+            self.hass_update = "%s/update/%s/software/state" % (
+                config.get_str("hass.discovery_prefix", "homeassistant"),
+                dev_id,
+            )
 
     def info(self):
         import mpy_blox
@@ -87,7 +97,10 @@ class Node:
             return False
 
     async def publish_info(self):
-        return await self._publish("info", json.dumps(self.info()))
+        ok = await self._publish("info", json.dumps(self.info()))
+        if self.on_info is not None:
+            await self.on_info()
+        return ok
 
     async def publish_status(self, state, qos=1, **fields):
         """Publish `status`; while in safe mode, online/idle read as safe_mode.
@@ -100,7 +113,21 @@ class Node:
                 state = "safe_mode"
                 fields.setdefault("error", self.safe_mode)
         fields["state"] = state
+        if self.hass_update is not None and (state in _BUSY or fields.get("install_boot")):
+            await self._progress(fields)
         return await self._publish("status", json.dumps(fields), qos)
+
+    async def _progress(self, fields):
+        # In progress, with the percentage of the package being downloaded.
+        total = fields.get("total")
+        pct = fields.get("done", 0) * 100 // total if total else None
+        payload = '{"in_progress": true, "update_percentage": %s}' % (
+            "null" if pct is None else pct
+        )
+        try:
+            await self.client.publish(self.hass_update, payload, retain=True)
+        except (OSError, AttributeError):  # no link (or no client yet): progress is not worth it
+            pass
 
     async def on_connect(self):
         await self.publish_info()

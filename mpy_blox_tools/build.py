@@ -29,6 +29,10 @@ DISTRIBUTION = "mpy-blox"
 PLATFORMS = {"esp32": "xtensawin", "unix": "x64"}
 BYTECODE_TAG = "mpy6-bytecode"
 _VERSION_LINE = re.compile(r'^__version__ = "[^"]*"$', re.M)
+# Modules for code written for upstream Mpy-BLOX or CPython (`import logging`):
+# kept in the framework's sources, shipped at the top of the wheel (so at the top
+# of /lib on a device), where their import names find them.
+COMPAT = "mpy_blox/compat/"
 
 
 def project_version() -> str:
@@ -76,6 +80,8 @@ def compile_tree(source_dir: Path, version: str, march: str) -> dict[str, bytes]
                 staged = Path(tmp) / "stamped.py"
                 staged.write_text(_VERSION_LINE.sub(f'__version__ = "{version}"', text))
                 src = staged
+            if rel.startswith(COMPAT):
+                rel = rel[len(COMPAT) :]
             out = Path(tmp) / "out.mpy"
             compile_source(src, rel, march, out)
             files[rel[: -len(".py")] + ".mpy"] = out.read_bytes()

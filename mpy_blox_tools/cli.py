@@ -453,6 +453,46 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_prune)
 
 
+def _logs(args: argparse.Namespace) -> int:
+    from mpy_blox_tools import logs
+    from mpy_blox_tools.mqtt import BrokerURL
+
+    broker = BrokerURL.parse(args.broker) if args.broker else BrokerURL.from_settings()
+    broker = broker.with_tls(args.ca_file, args.client_cert, args.client_key)
+    try:
+        logs.follow(broker, args.device, args.level, args.follow, args.wait)
+    except KeyboardInterrupt:  # how --follow ends
+        pass
+    return 0
+
+
+def _add_logs(sub: argparse._SubParsersAction) -> None:
+    from mpy_blox_tools.mqtt import add_connect_arguments
+
+    p = _command(
+        sub,
+        "logs",
+        "print a device's remote log (devices with logging.remote)",
+        "mpy-blox logs esp32-840d8ed29760 --follow --level WARNING",
+        "A device sends its last records again at every (re)connect (docs/homeassistant.md,\n"
+        "'Remote log').",
+    )
+    add_connect_arguments(
+        p, "mqtt[s]://[user[:password]@]host[:port] (default: from ./settings.json)"
+    )
+    p.add_argument("device", metavar="DEVICE", help="the device id, e.g. esp32-840d8ed29760")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing; Ctrl-C stops it")
+    p.add_argument(
+        "--level",
+        default="DEBUG",
+        help="show DEBUG, INFO, WARNING, ERROR or CRITICAL and above (default: DEBUG)",
+    )
+    p.add_argument(
+        "--wait", type=float, default=3.0, help="without --follow: seconds to listen (default: 3)"
+    )
+    p.set_defaults(func=_logs)
+
+
 def _add_rollout(sub: argparse._SubParsersAction) -> None:
     from mpy_blox_tools import rollout_cli
 
@@ -636,6 +676,7 @@ PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_status,
     _add_prune,
     _add_rollout,
+    _add_logs,
     _add_broker,
     _add_vboard,
     _add_demo,

@@ -46,6 +46,7 @@ class Agent:
         self.wake = asyncio.Event()
         self.seq = 0
         self.last = None
+        self.install_now = False  # install the channel's list even without auto_update
 
     async def start(self):
         self.seq = record.nvs_seq()
@@ -64,6 +65,14 @@ class Agent:
         await self.client.subscribe(channel_topic(self.channel), self._on_list)
         await self.client.subscribe(node_topic(self.node.device_id, "cmd"), self._on_list)
         await self.node.publish_info()
+
+    async def install_channel(self):
+        """Install the channel's current list now, even with update.auto_update false
+        (Home Assistant's install, mpy_blox/hass/update.py). Subscribing again makes
+        the broker send the retained list again (MQTT 3.1.1, 3.8.4)."""
+        log.info("install of the channel's list requested")
+        self.install_now = True
+        await self.client.subscribe(channel_topic(self.channel), self._on_list)
 
     # -- persistent state ------------------------------------------------------
 
@@ -118,7 +127,9 @@ class Agent:
             self.wake.clear()
             while self.pending:
                 to, (payload, retained) = self.pending.popitem()
+                now = self.install_now and to.startswith("channels/")
                 error = None
+                gc.collect()  # the garbage of other tasks (hass's JSON) out of the way
                 try:
                     await self._handle(payload, to, retained)
                 except ValueError as e:  # InvalidUpdate: a short reason for status
@@ -126,6 +137,8 @@ class Agent:
                 except Exception as e:  # noqa: BLE001  (the agent must stay up for a fix)
                     log.exception("update failed", e)
                     error = repr(e)[:100]
+                if now:  # one list per request
+                    self.install_now = False
                 try:
                     if error is not None:
                         await self._failed(error)
@@ -172,7 +185,7 @@ class Agent:
             log.info("list seen again: already done")
             return  # the same unsigned list, seen again after a (re)connect
         trusted.check_expires(got, trusted.now())
-        if to.startswith("channels/") and not self.auto:
+        if to.startswith("channels/") and not self.auto and not self.install_now:
             self._refresh_info(available=seq)
             await self.node.publish_info()
             return
