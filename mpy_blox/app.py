@@ -6,8 +6,8 @@
 #
 # Boot: settings.json -> logging level -> secure store + /provision.json ->
 # boot_count -> WLAN -> MQTT (info/status on every connect, will = offline) ->
-# update agent (if installed) -> Home Assistant discovery (mpy_blox/hass/, if
-# hass.enabled) -> user_main() under the supervisor, and beside
+# update agent (if installed) -> the optional services (mpy_blox/services.py:
+# Home Assistant, the remote log) -> user_main() under the supervisor, and beside
 # it the trial of a new update (mpy_blox.update.trial) if one is on trial, and
 # the watchdog's feeder (mpy_blox.watchdog, started by the supervisor). Boot waits
 # for WLAN and MQTT only up to wlan.wait_s / mqtt.wait_s (default 30 s each):
@@ -142,15 +142,13 @@ async def _run():
         except Exception as e:  # noqa: BLE001  (a broken agent must not stop the device)
             agent = None
             log.exception("update agent failed to start", e)
-    if client is not None and config.get_bool("hass.enabled", False):
-        await _hass(agent)
-    if client is not None and config.get_bool("logging.remote", False):
-        try:  # the remote log (mpy_blox/remotelog.py): `mpy-blox logs DEVICE`
-            from mpy_blox import remotelog
+    if client is not None and (
+        config.get_bool("hass.enabled", False) or config.get_bool("logging.remote", False)
+    ):
+        from mpy_blox import services  # only then: a device without them pays nothing
 
-            remotelog.start(client, node, config)
-        except Exception as e:  # noqa: BLE001  (MemoryError: the device runs on without it)
-            log.exception("remote log failed to start", e)
+        await services.start(client, config, node, agent)
+        sys.modules.pop("mpy_blox.services", None)
     asyncio.get_event_loop().set_exception_handler(sup.handle_exception)
     gc.collect()
     log.info("booted; free heap %d bytes", gc.mem_free())
@@ -159,17 +157,6 @@ async def _run():
     await sup.run()
     while True:  # the background tasks (WLAN, MQTT, agent) keep the device going
         await asyncio.sleep(3600)
-
-
-async def _hass(agent):
-    # Home Assistant discovery (mpy_blox/hass/): imported only when enabled, so
-    # a device without it pays nothing.
-    try:
-        from mpy_blox import hass
-
-        await hass.start(client, config, node, agent)
-    except Exception as e:  # noqa: BLE001  (MemoryError too: the device runs on without it)
-        log.exception("Home Assistant discovery failed to start", e)
 
 
 def _node_and_supervisor(cfg, boot_count):

@@ -18,7 +18,7 @@ ERROR = const(40)
 CRITICAL = const(50)
 
 _NAMES = {"DEBUG": DEBUG, "INFO": INFO, "WARNING": WARNING, "WARN": WARNING, "ERROR": ERROR}
-_LETTERS = {DEBUG: "D", INFO: "I", WARNING: "W", ERROR: "E", CRITICAL: "C"}
+LETTERS = {DEBUG: "D", INFO: "I", WARNING: "W", ERROR: "E", CRITICAL: "C"}
 
 _level = INFO
 _start_ms = time.ticks_ms()
@@ -38,10 +38,6 @@ def set_level(level):
     _level = level
 
 
-def letter(level):
-    return _LETTERS.get(level, "?")
-
-
 def level():
     """The global level (a number)."""
     return _level
@@ -50,7 +46,7 @@ def level():
 def write(level, name, msg):
     """One formatted line, whatever the level (the `logging` module decides its own)."""
     t = time.ticks_diff(time.ticks_ms(), _start_ms)
-    print("%s %d.%03d %s: %s" % (_LETTERS.get(level, "?"), t // 1000, t % 1000, name, msg))
+    print("%s %d.%03d %s: %s" % (LETTERS.get(level, "?"), t // 1000, t % 1000, name, msg))
     if sink is not None:
         sink(level, t, name, msg)
 

@@ -22,7 +22,6 @@ from mpy_blox.topics import node_topic
 log = get_logger("node")
 
 OFFLINE = b'{"state": "offline"}'
-_BUSY = ("downloading", "verifying", "installing")
 
 
 def device_id():
@@ -53,14 +52,9 @@ class Node:
         self.state_fields = {}  # and its fields (a trial's seq and time left)
         self._status = None  # the last status published, for an announce answer
         self.on_info = None  # `await on_info()` after each info (mpy_blox/hass/update.py)
-        # Home Assistant's update entity shows an install's progress: its state
-        # topic, when hass.enabled (the install boot runs without mpy_blox.hass).
-        self.hass_update = None
-        if config.get_bool("hass.enabled", False):
-            self.hass_update = "%s/update/%s/software/state" % (
-                config.get_str("hass.discovery_prefix", "homeassistant"),
-                dev_id,
-            )
+        # `await on_status(fields)` before each status (mpy_blox/hass/progress.py).
+        # Hooks, not code here: this module is resident on every device.
+        self.on_status = None
 
     def info(self):
         import mpy_blox
@@ -113,21 +107,9 @@ class Node:
                 state = "safe_mode"
                 fields.setdefault("error", self.safe_mode)
         fields["state"] = state
-        if self.hass_update is not None and (state in _BUSY or fields.get("install_boot")):
-            await self._progress(fields)
+        if self.on_status is not None:
+            await self.on_status(fields)
         return await self._publish("status", json.dumps(fields), qos)
-
-    async def _progress(self, fields):
-        # In progress, with the percentage of the package being downloaded.
-        total = fields.get("total")
-        pct = fields.get("done", 0) * 100 // total if total else None
-        payload = '{"in_progress": true, "update_percentage": %s}' % (
-            "null" if pct is None else pct
-        )
-        try:
-            await self.client.publish(self.hass_update, payload, retain=True)
-        except (OSError, AttributeError):  # no link (or no client yet): progress is not worth it
-            pass
 
     async def on_connect(self):
         await self.publish_info()

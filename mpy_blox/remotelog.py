@@ -38,7 +38,7 @@ class RemoteLog:
     def record(self, level, t, name, msg):
         if level < self.level:
             return
-        self.buf.append((t, logging.letter(level), name, msg[:_MAX_MSG]))
+        self.buf.append((t, logging.LETTERS.get(level, "?"), name, msg[:_MAX_MSG]))
         if len(self.buf) > self.size:
             self.buf.pop(0)
             if self.sent:

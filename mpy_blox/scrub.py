@@ -55,14 +55,20 @@ def _partition():
     return parts[0] if parts else None
 
 
-def holding(needles, dev=None):
-    """How many blocks of the raw partition hold one of `needles`; None if unreadable."""
+def holding(needles, dev=None, buf=None):
+    """How many blocks of the raw partition hold one of `needles`; None if unreadable.
+
+    buf: a buffer from the last call, reused. A scrub checks again after each
+    churn, and the file system's garbage in between leaves a block-sized
+    buffer no room on a fragmented heap: the caller keeps it.
+    """
     dev = dev or _partition()
     if dev is None or not needles:
         return None if dev is None else 0
     count, size = dev.ioctl(4, 0), dev.ioctl(5, 0)
     keep = max(len(n) for n in needles) - 1  # a needle across two blocks is seen too
-    buf = bytearray(keep + size)
+    if buf is None or len(buf) != keep + size:
+        buf = bytearray(keep + size)
     mv = memoryview(buf)
     hits = 0
     for block in range(count):
@@ -121,14 +127,18 @@ def scrub(path, needles):
     _remove(fill)  # left by a scrub that a power cut interrupted
     _zero(path)
     dev = _partition()
-    left = holding(needles, dev)
+    # One buffer for every check, allocated first (see holding()).
+    buf = None
+    if dev is not None and needles:
+        buf = bytearray(max(len(n) for n in needles) - 1 + dev.ioctl(5, 0))
+    left = holding(needles, dev, buf)
     churns = filled = 0
     while left and churns < 2 * _ROUNDS:
         if churns == _ROUNDS and not filled:
             filled = _fill(fill)
         _churn(fill)
         churns += 1
-        left = holding(needles, dev)
+        left = holding(needles, dev, buf)
     os.remove(path)
     if left is None:
         _churn(fill)  # no raw access to check: compact the folder's log at least

@@ -50,7 +50,7 @@ class Supervisor:
         self.resets = 0
 
     def _load(self):
-        sys.modules.pop(self.module, None)  # a restart reimports a fixed file
+        sys.modules.pop(self.module, None)  # after a MemoryError: its state goes too
         try:
             mod = __import__(self.module)
         except ImportError as e:
@@ -148,6 +148,7 @@ class Supervisor:
             return
         while True:
             self._crashed = None
+            fn = None
             try:
                 fn = self._user_main_fn()
                 if fn is None:
@@ -170,6 +171,13 @@ class Supervisor:
                 self._user = None
             self._since = None
             self._report(exc)
+            if fn is not None and not isinstance(exc, MemoryError):
+                # The same function next time: importing user_main.py again
+                # compiles it again, which wants KB-sized blocks that a heap
+                # that has run a while may no longer have. After a MemoryError
+                # it is imported afresh: its module's state may be what filled
+                # the heap.
+                self.preloaded = (fn,)
             if self.on_failure is not None:
                 self.on_failure(exc)
             now = time.ticks_ms()

@@ -19,13 +19,17 @@
 # A command runs in a task of its own, never in the client's receive loop (a
 # handler that publishes at QoS 1 would wait there for its own PUBACK). Bad
 # input (unknown entity, wrong payload, out of range) is logged and ignored.
-from mpy_blox.hass import hub
+#
+# Nothing is imported here at the top: the install boot loads
+# mpy_blox.hass.progress alone.
 
 
 async def start(client, config, node, agent=None):
     """Start discovery: the update entity, the diagnostics, and user entities."""
+    from mpy_blox.hass import hub, progress, update
+
     h = hub.current = hub.Hub(client, config, node)
-    from mpy_blox.hass import update
+    progress.hook(node)
 
     update.UpdateEntity(node, agent)
     if config.get_bool("hass.diagnostics", True):

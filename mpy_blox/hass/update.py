@@ -10,9 +10,9 @@
 # Versions are the seq of update lists: the last accepted one (info.seq, "0"
 # before any) and the channel's newer one the agent saw but did not install
 # (info.available, with auto_update false). While the install boot runs,
-# mpy_blox.hass is not loaded: the node publishes in_progress and
-# update_percentage to this state topic itself (Node.publish_status), and the
-# app that boots after it publishes the whole state again.
+# only mpy_blox.hass.progress is loaded: it publishes in_progress and
+# update_percentage to this state topic, and the app that boots after it
+# publishes the whole state again.
 import json
 
 from mpy_blox.hass.entity import Entity

@@ -44,6 +44,12 @@ class InstallBoot:
         record.set_pending(self.to, self.tries)  # counted before anything else can fail
         node = self.node = Node(device_id(), config, boot_count)
         node.state = "installing"
+        if config.get_bool("hass.enabled", False):
+            # Home Assistant's update entity shows the progress: this module
+            # alone, not the rest of mpy_blox.hass.
+            from mpy_blox.hass import progress
+
+            progress.hook(node)
         log.info("%s install boot %d (attempt %d)", node.device_id, boot_count, self.tries)
         self.seq = record.nvs_seq()
         self.listed = self.digest = None  # the list being installed: its seq and SHA256
