@@ -5,6 +5,7 @@
 # view. Files the emulation needs at run time are opened before that and stay
 # usable; the rare atomic host write (an NVS commit) mounts the board folder for
 # the duration of one synchronous call, so no board code ever sees it.
+import json
 import os
 import vfs
 
@@ -49,6 +50,16 @@ def write_atomic(name, data):
     with mounted() as root:
         with open(root + "/" + name + ".tmp", "wb") as f:
             f.write(data)
+        os.rename(root + "/" + name + ".tmp", root + "/" + name)
+
+
+def write_json_atomic(name, obj):
+    """write_atomic() of `obj` as JSON, streamed to the file: the emulation must not
+    ask the board's heap for a block the size of the whole document (an ESP32
+    keeps NVS outside the MicroPython heap)."""
+    with mounted() as root:
+        with open(root + "/" + name + ".tmp", "wb") as f:
+            json.dump(obj, f)
         os.rename(root + "/" + name + ".tmp", root + "/" + name)
 
 

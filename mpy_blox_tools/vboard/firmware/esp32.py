@@ -56,7 +56,7 @@ def _write():
     _writes += 1
     if _writes == _cut_at:
         _on_cut(_writes)
-    _vb_host.write_atomic("nvs.json", json.dumps(_load()).encode())
+    _vb_host.write_json_atomic("nvs.json", _load())
     _mirror()
 
 
