@@ -31,7 +31,9 @@ async def user_main():
         await asyncio.sleep(0.5)
 """
 USER_V2 = b"async def user_main():\n    print('USER v2 signed by the release key')\n"
-BALLAST_KIB = 12  # 16 until issue 14 (trial, watchdog: 0.8 KB); 14 until the announce answer, chunked downloads and the Home Assistant hooks (2 KB)
+# 16 until issue 14 (the trial and the watchdog: 0.8 KB after boot); 14 until the
+# announce answer, chunked downloads and the Home Assistant hooks (2 KB more).
+BALLAST_KIB = 12
 
 
 @pytest.fixture
