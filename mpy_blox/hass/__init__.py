@@ -37,5 +37,5 @@ async def start(client, config, node, agent=None):
 
         diag.start(h, config.get_int("hass.diagnostics_s", 60))
     await h.start()
-    hub.log.info("announced to Home Assistant under %s/", h.prefix)
+    hub.log.info("announcing to Home Assistant under %s/", h.prefix)
     return h

@@ -11,6 +11,7 @@ from mpy_blox.topics import node_topic
 log = get_logger("hass")
 
 _MAX_COMMAND = const(256)  # a command payload is a word or a small JSON object
+_TRIES = const(3)  # announcing an entity again after a MemoryError, before giving up
 AVAILABLE = "{{ 'offline' if value_json.state == 'offline' else 'online' }}"
 
 current = None  # the Hub, once the app started it
@@ -37,7 +38,7 @@ def register(entity):
     else:
         _entities.append(entity)
     if current is not None:
-        asyncio.create_task(current.announce(entity))
+        current.schedule(entity)
 
 
 class Hub:
@@ -48,6 +49,11 @@ class Hub:
         self.prefix = config.get_str("hass.discovery_prefix", "homeassistant")
         self._device = None
         self.ids = {"identifiers": [node.device_id]}
+        # Entities waiting to be announced, one at a time by one task: a user_main
+        # that makes five entities at once would otherwise hold five configs'
+        # JSON and five PUBACK waits in the heap together (a MemoryError at 100K).
+        self._queue = []
+        self._draining = False
 
     def base(self, component, oid):
         return "%s/%s/%s/%s" % (self.prefix, component, self.node.device_id, oid)
@@ -107,12 +113,35 @@ class Hub:
 
     async def announce_all(self):
         for e in _entities:
-            await self.announce(e)
+            self.schedule(e)
+
+    def schedule(self, entity):
+        """Announce `entity` soon, after those already waiting."""
+        if entity not in self._queue:
+            self._queue.append(entity)
+        if not self._draining:
+            self._draining = True
+            asyncio.create_task(self._drain())
+
+    async def _drain(self):
+        tries = 0
+        try:
+            while self._queue:
+                if await self.announce(self._queue[0]) or tries == _TRIES:
+                    self._queue.pop(0)
+                    tries = 0
+                else:  # out of memory for now: the heap may have room in a moment
+                    tries += 1
+                    await asyncio.sleep_ms(200 * tries)
+        finally:
+            self._draining = False
 
     async def announce(self, entity):
+        """Publish `entity`'s config and state. False only for a MemoryError (worth
+        another try); a lost link is the next connect's to announce again."""
         c = self.client
         if not c.is_connected:
-            return  # the next connect announces it
+            return True  # the next connect announces it
         base = self.base(entity.component, entity.object_id)
         try:
             gc.collect()  # a config is a few hundred bytes in one piece
@@ -120,8 +149,12 @@ class Hub:
             await entity.publish()
         except OSError as e:  # MQTTError: the link went; the next connect announces again
             log.warning("cannot announce %s: %r", entity.object_id, e)
-        except Exception as e:  # noqa: BLE001  (MemoryError: a task of ours, not user code's)
+        except MemoryError as e:
+            log.warning("cannot announce %s yet: %r", entity.object_id, e)
+            return False
+        except Exception as e:  # noqa: BLE001  (a task of ours, not user code's)
             log.exception("cannot announce %s", e, entity.object_id)
+        return True
 
     async def publish_state(self, entity, payload):
         c = self.client

@@ -270,7 +270,10 @@ def test_discovery_configs_states_and_commands_of_each_entity(
     }
     configs = {}
     for comp, oid in expected:
-        cfg = col.wait(base % (comp, oid) + "/config")
+        try:
+            cfg = col.wait(base % (comp, oid) + "/config")
+        except TimeoutError as e:  # the board says why
+            raise AssertionError(f"{e}\n{rb.console()[-3000:]}") from None
         check_config(comp, cfg, dev)
         configs[comp, oid] = cfg
         assert cfg["~"] == base % (comp, oid)

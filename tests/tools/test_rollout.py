@@ -28,6 +28,11 @@ from mpy_blox_tools.cli import main as cli
 from mpy_blox_tools.errors import MpyBloxError
 from mpy_blox_tools.vboard.process import RunningBoard
 
+# In order, on one worker under `make test`'s -n: the tests share the module's boards
+# and each starts from the release the one before left (with loadgroup alone, pytest-xdist
+# spreads them over the workers, each with boards of its own and another order).
+pytestmark = pytest.mark.xdist_group("rollout")
+
 REPO = Path(__file__).resolve().parents[2]
 KEY = "0123456789abcdef" * 4
 CHANNEL = "ro-fleet"

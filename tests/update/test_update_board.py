@@ -122,7 +122,9 @@ def test_4mib_src_installs_with_a_64k_heap(lane, boards, update_board):
     board = update_board(
         board_files([s], manifest.encode_list([s.entry])), flash_size="16M", lane=lane
     )
-    out = run_to_done(boards, board, heap="64K", lane=lane)
+    # 64K is the ESP32's figure (the 32-bit lane); the 64-bit lane gets its equivalent:
+    # at 64K there its commit ran out of blocks depending on the checkout's path length.
+    out = run_to_done(boards, board, heap=lane.carried("64K"), lane=lane)
     assert "INSTALLED 1" in out, out
     assert sha256(board.cat("big.bin")) == s.sha
 
