@@ -67,7 +67,8 @@ def heap_report(request):
 
 def pytest_runtest_logreport(report):
     if report.when == "teardown":
-        name = report.nodeid.split("::")[-1]
+        # Without the "@group" --dist loadgroup adds to the names of grouped tests.
+        name = report.nodeid.split("::")[-1].split("@")[0]
         for key, text in report.user_properties:
             if key == HEAP_PROPERTY:
                 _HEAP_LINES.append(f"{name}: {text}")
