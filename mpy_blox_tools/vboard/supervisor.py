@@ -21,8 +21,11 @@ import signal
 import subprocess
 import sys
 import termios
+import threading
 import time
 import tty
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -83,8 +86,10 @@ class Supervisor:
         echo: BinaryIO | None = None,
         once: bool = False,
         executable: str | None = None,
+        prefix: str = "",
     ) -> None:
         self.board = board
+        self.prefix = prefix  # in a fleet: whose the [vboard] lines on stderr are
         self.executable = executable or micropython.executable()
         # A board with OTA partitions runs the firmware in them (the bootloader
         # picks it at each boot); the executable above is for boards without.
@@ -107,6 +112,10 @@ class Supervisor:
         self.once = once
         self.boots = 0
         self._stop = False
+        # The write end of the select loop's wake-up pipe while it runs; the lock
+        # keeps stop() (another thread, a signal) from writing to it as it closes.
+        self._wake_w: int | None = None
+        self._wake_lock = threading.Lock()
         self._child: subprocess.Popen | None = None
         self._raw_repl = False  # is the board in the raw REPL (as mpremote uses it)?
         self._tail = b""  # the last bytes the board printed in this boot
@@ -121,7 +130,8 @@ class Supervisor:
         line = f"[vboard] {message}\n".encode()
         self._console(line)
         if not self.echo:
-            sys.stderr.write(line.decode())
+            who = f" {self.prefix}:" if self.prefix else ""
+            sys.stderr.write(f"[vboard]{who} {message}\n")
             sys.stderr.flush()
 
     def _console(self, data: bytes) -> None:
@@ -136,8 +146,26 @@ class Supervisor:
 
     def run(self) -> int:
         """Run until signalled (or the first stop with `once`); return an exit status."""
-        with self.board.lock():
-            return self._run_locked()
+        with signals_stop([self]), self.board.lock():
+            return self.serve()
+
+    def serve(self) -> int:
+        """Run until `stop()` (or the first stop with `once`); return an exit status.
+
+        The caller holds `board.lock()`. Installs no signal handler, so one process
+        can serve many boards, one thread each (vboard/fleet.py)."""
+        return self._run_locked()
+
+    def stop(self) -> None:
+        """Switch the board off: safe from a signal handler or another thread."""
+        self._stop = True
+        with self._wake_lock:
+            if self._wake_w is None:
+                return  # not running: it will not start, or it is stopping already
+            try:
+                os.write(self._wake_w, b"\0")  # wakes the select loop at once
+            except BlockingIOError:
+                pass  # woken already
 
     def _run_locked(self) -> int:
         run = self.board.run_dir
@@ -152,16 +180,12 @@ class Supervisor:
         port = os.ttyname(user_slave)
         (run / "serial").write_text(port + "\n")
         (run / "supervisor.pid").write_text(f"{os.getpid()}\n")
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_w, False)
-        previous = {
-            s: signal.signal(s, self._on_signal)
-            for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-        }
-        old_wakeup = signal.set_wakeup_fd(wake_w)
+        wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
         self.log(f"board {self.board.device_id} serial port: {port}")
         if not self.echo:  # --quiet: scripts still read the port from stdout
-            print(f"serial port: {port}", flush=True)
+            where = f" {self.board.dir}" if self.prefix else ""  # a fleet: which board's
+            print(f"serial port: {port}{where}", flush=True)
         status, reason = 0, ""
         cause = PWRON_RESET
         fast = 0
@@ -183,12 +207,11 @@ class Supervisor:
                     self.cut_at = self.cut_nvs_at = 0  # the power comes back for good
                 fast = fast + 1 if time.monotonic() - started < 1 else 0
                 if fast >= FAST_REBOOTS:
-                    time.sleep(1)  # a boot loop: keep it from eating a core
+                    _wait_readable(wake_r, 1)  # a boot loop: keep it from eating a core
         finally:
             self._power_off()
-            signal.set_wakeup_fd(old_wakeup)
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            with self._wake_lock:
+                wake_w, self._wake_w = self._wake_w, None
             for fd in (board_master, board_slave, user_master, user_slave, wake_r, wake_w):
                 os.close(fd)
             for name in ("serial", "supervisor.pid"):
@@ -202,9 +225,6 @@ class Supervisor:
         if self.once and not (reason or status == 0):
             return status if status > 0 else 128 - status
         return 0
-
-    def _on_signal(self, signum, frame) -> None:
-        self._stop = True
 
     def _boot(
         self, cause: int, board_master: int, board_slave: int, user_master: int, wake_r: int
@@ -409,6 +429,31 @@ class Watchdog:
             self._mtime_ns = st.st_mtime_ns
             self._fed_at = time.monotonic()
         return time.monotonic() - self._fed_at > self._timeout_s
+
+
+@contextmanager
+def signals_stop(supervisors: list[Supervisor]) -> Iterator[None]:
+    """SIGTERM, SIGINT and SIGHUP stop `supervisors` while in the block (main thread)."""
+
+    def on_signal(signum, frame) -> None:
+        for s in supervisors:
+            s.stop()
+
+    previous = {
+        s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    }
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _wait_readable(fd: int, timeout_s: float) -> None:
+    # A sleep that stop() cuts short (it writes to the wake-up pipe).
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        sel.select(timeout_s)
 
 
 def _set_board_tty(fd: int) -> None:
