@@ -13,11 +13,26 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from mpy_blox_tools import micropython
 from mpy_blox_tools.child import end_process
 from mpy_blox_tools.errors import MpyBloxError
 from mpy_blox_tools.vboard.board import Board
+
+# The folder mpy_blox_tools is imported from: the supervisor runs the same code as its
+# caller, whatever folder the caller is in (a test's chdir, an installed copy).
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def _child_env(extra: dict[str, str] | None, executable: str | None) -> dict[str, str]:
+    env = {**os.environ, **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
+    if executable:
+        # `vboard run` is a command line: it takes the executable the way a user's
+        # shell gives it one, in the child's environment only.
+        env[micropython.ENV_VAR] = executable
+    return env
 
 
 class RunningBoard:
@@ -85,12 +100,7 @@ class RunningBoard:
         return self
 
     def _child_env(self) -> dict[str, str]:
-        env = {**os.environ, **(self.env or {})}
-        if self.executable:
-            # `vboard run` is a command line: it takes the executable the way a user's
-            # shell gives it one, in the child's environment only.
-            env[micropython.ENV_VAR] = self.executable
-        return env
+        return _child_env(self.env, self.executable)
 
     @property
     def serial_port(self) -> str:
@@ -177,9 +187,7 @@ class RunningFleet:
             (fb.board.run_dir / "serial").unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "mpy_blox_tools.cli", "vboard", "fleet"]
         cmd += [str(fb.board.dir) for fb in self.boards] + ["--heap", str(self.heap)]
-        env = {**os.environ, **(self.env or {})}
-        if self.executable:
-            env[micropython.ENV_VAR] = self.executable  # as a user's shell gives it
+        env = _child_env(self.env, self.executable)
         self.errors.parent.mkdir(exist_ok=True)
         with open(self.errors, "wb") as err:  # a file, not a pipe: nobody must drain it
             self.process = subprocess.Popen(
