@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from vboards import MIB, children, clone, pss, rss
+from vboards import MIB, children, clone, cpu_s, pss, rss
 
 from mpy_blox_tools import micropython
 from mpy_blox_tools.vboard.board import Board
@@ -25,12 +25,18 @@ TITLE = (
     f"Supervisor memory: one fleet process vs one `vboard run` per board, {SIZES} boards "
     f"({LANE.name}, {LANE.heap} heap)"
 )
+# `vboard run` for each board up to this many (each is a CPython process of ~37 MB).
+SINGLES_MAX = int(os.environ.get("BENCH_SUPERVISOR_SINGLES_MAX", "50"))
+CPU_WINDOW_S = 5.0  # the supervisors' CPU time over this long, boards idle
 IDLE_MAIN = "import time\nprint('idle')\nwhile True:\n    time.sleep(1)\n"
 
 
 def _measure(mode: str, supervisors: list[int], size: int) -> dict:
     time.sleep(1)  # past the boots' transients
     boards = [c for s in supervisors for c in children(s)]
+    before, started = sum(map(cpu_s, supervisors)), time.monotonic()
+    time.sleep(CPU_WINDOW_S)
+    busy = (sum(map(cpu_s, supervisors)) - before) / (time.monotonic() - started)
     return {
         "mode": mode,
         "boards": size,
@@ -40,6 +46,7 @@ def _measure(mode: str, supervisors: list[int], size: int) -> dict:
         "PSS MiB per board": sum(map(pss, supervisors)) / MIB / size,
         "board process RSS MiB": sum(map(rss, boards)) / MIB / len(boards),
         "board process PSS MiB": sum(map(pss, boards)) / MIB / len(boards),
+        "supervisors CPU % idle": 100 * busy,
     }
 
 
@@ -50,12 +57,15 @@ def run(workdir: Path) -> list[dict]:
     for size in SIZES:
         made = [clone(template, workdir / f"s{size}-{i}", size * 1000 + i) for i in range(size)]
         singles = [RunningBoard(b, heap=LANE.heap, executable=LANE.executable) for b in made]
+        if size > SINGLES_MAX:
+            singles = []
         try:
             for rb in singles:
                 rb.start()
             for rb in singles:
                 rb.wait_for("idle", timeout=120)
-            rows.append(_measure("vboard run each", [rb.process.pid for rb in singles], size))
+            if singles:
+                rows.append(_measure("vboard run each", [rb.process.pid for rb in singles], size))
         finally:
             for rb in singles:
                 rb.stop()
