@@ -73,6 +73,11 @@ PROMPTS = (b"\r\n>>> ", RAW_REPL_BANNER + b"\r\n>", b"\x04>")
 # Bytes the user sent after a Ctrl-C (or at a soft reset into the raw REPL) wait
 # for the REPL's prompt this long at most, then go to the board as they are.
 HOLD_S = 3.0
+# The select loop's tick: at most TICK_S while input is held, where the OS gives no
+# pidfd for the board's exit, or while a watchdog of up to 1 s is armed (a
+# twentieth of a longer timeout, up to IDLE_TICK_S); IDLE_TICK_S while none is armed.
+TICK_S = 0.05
+IDLE_TICK_S = 0.5
 
 
 class Supervisor:
@@ -287,14 +292,17 @@ class Supervisor:
         sel.register(board_master, selectors.EVENT_READ, "board")
         sel.register(user_master, selectors.EVENT_READ, "user")
         sel.register(wake_r, selectors.EVENT_READ, "wake")
+        exited = _exit_fd(self._child.pid)  # readable when the board's process ends
+        if exited is not None:
+            sel.register(exited, selectors.EVENT_READ, "exited")
         try:
             while self._child.poll() is None and not self._stop:
-                for key, _ in sel.select(timeout=0.05):
+                for key, _ in sel.select(timeout=self._tick_s(watchdog, exited)):
                     if key.data == "board":
                         self._from_board(board_master, user_master)
                     elif key.data == "user":
                         self._from_user(user_master, board_master)
-                    else:
+                    elif key.data == "wake":
                         os.read(wake_r, 512)
                 if self._held is not None and time.monotonic() > self._hold_until:
                     self._release(board_master)  # no prompt came: main.py reads them
@@ -307,6 +315,8 @@ class Supervisor:
             self._from_board(board_master, user_master)  # what it said last
         finally:
             sel.close()
+            if exited is not None:
+                os.close(exited)
         status = self._child.wait()
         self._child = None
         try:  # the next boot counts on from here (the board mirrors its count at once)
@@ -314,6 +324,15 @@ class Supervisor:
         except (FileNotFoundError, ValueError):
             pass  # the board died before its NVS started: nothing written
         return status, (run / "reason").read_text(errors="replace").strip()
+
+    def _tick_s(self, watchdog: Watchdog, exited: int | None) -> float:
+        # How long the select loop may sleep when nothing arrives. Output, input, a
+        # stop() and (with a pidfd) the board's exit wake it at once; what it polls is
+        # the held input's deadline and the watchdog, whose tick follows its timeout,
+        # so a fleet of idle boards does not wake 20 times a second each.
+        if self._held is not None or exited is None:
+            return TICK_S
+        return watchdog.tick_s()
 
     def _firmware(self, cause: int) -> str | None:
         """The executable this boot runs: the board's firmware if it has OTA
@@ -403,7 +422,7 @@ class Watchdog:
 
     The board writes its timeout in ms to run/wdt when it arms the watchdog and
     again at every feed: a feed is a moved mtime, seen here at the next turn of
-    the select loop (every 50 ms at least). Time runs on this side's clock from
+    the select loop (`tick_s` apart at most). Time runs on this side's clock from
     the moment a feed is seen, so a supervisor slow to look is late to reset,
     never early. An empty file is a disarmed watchdog.
     """
@@ -413,12 +432,23 @@ class Watchdog:
         self._mtime_ns: int | None = None
         self._timeout_s = 0.0
         self._fed_at = 0.0
+        self._armed = False
+
+    def tick_s(self) -> float:
+        """How often to look: a twentieth of the timeout, between TICK_S and IDLE_TICK_S
+        (so a reset is late by 5 % of the timeout at most, or by 50 ms); IDLE_TICK_S
+        while disarmed (an arming is seen that much late: the time counts from then)."""
+        if not self._armed:
+            return IDLE_TICK_S
+        return min(max(self._timeout_s / 20, TICK_S), IDLE_TICK_S)
 
     def expired(self) -> bool:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
+            self._armed = False
             return False
+        self._armed = bool(st.st_size)
         if not st.st_size:
             return False
         if st.st_mtime_ns != self._mtime_ns:
@@ -447,6 +477,15 @@ def signals_stop(supervisors: list[Supervisor]) -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _exit_fd(pid: int) -> int | None:
+    # A pidfd (Linux 5.3 and later) turns readable when the process ends, so the
+    # select loop need not poll for it; elsewhere None, and the loop ticks at TICK_S.
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 def _wait_readable(fd: int, timeout_s: float) -> None:
