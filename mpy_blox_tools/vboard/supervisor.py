@@ -33,6 +33,7 @@ from mpy_blox_tools import micropython
 from mpy_blox_tools.errors import MpyBloxError
 from mpy_blox_tools.vboard import bootloader
 from mpy_blox_tools.vboard.board import FIRMWARE, Board
+from mpy_blox_tools.vboard.watchdog import TICK_S, Watchdog
 
 # machine.reset_cause() values of the ESP32 port, by what stopped the last boot.
 PWRON_RESET, HARD_RESET, WDT_RESET, DEEPSLEEP_RESET, SOFT_RESET = 1, 2, 3, 4, 5
@@ -73,11 +74,6 @@ PROMPTS = (b"\r\n>>> ", RAW_REPL_BANNER + b"\r\n>", b"\x04>")
 # Bytes the user sent after a Ctrl-C (or at a soft reset into the raw REPL) wait
 # for the REPL's prompt this long at most, then go to the board as they are.
 HOLD_S = 3.0
-# The select loop's tick: at most TICK_S while input is held, where the OS gives no
-# pidfd for the board's exit, or while a watchdog of up to 1 s is armed (a
-# twentieth of a longer timeout, up to IDLE_TICK_S); IDLE_TICK_S while none is armed.
-TICK_S = 0.05
-IDLE_TICK_S = 0.5
 
 
 class Supervisor:
@@ -415,50 +411,6 @@ class Supervisor:
             except ProcessLookupError:
                 pass
             child.wait()
-
-
-class Watchdog:
-    """The host side of the emulated `machine.WDT` (firmware/machine.py).
-
-    The board writes its timeout in ms to run/wdt when it arms the watchdog and
-    again at every feed: a feed is a moved mtime, seen here at the next turn of
-    the select loop (`tick_s` apart at most). Time runs on this side's clock from
-    the moment a feed is seen, so a supervisor slow to look is late to reset,
-    never early. An empty file is a disarmed watchdog.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._mtime_ns: int | None = None
-        self._timeout_s = 0.0
-        self._fed_at = 0.0
-        self._armed = False
-
-    def tick_s(self) -> float:
-        """How often to look: a twentieth of the timeout, between TICK_S and IDLE_TICK_S
-        (so a reset is late by 5 % of the timeout at most, or by 50 ms); IDLE_TICK_S
-        while disarmed (an arming is seen that much late: the time counts from then)."""
-        if not self._armed:
-            return IDLE_TICK_S
-        return min(max(self._timeout_s / 20, TICK_S), IDLE_TICK_S)
-
-    def expired(self) -> bool:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            self._armed = False
-            return False
-        self._armed = bool(st.st_size)
-        if not st.st_size:
-            return False
-        if st.st_mtime_ns != self._mtime_ns:
-            try:
-                self._timeout_s = int(self.path.read_bytes()) / 1000
-            except ValueError:
-                return False  # read in the middle of a write: again at the next turn
-            self._mtime_ns = st.st_mtime_ns
-            self._fed_at = time.monotonic()
-        return time.monotonic() - self._fed_at > self._timeout_s
 
 
 @contextmanager
