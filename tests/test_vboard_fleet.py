@@ -4,6 +4,7 @@ gives it (its own MicroPython process, serial port, reboots and run/ files)."""
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 from mpy_blox_tools.cli import main as cli
 from mpy_blox_tools.errors import MpyBloxError
 from mpy_blox_tools.vboard.board import Board
-from mpy_blox_tools.vboard.process import RunningFleet
+from mpy_blox_tools.vboard.process import PACKAGE_ROOT, RunningFleet
 
 MPREMOTE = [sys.executable, "-m", "mpremote"]
 
@@ -135,3 +136,40 @@ def test_a_clone_is_the_same_board_under_another_id_and_refuses_a_used_folder(bo
     rb.wait_for("on")
     with pytest.raises(MpyBloxError, match="the board is running; stop it first"):
         board.clone(tmp_path / "live")
+
+
+def test_a_bricked_board_stops_alone_and_the_fleet_exits_1(boards, board_lane):
+    good = boards.create(files={"main.py": MAIN})
+    bricked = boards.create(flash_size="4M", lane=board_lane)
+    with open(bricked.dir / "ota_0.img", "r+b") as f:
+        f.write(b"\xff" * 4096)  # erased: nothing for the bootloader to boot
+    fleet = RunningFleet([good, bricked], heap=board_lane.heap, executable=board_lane.executable)
+    fleet.start()
+    try:
+        fleet.boards[1].wait_for("bootloader: no bootable app partition")
+        fleet.boards[1].wait_for(r"\[vboard\] board switched off")
+        fleet.boards[0].wait_for("cause 1")
+        assert fleet.process.poll() is None and len(_children(fleet.process.pid)) == 1
+        fleet.process.send_signal(signal.SIGTERM)
+        assert fleet.process.wait(timeout=20) == 1
+    finally:
+        fleet.stop()
+
+
+def test_a_fleet_past_the_open_file_limit_says_so_and_boots_nothing(tmp_path):
+    made = [Board.create(tmp_path / f"b{n}") for n in range(4)]  # about 112 files
+    argv = ["vboard", "fleet", *(str(b.dir) for b in made)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mpy_blox_tools.cli", *argv],
+        env={**os.environ, "PYTHONPATH": PACKAGE_ROOT},  # this checkout's tools
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100)),
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        "mpy-blox: 4 boards need about 112 open files; this shell allows 100 (ulimit -Hn): "
+        "run fewer boards per fleet\n"
+    )
+    assert not any(b.console_log.exists() or b.serial_port() for b in made)

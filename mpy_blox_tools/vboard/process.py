@@ -196,7 +196,8 @@ class RunningFleet:
         for fb in self.boards:
             fb.process = self.process
         deadline = time.monotonic() + timeout
-        while not all(fb.board.serial_port() for fb in self.boards):
+        # Each board's supervisor logs its port once (a bricked board's is gone at once).
+        while not all("] board " in fb.console() for fb in self.boards):
             if self.process.poll() is not None:
                 err = self.errors.read_text(errors="replace").strip()
                 raise MpyBloxError(f"the fleet did not start: {err}")
