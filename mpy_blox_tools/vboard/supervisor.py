@@ -115,8 +115,9 @@ class Supervisor:
         self._stop = False
         # The write end of the select loop's wake-up pipe while it runs; the lock
         # keeps stop() (another thread, a signal) from writing to it as it closes.
+        # Reentrant: a signal handler runs stop() in the thread that may hold it.
         self._wake_w: int | None = None
-        self._wake_lock = threading.Lock()
+        self._wake_lock = threading.RLock()
         self._child: subprocess.Popen | None = None
         self._raw_repl = False  # is the board in the raw REPL (as mpremote uses it)?
         self._tail = b""  # the last bytes the board printed in this boot
