@@ -1,121 +1,125 @@
-"""Fleet update time for 1, 10 and 50 virtual boards, and what the publisher sent.
+"""A staged rollout (`mpy-blox rollout`, issue 17) to 10, 50 and 200 virtual boards.
 
-One publish reaches the whole fleet: the publisher sends the packages and the list
-once, whatever the fleet's size (the broker fans them out), so "publisher bytes" must
-stay flat while the time grows only with the machine's load.
+The boards run under one `vboard fleet` supervisor on the lane fleets use (32-bit at
+an ESP32's 100K when MPY_BLOX_MICROPYTHON32 names its binary), each with the framework
+installed; the release is a new framework wheel and a new user_main.py, rolled out in
+stages 1, 10%, 50%, 100% with no bake, through a Mosquitto of its own for each size
+(so its peak RSS, VmHWM in /proc, is that size's). Per size: the time of each stage
+(from the rollout's state: first list sent to last device confirmed) and in all, what
+the workstation published (packages, cmd lists, the channel list and the rollout's
+own retained state), the broker's peak memory, the supervisor's and the boards' RSS.
+
+    BENCH_FLEET_SIZES=10,50 python bench/run.py fleet
+    BENCH_FLEET_VERBOSE=1 ...   # the rollout's progress and summary on stdout
 """
 
 from __future__ import annotations
 
-import json
+import os
 import secrets
 import time
 from pathlib import Path
 
-from mpy_blox_tools import build, deploy, micropython, mqtt, publish, watch
-from mpy_blox_tools.broker import Mosquitto
-from mpy_blox_tools.vboard.board import Board
-from mpy_blox_tools.vboard.process import RunningBoard
+from vboards import (
+    MIB,
+    USER_MAIN,
+    PublishCounter,
+    children,
+    clone,
+    deploy_template,
+    load,
+    peak_rss,
+    rss,
+    wait_reporting,
+)
 
-# The 32-bit lane at an ESP32's 100K when MPY_BLOX_MICROPYTHON32 names its binary,
-# else the 64-bit lane at its equivalent (mpy_blox_tools.micropython).
+from mpy_blox_tools import build, micropython, mqtt, publish, rollout
+from mpy_blox_tools import rollout_state as rs
+from mpy_blox_tools.broker import Mosquitto
+from mpy_blox_tools.vboard.process import RunningFleet
+
 LANE = micropython.board_lane()
-TITLE = f"Fleet update: one publish to 1, 10 and 50 boards ({LANE.name}, {LANE.heap} heap)"
-SIZES = (1, 10, 50)
-USER_MAIN = (
-    "import asyncio\n\nasync def user_main():\n    print('{tag}')\n    await asyncio.sleep(3600)\n"
+SIZES = tuple(int(n) for n in os.environ.get("BENCH_FLEET_SIZES", "10,50,200").split(","))
+STAGES = "1,10%,50%,100%"
+CHANNEL = "bench"
+TITLE = (
+    f"Fleet rollout: stages {STAGES} to {', '.join(map(str, SIZES))} boards under one "
+    f"vboard fleet ({LANE.name}, {LANE.heap} heap)"
 )
 
 
-def _template(work: Path, broker: Mosquitto, key: str) -> Board:
-    """One deployed board whose folder is copied for the others (deploying 50 is slow)."""
-    settings = work / "settings.json"
-    settings.write_text(
-        json.dumps(
-            {
-                "mqtt": {"server": broker.host, "port": broker.port},
-                "update": {"channel": "bench", "auto_update": True},
-            }
-        )
-    )
-    (work / "provision.json").write_text(json.dumps({"update.key": key}))
-    (work / "user_main.py").write_text(USER_MAIN.format(tag="v1"))
-    board = Board.create(work / "template")
-    with RunningBoard(board, heap=LANE.heap, executable=LANE.executable) as rb:
-        rb.wait_for(r"\[vboard\] boot 1")
-        deploy.deploy_app(
-            rb.serial_port, settings, work / "provision.json", work / "user_main.py", reset=False
-        )
-    return board
-
-
-def _clone(template: Board, directory: Path, n: int) -> Board:
-    import shutil
-
-    shutil.copytree(template.dir, directory, ignore=shutil.ignore_patterns("run", "console.log"))
-    config = json.loads((directory / "board.json").read_text())
-    config["unique_id"] = "%012x" % (0xB0A4D0000000 + n)
-    (directory / "board.json").write_text(json.dumps(config))
-    return Board(directory)
-
-
 def run(workdir: Path) -> list[dict]:
-    rows = []
     key = secrets.token_hex(32)
-    (workdir / "key").write_text(key)
-    with Mosquitto(workdir / "broker") as broker:
+    installed = build.build(out_dir=workdir / "installed")
+    release_wheel = build.build(dev=True, out_dir=workdir / "release")
+    recover = build.compile_framework(workdir / "compiled").parent / "mpypi_recover.mpy"
+    (workdir / "user_main.py").write_text(USER_MAIN.format(tag="v2"))
+    packages = [
+        publish.wheel_package(release_wheel),
+        publish.src_package(workdir / "user_main.py"),
+    ]
+    rows = []
+    for size in SIZES:
+        rows.append(_rollout(workdir / f"n{size}", size, key, installed, recover, packages))
+    return rows
+
+
+def _rollout(top: Path, size: int, key: str, installed: Path, recover: Path, packages) -> dict:
+    with Mosquitto(top / "broker") as broker:
         url = mqtt.BrokerURL(broker.host, broker.port)
-        template = _template(workdir, broker, key)
-        for size in SIZES:
-            boards = [
-                _clone(template, workdir / f"fleet{size}-{i}", size * 1000 + i)
-                for i in range(size)
-            ]
-            running = [RunningBoard(b, heap=LANE.heap, executable=LANE.executable) for b in boards]
-            try:
-                for rb in running:
-                    rb.start()
-                for rb in running:
-                    rb.wait_for("v1", timeout=120)
-                (workdir / "user_main.py").write_text(USER_MAIN.format(tag=f"v2-{size}"))
-                packages = [
-                    publish.wheel_package(build.build(out_dir=workdir / "dist", dev=True)),
-                    publish.src_package(workdir / "user_main.py"),
-                ]
-                client = mqtt.connect(url)
-                watcher = watch.Watcher([p.entry for p in packages], channel=None)
-                watcher.attach(client, tuple(b.device_id for b in boards))
+        template = deploy_template(
+            top / "template",
+            broker,
+            CHANNEL,
+            lane=LANE,
+            framework_wheel=installed,
+            recover_mpy=recover,
+            key=key,
+        )
+        boards = [clone(template, top / f"b{i}", size * 1000 + i) for i in range(size)]
+        load_before = load()
+        booted = time.monotonic()
+        with RunningFleet(boards, heap=LANE.heap, executable=LANE.executable) as fleet:
+            for fb in fleet.boards:
+                fb.wait_for("v1 running", timeout=60 + size)
+            wait_reporting(url, CHANNEL, size, timeout=60 + size)
+            boot_s = time.monotonic() - booted
+            supervisor = fleet.process.pid
+            verbose = os.environ.get("BENCH_FLEET_VERBOSE")  # the rollout's own lines
+            with open(os.devnull, "w") as quiet, PublishCounter() as sent:
                 started = time.monotonic()
-                sent = publish.publish_update(
+                code = rollout.start(
                     url,
                     packages,
-                    channel="bench",
-                    key=key.encode(),
-                    client=client,
-                    log=lambda *a: None,
-                    on_list=watcher.expect_list,
-                ).payload_bytes
-                with open("/dev/null", "w") as quiet:
-                    ok = watcher.wait(300, out=quiet)
+                    channel=CHANNEL,
+                    stages=STAGES,
+                    bake_s=0,
+                    timeout_s=300 + 3 * size,
+                    opts=rollout.Options(key=key.encode(), out=None if verbose else quiet),
+                )
                 elapsed = time.monotonic() - started
-                # New clones must boot on v1: take the retained list away again.
-                client.publish("mpypi/channels/bench", b"", qos=1, retain=True).wait_for_publish(
-                    10
-                )
-                mqtt.disconnect(client)
-                done = sum(p.outcome == watch.DONE for p in watcher.devices.values())
-                rows.append(
-                    {
-                        "boards": size,
-                        "updated": done,
-                        "seconds": elapsed,
-                        "s per board": elapsed / size,
-                        "publisher bytes": sent,
-                        "bytes per board": sent // size,
-                        "all ok": ok,
-                    }
-                )
+            client = mqtt.connect(url)
+            try:
+                doc = rollout.read_state(client, CHANNEL)
             finally:
-                for rb in running:
-                    rb.stop()
-    return rows
+                mqtt.disconnect(client)
+            boards_rss = [rss(p) for p in children(supervisor)]
+            row = {
+                "boards": size,
+                "stages": "/".join(map(str, doc["targets"])),
+                "confirmed": sum(v["state"] == rs.OK for v in doc["devices"].values()),
+                "exit": code,
+                "boot s": boot_s,
+                "stage s": " / ".join(f"{s:g}" for s in doc.get("stage_s", [])),
+                "rollout s": elapsed,
+                "published KiB": sum(sent.bytes.values()) / 1024,
+                "packages KiB": sent.bytes.get("packages", 0) / 1024,
+                "cmd lists KiB": sent.bytes.get("cmd", 0) / 1024,
+                "state KiB": sent.bytes.get("rollouts", 0) / 1024,
+                "state writes": sent.messages.get("rollouts", 0),
+                "broker peak RSS MiB": peak_rss(broker.process.pid) / MIB,
+                "supervisor RSS MiB": rss(supervisor) / MIB,
+                "board RSS MiB": sum(boards_rss) / len(boards_rss) / MIB if boards_rss else 0,
+                "load before/after": f"{load_before}/{load()}",
+            }
+    return row

@@ -81,6 +81,12 @@ def _vboard_run(args: argparse.Namespace) -> int:
     )
 
 
+def _vboard_fleet(args: argparse.Namespace) -> int:
+    from mpy_blox_tools.vboard.fleet import run_fleet
+
+    return run_fleet(args.dirs, heap=args.heap)
+
+
 def _vboard_ls(args: argparse.Namespace) -> int:
     for name, size in Board(args.dir).ls(args.path).items():
         print(f"{'' if size is None else size:>10} {name}{'/' if size is None else ''}")
@@ -197,6 +203,18 @@ def _add_vboard(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--once", action="store_true", help="switch off instead of rebooting")
     p.add_argument("--quiet", action="store_true", help="do not echo the console")
     p.set_defaults(func=_vboard_run)
+
+    p = _command(
+        vsub,
+        "fleet",
+        "boot many boards under one supervisor process; prints each serial port; stops on SIGTERM",
+        "mpy-blox vboard fleet boards/b1 boards/b2 boards/b3 --heap 100K",
+    )
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="board folders, one per board")
+    p.add_argument(
+        "--heap", default=micropython.DEFAULT_HEAP, help="each board's heap (default 100K)"
+    )
+    p.set_defaults(func=_vboard_fleet)
 
     for name, helptext, example, func in (
         ("ls", "list files on the stopped board's flash", "ls boards/b1 lib", _vboard_ls),

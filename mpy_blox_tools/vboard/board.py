@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import secrets
+import shutil
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,12 +69,7 @@ class Board:
             raise MpyBloxError(
                 f"unknown filesystem {fs!r}: choose one of {', '.join(FILESYSTEMS)}"
             )
-        if device_id is None:
-            unique_id = secrets.token_hex(6)
-        else:
-            fleet.check_device_id(device_id)
-            m = fleet.DEVICE_ID.match(device_id)
-            unique_id = m.group(1)
+        unique_id = secrets.token_hex(6) if device_id is None else _unique_id(device_id)
         size = micropython.parse_size(flash_size)
         if size % BLOCK_SIZE or size < 16 * BLOCK_SIZE:
             raise MpyBloxError(f"flash size {flash_size}: a multiple of 4K, at least 64K")
@@ -104,6 +100,25 @@ class Board:
         board = cls(directory)
         board.tool("format")
         return board
+
+    def clone(self, directory: str | Path, *, device_id: str | None = None) -> Board:
+        """A copy of this stopped board (flash, NVS, partitions) under another device id
+        (default: a random one), without its console log or run/ files: a fleet of
+        boards deployed once."""
+        directory = Path(directory)
+        unique_id = secrets.token_hex(6) if device_id is None else _unique_id(device_id)
+        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+            raise MpyBloxError(f"{directory}: not an empty folder; a board needs one of its own")
+        with self.lock():
+            shutil.copytree(
+                self.dir,
+                directory,
+                ignore=shutil.ignore_patterns("run", "console.log"),
+                dirs_exist_ok=True,
+            )
+        config = dict(self.config, unique_id=unique_id)
+        (directory / "board.json").write_text(json.dumps(config, indent=2) + "\n")
+        return Board(directory)
 
     @property
     def has_ota(self) -> bool:
@@ -259,6 +274,12 @@ class Board:
             return (self.run_dir / "serial").read_text().strip() or None
         except FileNotFoundError:
             return None
+
+
+def _unique_id(device_id: str) -> str:
+    """The unique_id (MAC hex) of a device id `esp32-<12 hex>`, refusing other ids."""
+    fleet.check_device_id(device_id)
+    return fleet.DEVICE_ID.match(device_id).group(1)
 
 
 def _check_flash_path(path: str) -> None:

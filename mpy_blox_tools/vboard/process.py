@@ -1,7 +1,9 @@
-"""A virtual board running in the background: what tests, benchmarks and the demo drive.
+"""Virtual boards running in the background: what tests, benchmarks and the demo drive.
 
-Starts `mpy-blox vboard run DIR` as a child process (the same code path a user
-runs), waits for its serial port, follows its console and switches it off.
+`RunningBoard` starts `mpy-blox vboard run DIR` as a child process (the same code
+path a user runs), waits for its serial port, follows its console and switches it
+off. `RunningFleet` does the same for many boards under one `mpy-blox vboard fleet`
+process; each of its boards is followed as a `RunningBoard` that shares it.
 """
 
 from __future__ import annotations
@@ -11,11 +13,26 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from mpy_blox_tools import micropython
 from mpy_blox_tools.child import end_process
 from mpy_blox_tools.errors import MpyBloxError
 from mpy_blox_tools.vboard.board import Board
+
+# The folder mpy_blox_tools is imported from: the supervisor runs the same code as its
+# caller, whatever folder the caller is in (a test's chdir, an installed copy).
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def _child_env(extra: dict[str, str] | None, executable: str | None) -> dict[str, str]:
+    env = {**os.environ, **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
+    if executable:
+        # `vboard run` is a command line: it takes the executable the way a user's
+        # shell gives it one, in the child's environment only.
+        env[micropython.ENV_VAR] = executable
+    return env
 
 
 class RunningBoard:
@@ -83,12 +100,7 @@ class RunningBoard:
         return self
 
     def _child_env(self) -> dict[str, str]:
-        env = {**os.environ, **(self.env or {})}
-        if self.executable:
-            # `vboard run` is a command line: it takes the executable the way a user's
-            # shell gives it one, in the child's environment only.
-            env[micropython.ENV_VAR] = self.executable
-        return env
+        return _child_env(self.env, self.executable)
 
     @property
     def serial_port(self) -> str:
@@ -133,6 +145,76 @@ class RunningBoard:
         self.process = None
 
     def __enter__(self) -> RunningBoard:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class FleetBoard(RunningBoard):
+    """One board of a `RunningFleet`: its console and serial port; it starts and stops
+    with its fleet."""
+
+    def start(self, timeout: float = 15) -> RunningBoard:
+        raise MpyBloxError(f"{self.board.dir}: a fleet's board starts with its fleet")
+
+    def stop(self) -> None:
+        raise MpyBloxError(f"{self.board.dir}: a fleet's board stops with its fleet")
+
+
+class RunningFleet:
+    """Boards under one `mpy-blox vboard fleet` process (docs/vboard.md)."""
+
+    def __init__(
+        self,
+        boards: list[Board],
+        *,
+        heap: str | int = micropython.DEFAULT_HEAP,
+        env: dict[str, str] | None = None,
+        executable: str | None = None,
+    ) -> None:
+        self.heap = heap
+        self.executable = executable
+        self.env = env
+        self.process: subprocess.Popen | None = None
+        self.boards = [FleetBoard(b, heap=heap, executable=executable) for b in boards]
+        self.errors = boards[0].run_dir / "fleet.err" if boards else None
+
+    def start(self, timeout: float = 60) -> RunningFleet:
+        for fb in self.boards:
+            log = fb.board.console_log
+            fb._log_start = log.stat().st_size if log.exists() else 0
+            (fb.board.run_dir / "serial").unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "mpy_blox_tools.cli", "vboard", "fleet"]
+        cmd += [str(fb.board.dir) for fb in self.boards] + ["--heap", str(self.heap)]
+        env = _child_env(self.env, self.executable)
+        self.errors.parent.mkdir(exist_ok=True)
+        with open(self.errors, "wb") as err:  # a file, not a pipe: nobody must drain it
+            self.process = subprocess.Popen(
+                cmd, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL, env=env
+            )
+        for fb in self.boards:
+            fb.process = self.process
+        deadline = time.monotonic() + timeout
+        # Each board's supervisor logs its port once (a bricked board's is gone at once).
+        while not all("] board " in fb.console() for fb in self.boards):
+            if self.process.poll() is not None:
+                err = self.errors.read_text(errors="replace").strip()
+                raise MpyBloxError(f"the fleet did not start: {err}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise MpyBloxError(f"the fleet did not start in {timeout}s")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self.process:
+            end_process(self.process)
+        self.process = None
+        for fb in self.boards:
+            fb.process = None
+
+    def __enter__(self) -> RunningFleet:
         return self.start()
 
     def __exit__(self, *exc) -> None:

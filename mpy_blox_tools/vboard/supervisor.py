@@ -21,8 +21,11 @@ import signal
 import subprocess
 import sys
 import termios
+import threading
 import time
 import tty
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,6 +33,7 @@ from mpy_blox_tools import micropython
 from mpy_blox_tools.errors import MpyBloxError
 from mpy_blox_tools.vboard import bootloader
 from mpy_blox_tools.vboard.board import FIRMWARE, Board
+from mpy_blox_tools.vboard.watchdog import TICK_S, Watchdog
 
 # machine.reset_cause() values of the ESP32 port, by what stopped the last boot.
 PWRON_RESET, HARD_RESET, WDT_RESET, DEEPSLEEP_RESET, SOFT_RESET = 1, 2, 3, 4, 5
@@ -83,8 +87,10 @@ class Supervisor:
         echo: BinaryIO | None = None,
         once: bool = False,
         executable: str | None = None,
+        prefix: str = "",
     ) -> None:
         self.board = board
+        self.prefix = prefix  # in a fleet: whose the [vboard] lines on stderr are
         self.executable = executable or micropython.executable()
         # A board with OTA partitions runs the firmware in them (the bootloader
         # picks it at each boot); the executable above is for boards without.
@@ -107,6 +113,11 @@ class Supervisor:
         self.once = once
         self.boots = 0
         self._stop = False
+        # The write end of the select loop's wake-up pipe while it runs; the lock
+        # keeps stop() (another thread, a signal) from writing to it as it closes.
+        # Reentrant: a signal handler runs stop() in the thread that may hold it.
+        self._wake_w: int | None = None
+        self._wake_lock = threading.RLock()
         self._child: subprocess.Popen | None = None
         self._raw_repl = False  # is the board in the raw REPL (as mpremote uses it)?
         self._tail = b""  # the last bytes the board printed in this boot
@@ -121,7 +132,8 @@ class Supervisor:
         line = f"[vboard] {message}\n".encode()
         self._console(line)
         if not self.echo:
-            sys.stderr.write(line.decode())
+            who = f" {self.prefix}:" if self.prefix else ""
+            sys.stderr.write(f"[vboard]{who} {message}\n")
             sys.stderr.flush()
 
     def _console(self, data: bytes) -> None:
@@ -136,8 +148,26 @@ class Supervisor:
 
     def run(self) -> int:
         """Run until signalled (or the first stop with `once`); return an exit status."""
-        with self.board.lock():
-            return self._run_locked()
+        with signals_stop([self]), self.board.lock():
+            return self.serve()
+
+    def serve(self) -> int:
+        """Run until `stop()` (or the first stop with `once`); return an exit status.
+
+        The caller holds `board.lock()`. Installs no signal handler, so one process
+        can serve many boards, one thread each (vboard/fleet.py)."""
+        return self._run_locked()
+
+    def stop(self) -> None:
+        """Switch the board off: safe from a signal handler or another thread."""
+        self._stop = True
+        with self._wake_lock:
+            if self._wake_w is None:
+                return  # not running: it will not start, or it is stopping already
+            try:
+                os.write(self._wake_w, b"\0")  # wakes the select loop at once
+            except BlockingIOError:
+                pass  # woken already
 
     def _run_locked(self) -> int:
         run = self.board.run_dir
@@ -152,16 +182,12 @@ class Supervisor:
         port = os.ttyname(user_slave)
         (run / "serial").write_text(port + "\n")
         (run / "supervisor.pid").write_text(f"{os.getpid()}\n")
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_w, False)
-        previous = {
-            s: signal.signal(s, self._on_signal)
-            for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-        }
-        old_wakeup = signal.set_wakeup_fd(wake_w)
+        wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
         self.log(f"board {self.board.device_id} serial port: {port}")
         if not self.echo:  # --quiet: scripts still read the port from stdout
-            print(f"serial port: {port}", flush=True)
+            where = f" {self.board.dir}" if self.prefix else ""  # a fleet: which board's
+            print(f"serial port: {port}{where}", flush=True)
         status, reason = 0, ""
         cause = PWRON_RESET
         fast = 0
@@ -183,12 +209,11 @@ class Supervisor:
                     self.cut_at = self.cut_nvs_at = 0  # the power comes back for good
                 fast = fast + 1 if time.monotonic() - started < 1 else 0
                 if fast >= FAST_REBOOTS:
-                    time.sleep(1)  # a boot loop: keep it from eating a core
+                    _wait_readable(wake_r, 1)  # a boot loop: keep it from eating a core
         finally:
             self._power_off()
-            signal.set_wakeup_fd(old_wakeup)
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            with self._wake_lock:
+                wake_w, self._wake_w = self._wake_w, None
             for fd in (board_master, board_slave, user_master, user_slave, wake_r, wake_w):
                 os.close(fd)
             for name in ("serial", "supervisor.pid"):
@@ -202,9 +227,6 @@ class Supervisor:
         if self.once and not (reason or status == 0):
             return status if status > 0 else 128 - status
         return 0
-
-    def _on_signal(self, signum, frame) -> None:
-        self._stop = True
 
     def _boot(
         self, cause: int, board_master: int, board_slave: int, user_master: int, wake_r: int
@@ -267,14 +289,17 @@ class Supervisor:
         sel.register(board_master, selectors.EVENT_READ, "board")
         sel.register(user_master, selectors.EVENT_READ, "user")
         sel.register(wake_r, selectors.EVENT_READ, "wake")
+        exited = _exit_fd(self._child.pid)  # readable when the board's process ends
+        if exited is not None:
+            sel.register(exited, selectors.EVENT_READ, "exited")
         try:
             while self._child.poll() is None and not self._stop:
-                for key, _ in sel.select(timeout=0.05):
+                for key, _ in sel.select(timeout=self._tick_s(watchdog, exited)):
                     if key.data == "board":
                         self._from_board(board_master, user_master)
                     elif key.data == "user":
                         self._from_user(user_master, board_master)
-                    else:
+                    elif key.data == "wake":
                         os.read(wake_r, 512)
                 if self._held is not None and time.monotonic() > self._hold_until:
                     self._release(board_master)  # no prompt came: main.py reads them
@@ -287,6 +312,8 @@ class Supervisor:
             self._from_board(board_master, user_master)  # what it said last
         finally:
             sel.close()
+            if exited is not None:
+                os.close(exited)
         status = self._child.wait()
         self._child = None
         try:  # the next boot counts on from here (the board mirrors its count at once)
@@ -294,6 +321,15 @@ class Supervisor:
         except (FileNotFoundError, ValueError):
             pass  # the board died before its NVS started: nothing written
         return status, (run / "reason").read_text(errors="replace").strip()
+
+    def _tick_s(self, watchdog: Watchdog, exited: int | None) -> float:
+        # How long the select loop may sleep when nothing arrives. Output, input, a
+        # stop() and (with a pidfd) the board's exit wake it at once; what it polls is
+        # the held input's deadline and the watchdog, whose tick follows its timeout,
+        # so a fleet of idle boards does not wake 20 times a second each.
+        if self._held is not None or exited is None:
+            return TICK_S
+        return watchdog.tick_s()
 
     def _firmware(self, cause: int) -> str | None:
         """The executable this boot runs: the board's firmware if it has OTA
@@ -378,37 +414,38 @@ class Supervisor:
             child.wait()
 
 
-class Watchdog:
-    """The host side of the emulated `machine.WDT` (firmware/machine.py).
+@contextmanager
+def signals_stop(supervisors: list[Supervisor]) -> Iterator[None]:
+    """SIGTERM, SIGINT and SIGHUP stop `supervisors` while in the block (main thread)."""
 
-    The board writes its timeout in ms to run/wdt when it arms the watchdog and
-    again at every feed: a feed is a moved mtime, seen here at the next turn of
-    the select loop (every 50 ms at least). Time runs on this side's clock from
-    the moment a feed is seen, so a supervisor slow to look is late to reset,
-    never early. An empty file is a disarmed watchdog.
-    """
+    def on_signal(signum, frame) -> None:
+        for s in supervisors:
+            s.stop()
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._mtime_ns: int | None = None
-        self._timeout_s = 0.0
-        self._fed_at = 0.0
+    previous = {
+        s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    }
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
-    def expired(self) -> bool:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        if not st.st_size:
-            return False
-        if st.st_mtime_ns != self._mtime_ns:
-            try:
-                self._timeout_s = int(self.path.read_bytes()) / 1000
-            except ValueError:
-                return False  # read in the middle of a write: again at the next turn
-            self._mtime_ns = st.st_mtime_ns
-            self._fed_at = time.monotonic()
-        return time.monotonic() - self._fed_at > self._timeout_s
+
+def _exit_fd(pid: int) -> int | None:
+    # A pidfd (Linux 5.3 and later) turns readable when the process ends, so the
+    # select loop need not poll for it; elsewhere None, and the loop ticks at TICK_S.
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _wait_readable(fd: int, timeout_s: float) -> None:
+    # A sleep that stop() cuts short (it writes to the wake-up pipe).
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        sel.select(timeout_s)
 
 
 def _set_board_tty(fd: int) -> None:

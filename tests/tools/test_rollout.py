@@ -3,7 +3,8 @@
 The boards run the framework wheel the releases carry (so a release installs only its
 user_main.py and a stage takes seconds), with short trials (`update.healthy_after_s` 1).
 They are shared by the tests of this module, which run in order: each rollout starts
-from the release the one before left on the channel.
+from the release the one before left on the channel. The twelve-board test has boards
+of its own, on a channel of its own, under one `vboard fleet` supervisor.
 """
 
 from __future__ import annotations
@@ -56,30 +57,35 @@ def release_wheel(tmp_path_factory) -> Path:
     return build.build(platform="unix", out_dir=tmp_path_factory.mktemp("wheel"))
 
 
+def _deploy(board, broker, channel: str, full_mpy: Path, release_wheel: Path) -> None:
+    """The release wheel under /lib, main.py, settings on `channel`, the key, USER v1."""
+    settings = {
+        "mqtt": {"server": broker.host, "port": broker.port, "wait_s": 5},
+        "update": {"channel": channel, "healthy_after_s": 1, "trial_s": 30},
+        "app": {"restart_delay_ms": 100},
+    }
+    for name, data in wheel.read_wheel(release_wheel).items():
+        board.write(f"lib/{name}", data)
+    for path, data in {
+        "main.py": (REPO / "main.py").read_bytes(),
+        "mpypi_recover.mpy": (full_mpy.parent / "mpypi_recover.mpy").read_bytes(),
+        "settings.json": json.dumps(settings).encode(),
+        "provision.json": json.dumps({"update.key": KEY}).encode(),
+        "user_main.py": USER_MAIN.format(tag="v1").encode(),
+    }.items():
+        board.write(path, data)
+
+
 @pytest.fixture(scope="module")
 def fleet_boards(tmp_path_factory, broker, full_mpy, release_wheel, board_lane):
     """Four boards on CHANNEL running USER v1, the release wheel installed under /lib."""
     from mpy_blox_tools.vboard.board import Board
 
     top = tmp_path_factory.mktemp("fleet")
-    settings = {
-        "mqtt": {"server": broker.host, "port": broker.port, "wait_s": 5},
-        "update": {"channel": CHANNEL, "healthy_after_s": 1, "trial_s": 30},
-        "app": {"restart_delay_ms": 100},
-    }
     running = []
     for n in range(BOARDS):
         board = Board.create(top / f"b{n}", executable=board_lane.executable)
-        for name, data in wheel.read_wheel(release_wheel).items():
-            board.write(f"lib/{name}", data)
-        for path, data in {
-            "main.py": (REPO / "main.py").read_bytes(),
-            "mpypi_recover.mpy": (full_mpy.parent / "mpypi_recover.mpy").read_bytes(),
-            "settings.json": json.dumps(settings).encode(),
-            "provision.json": json.dumps({"update.key": KEY}).encode(),
-            "user_main.py": USER_MAIN.format(tag="v1").encode(),
-        }.items():
-            board.write(path, data)
+        _deploy(board, broker, CHANNEL, full_mpy, release_wheel)
         rb = RunningBoard(board, heap=board_lane.heap, executable=board_lane.executable)
         running.append(rb.start())
     try:
@@ -103,13 +109,13 @@ def fleet_boards(tmp_path_factory, broker, full_mpy, release_wheel, board_lane):
 class Recorder:
     """Every live list the workstation sends: cmd lists by device, and the channel's."""
 
-    def __init__(self, broker) -> None:
+    def __init__(self, broker, channel: str = CHANNEL) -> None:
         self.client = mqtt.connect(mqtt.BrokerURL(broker.host, broker.port))
         self.sent: list[str] = []  # "cmd:<id>" or "channel", in the order they came
         self.lock = threading.Lock()
         self.client.on_message = self._on_message
         self.client.subscribe(
-            [(topics.node_topic("+", "cmd"), 1), (topics.channel_topic(CHANNEL), 1)]
+            [(topics.node_topic("+", "cmd"), 1), (topics.channel_topic(channel), 1)]
         )
         time.sleep(0.3)  # the retained ones arrive first and are left out
 
@@ -481,3 +487,75 @@ def test_the_release_flags_reach_publish_as_publish_takes_them():
     assert abs(kwargs["expires"] - (time.time() + 30 * 86400)) < 60
     args = build_parser().parse_args(["rollout", "start", "--channel", "c", "--stages", "100%"])
     assert rollout_cli._publish_kwargs(args) == {"force": False}
+
+
+FLEET_CHANNEL = "ro-fleet12"
+FLEET_BOARDS = 12  # about 9 s here on the 32-bit lane, boots included
+
+
+def test_a_fleet_supervisor_s_boards_take_a_good_release_stage_by_stage(
+    broker, full_mpy, release_wheel, board_lane, tmp_path, capsys
+):
+    """Issue 17's fleet test: 12 boards under one `vboard fleet` process, stages 1, 25%,
+    100%: every board confirmed, one cmd list each, the channel list last."""
+    count = FLEET_BOARDS
+    from mpy_blox_tools.vboard.board import Board
+    from mpy_blox_tools.vboard.process import RunningFleet
+
+    template = Board.create(tmp_path / "template", executable=board_lane.executable)
+    _deploy(template, broker, FLEET_CHANNEL, full_mpy, release_wheel)
+    made = [
+        template.clone(tmp_path / f"b{n}", device_id=f"esp32-0000000012{n:02x}")
+        for n in range(count)
+    ]
+    ids = sorted(b.device_id for b in made)
+    url = mqtt.BrokerURL(broker.host, broker.port)
+    recorder = Recorder(broker, FLEET_CHANNEL)
+    running = RunningFleet(made, heap=board_lane.heap, executable=board_lane.executable)
+    try:
+        running.start()
+        for fb in running.boards:
+            fb.wait_for("v1 running", timeout=90)
+        deadline = time.monotonic() + 30
+        while sum(d.channel == FLEET_CHANNEL for d in fleet.fetch(url)) < count:
+            assert time.monotonic() < deadline, "the boards did not report their info"
+            time.sleep(0.2)
+        argv = _start(broker, release_wheel, "--stages", "1,25%,100%", "--timeout", "120s")
+        argv[5] = FLEET_CHANNEL
+        assert cli([*argv, *_release(tmp_path, "v2")]) == 0, capsys.readouterr()
+        out = capsys.readouterr().out
+        targets = rs.targets(rs.parse_stages("1,25%,100%"), count)
+        for n, (before, after) in enumerate(zip([0, *targets], targets), 1):
+            added = after - before
+            line = (
+                rf"^stage {n}/3 \([^)]*\): {added} device\(s\), {added} sent, {added} confirmed, "
+            )
+            assert re.search(line, out, re.M), out
+        assert f"rollout on {FLEET_CHANNEL} done" in out
+        assert len(re.findall(r"^esp32-\w+  \d      ok$", out, re.M)) == count, out
+        recorder.wait_for("channel")
+        assert recorder.cmds() == {d: 1 for d in ids}
+        assert recorder.sent[0] == f"cmd:{rs.order(ids)[0]}"
+        client = mqtt.connect(url)
+        try:
+            t = rs.topic(FLEET_CHANNEL)
+            doc = rs.decode(mqtt.collect_retained(client, t)[t])
+        finally:
+            mqtt.disconnect(client)
+        assert doc["status"] == "done" and len(doc["stage_s"]) == 3
+        assert doc["channel_list"]["seq"] > max(v["seq"] for v in doc["devices"].values())
+        for fb in running.boards:
+            fb.wait_for("v2 running", timeout=30)
+        v2 = _src_sha(USER_MAIN.format(tag="v2"))
+        infos = {d.device_id: d.info for d in fleet.fetch(url) if d.device_id in ids}
+        assert {d: i["src"]["user_main.py"] for d, i in infos.items()} == {d: v2 for d in ids}
+    finally:
+        running.stop()
+        recorder.close()
+        client = mqtt.connect(url)
+        for t in (rs.topic(FLEET_CHANNEL), topics.channel_topic(FLEET_CHANNEL)):
+            client.publish(t, b"", qos=1, retain=True).wait_for_publish(10)
+        for d in ids:
+            for kind in ("info", "status"):
+                client.publish(topics.node_topic(d, kind), b"", qos=1, retain=True)
+        mqtt.disconnect(client)

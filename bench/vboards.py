@@ -1,0 +1,167 @@
+"""What the fleet benchmarks share: boards copied from a template, and the memory of
+processes as /proc counts it (not a benchmark: bench/run.py runs bench_*)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from mpy_blox_tools.vboard.board import Board
+
+MIB = 1024 * 1024
+
+
+def clone(template: Board, directory: Path, n: int) -> Board:
+    """A copy of `template` with device id number `n` (creating 200 boards is slow)."""
+    return template.clone(directory, device_id="esp32-%012x" % (0xB0A4D0000000 + n))
+
+
+def _status_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def rss(pid: int) -> int:
+    """Resident set now, in bytes (shared pages counted in full)."""
+    return _status_kb(pid, "VmRSS") * 1024
+
+
+def peak_rss(pid: int) -> int:
+    """The highest resident set the process has had (VmHWM), in bytes."""
+    return _status_kb(pid, "VmHWM") * 1024
+
+
+def pss(pid: int) -> int:
+    """Proportional set size in bytes: shared pages divided among their sharers, so
+    the PSS of N processes adds up to what they hold together."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def cpu_s(pid: int) -> float:
+    """User and system CPU time the process has used, in seconds (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of `pid` (a supervisor's board processes)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(p) for p in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            pass
+    return out
+
+
+# -- a fleet of framework boards on one channel -------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+USER_MAIN = (
+    "import asyncio\n\nasync def user_main():\n"
+    "    print('{tag} running')\n    await asyncio.sleep(3600)\n"
+)
+
+
+def deploy_template(
+    directory: Path,
+    broker,
+    channel: str,
+    *,
+    lane,
+    framework_wheel: Path,
+    recover_mpy: Path,
+    key: str,
+    auto_update: bool = False,
+) -> Board:
+    """A stopped board as `make deploy-lib deploy-app` leaves one: the framework wheel
+    under /lib, main.py, settings on `channel` (short trials), the HMAC key, USER v1."""
+    from mpy_blox_tools import wheel
+
+    board = Board.create(directory, executable=lane.executable)
+    settings = {
+        "mqtt": {"server": broker.host, "port": broker.port, "wait_s": 5},
+        "update": {
+            "channel": channel,
+            "auto_update": auto_update,
+            "healthy_after_s": 1,
+            "trial_s": 120,
+        },
+        "app": {"restart_delay_ms": 100},
+    }
+    for name, data in wheel.read_wheel(framework_wheel).items():
+        board.write(f"lib/{name}", data)
+    for path, data in {
+        "main.py": (REPO / "main.py").read_bytes(),
+        "mpypi_recover.mpy": recover_mpy.read_bytes(),
+        "settings.json": json.dumps(settings).encode(),
+        "provision.json": json.dumps({"update.key": key}).encode(),
+        "user_main.py": USER_MAIN.format(tag="v1").encode(),
+    }.items():
+        board.write(path, data)
+    return board
+
+
+def wait_reporting(url, channel: str, count: int, timeout: float) -> None:
+    """Until `count` devices' retained info says they are on `channel`."""
+    from mpy_blox_tools import fleet
+
+    deadline = time.monotonic() + timeout
+    while sum(d.channel == channel for d in fleet.fetch(url)) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {count} devices reported on {channel}")
+        time.sleep(0.5)
+
+
+class PublishCounter:
+    """Counts what the workstation's MQTT clients publish, by kind of topic, while in
+    its `with` block (wraps mpy_blox_tools.mqtt.connect; the broker sees the same)."""
+
+    def __init__(self) -> None:
+        self.bytes: dict[str, int] = {}
+        self.messages: dict[str, int] = {}
+
+    def _count(self, topic: str, payload) -> None:
+        kind = topic.split("/")[1] if topic.startswith("mpypi/") else "other"
+        if kind == "nodes":
+            kind = "cmd"
+        self.bytes[kind] = self.bytes.get(kind, 0) + len(payload or b"")
+        self.messages[kind] = self.messages.get(kind, 0) + 1
+
+    def __enter__(self) -> PublishCounter:
+        from mpy_blox_tools import mqtt
+
+        self._connect = original = mqtt.connect
+
+        def connect(*args, **kwargs):
+            client = original(*args, **kwargs)
+            publish = client.publish
+
+            def counted(topic, payload=None, *more, **kw):
+                self._count(topic, payload)
+                return publish(topic, payload, *more, **kw)
+
+            client.publish = counted
+            return client
+
+        mqtt.connect = connect
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from mpy_blox_tools import mqtt
+
+        mqtt.connect = self._connect
+
+
+def load() -> str:
+    """The 1-minute load average (other work on the machine skews the times)."""
+    return os.getloadavg()[0].__format__(".2f")
