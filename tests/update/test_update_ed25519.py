@@ -32,8 +32,10 @@ async def user_main():
 """
 USER_V2 = b"async def user_main():\n    print('USER v2 signed by the release key')\n"
 # 16 until issue 14 (the trial and the watchdog: 0.8 KB after boot); 14 until the
-# announce answer, chunked downloads and the Home Assistant hooks (2 KB more).
-BALLAST_KIB = 12
+# announce answer, chunked downloads and the Home Assistant hooks (2 KB more). At 12 the
+# check of the stranger's list ran out of heap in one CI run of three (it needs about
+# 10 KB for a moment on the 32-bit lane, and 12 left 10.3-10.5 KB): 10 keeps 2 KB over.
+BALLAST_KIB = 10
 
 
 @pytest.fixture
