@@ -213,7 +213,9 @@ class Fetcher:
         if first:
             # Where it starts (the handler may be streaming already).
             await self._progress(t, self.resumed_at or 0)
-        last = t.done
+        # `seen`, not `last`: a local of that name hid the parameter, and the end
+        # of a package that came in before the first look went unreported.
+        seen = t.done
         idle_ms = 0
         while not t.finished.is_set():
             try:
@@ -224,8 +226,8 @@ class Fetcher:
                 break
             if not self.client.is_connected:
                 raise OSError("broker connection lost")
-            if t.done != last:
-                last = t.done
+            if t.done != seen:
+                seen = t.done
                 idle_ms = 0
             else:
                 idle_ms += _PROGRESS_MS
