@@ -16,27 +16,14 @@ own retained state), the broker's peak memory, the supervisor's and the boards' 
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from pathlib import Path
 
-from vboards import (
-    MIB,
-    USER_MAIN,
-    PublishCounter,
-    children,
-    clone,
-    deploy_template,
-    load,
-    peak_rss,
-    rss,
-    wait_reporting,
-)
+from vboards import MIB, PublishCounter, board_rss, booted_fleet, load, peak_rss, release, rss
 
-from mpy_blox_tools import build, micropython, mqtt, publish, rollout
+from mpy_blox_tools import micropython, mqtt, rollout
 from mpy_blox_tools import rollout_state as rs
 from mpy_blox_tools.broker import Mosquitto
-from mpy_blox_tools.vboard.process import RunningFleet
 
 LANE = micropython.board_lane()
 SIZES = tuple(int(n) for n in os.environ.get("BENCH_FLEET_SIZES", "10,50,200").split(","))
@@ -49,53 +36,26 @@ TITLE = (
 
 
 def run(workdir: Path) -> list[dict]:
-    key = secrets.token_hex(32)
-    installed = build.build(out_dir=workdir / "installed")
-    release_wheel = build.build(dev=True, out_dir=workdir / "release")
-    recover = build.compile_framework(workdir / "compiled").parent / "mpypi_recover.mpy"
-    (workdir / "user_main.py").write_text(USER_MAIN.format(tag="v2"))
-    packages = [
-        publish.wheel_package(release_wheel),
-        publish.src_package(workdir / "user_main.py"),
-    ]
-    rows = []
-    for size in SIZES:
-        rows.append(_rollout(workdir / f"n{size}", size, key, installed, recover, packages))
-    return rows
+    rel = release(workdir)
+    return [_rollout(workdir / f"n{size}", size, rel) for size in SIZES]
 
 
-def _rollout(top: Path, size: int, key: str, installed: Path, recover: Path, packages) -> dict:
+def _rollout(top: Path, size: int, rel) -> dict:
     with Mosquitto(top / "broker") as broker:
         url = mqtt.BrokerURL(broker.host, broker.port)
-        template = deploy_template(
-            top / "template",
-            broker,
-            CHANNEL,
-            lane=LANE,
-            framework_wheel=installed,
-            recover_mpy=recover,
-            key=key,
-        )
-        boards = [clone(template, top / f"b{i}", size * 1000 + i) for i in range(size)]
-        load_before = load()
-        booted = time.monotonic()
-        with RunningFleet(boards, heap=LANE.heap, executable=LANE.executable) as fleet:
-            for fb in fleet.boards:
-                fb.wait_for("v1 running", timeout=60 + size)
-            wait_reporting(url, CHANNEL, size, timeout=60 + size)
-            boot_s = time.monotonic() - booted
+        with booted_fleet(top, size, broker, CHANNEL, rel, LANE) as (fleet, boot_s, load_before):
             supervisor = fleet.process.pid
             verbose = os.environ.get("BENCH_FLEET_VERBOSE")  # the rollout's own lines
             with open(os.devnull, "w") as quiet, PublishCounter() as sent:
                 started = time.monotonic()
                 code = rollout.start(
                     url,
-                    packages,
+                    rel.packages,
                     channel=CHANNEL,
                     stages=STAGES,
                     bake_s=0,
                     timeout_s=300 + 3 * size,
-                    opts=rollout.Options(key=key.encode(), out=None if verbose else quiet),
+                    opts=rollout.Options(key=rel.key.encode(), out=None if verbose else quiet),
                 )
                 elapsed = time.monotonic() - started
             client = mqtt.connect(url)
@@ -103,7 +63,6 @@ def _rollout(top: Path, size: int, key: str, installed: Path, recover: Path, pac
                 doc = rollout.read_state(client, CHANNEL)
             finally:
                 mqtt.disconnect(client)
-            boards_rss = [rss(p) for p in children(supervisor)]
             row = {
                 "boards": size,
                 "stages": "/".join(map(str, doc["targets"])),
@@ -119,7 +78,7 @@ def _rollout(top: Path, size: int, key: str, installed: Path, recover: Path, pac
                 "state writes": sent.messages.get("rollouts", 0),
                 "broker peak RSS MiB": peak_rss(broker.process.pid) / MIB,
                 "supervisor RSS MiB": rss(supervisor) / MIB,
-                "board RSS MiB": sum(boards_rss) / len(boards_rss) / MIB if boards_rss else 0,
+                "board RSS MiB": board_rss(supervisor) / MIB,
                 "load before/after": f"{load_before}/{load()}",
             }
     return row

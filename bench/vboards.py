@@ -1,11 +1,15 @@
-"""What the fleet benchmarks share: boards copied from a template, and the memory of
-processes as /proc counts it (not a benchmark: bench/run.py runs bench_*)."""
+"""What the fleet benchmarks share: the release they publish, boards copied from a
+template and booted under one `vboard fleet`, and the memory of processes as /proc
+counts it (not a benchmark: bench/run.py runs bench_*)."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from mpy_blox_tools.vboard.board import Board
@@ -165,3 +169,62 @@ class PublishCounter:
 def load() -> str:
     """The 1-minute load average (other work on the machine skews the times)."""
     return os.getloadavg()[0].__format__(".2f")
+
+
+@dataclass(frozen=True)
+class Release:
+    """What the fleet benches install first (v1) and publish (v2), and the key."""
+
+    key: str
+    installed: Path  # the framework wheel the boards start with
+    recover: Path  # mpypi_recover.mpy, as deploy-app installs it
+    packages: list  # the release: a dev framework wheel and user_main.py v2
+
+
+def release(workdir: Path) -> Release:
+    """Build the boards' framework and the release to publish to them, in `workdir`."""
+    from mpy_blox_tools import build, publish
+
+    installed = build.build(out_dir=workdir / "installed")
+    release_wheel = build.build(dev=True, out_dir=workdir / "release")
+    recover = build.compile_framework(workdir / "compiled").parent / "mpypi_recover.mpy"
+    (workdir / "user_main.py").write_text(USER_MAIN.format(tag="v2"))
+    packages = [
+        publish.wheel_package(release_wheel),
+        publish.src_package(workdir / "user_main.py"),
+    ]
+    return Release(secrets.token_hex(32), installed, recover, packages)
+
+
+@contextmanager
+def booted_fleet(top: Path, size: int, broker, channel: str, rel: Release, lane, **settings):
+    """`size` boards cloned from one deployed template under one `vboard fleet`, each
+    running v1 and reporting on `channel`: yields (the RunningFleet, seconds to boot,
+    the load average just before the boot)."""
+    from mpy_blox_tools import mqtt
+    from mpy_blox_tools.vboard.process import RunningFleet
+
+    template = deploy_template(
+        top / "template",
+        broker,
+        channel,
+        lane=lane,
+        framework_wheel=rel.installed,
+        recover_mpy=rel.recover,
+        key=rel.key,
+        **settings,
+    )
+    boards = [clone(template, top / f"b{i}", size * 1000 + i) for i in range(size)]
+    load_before = load()
+    booted = time.monotonic()
+    with RunningFleet(boards, heap=lane.heap, executable=lane.executable) as fleet:
+        for fb in fleet.boards:
+            fb.wait_for("v1 running", timeout=60 + size)
+        wait_reporting(mqtt.BrokerURL(broker.host, broker.port), channel, size, 60 + size)
+        yield fleet, time.monotonic() - booted, load_before
+
+
+def board_rss(supervisor: int) -> float:
+    """The mean RSS of a fleet's board processes (children of its supervisor), bytes."""
+    sizes = [rss(p) for p in children(supervisor)]
+    return sum(sizes) / len(sizes) if sizes else 0
