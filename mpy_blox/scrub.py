@@ -55,10 +55,15 @@ def _partition():
     return parts[0] if parts else None
 
 
+def _buffer(needles, dev):
+    # One block, after the tail of the block before it (holding()).
+    return bytearray(max(len(n) for n in needles) - 1 + dev.ioctl(5, 0))
+
+
 def holding(needles, dev=None, buf=None):
     """How many blocks of the raw partition hold one of `needles`; None if unreadable.
 
-    buf: a buffer from the last call, reused. A scrub checks again after each
+    buf: a buffer from _buffer(), reused. A scrub checks again after each
     churn, and the file system's garbage in between leaves a block-sized
     buffer no room on a fragmented heap: the caller keeps it.
     """
@@ -67,8 +72,7 @@ def holding(needles, dev=None, buf=None):
         return None if dev is None else 0
     count, size = dev.ioctl(4, 0), dev.ioctl(5, 0)
     keep = max(len(n) for n in needles) - 1  # a needle across two blocks is seen too
-    if buf is None or len(buf) != keep + size:
-        buf = bytearray(keep + size)
+    buf = buf or _buffer(needles, dev)
     mv = memoryview(buf)
     hits = 0
     for block in range(count):
@@ -128,9 +132,7 @@ def scrub(path, needles):
     _zero(path)
     dev = _partition()
     # One buffer for every check, allocated first (see holding()).
-    buf = None
-    if dev is not None and needles:
-        buf = bytearray(max(len(n) for n in needles) - 1 + dev.ioctl(5, 0))
+    buf = _buffer(needles, dev) if dev is not None and needles else None
     left = holding(needles, dev, buf)
     churns = filled = 0
     while left and churns < 2 * _ROUNDS:

@@ -45,18 +45,11 @@ class mounted:
         vfs.umount(_HOST_MOUNT)
 
 
-def write_atomic(name, data):
-    """Replace a file in the board folder so a crash leaves the old or new copy."""
-    with mounted() as root:
-        with open(root + "/" + name + ".tmp", "wb") as f:
-            f.write(data)
-        os.rename(root + "/" + name + ".tmp", root + "/" + name)
-
-
 def write_json_atomic(name, obj):
-    """write_atomic() of `obj` as JSON, streamed to the file: the emulation must not
-    ask the board's heap for a block the size of the whole document (an ESP32
-    keeps NVS outside the MicroPython heap)."""
+    """Replace a file in the board folder with `obj` as JSON, so that a crash leaves
+    the old or the new copy. Streamed to the file: the emulation must not ask the
+    board's heap for a block the size of the whole document (an ESP32 keeps NVS
+    outside the MicroPython heap)."""
     with mounted() as root:
         with open(root + "/" + name + ".tmp", "wb") as f:
             json.dump(obj, f)
