@@ -7,6 +7,7 @@
 #   mpypi/nodes/{device_id}/info|status   what a device reports
 #   mpypi/packages/wheel/{sha256}         a wheel's bytes
 #   mpypi/packages/src/{path}/{sha256}    a source file's bytes
+#   mpypi/packages/firmware/{sha256}      a firmware image's bytes
 #   {package topic}/{chunk_size}/{k}      chunk k (0, 1, ...) of a chunked package
 #   {package topic}/{chunk_size}/hashes   its hash list
 #   mpypi/announce                        a request: every device publishes its
@@ -43,8 +44,8 @@ def parse_node(topic):
 
 def package_topic(entry):
     """Where the bytes of a list entry are retained."""
-    if entry["type"] == "wheel":
-        return PREFIX + "packages/wheel/" + entry["pkg_sha256"]
+    if entry["type"] in ("wheel", "firmware"):
+        return PREFIX + "packages/" + entry["type"] + "/" + entry["pkg_sha256"]
     return "%spackages/src/%s/%s" % (PREFIX, entry["path"], entry["pkg_sha256"])
 
 

@@ -325,6 +325,7 @@ def _publish(args: argparse.Namespace) -> int:
         device_ids=args.device_ids or (),
         extra_src_files=args.extra_src_files or (),
         wheel=args.wheel,
+        firmware=args.firmware,
         platform=args.platform,
         dev=args.dev,
         key_file=args.key_file,

@@ -37,6 +37,7 @@ from mpy_blox.update.manifest import InvalidUpdate
 from mpy_blox.update.paths import check_src_path, check_wheel_path, fold
 from mpy_blox_tools import build, fit, fleet, keys, mqtt, wheel
 from mpy_blox_tools.errors import MpyBloxError, read_file
+from mpy_blox_tools.firmware import read_image
 from mpy_blox_tools.keys import ReleaseKey
 from mpy_blox_tools.micropython import format_size
 
@@ -66,7 +67,9 @@ class Package:
     @property
     def label(self) -> str:
         e = self.entry
-        return f"{e['name']} {e['version']}" if e["type"] == "wheel" else e["path"]
+        if e["type"] == "src":
+            return e["path"]
+        return f"{e.get('name', e['type'])} {e['version']}"
 
 
 def _field(text: str, name: str) -> str | None:
@@ -99,6 +102,24 @@ def wheel_package(path: Path) -> Package:
     except InvalidUpdate as e:
         raise MpyBloxError(f"{path}: {e}") from None
     return Package(entry, data, str(path))
+
+
+def firmware_package(path: Path) -> Package:
+    """A firmware image (an ESP32 app image or a virtual-board image), checked as
+    mpy_blox_tools.firmware reads it: its chip, version, size and SHA256 make the
+    list entry (docs/protocol.md, "Firmware")."""
+    image = read_image(path)
+    if not image.version:
+        raise MpyBloxError(
+            f"{path}: the image names no version (no esp_app_desc_t in its first "
+            "segment): a device could not tell it from another"
+        )
+    entry = manifest.firmware_entry(image.chip, image.version, image.sha256, image.size)
+    try:
+        manifest.check_entry(entry, True)
+    except InvalidUpdate as e:
+        raise MpyBloxError(f"{path}: {e}") from None
+    return Package(entry, read_file(Path(path)), str(path))
 
 
 def check_wheel_names(files: dict[str, bytes], dist: str) -> None:
@@ -408,6 +429,7 @@ def release(
     device_ids: Sequence[str] = (),
     extra_src_files: Sequence[str | Path] = (),
     wheel: str | Path | None = None,
+    firmware: str | Path | None = None,
     platform: str = "esp32",
     dev: bool = False,
     key_file: str | Path | None = None,
@@ -422,7 +444,8 @@ def release(
     client_key: str | Path | None = None,
     out=None,
 ) -> Release:
-    """`publish_release`, with each device's outcome. `extra_src_files` are `FILE` or
+    """`publish_release`, with each device's outcome. `firmware` publishes a firmware
+    image alone (no framework build). `extra_src_files` are `FILE` or
     `FILE:DEVICE_PATH`; `chunk_size` is --chunk-size (`64K`, `off`; None: fit the
     broker), `expire` is --expire (`30d`: the broker drops the packages after that);
     `ca_file`, `client_cert` and `client_key` are the TLS files of an mqtts:// broker
@@ -456,12 +479,20 @@ def release(
     if implicit:
         source = "./settings.json" if Path("settings.json").is_file() else "built-in defaults"
         log(f"mpy-blox: publishing with {' and '.join(implicit)} ({source})")
-    sources = [parse_src_arg(str(f)) for f in extra_src_files]
-    if wheel:
-        framework = wheel_package(Path(wheel))
+    if firmware:
+        if wheel or extra_src_files or dev:
+            raise MpyBloxError(
+                "--firmware publishes the image alone (a list with firmware holds nothing "
+                "else): publish --wheel, --extra-src-files or --dev in a release of their own"
+            )
+        packages = [firmware_package(Path(firmware))]
     else:
-        framework = wheel_package(build.build(platform=platform, dev=dev))
-    packages = [framework, *sources]
+        sources = [parse_src_arg(str(f)) for f in extra_src_files]
+        if wheel:
+            framework = wheel_package(Path(wheel))
+        else:
+            framework = wheel_package(build.build(platform=platform, dev=dev))
+        packages = [framework, *sources]
     client = mqtt.connect(broker, mqtt5=True)
     try:
         watcher = None
@@ -528,6 +559,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="source files to install at PATH on the device (default: the file name)",
     )
     p.add_argument("--wheel", help="publish this wheel instead of building the framework")
+    p.add_argument(
+        "--firmware",
+        metavar="FILE",
+        help="publish this firmware image alone, for the devices' next OTA partition: an "
+        "ESP32 application image (ESP32_GENERIC-*.app-bin, not the full flash image) or a "
+        "virtual-board image (`mpy-blox vboard firmware`)",
+    )
     mqtt.add_connect_arguments(
         p, "mqtt[s]://[user[:password]@]host[:port] (default: mqtt of ./settings.json)"
     )

@@ -201,6 +201,11 @@ class Watcher:
                 return False
             if e["type"] == "src" and src.get(e["path"]) != e["pkg_sha256"]:
                 return False
+            if (
+                e["type"] == "firmware"
+                and (info.get("firmware") or {}).get("version") != e["version"]
+            ):
+                return False
         return True
 
     def wait(self, timeout: float, out=None) -> bool:

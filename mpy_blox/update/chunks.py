@@ -72,15 +72,17 @@ class _Piece:
                 if not n:
                     break
                 self._write(mv[:n])
-        except (ValueError, OSError) as e:  # InvalidUpdate is a ValueError
+        except (ValueError, OSError, MemoryError) as e:  # InvalidUpdate is a ValueError
             self.error = e
         finally:
             self.finished.set()
 
 
-class _Download:
+class Download:
     # One attempt at a chunked package: its hash list checked, its chunks on
     # flash verified, then each missing chunk fetched into the file in place.
+    # The package's bytes go through have(), reader(at) and writer(at): a file
+    # here; the next OTA partition for a firmware image (mpy_blox.update.firmware).
     def __init__(self, inst, entry):
         self.inst = inst
         self.entry = entry
@@ -99,6 +101,26 @@ class _Download:
 
     def size(self, k):
         return min(self.cs, self.entry["size"] - k * self.cs)
+
+    def have(self):
+        # Bytes of the package on flash, verified or not.
+        try:
+            return os.stat(self.path)[6]
+        except OSError:
+            return 0
+
+    def reader(self, at):
+        f = open(self.path, "rb")
+        f.seek(at)
+        return f
+
+    def writer(self, at):
+        try:
+            f = open(self.path, "r+b")
+        except OSError:
+            f = open(self.path, "wb")
+        f.seek(at)
+        return f
 
     def listed(self, k):
         # Chunk k's SHA256 from the hash list on flash: 32 bytes, not the list.
@@ -147,9 +169,8 @@ class _Download:
 
     def scan(self):
         # Verify the chunks already on flash; returns the bytes kept.
-        try:
-            have = os.stat(self.path)[6]
-        except OSError:
+        have = self.have()
+        if not have:
             return 0
         mv = memoryview(self.inst.buf)
         # Each whole chunk against its hash, up to the first that fails; one
@@ -160,9 +181,11 @@ class _Download:
                 break  # the chunk a cut left short
             want = self.listed(self.k)
             h = hashlib.sha256()
-            with open(self.path, "rb") as f:
-                f.seek(self.done)
+            f = self.reader(self.done)
+            try:
                 _feed(f, size, h, mv)
+            finally:
+                f.close()
             if h.digest() != want:
                 break  # written in part, or damaged: fetched again
             self.k += 1
@@ -170,8 +193,11 @@ class _Download:
         # Then those into the package's hasher, which cannot take back the
         # bytes of a chunk that failed.
         if self.done:
-            with open(self.path, "rb") as f:
+            f = self.reader(0)
+            try:
                 _feed(f, self.done, self.pkg, mv)
+            finally:
+                f.close()
         return self.done
 
     def chunk_piece(self):
@@ -179,11 +205,7 @@ class _Download:
         # The listed hash, then the package's file: never both open (a file's
         # cache is a 1 KB block, more than a 100K install boot has twice).
         self.listed(self.k)
-        try:
-            self.f = open(self.path, "r+b")
-        except OSError:
-            self.f = open(self.path, "wb")
-        self.f.seek(self.done)
+        self.f = self.writer(self.done)
         return _Piece(self, self.size(self.k), "chunk %d" % self.k, self._chunk_write)
 
     def _chunk_write(self, mv):
@@ -217,15 +239,16 @@ class _Download:
             self.f = None
 
 
-async def download(fetcher, inst, entry):
+async def download(fetcher, inst, entry, kind=Download):
     """Download chunked `entry` into its file in DIR, resuming what is there;
     hand it to inst (Installer.downloaded) once every chunk and the whole
-    package are verified. InvalidUpdate when a piece is refused or missing."""
+    package are verified. InvalidUpdate when a piece is refused or missing.
+    kind: the Download class (firmware's writes into a partition)."""
     error = None
     for _ in range(_RETRIES):
         await fetcher.client.connected()
         try:
-            if await _attempt(fetcher, inst, entry):
+            if await _attempt(fetcher, inst, entry, kind):
                 return
         except OSError as e:  # the link broke: resume from what is on flash
             error = e
@@ -235,12 +258,12 @@ async def download(fetcher, inst, entry):
     raise InvalidUpdate("download failed: %r" % error)
 
 
-async def _attempt(fetcher, inst, entry):
+async def _attempt(fetcher, inst, entry, kind):
     try:
         os.mkdir(inst.root + DIR)  # in /.mpypi, which Installer.begin() made
     except OSError:
         pass  # it exists
-    dl = _Download(inst, entry)
+    dl = kind(inst, entry)
     try:
         if not dl.hashes_ok():
             t = dl.hashes_piece()
@@ -281,9 +304,9 @@ def _feed(f, size, h, mv):
 
 def label(entry):
     # How errors name a package: a wheel by name and version, a src file by path.
-    if entry["type"] == "wheel":
-        return entry["name"] + " " + entry["version"]
-    return entry["path"]
+    if entry["type"] == "src":
+        return entry["path"]
+    return entry.get("name", entry["type"]) + " " + entry["version"]
 
 
 def path(root, entry):
@@ -295,6 +318,15 @@ def path(root, entry):
 
         name += ".%08x" % binascii.crc32(entry["path"].encode())
     return name
+
+
+def forget(path):
+    """Remove a download kept at `path` and its hash list."""
+    for p in (path, path + ".h"):
+        try:
+            os.remove(p)
+        except OSError:
+            pass  # not there
 
 
 def kept(root, entry):

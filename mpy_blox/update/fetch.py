@@ -65,7 +65,9 @@ class _Transfer:
                 self.done += n
             sink.close()
             sink.finish()
-        except (ValueError, OSError) as e:  # InvalidUpdate is a ValueError
+        except (ValueError, OSError, MemoryError) as e:  # InvalidUpdate is a ValueError
+            # A MemoryError too: left to the client's receive loop, it was only
+            # logged there, and the transfer looked finished without an error.
             self.error = e
         finally:
             sink.close()
@@ -150,7 +152,7 @@ class Fetcher:
 
                     await chunks.download(self, inst, entry)
                 else:
-                    await self._download(inst, entry)
+                    await self.download_package(inst, entry)
                 # Its size and SHA256 checked; a wheel's files (RECORD) are
                 # checked while it is staged, under "installing".
                 await self.status("verifying", package=self.current)
@@ -161,7 +163,8 @@ class Fetcher:
         self.current = None
         return inst
 
-    async def _download(self, inst, entry):
+    async def download_package(self, inst, entry):
+        # One package's single message into inst.download(entry)'s sink, retried.
         from mpy_blox.topics import package_topic
         from mpy_blox.update.paths import InvalidUpdate
 

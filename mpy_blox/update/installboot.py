@@ -58,6 +58,7 @@ class InstallBoot:
         self.package = None  # the package it concerns
         self.inst = None  # the Installer holding the downloads
         self.installed = False
+        self.firmware = None  # a firmware list: the partition its image boots from
         self.finished = False  # last_update written, nothing pending
 
     async def download(self):
@@ -119,6 +120,9 @@ class InstallBoot:
         # for the (conservative) collector.
         startup.drop(("mpy_blox.update.manifest", "mpy_blox.update.trust"))
         startup.drop(("mpy_blox.hmac", "mpy_blox.ed25519"))
+        if entries and entries[0]["type"] == "firmware":  # alone in its list (manifest)
+            await self._firmware(ib, entries[0])
+            return
         # The install core after the connection has its buffers (it takes
         # fewer, smaller blocks) and into the room the list's check left;
         # without room for it, the next attempt may fare better.
@@ -129,6 +133,27 @@ class InstallBoot:
             machine.reset()  # counted
         log.info("install boot; free heap %d bytes", gc.mem_free())
         self.inst = await ib.download(entries)
+
+    async def _firmware(self, ib, entry):
+        # A firmware image instead of the install core (mpy_blox.update.firmware):
+        # into the next OTA partition, verified. last_update names that partition
+        # ("trial") and nothing is pending before set_boot, the switch: a cut
+        # before it boots the old image, which reports it rolled back; a cut
+        # after it boots the new one on trial, in the app, which confirms it.
+        from mpy_blox.update import firmware
+
+        target = await firmware.download(ib, entry)
+        self.installed = True
+        self.firmware = target.label() if target else firmware.running_label()
+        self._done(self.listed, self.digest)
+        if target is not None:
+            try:
+                target.set_boot()
+            except ValueError:  # refused: last_update says failed after all
+                self.installed = self.finished = False
+                self.firmware = None
+                raise
+        ib.current = None
 
     def _check(self, payload, to):
         # The list's entries, once its signature, seq and expiry are checked;
@@ -204,7 +229,9 @@ class InstallBoot:
                 # A broker gone before the new code boots is not its fault:
                 # its trial does not wait for one (mpy_blox/update/trial.py).
                 last = record.load_last() or {}
-                record.save_last("trial", last.get("at"), None, last.get("list"), broker=False)
+                record.save_last(
+                    "trial", last.get("at"), None, last.get("list"), False, last.get("firmware")
+                )
         else:
             await node.publish_info()
         client = None
@@ -224,7 +251,7 @@ class InstallBoot:
         # Then nothing is pending: the next boot is the app's.
         # A committed set boots on trial (mpy_blox/update/trial.py).
         result = "failed" if self.error else "trial" if self.installed else "ok"
-        record.save_last(result, seq, self.error, digest)
+        record.save_last(result, seq, self.error, digest, True, self.firmware)
         record.set_pending(0, 0, None, digest)  # finished: this list (it may be a newer one)
         self.finished = True
 

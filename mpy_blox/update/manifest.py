@@ -26,6 +26,9 @@
 #          "tag": "mpy6-bytecode-esp32",          <- optional: pre-flight tag check
 #          "pkg_sha256": "<hex>", "size": 123456}, <- size: bytes of the package
 #         {"type": "src", "path": "user_main.py", "pkg_sha256": "<hex>", "size": 210}]}
+#    or a firmware image for the next OTA partition, alone in its list:
+#         {"type": "firmware", "chip": "esp32", "version": "v1.22.2",
+#          "pkg_sha256": "<hex>", "size": 1572864}  <- size required, signed or not
 #    Any entry may be chunked (docs/protocol.md, "Chunked packages"): three more
 #    fields, all or none: "chunk_size" (bytes of every chunk but the last),
 #    "chunks" (their count, which must agree with size) and "chunks_sha256" (the
@@ -138,6 +141,13 @@ def check_entry(entry, signed):
             out["tag"] = _text(entry, "tag")
     elif kind == "src":
         out["path"] = check_src_path(entry.get("path"))
+    elif kind == "firmware":
+        # An application image for the next OTA partition (docs/protocol.md,
+        # "Firmware"): the device's pre-flight compares chip and size with its own.
+        out["chip"] = _text(entry, "chip")
+        out["version"] = _text(entry, "version")
+        if size is None:
+            raise InvalidUpdate("firmware entry without size")
     else:
         raise InvalidUpdate("unknown package type: %s" % str(kind)[:20])
     if "chunk_size" in entry or "chunks" in entry or "chunks_sha256" in entry:
@@ -270,6 +280,17 @@ def _entries(entries, signed):
     if not isinstance(entries, list):
         raise InvalidUpdate("the list is not a JSON array of packages")
     out = [check_entry(e, signed) for e in entries]
+    firmware = [e for e in out if e["type"] == "firmware"]
+    if len(firmware) > 1:
+        raise InvalidUpdate("more than one firmware image in the list")
+    if firmware and len(out) > 1:
+        # Known limitation (docs/protocol.md, "Firmware"): packages committed
+        # beside a firmware that the bootloader then rolls back would leave the
+        # device half-updated; until they can wait for the firmware's verdict,
+        # a list carries one or the other.
+        raise InvalidUpdate("a firmware list holds the image only: list packages separately")
+    if firmware:
+        return out
     seen = set()
     for e in out:
         # A wheel by its normalised name, as the installer finds it (foo.bar
@@ -332,3 +353,9 @@ def wheel_entry(name, version, sha256, size, tag=None):
 
 def src_entry(path, sha256, size):
     return {"type": "src", "path": path, "pkg_sha256": sha256, "size": size}
+
+
+def firmware_entry(chip, version, sha256, size):
+    e = {"type": "firmware", "chip": chip, "version": version, "pkg_sha256": sha256}
+    e["size"] = size
+    return e

@@ -68,13 +68,16 @@ def load_last():
         return None
 
 
-def save_last(result, seq, error=None, digest=None, broker=True):
+def save_last(result, seq, error=None, digest=None, broker=True, firmware=None):
     """Write and return last_update; `digest` names the list (see digest()).
 
     result: "ok", "failed", "trial" (committed, proving itself) or
     "rolled_back"; broker=False: the install boot found no broker after its
-    commit, so the trial does not wait for one."""
+    commit, so the trial does not wait for one; firmware: the OTA partition
+    a firmware update set to boot (with "trial": its image is on trial)."""
     last = {"result": result, "at": seq}
+    if firmware:
+        last["firmware"] = firmware
     if error:
         last["error"] = error
     if digest:
@@ -201,13 +204,24 @@ def erase(key):
 
 def on_trial():
     """True while a committed set awaits its verdict (mpy_blox/update/trial.py):
-    mpypi_recover's journal is applied. Asked by stat, without loading it."""
+    mpypi_recover's journal is applied (asked by stat, without loading it), or
+    a firmware image runs on trial (mpy_blox.update.fwstate)."""
     try:
         os.stat("/.mpypi/applied")
         os.stat("/.mpypi/journal")
     except OSError:
-        return False
+        return _fwstate().on_trial(load_last())
     return True
+
+
+def _fwstate():
+    # Loaded for one question and dropped: every boot asks, few have firmware news.
+    import sys
+
+    from mpy_blox.update import fwstate
+
+    sys.modules.pop("mpy_blox.update.fwstate", None)
+    return fwstate
 
 
 def digest(payload):
@@ -222,6 +236,9 @@ def info(node, seq, last, available=None):
     extra["src"] = state.src_index()
     extra["seq"] = seq
     extra["last_update"] = last
+    fw = _fwstate().info()
+    if fw is not None:
+        extra["firmware"] = fw
     if available is not None:
         extra["available"] = available
 

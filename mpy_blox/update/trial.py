@@ -45,6 +45,10 @@ class Trial:
         self.started = started_ms
         last = record.load_last() or {}
         self.seq = last.get("at")
+        self.list = last.get("list")
+        # A firmware image on trial (mpy_blox.update.firmware): the partition
+        # it runs from. The bootloader rolls it back at any reset before confirm.
+        self.firmware = last.get("firmware")
         # The install boot says so when its last phase found no broker.
         self.need_broker = last.get("broker", True) is not False
         self.done = asyncio.Event()  # set once confirmed: the agent takes lists again
@@ -94,13 +98,19 @@ class Trial:
     async def confirm(self):
         # The journal ends first (the point of no return; a cut after it leaves
         # last_update at "trial", which the agent finishes: agent._settle).
+        if self.firmware:
+            # The image's own point of no return: otadata marks it valid, and
+            # no later reset rolls it back. A cut before last_update says ok
+            # leaves it on trial again at the next boot, which confirms again.
+            import esp32
+
+            esp32.Partition.mark_app_valid_cancel_rollback()
         import mpypi_recover
 
         mpypi_recover.confirm()
         sys.modules.pop("mpypi_recover", None)
         gc.collect()
-        last = record.load_last() or {}
-        last = record.save_last("ok", last.get("at"), None, last.get("list"))
+        last = record.save_last("ok", self.seq, None, self.list)
         log.info("update confirmed: the new set is healthy")
         self.node.state = "online"
         self.node.state_fields = {}
@@ -114,6 +124,11 @@ class Trial:
         import machine
 
         log.error("trial failed: %s; rolling back", reason)
+        if self.firmware:
+            # The reset is the rollback (the bootloader boots the old image);
+            # the reason waits in last_update for the old image's agent (settle).
+            record.save_last("trial", self.seq, reason, self.list, True, self.firmware)
+            machine.reset()
         try:
             import mpypi_recover
 
@@ -130,6 +145,23 @@ async def settle(node, last):
     rollback boot recovery finished (reported once, then its marker goes), or
     a confirm cut after its point of no return (the journal gone, last_update
     still "trial": the set was confirmed). Returns last_update."""
+    firmware = last.get("firmware")
+    if firmware:
+        from mpy_blox.update import fwstate
+
+        running = fwstate.running().info()[4]
+        sys.modules.pop("mpy_blox.update.fwstate", None)
+        if running != firmware:
+            # The bootloader booted the old image: a reset before the confirm
+            # (the trial's verdict, a crash, the watchdog, a power cut).
+            reason = last.get("error") or (
+                "firmware in %s did not confirm: the bootloader booted %s again"
+                % (firmware, running)
+            )
+            log.error("the firmware update was rolled back: %s", reason)
+            last = record.save_last("rolled_back", last.get("at"), reason, last.get("list"))
+            await record.status(node, "rolled_back", seq=last.get("at"), error=reason)
+            return last
     import mpypi_recover
 
     reason = mpypi_recover.rolled_back()

@@ -1,0 +1,260 @@
+# A firmware image over the air (docs/protocol.md, "Firmware"): streamed into
+# the next OTA app partition, verified, then made the boot partition. The
+# bootloader boots it on trial (ESP-IDF's pending-verify); mpy_blox.update.trial
+# confirms it (Partition.mark_app_valid_cancel_rollback) once the set is healthy,
+# and a reset before that makes the bootloader boot the old image again.
+#
+# Loaded by the install boot for a list with a firmware entry only (a list holds
+# the image alone: manifest), instead of the install core: nothing is written to
+# the filesystem but a chunked download's hash list (mpy_blox.update.chunks).
+#
+# Pre-flight, before a byte is downloaded, each with its reason: a device without
+# OTA partitions, an image for another chip, an image larger than the partition.
+# The device's chip is the part of os.uname().machine after its last " with ":
+# the ESP32 port builds that string as MICROPY_HW_BOARD_NAME " with "
+# MICROPY_HW_MCU_NAME ("Generic ESP32 module with ESP32", "... with ESP32S3"),
+# lower-cased and without dashes it is the name ESP-IDF's chip ids have
+# (esp32, esp32s3, esp32c3; the virtual board says "... with ESP32").
+#
+# Writes: whole 4 KiB sectors through one buffer, with writeblocks' simple form,
+# which erases each sector before it programs it (esp32.Partition, block_size
+# 4096), the bytes hashed as they come; the last sector padded with 0xFF. Then
+# the partition is read back and hashed again: what set_boot will boot is what
+# the list names. A power cut anywhere before set_boot leaves the boot partition
+# as it was (the old firmware boots); set_boot's otadata write is the switch.
+import hashlib
+
+from mpy_blox.log import get_logger
+from mpy_blox.update import chunks
+from mpy_blox.update.paths import InvalidUpdate
+from mpy_blox.update.state import hex_digest
+
+_SECTOR = const(4096)  # the flash's erase unit, esp32.Partition's block size
+
+log = get_logger("update")
+
+
+def chip():
+    """This device's chip, as list entries name it ("esp32", "esp32s3", ...)."""
+    import os
+
+    machine = os.uname().machine
+    return machine[machine.rfind(" with ") + 6 :].lower().replace("-", "")
+
+
+def next_partition():
+    """The OTA partition an update goes to; InvalidUpdate on a device without one."""
+    import esp32
+
+    try:
+        return esp32.Partition(esp32.Partition.RUNNING).get_next_update()
+    except OSError:  # ENOENT: a factory app alone, no otadata
+        raise InvalidUpdate("no OTA partitions: this device cannot take a firmware update")
+
+
+def partition_sha256(part, size, buf):
+    """SHA256 (hex) of the first `size` bytes of partition `part`, through buf."""
+    h = hashlib.sha256()
+    mv = memoryview(buf)
+    at = 0
+    while at < size:
+        n = min(len(buf), size - at)
+        part.readblocks(0, mv[:n], at)
+        h.update(mv[:n])
+        at += n
+    return hex_digest(h.digest())
+
+
+def running_is(entry, buf):
+    """True if the running firmware is `entry`'s image (the same SHA256)."""
+    import esp32
+
+    part = esp32.Partition(esp32.Partition.RUNNING)
+    try:
+        if part.info()[3] < entry["size"]:
+            return False
+        return partition_sha256(part, entry["size"], buf) == entry["pkg_sha256"]
+    except OSError:  # a partition with no bytes to read (the virtual board's factory)
+        return False
+
+
+def preflight(entry):
+    """The partition `entry` goes to; InvalidUpdate, with the reason, if it cannot."""
+    part = next_partition()
+    have = chip()
+    if entry["chip"] != have:
+        raise InvalidUpdate("firmware for %s: this device is an %s" % (entry["chip"], have))
+    room = part.info()[3]
+    if entry["size"] > room:
+        raise InvalidUpdate(
+            "firmware of %d bytes: partition %s holds %d" % (entry["size"], part.info()[4], room)
+        )
+    return part
+
+
+class Writer:
+    """A file-like over a partition, from byte `at`: write() fills one sector
+    buffer and writes it whole (erased, then programmed); close() writes the
+    sector it is in, padded with 0xFF. At an `at` inside a sector, the sector's
+    bytes before it are read back first (a chunk boundary on a resume)."""
+
+    def __init__(self, part, at, sector):
+        self.part = part
+        self.sector = sector  # the one sector buffer (Target's)
+        self.block = at // _SECTOR
+        self.fill = at % _SECTOR
+        if self.fill:
+            part.readblocks(self.block, self.sector)
+
+    def write(self, data):
+        n = len(data)
+        i = 0
+        while i < n:
+            take = min(_SECTOR - self.fill, n - i)
+            self.sector[self.fill : self.fill + take] = data[i : i + take]
+            self.fill += take
+            i += take
+            if self.fill == _SECTOR:
+                self.part.writeblocks(self.block, self.sector)
+                self.block += 1
+                self.fill = 0
+        return n
+
+    def close(self):
+        if self.fill:
+            # Padding: the rest of the sector reads as erased flash. The next
+            # write into the same sector (a following chunk) writes it again whole.
+            for i in range(self.fill, _SECTOR):  # in place: no 4 KB of 0xFF to allocate
+                self.sector[i] = 0xFF
+            self.part.writeblocks(self.block, self.sector)
+
+
+class _Reader:
+    # What chunks' resume reads a partition with: readinto from byte `at`.
+    def __init__(self, part, at):
+        self.part = part
+        self.at = at
+
+    def readinto(self, buf):
+        n = len(buf)
+        self.part.readblocks(0, buf, self.at)
+        self.at += n
+        return n
+
+    def close(self):
+        pass
+
+
+class Sink:
+    """A single-message image's bytes into the partition: bounded by the listed
+    size, hashed as written (what fetch's transfer feeds, as a Download)."""
+
+    def __init__(self, part, entry, sector):
+        self.entry = entry
+        self.done = 0
+        self._h = hashlib.sha256()
+        self._w = Writer(part, 0, sector)
+
+    def write(self, data):
+        self.done += len(data)
+        if self.done > self.entry["size"]:
+            raise InvalidUpdate("package larger than its declared size")
+        self._h.update(data)
+        self._w.write(data)
+
+    def close(self):
+        w, self._w = self._w, None
+        if w is not None:
+            w.close()
+
+    def finish(self):
+        self.close()
+        size = self.entry["size"]
+        if self.done != size:
+            raise InvalidUpdate("truncated package: %d of %d bytes" % (self.done, size))
+        if hex_digest(self._h.digest()) != self.entry["pkg_sha256"]:
+            raise InvalidUpdate("SHA256 mismatch")
+
+
+class Download(chunks.Download):
+    # A chunked image: its chunks straight into the partition (a firmware image
+    # is larger than a 4 MB ESP32's filesystem); the hash list on flash as usual.
+    # A resume verifies the partition's chunks as chunks verifies a file's.
+    def have(self):
+        return self.entry["size"]  # whatever the partition holds: hashed, then trusted
+
+    def reader(self, at):
+        return _Reader(self.inst.part, at)
+
+    def writer(self, at):
+        return Writer(self.inst.part, at, self.inst.sector)
+
+
+class Target:
+    """What the install boot's Fetcher downloads an image into, in place of an
+    Installer: `download(entry)` for a single message, `downloaded()` for chunks."""
+
+    def __init__(self, part):
+        self.root = ""
+        self.part = part
+        self.buf = bytearray(1024)
+        self.sector = bytearray(_SECTOR)
+
+    def download(self, entry):
+        return Sink(self.part, entry, self.sector)
+
+    def downloaded(self, entry, path):
+        chunks.forget(path)
+
+    def verify(self, entry):
+        """Read the partition back: the bytes set_boot will boot are the listed ones."""
+        if partition_sha256(self.part, entry["size"], self.buf) != entry["pkg_sha256"]:
+            raise InvalidUpdate("firmware written, but reads back wrong: flash fault?")
+
+    def label(self):
+        return self.part.info()[4]
+
+    def set_boot(self):
+        """The switch: the next reset boots the new image, on trial."""
+        try:
+            self.part.set_boot()
+        except OSError as e:  # ESP_ERR_OTA_VALIDATE_FAILED: not an image this chip boots
+            raise InvalidUpdate("firmware image refused by the bootloader: %s" % (e.args[-1],))
+
+
+def running_label():
+    import esp32
+
+    return esp32.Partition(esp32.Partition.RUNNING).info()[4]
+
+
+async def download(fetcher, entry):
+    """Pre-flight `entry`, then stream it into the next OTA partition and read
+    it back: the Target, whose set_boot() is the switch. None when the running
+    firmware is that image already (a list published again, or an install boot
+    cut after its set_boot: that image runs on trial, and the trial confirms it)."""
+    import os
+
+    buf = bytearray(1024)
+    if running_is(entry, buf):
+        log.info("firmware %s is running already", entry["version"])
+        return None
+    buf = None
+    target = Target(preflight(entry))
+    fetcher.current = "firmware " + entry["version"]
+    fetcher.total = entry["size"]
+    try:
+        os.mkdir("/.mpypi")  # chunks keeps its hash list in /.mpypi/dl
+    except OSError:
+        pass  # it exists
+    log.info("firmware %s into %s", entry["version"], target.label())
+    try:
+        if "chunks" in entry:
+            await chunks.download(fetcher, target, entry, Download)
+        else:
+            await fetcher.download_package(target, entry)
+        await fetcher.status("verifying", package=fetcher.current)
+        target.verify(entry)
+    finally:
+        chunks.forget(chunks.path("", entry))  # the hash list, if any
+    return target

@@ -1,0 +1,170 @@
+"""Firmware over the air (issue 11): a firmware image through the same signed lists,
+into the next OTA partition, booted on trial, confirmed or rolled back.
+
+Virtual boards with `--flash 4M` (two OTA app partitions, the emulated bootloader),
+the compiled framework and a real Mosquitto (docs/protocol.md, "Firmware").
+"""
+
+# ruff: noqa: F811  (pytest injects the fixtures imported from test_update_installboot)
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import pytest
+from test_update_agent import Watcher
+from test_update_installboot import HEAP, app_board, channel, publish_update  # noqa: F401
+from test_update_trial import settings, wait_last
+from update_kit import Pkg
+
+from mpy_blox.update import manifest
+from mpy_blox_tools import micropython, publish
+from mpy_blox_tools.vboard.image import make_image
+
+KEY = "fedcba9876543210" * 4  # test_update_installboot's update.key
+SLOT = 1572864  # ota_1 of a 4M board (docs/vboard.md)
+
+
+def variant(tag: str, size: int = 0) -> bytes:
+    """The default executable with a comment appended: another image that runs."""
+    data = Path(micropython.executable()).read_bytes() + f"\n# {tag}\n".encode()
+    return data + b"#" * max(0, size - len(data))
+
+
+def firmware(data: bytes, version: str, chip: str = "esp32") -> Pkg:
+    entry = manifest.firmware_entry(chip, version, hashlib.sha256(data).hexdigest(), len(data))
+    return Pkg(data, entry)
+
+
+def on_v1(app_board, boards, mqtt_client, broker, channel):
+    """A 4M board (ota_0 runs the default executable) running USER v1, watched."""
+    board = app_board(settings(broker, channel), flash_size="4M")
+    watch = Watcher(mqtt_client(broker), board.device_id)
+    rb = boards.start(board, heap=HEAP)
+    rb.wait_for("USER v1", timeout=30)
+    return board, watch, rb
+
+
+def untouched(board) -> bool:
+    """ota_1 as created (erased) and otadata naming ota_0 alone."""
+    erased = board.read_partition("ota_1")[:8192] == b"\xff" * 8192
+    return erased and not board.otadata()[1]["written"]
+
+
+def refused(board, watch, rb, seq, error):
+    """Failed with `error` before or during the download; the old firmware runs on."""
+    st = watch.wait_status(state="failed", timeout=60)
+    assert st["error"] == error, st
+    last = wait_last(watch, "failed")
+    assert last["at"] == seq
+    rb.wait_for("USER v1", count=2, timeout=30)
+    assert watch.info["firmware"]["partition"] == "ota_0"
+
+
+def test_a_firmware_update_boots_the_new_image_on_trial_and_confirms_it(
+    app_board, boards, mqtt_client, broker, channel, lane32, tmp_path, monkeypatch
+):
+    # The 32-bit build's image (518 KB, an ELF) through the real publisher, chunked
+    # in 64 KiB: the board leaves the 64-bit build for it and confirms it.
+    board, watch, rb = on_v1(app_board, boards, mqtt_client, broker, channel)
+    assert watch.info["firmware"]["partition"] == "ota_0"
+    image = tmp_path / "fw32.img"
+    image.write_bytes(make_image(Path(lane32.executable).read_bytes(), "1.28-32bit"))
+    key = tmp_path / "update.key"
+    key.write_text(KEY)
+    monkeypatch.setattr(publish, "STATE_DIR", tmp_path / "state")
+    out = io.StringIO()
+    done = publish.release(
+        broker=f"mqtt://{broker.host}:{broker.port}",
+        channel=channel,
+        firmware=image,
+        key_file=key,
+        chunk_size="64K",
+        wait=120,
+        out=out,
+    )
+    assert done.ok, out.getvalue()
+    entry = done.published.entries[0]
+    assert entry["type"] == "firmware" and entry["chunks"] == 8, entry
+    assert (entry["chip"], entry["version"]) == ("esp32", "1.28-32bit")
+    assert watch.wait_status(state="ok", timeout=30)["seq"] == done.published.seq
+    out = rb.console()
+    assert "bootloader: booting ota_1 (1.28-32bit, pending-verify)" in out
+    assert watch.info["firmware"] == {"partition": "ota_1", "version": "1.28-32bit"}
+    assert wait_last(watch, "ok")["at"] == done.published.seq
+    rb.stop()
+    assert [e["state"] for e in board.otadata()] == ["valid", "valid"]
+    assert board.read_partition("ota_1")[: image.stat().st_size] == image.read_bytes()
+    assert not [p for p in board.ls(".mpypi") if "/dl/" in p]  # the hash list went
+
+
+def test_an_image_for_another_chip_is_refused_before_the_download(
+    app_board, boards, mqtt_client, broker, channel
+):
+    board, watch, rb = on_v1(app_board, boards, mqtt_client, broker, channel)
+    s3 = firmware(make_image(variant("s3"), "s3", chip_id=9), "s3", chip="esp32s3")
+    publish_update(mqtt_client(), channel, [s3], seq=3)
+    refused(board, watch, rb, 3, "firmware for esp32s3: this device is an esp32")
+    assert "downloading" not in [s.get("state") for s in watch.statuses]
+    rb.stop()
+    assert untouched(board)
+
+
+def test_an_image_larger_than_the_partition_is_refused_before_the_download(
+    app_board, boards, mqtt_client, broker, channel
+):
+    board, watch, rb = on_v1(app_board, boards, mqtt_client, broker, channel)
+    big = firmware(make_image(variant("big", SLOT), "big"), "big")
+    publish_update(mqtt_client(), channel, [big], seq=3)
+    error = f"firmware of {SLOT + 76} bytes: partition ota_1 holds {SLOT}"
+    refused(board, watch, rb, 3, error)
+    assert "downloading" not in [s.get("state") for s in watch.statuses]
+    rb.stop()
+    assert untouched(board)
+
+
+@pytest.mark.parametrize(
+    "damage, error",
+    [
+        ("flip", "SHA256 mismatch"),
+        ("truncate", "size mismatch: {short} bytes published, {size} listed"),
+    ],
+)
+def test_a_damaged_image_is_refused_and_the_old_firmware_boots(
+    damage, error, app_board, boards, mqtt_client, broker, channel
+):
+    board, watch, rb = on_v1(app_board, boards, mqtt_client, broker, channel)
+    good = firmware(make_image(variant("v2", 20000), "v2"), "v2")
+    bad = bytearray(good.data)
+    if damage == "flip":
+        bad[10000] ^= 1
+    else:
+        bad = bad[:-100]
+    publish_update(mqtt_client(), channel, [good], seq=3, packages={good.sha: bytes(bad)})
+    size = len(good.data)
+    refused(board, watch, rb, 3, error.format(short=size - 100, size=size))
+    rb.stop()
+    assert not board.otadata()[1]["written"]  # set_boot never ran
+    assert "booting ota_1" not in rb.console()
+
+
+def test_an_image_that_crashes_at_boot_is_rolled_back_and_reported(
+    app_board, boards, mqtt_client, broker, channel
+):
+    board, watch, rb = on_v1(app_board, boards, mqtt_client, broker, channel)
+    crash = firmware(make_image(b"#!/bin/sh\necho CRASHING\nexit 3\n", "crash"), "crash")
+    publish_update(mqtt_client(), channel, [crash], seq=3)
+    error = "firmware in ota_1 did not confirm: the bootloader booted ota_0 again"
+    st = watch.wait_status(state="rolled_back", timeout=60)
+    assert st == {"state": "rolled_back", "seq": 3, "error": error}, st
+    out = rb.console()
+    assert "CRASHING" in out and "ota_1 booted on trial without confirming: aborted" in out
+    last = wait_last(watch, "rolled_back")
+    assert (last["at"], last["error"]) == (3, error)
+    # The rolled-back list is still retained: never tried again.
+    rb.wait_for("list seq 3 seen again: already done", timeout=30)
+    assert rb.console().count("CRASHING") == 1
+    assert watch.info["firmware"]["partition"] == "ota_0"
+    rb.stop()
+    assert [e["state"] for e in board.otadata()] == ["valid", "aborted"]
