@@ -14,9 +14,16 @@ from pathlib import Path
 
 import pytest
 from test_update_agent import Watcher
-from test_update_installboot import HEAP, app_board, channel, publish_update  # noqa: F401
+from test_update_installboot import (  # noqa: F401
+    HEAP,
+    USER_V1,
+    app_board,
+    channel,
+    publish_update,
+    wait_info,
+)
 from test_update_trial import settings, wait_last
-from update_kit import Pkg
+from update_kit import Pkg, make_src
 
 from mpy_blox.update import manifest
 from mpy_blox_tools import micropython, publish
@@ -59,7 +66,7 @@ def refused(board, watch, rb, seq, error):
     last = wait_last(watch, "failed")
     assert last["at"] == seq
     rb.wait_for("USER v1", count=2, timeout=30)
-    assert watch.info["firmware"]["partition"] == "ota_0"
+    wait_info(watch, firmware={"partition": "ota_0", "version": "factory 64-bit"})
 
 
 def test_a_firmware_update_boots_the_new_image_on_trial_and_confirms_it(
@@ -68,7 +75,7 @@ def test_a_firmware_update_boots_the_new_image_on_trial_and_confirms_it(
     # The 32-bit build's image (518 KB, an ELF) through the real publisher, chunked
     # in 64 KiB: the board leaves the 64-bit build for it and confirms it.
     board, watch, rb = on_v1(app_board, boards, mqtt_client, broker, channel)
-    assert watch.info["firmware"]["partition"] == "ota_0"
+    wait_info(watch, firmware={"partition": "ota_0", "version": "factory 64-bit"})
     image = tmp_path / "fw32.img"
     image.write_bytes(make_image(Path(lane32.executable).read_bytes(), "1.28-32bit"))
     key = tmp_path / "update.key"
@@ -91,7 +98,7 @@ def test_a_firmware_update_boots_the_new_image_on_trial_and_confirms_it(
     assert watch.wait_status(state="ok", timeout=30)["seq"] == done.published.seq
     out = rb.console()
     assert "bootloader: booting ota_1 (1.28-32bit, pending-verify)" in out
-    assert watch.info["firmware"] == {"partition": "ota_1", "version": "1.28-32bit"}
+    wait_info(watch, firmware={"partition": "ota_1", "version": "1.28-32bit"})
     assert wait_last(watch, "ok")["at"] == done.published.seq
     rb.stop()
     assert [e["state"] for e in board.otadata()] == ["valid", "valid"]
@@ -105,8 +112,8 @@ def test_an_image_for_another_chip_is_refused_before_the_download(
     board, watch, rb = on_v1(app_board, boards, mqtt_client, broker, channel)
     s3 = firmware(make_image(variant("s3"), "s3", chip_id=9), "s3", chip="esp32s3")
     publish_update(mqtt_client(), channel, [s3], seq=3)
+    refused_before(watch, "firmware for esp32s3: this device is an esp32")
     refused(board, watch, rb, 3, "firmware for esp32s3: this device is an esp32")
-    assert "downloading" not in [s.get("state") for s in watch.statuses]
     rb.stop()
     assert untouched(board)
 
@@ -118,8 +125,8 @@ def test_an_image_larger_than_the_partition_is_refused_before_the_download(
     big = firmware(make_image(variant("big", SLOT), "big"), "big")
     publish_update(mqtt_client(), channel, [big], seq=3)
     error = f"firmware of {SLOT + 76} bytes: partition ota_1 holds {SLOT}"
+    refused_before(watch, error)
     refused(board, watch, rb, 3, error)
-    assert "downloading" not in [s.get("state") for s in watch.statuses]
     rb.stop()
     assert untouched(board)
 
@@ -165,6 +172,60 @@ def test_an_image_that_crashes_at_boot_is_rolled_back_and_reported(
     # The rolled-back list is still retained: never tried again.
     rb.wait_for("list seq 3 seen again: already done", timeout=30)
     assert rb.console().count("CRASHING") == 1
-    assert watch.info["firmware"]["partition"] == "ota_0"
+    wait_info(watch, firmware={"partition": "ota_0", "version": "factory 64-bit"})
+    rb.stop()
+    assert [e["state"] for e in board.otadata()] == ["valid", "aborted"]
+
+
+def test_a_device_without_ota_partitions_refuses_firmware_and_a_mixed_list_is_refused(
+    app_board, boards, mqtt_client, broker, channel
+):
+    # A 2M board: a factory app alone, as a 2 MB ESP32's MicroPython build has.
+    board = app_board(settings(broker, channel))
+    watch = Watcher(mqtt_client(broker), board.device_id)
+    rb = boards.start(board, heap=HEAP)
+    rb.wait_for("USER v1", timeout=30)
+    assert "firmware" not in watch.info  # no app partition to read a version from
+    fw = firmware(make_image(variant("v2"), "v2"), "v2")
+    publish_update(mqtt_client(), channel, [fw], seq=3)
+    refused_before(watch, "no OTA partitions: this device cannot take a firmware update")
+    rb.stop()
+    assert "firmware" not in (wait_last(watch, "failed"))
+    # A list with an image and a package: refused by the agent, no install boot.
+    user = make_src("user_main.py", b"async def user_main():\n    print('USER v2')\n")
+    rb = boards.start(board, heap=HEAP)
+    rb.wait_for("list seq 3 seen again: already done", timeout=30)
+    watch.statuses.clear()
+    publish_update(mqtt_client(), channel, [fw, user], seq=4)
+    st = watch.wait_status(state="failed", timeout=30)
+    assert st["error"] == "a firmware list holds the image only: list packages separately"
+    rb.stop()
+    assert rb.boots() == 1 and board.cat("user_main.py") == USER_V1
+
+
+def refused_before(watch, error):
+    st = watch.wait_status(state="failed", timeout=60)
+    assert st["error"] == error, st
+    assert "downloading" not in [s.get("state") for s in watch.statuses]
+
+
+def test_a_firmware_whose_trial_fails_is_rolled_back_with_the_trial_s_reason(
+    app_board, boards, mqtt_client, broker, channel
+):
+    # The trial's verdict (health() says no): the reset without a confirm is the
+    # rollback, and the old image's agent reports the trial's reason.
+    sick = USER_V1 + b"async def health():\n    return False\n"
+    board = app_board(settings(broker, channel), files={"user_main.py": sick}, flash_size="4M")
+    watch = Watcher(mqtt_client(broker), board.device_id)
+    rb = boards.start(board, heap=HEAP)
+    rb.wait_for("USER v1", timeout=30)
+    fw = firmware(make_image(variant("v2"), "v2"), "v2")
+    publish_update(mqtt_client(), channel, [fw], seq=5)
+    assert watch.wait_status(state="trial", timeout=60)["seq"] == 5
+    st = watch.wait_status(state="rolled_back", timeout=60)
+    assert st == {"state": "rolled_back", "seq": 5, "error": "health() returned False"}, st
+    assert "bootloader: ota_1 booted on trial without confirming: aborted" in rb.console()
+    rb.wait_for("list seq 5 seen again: already done", timeout=30)
+    wait_info(watch, firmware={"partition": "ota_0", "version": "factory 64-bit"})
     rb.stop()
     assert [e["state"] for e in board.otadata()] == ["valid", "aborted"]

@@ -222,3 +222,46 @@ def test_one_kind_of_key_does_not_accept_the_other_kind_of_list():
         manifest.decode_list(ed_form, "the key")
     with pytest.raises(InvalidUpdate, match="trusts only its Ed25519 key"):
         manifest.decode_list(_signed_body(), manifest.Trust(pubkeys=[b"\x01" * 32]))
+
+
+FIRMWARE = manifest.firmware_entry("esp32", "v1.22.2", SHA, 1600000)
+
+FIRMWARE_CHECKS = """
+import json
+from mpy_blox import topics
+from mpy_blox.update.manifest import decode_list, InvalidUpdate
+fw = {fw!r}
+src = {{"type": "src", "path": "a.py", "pkg_sha256": "cd" * 32, "size": 1}}
+chunked = dict(fw, chunk_size=65536, chunks=25, chunks_sha256="ef" * 32)
+for entries in ([fw], [chunked], [fw, src], [src, fw], [fw, dict(fw, version="v2")],
+                [dict(fw, size=None)], [dict(fw, chip="esp 32")], [dict(fw, chunks=24,
+                chunk_size=65536, chunks_sha256="ef" * 32)]):
+    try:
+        got = decode_list(json.dumps(entries).encode())[1]
+        print("OK", topics.package_topic(got[0]), sorted(got[0]))
+    except InvalidUpdate as e:
+        print("REFUSED", e)
+"""
+
+
+def test_firmware_entries_are_checked_alike_on_cpython_and_micropython(run_mpy, capsys):
+    # One image per list and nothing beside it; chip and version as names are; a size
+    # always (the pre-flight compares it with the partition); chunk fields as for any
+    # package; its topic under mpypi/packages/firmware/.
+    code = FIRMWARE_CHECKS.format(fw=FIRMWARE)
+    exec(code, {})
+    out = capsys.readouterr().out.strip().splitlines()
+    fields = "['chip', 'pkg_sha256', 'size', 'type', 'version']"
+    assert out == [
+        f"OK mpypi/packages/firmware/{SHA} {fields}",
+        f"OK mpypi/packages/firmware/{SHA} "
+        "['chip', 'chunk_size', 'chunks', 'chunks_sha256', 'pkg_sha256', 'size', 'type', "
+        "'version']",
+        "REFUSED a firmware list holds the image only: list packages separately",
+        "REFUSED a firmware list holds the image only: list packages separately",
+        "REFUSED more than one firmware image in the list",
+        "REFUSED firmware entry without size",
+        "REFUSED bad chip: esp 32",
+        "REFUSED chunks disagrees with size and chunk_size",
+    ]
+    assert run_mpy(code).strip().splitlines() == out
