@@ -16,9 +16,9 @@
 # lower-cased and without dashes it is the name ESP-IDF's chip ids have
 # (esp32, esp32s3, esp32c3; the virtual board says "... with ESP32").
 #
-# Writes: whole 4 KiB sectors through one buffer, with writeblocks' simple form,
-# which erases each sector before it programs it (esp32.Partition, block_size
-# 4096), the bytes hashed as they come; the last sector padded with 0xFF. Then
+# Writes: each 4 KiB sector erased as the stream reaches it, the bytes programmed
+# from the download's own buffer (esp32.Partition's ioctl BLOCK_ERASE and the
+# offset form of writeblocks), hashed as they come. Then
 # the partition is read back and hashed again: what set_boot will boot is what
 # the list names. A power cut anywhere before set_boot leaves the boot partition
 # as it was (the old firmware boots); set_boot's otadata write is the switch.
@@ -93,40 +93,34 @@ def preflight(entry):
 
 
 class Writer:
-    """A file-like over a partition, from byte `at`: write() fills one sector
-    buffer and writes it whole (erased, then programmed); close() writes the
-    sector it is in, padded with 0xFF. At an `at` inside a sector, the sector's
-    bytes before it are read back first (a chunk boundary on a resume)."""
+    """A file-like over a partition, from byte `at`: each sector is erased as the
+    bytes reach it (ioctl BLOCK_ERASE), and the bytes programmed where they go
+    (writeblocks' offset form, which does not erase), straight from the caller's
+    buffer: no sector buffer (at the 32-bit install boot's 100K, a 4 KiB block
+    was not to be had). Erased flash reads 0xFF: the last sector needs no padding.
+    `at` is a sector boundary, or where this writer's bytes continue a sector
+    already erased (see Download.have)."""
 
-    def __init__(self, part, at, sector):
+    def __init__(self, part, at):
         self.part = part
-        self.sector = sector  # the one sector buffer (Target's)
-        self.block = at // _SECTOR
-        self.fill = at % _SECTOR
-        if self.fill:
-            part.readblocks(self.block, self.sector)
+        self.at = at
 
     def write(self, data):
         n = len(data)
+        mv = memoryview(data)
         i = 0
         while i < n:
-            take = min(_SECTOR - self.fill, n - i)
-            self.sector[self.fill : self.fill + take] = data[i : i + take]
-            self.fill += take
+            block, offset = divmod(self.at, _SECTOR)
+            if not offset:
+                self.part.ioctl(6, block)  # BLOCK_ERASE: the sector, to 0xFF
+            take = min(_SECTOR - offset, n - i)
+            self.part.writeblocks(block, mv[i : i + take], offset)
+            self.at += take
             i += take
-            if self.fill == _SECTOR:
-                self.part.writeblocks(self.block, self.sector)
-                self.block += 1
-                self.fill = 0
         return n
 
     def close(self):
-        if self.fill:
-            # Padding: the rest of the sector reads as erased flash. The next
-            # write into the same sector (a following chunk) writes it again whole.
-            for i in range(self.fill, _SECTOR):  # in place: no 4 KB of 0xFF to allocate
-                self.sector[i] = 0xFF
-            self.part.writeblocks(self.block, self.sector)
+        pass  # every byte is programmed as it comes
 
 
 class _Reader:
@@ -149,11 +143,11 @@ class Sink:
     """A single-message image's bytes into the partition: bounded by the listed
     size, hashed as written (what fetch's transfer feeds, as a Download)."""
 
-    def __init__(self, part, entry, sector):
+    def __init__(self, part, entry):
         self.entry = entry
         self.done = 0
         self._h = hashlib.sha256()
-        self._w = Writer(part, 0, sector)
+        self._w = Writer(part, 0)
 
     def write(self, data):
         self.done += len(data)
@@ -181,13 +175,17 @@ class Download(chunks.Download):
     # is larger than a 4 MB ESP32's filesystem); the hash list on flash as usual.
     # A resume verifies the partition's chunks as chunks verifies a file's.
     def have(self):
-        return self.entry["size"]  # whatever the partition holds: hashed, then trusted
+        # Whatever the partition holds: hashed chunk by chunk, then trusted. A
+        # resume starts where a chunk starts; only at a sector boundary can it
+        # go on without erasing (and so losing) bytes before it in its sector:
+        # with a chunk size that is not a multiple of 4 KiB, no resume.
+        return 0 if self.cs % _SECTOR else self.entry["size"]
 
     def reader(self, at):
         return _Reader(self.inst.part, at)
 
     def writer(self, at):
-        return Writer(self.inst.part, at, self.inst.sector)
+        return Writer(self.inst.part, at)
 
 
 class Target:
@@ -198,10 +196,9 @@ class Target:
         self.root = ""
         self.part = part
         self.buf = bytearray(1024)
-        self.sector = bytearray(_SECTOR)
 
     def download(self, entry):
-        return Sink(self.part, entry, self.sector)
+        return Sink(self.part, entry)
 
     def downloaded(self, entry, path):
         chunks.forget(path)
@@ -247,7 +244,12 @@ async def download(fetcher, entry):
         os.mkdir("/.mpypi")  # chunks keeps its hash list in /.mpypi/dl
     except OSError:
         pass  # it exists
-    log.info("firmware %s into %s", entry["version"], target.label())
+    import gc
+
+    gc.collect()
+    log.info(
+        "firmware %s into %s; free heap %d bytes", entry["version"], target.label(), gc.mem_free()
+    )
     try:
         if "chunks" in entry:
             await chunks.download(fetcher, target, entry, Download)

@@ -218,9 +218,11 @@ def _fwstate():
     # Loaded for one question and dropped: every boot asks, few have firmware news.
     import sys
 
+    from mpy_blox import update
     from mpy_blox.update import fwstate
 
     sys.modules.pop("mpy_blox.update.fwstate", None)
+    del update.fwstate  # the package's reference too, or its code stays
     return fwstate
 
 

@@ -150,7 +150,9 @@ async def settle(node, last):
         from mpy_blox.update import fwstate
 
         running = fwstate.running().info()[4]
+        fwstate = None
         sys.modules.pop("mpy_blox.update.fwstate", None)
+        del sys.modules["mpy_blox.update"].fwstate
         if running != firmware:
             # The bootloader booted the old image: a reset before the confirm
             # (the trial's verdict, a crash, the watchdog, a power cut).

@@ -229,3 +229,31 @@ def test_a_firmware_whose_trial_fails_is_rolled_back_with_the_trial_s_reason(
     wait_info(watch, firmware={"partition": "ota_0", "version": "factory 64-bit"})
     rb.stop()
     assert [e["state"] for e in board.otadata()] == ["valid", "aborted"]
+
+
+def test_a_chunked_firmware_installs_at_the_32bit_board_heap(
+    app_board, boards, mqtt_client, broker, channel, lane32, heap_report, tmp_path, monkeypatch
+):
+    # An ESP32's heap (100K on the 32-bit lane): the install boot streams a 518 KB
+    # image in 64 KiB chunks without the install core, and the new image confirms.
+    board = app_board(settings(broker, channel), flash_size="4M", lane=lane32)
+    watch = Watcher(mqtt_client(broker), board.device_id)
+    rb = boards.start(board, heap=lane32.board_heap, lane=lane32)
+    rb.wait_for("USER v1", timeout=30)
+    image = tmp_path / "v2.img"
+    image.write_bytes(make_image(Path(lane32.executable).read_bytes() + b"\n# v2\n", "32-v2"))
+    monkeypatch.setattr(publish, "STATE_DIR", tmp_path / "state")
+    done = publish.publish_update(
+        publish.mqtt.BrokerURL(broker.host, broker.port),
+        [publish.firmware_package(image)],
+        channel=channel,
+        key=KEY.encode(),
+        chunk_size=65536,
+        log=lambda line: None,
+    )
+    assert watch.wait_status(state="ok", timeout=60)["seq"] == done.seq
+    free = int(rb.wait_for(r"firmware 32-v2 into ota_1; free heap (\d+) bytes").group(1))
+    heap_report(f"32-bit lane, 100K board: firmware install boot free heap {free} bytes")
+    wait_info(watch, firmware={"partition": "ota_1", "version": "32-v2"})
+    rb.stop()
+    assert [e["state"] for e in board.otadata()] == ["valid", "valid"]
