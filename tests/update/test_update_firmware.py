@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ from test_update_installboot import (  # noqa: F401
     wait_info,
 )
 from test_update_trial import settings, wait_last
-from update_kit import Pkg, make_src
+from update_kit import Pkg, clone_board, make_src
 
 from mpy_blox.update import manifest
 from mpy_blox_tools import micropython, publish
@@ -257,3 +259,47 @@ def test_a_chunked_firmware_installs_at_the_32bit_board_heap(
     wait_info(watch, firmware={"partition": "ota_1", "version": "32-v2"})
     rb.stop()
     assert [e["state"] for e in board.otadata()] == ["valid", "valid"]
+
+
+def on_the_last_boot(rb, text: str, timeout: float = 30) -> None:
+    """Wait until `text` is on the console since the board's last boot."""
+    deadline = time.monotonic() + timeout
+    while text not in rb.console().rsplit("[vboard] boot ", 1)[-1]:
+        assert time.monotonic() < deadline, f"no {text!r} on the last boot:\n{rb.console()}"
+        time.sleep(0.1)
+
+
+def test_a_power_cut_at_a_block_write_of_the_install_boot_boots_the_old_or_the_new_image(
+    app_board, boards, mqtt_client, broker, channel, tmp_path
+):
+    # The install boot's block writes: each sector of ota_1 erased and programmed,
+    # last_update, set_boot's otadata sector (erase, program). A cut before
+    # set_boot's last write boots the old image (the install boot again, or the
+    # app, which reports the rollback); after it, the new one on trial. Never
+    # neither, and the board ends confirmed or rolled back, running its user_main.
+    board = app_board(settings(broker, channel), flash_size="4M")
+    fw = firmware(make_image(variant("v2", 3 * 4096), "v2"), "v2")
+    publish_update(mqtt_client(), channel, [fw], seq=3)
+    rb = boards.start(board, heap=HEAP, once=True)  # the app takes the list, resets
+    assert rb.wait(timeout=60) == 0 and "resetting into the install boot" in rb.console()
+    whole = clone_board(board, tmp_path / "whole")
+    rb = boards.start(whole, heap=HEAP, once=True)  # the install boot, to its reset
+    assert rb.wait(timeout=60) == 0 and "update installed: resetting" in rb.console()
+    writes = whole.block_writes()
+    assert writes >= 10, rb.console()  # 4 sectors (erase, program), set_boot's 2, ...
+    outcomes = set()
+    for n in sorted({1, 2, writes // 2, writes - 2, writes - 1, writes}):
+        b = clone_board(board, tmp_path / f"cut{n}")
+        rb = boards.start(b, heap=HEAP, cut_at=n)
+        done = rb.wait_for(r"update confirmed|the firmware update was rolled back", timeout=60)
+        on_the_last_boot(rb, "USER v1")
+        out = rb.console()
+        rb.stop()
+        assert f"power-cut at block write {n}" in out and "no bootable" not in out, out
+        boots = re.findall(r"bootloader: booting (ota_\d)", out)
+        if done.group(0) == "update confirmed":
+            assert boots[-1] == "ota_1" and b.otadata()[1]["state"] == "valid", (n, out)
+        else:
+            assert boots[-1] == "ota_0", (n, out)
+        outcomes.add(done.group(0))
+    assert outcomes == {"update confirmed", "the firmware update was rolled back"}, writes
