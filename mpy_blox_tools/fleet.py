@@ -62,6 +62,7 @@ class Device:
     boot_count: int | None = None
     last_seen: str = ""
     rollout_stage: str = ""  # `2/4 ok (stable)`: its stage in a rollout (rollout_state)
+    firmware: str = ""  # `v1.22.2 (ota_1)`: info.firmware, on a device with OTA partitions
     info: dict = field(default_factory=dict)
     status: dict = field(default_factory=dict)
 
@@ -96,6 +97,9 @@ def devices_from(messages: dict[str, bytes], ages: dict[str, float] | None = Non
         d.framework = str(info.get("framework") or "")
         d.packages = info.get("packages") or {}
         d.channel = str(info.get("channel") or "")
+        fw = info.get("firmware")
+        if isinstance(fw, dict):
+            d.firmware = f"{fw.get('version') or '?'} ({fw.get('partition') or '?'})"
         d.seq = info.get("seq")
         last = info.get("last_update") or {}
         d.last_update = str(last.get("result") or "") if isinstance(last, dict) else ""
@@ -260,6 +264,12 @@ def format_table(devices: list[Device]) -> str:
                 d.last_seen or "-",
             )
         )
+    if any(d.firmware for d in devices):  # a column only where firmware is reported
+        rows = [
+            (*r[:3], "FIRMWARE" if i == 0 else devices[i - 1].firmware or "-", *r[3:])
+            for i, r in enumerate(rows)
+        ]
+        header = rows[0]
     if any(d.rollout_stage for d in devices):  # a column only while there is a rollout
         rows = [
             (*r, "STAGE" if i == 0 else devices[i - 1].rollout_stage or "-")

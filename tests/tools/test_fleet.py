@@ -336,3 +336,23 @@ def test_a_resumed_download_shows_where_it_resumed():
     status.update(resumed_at=None, done=0)
     d = fleet.devices_from({"mpypi/nodes/esp32-000000000001/status": json.dumps(status).encode()})
     assert fleet.state_text(d[0]) == "downloading (big.bin 0% (0K/4096K))"
+
+
+def test_status_shows_the_firmware_column_only_where_devices_report_one():
+    # From the rows fleet builds of retained reports (devices_from): no broker needed.
+    def info(**extra) -> bytes:
+        return json.dumps({"framework": "0.7.0", "channel": "stable", **extra}).encode()
+
+    without = fleet.devices_from({"mpypi/nodes/esp32-000000000001/info": info()})
+    assert "FIRMWARE" not in fleet.format_table(without)
+    fw = {"partition": "ota_1", "version": "v1.22.2"}
+    rows = fleet.devices_from(
+        {
+            "mpypi/nodes/esp32-000000000001/info": info(),
+            "mpypi/nodes/esp32-000000000002/info": info(firmware=fw),
+        }
+    )
+    lines = fleet.format_table(rows).splitlines()
+    assert lines[0].split()[:4] == ["DEVICE", "STATE", "FRAMEWORK", "FIRMWARE"]
+    assert lines[1].split()[:4] == ["esp32-000000000001", "online", "0.7.0", "-"]
+    assert lines[2].split()[:5] == ["esp32-000000000002", "online", "0.7.0", "v1.22.2", "(ota_1)"]
