@@ -303,3 +303,43 @@ def test_a_power_cut_at_a_block_write_of_the_install_boot_boots_the_old_or_the_n
             assert boots[-1] == "ota_0", (n, out)
         outcomes.add(done.group(0))
     assert outcomes == {"update confirmed", "the firmware update was rolled back"}, writes
+
+
+@pytest.mark.parametrize("chunk_size", [4096, 5000])
+def test_a_chunked_firmware_cut_mid_download_resumes_from_the_partition(
+    chunk_size, app_board, boards, mqtt_client, broker, channel, tmp_path, monkeypatch
+):
+    # About 10 chunks: a power cut half-way through the install boot's writes; the
+    # next install boot hashes the chunks already in ota_1 and goes on from there.
+    # Chunks that do not start on a 4 KiB sector cannot resume without erasing the
+    # bytes before them in it: the download starts over, and still installs.
+    board = app_board(settings(broker, channel), flash_size="4M")
+    image = tmp_path / "v2.img"
+    image.write_bytes(make_image(variant("v2", 10 * 4096 - 100), "v2"))
+    monkeypatch.setattr(publish, "STATE_DIR", tmp_path / "state")
+    publish.publish_update(
+        publish.mqtt.BrokerURL(broker.host, broker.port),
+        [publish.firmware_package(image)],
+        channel=channel,
+        key=KEY.encode(),
+        chunk_size=chunk_size,
+        log=lambda line: None,
+    )
+    rb = boards.start(board, heap=HEAP, once=True)  # the app takes the list, resets
+    assert rb.wait(timeout=60) == 0 and "resetting into the install boot" in rb.console()
+    whole = clone_board(board, tmp_path / "whole")
+    rb = boards.start(whole, heap=HEAP, once=True)
+    assert rb.wait(timeout=60) == 0 and "update installed: resetting" in rb.console()
+    n = whole.block_writes() // 2
+    rb = boards.start(board, heap=HEAP, cut_at=n)
+    rb.wait_for("update confirmed", timeout=60)
+    out = rb.console()
+    rb.stop()
+    assert f"power-cut at block write {n}" in out
+    resumed = re.search(r"firmware v2: resuming at chunk (\d+), byte", out)
+    if chunk_size == 4096:
+        assert resumed and 1 <= int(resumed.group(1)) < 10, out
+    else:
+        assert resumed is None and out.count("firmware v2 into ota_1") == 2, out
+    assert board.read_partition("ota_1")[: image.stat().st_size] == image.read_bytes()
+    assert [e["state"] for e in board.otadata()] == ["valid", "valid"]
