@@ -37,6 +37,12 @@
 # the boots of a trial in NVS (mpypi/trial_boots) and rolls back by itself after
 # a watchdog reset or on the 4th boot. See docs/protocol.md, "The journal and boot
 # recovery".
+# A journal committed beside a firmware image (docs/protocol.md, "Firmware") is
+# bound to the OTA partition that image boots from (/.mpypi/firmware, the label,
+# written before the journal): recover() rolls it forward only while that
+# partition runs; once the bootloader has booted another one (the image crashed,
+# failed its trial, or any reset came before its confirm), the journal is run
+# backwards, applied or not, so packages never stay on the old firmware.
 import hashlib
 import os
 from micropython import const
@@ -47,6 +53,7 @@ STAGE = "/.mpypi/stage"
 JOURNAL = "/.mpypi/journal"
 _APPLIED = const("/.mpypi/applied")
 ROLLBACK = "/.mpypi/rollback"
+FIRMWARE = "/.mpypi/firmware"
 _NVS = const("mpypi")  # NVS namespace; this module's key: trial_boots
 _BOOTS = const("trial_boots")
 _MAX_BOOTS = const(3)  # the 4th boot of a trial rolls back
@@ -133,14 +140,22 @@ def _copy(src, dst, buf):
             fo.write(memoryview(buf)[:n])
 
 
-def write_journal(body, root="", buf=None):
+def write_journal(body, root="", buf=None, firmware=None):
     """Write the journal from the file `body` (its operation lines) and close it
-    with its checksum line. On OSError no journal is left: nothing happened."""
+    with its checksum line. On OSError no journal is left: nothing happened.
+    firmware: the OTA partition label the journal is bound to (FIRMWARE)."""
     buf = buf or bytearray(_CHUNK)
     mv = memoryview(buf)
     # A new trial: the outcome of an earlier rollback, if never reported, must
     # not mark this journal as rolling back.
     remove(root + ROLLBACK)
+    # The binding before the journal: a complete journal is never unbound, and
+    # never bound by a marker an earlier attempt left.
+    if firmware:
+        with open(root + FIRMWARE, "wb") as f:
+            f.write(firmware.encode())
+    else:
+        remove(root + FIRMWARE)
     h = hashlib.sha256(_HEAD)
     try:
         with open(body, "rb") as fi, open(root + JOURNAL, "wb") as f:
@@ -310,6 +325,15 @@ def recover(root=""):
     """
     _settle(root)
     s = state(root)
+    if s != "none" and _firmware_gone(root):
+        _log("the firmware this update came with is not running: undoing its files")
+        if s != "rolling_back":
+            if s == "pending":  # applied in part, or not at all: each step says
+                with open(root + _APPLIED, "wb") as f:
+                    f.write(b"1")
+            request_rollback("the new firmware was rolled back by the bootloader", root)
+        rollback(root)
+        return "rolled_back"
     if s == "none":
         if _exists(root + _APPLIED):  # a confirm was cut after its journal went
             remove(root + _APPLIED)
@@ -349,6 +373,7 @@ def recover(root=""):
 
 def _end(root):
     remove(root + JOURNAL)  # the point of no return
+    remove(root + FIRMWARE)
     remove(root + _APPLIED)
     clean_stage(root)
     _boots(0)
@@ -364,6 +389,21 @@ def confirm(root=""):
     if s == "rolling_back":
         raise ValueError("journal rolling back")
     _end(root)
+
+
+def _firmware_gone(root):
+    # True if the journal is bound to a partition that is not the running one.
+    try:
+        with open(root + FIRMWARE, "rb") as f:
+            label = f.read(16).decode()
+    except (OSError, UnicodeError):
+        return False
+    try:
+        import esp32
+
+        return esp32.Partition(esp32.Partition.RUNNING).info()[4] != label
+    except (ImportError, AttributeError, OSError):
+        return False
 
 
 def request_rollback(reason, root=""):

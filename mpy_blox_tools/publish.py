@@ -445,7 +445,8 @@ def release(
     out=None,
 ) -> Release:
     """`publish_release`, with each device's outcome. `firmware` publishes a firmware
-    image alone (no framework build). `extra_src_files` are `FILE` or
+    image, with `wheel`, a `dev` build and `extra_src_files` when given (the framework
+    is not built otherwise). `extra_src_files` are `FILE` or
     `FILE:DEVICE_PATH`; `chunk_size` is --chunk-size (`64K`, `off`; None: fit the
     broker), `expire` is --expire (`30d`: the broker drops the packages after that);
     `ca_file`, `client_cert` and `client_key` are the TLS files of an mqtts:// broker
@@ -479,15 +480,18 @@ def release(
     if implicit:
         source = "./settings.json" if Path("settings.json").is_file() else "built-in defaults"
         log(f"mpy-blox: publishing with {' and '.join(implicit)} ({source})")
+    sources = [parse_src_arg(str(f)) for f in extra_src_files]
     if firmware:
-        if wheel or extra_src_files or dev:
-            raise MpyBloxError(
-                "--firmware publishes the image alone (a list with firmware holds nothing "
-                "else): publish --wheel, --extra-src-files or --dev in a release of their own"
-            )
+        # The image, and only the packages asked for: no framework build unless
+        # --wheel or --dev says so (docs/protocol.md, "Firmware": installed
+        # together, the packages applied once the new firmware boots).
         packages = [firmware_package(Path(firmware))]
+        if wheel:
+            packages.append(wheel_package(Path(wheel)))
+        elif dev:
+            packages.append(wheel_package(build.build(platform=platform, dev=dev)))
+        packages += sources
     else:
-        sources = [parse_src_arg(str(f)) for f in extra_src_files]
         if wheel:
             framework = wheel_package(Path(wheel))
         else:
@@ -562,9 +566,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--firmware",
         metavar="FILE",
-        help="publish this firmware image alone, for the devices' next OTA partition: an "
-        "ESP32 application image (ESP32_GENERIC-*.app-bin, not the full flash image) or a "
-        "virtual-board image (`mpy-blox vboard firmware`)",
+        help="publish this firmware image for the devices' next OTA partition: an ESP32 "
+        "application image (ESP32_GENERIC-*.app-bin, not the full flash image) or a "
+        "virtual-board image (`mpy-blox vboard firmware`); with it, the framework is "
+        "published only with --wheel or --dev, and --extra-src-files go in the same list",
     )
     mqtt.add_connect_arguments(
         p, "mqtt[s]://[user[:password]@]host[:port] (default: mqtt of ./settings.json)"

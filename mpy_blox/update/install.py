@@ -277,8 +277,8 @@ class Installer:
         self.changes += 1
         self.cost += cost
 
-    def finish(self):
-        """Stage every download, then commit(); True if anything changed."""
+    def finish(self, firmware=None):
+        """Stage every download, then commit(firmware); True if anything changed."""
         try:
             while self.downloads:
                 self.stage(self.downloads[0][0])
@@ -286,10 +286,14 @@ class Installer:
         except BaseException:
             self.abort()
             raise
-        return self.commit()
+        return self.commit(firmware)
 
-    def commit(self):
-        """Write the journal and switch over; True if anything changed."""
+    def commit(self, firmware=None):
+        """Write the journal and switch over; True if anything changed.
+
+        firmware: the OTA partition a firmware image of the same list boots from:
+        the journal is bound to it and not applied here; boot recovery applies it
+        once that partition runs (mpypi_recover, docs/protocol.md "Firmware")."""
         self.drop_downloads()  # all staged by now
         try:
             self._stage_src_index()
@@ -317,10 +321,13 @@ class Installer:
             raise
         try:
             recover = _recover()
-            recover.write_journal(self.root + _STAGE + _OPS, self.root, self.buf)
+            recover.write_journal(self.root + _STAGE + _OPS, self.root, self.buf, firmware)
         except OSError:  # no complete journal: nothing happened
             self.abort()
             raise
+        if firmware:
+            log.info("%d file operations, applied once %s boots", self.changes, firmware)
+            return True
         log.info("committing %d file operations", self.changes)
         recover.apply(self.root, self.buf)
         return True

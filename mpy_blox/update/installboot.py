@@ -59,6 +59,7 @@ class InstallBoot:
         self.inst = None  # the Installer holding the downloads
         self.installed = False
         self.firmware = None  # a firmware list: the partition its image boots from
+        self.target = None  # and the image written there, to set_boot (firmware.Target)
         self.finished = False  # last_update written, nothing pending
 
     async def download(self):
@@ -93,7 +94,7 @@ class InstallBoot:
             ib = Fetcher(client, node, config.get_int("update.stall_s", 30))
             try:
                 await self._fetch(ib)
-                if self.inst is not None:
+                if self.inst is not None or self.firmware:
                     await ib.status("installing")
             except ValueError as e:  # InvalidUpdate: a short reason for status
                 self.error = str(e)
@@ -120,9 +121,12 @@ class InstallBoot:
         # for the (conservative) collector.
         startup.drop(("mpy_blox.update.manifest", "mpy_blox.update.trust"))
         startup.drop(("mpy_blox.hmac", "mpy_blox.ed25519"))
-        if entries and entries[0]["type"] == "firmware":  # alone in its list (manifest)
-            await self._firmware(ib, entries[0])
-            return
+        firmware = [e for e in entries if e["type"] == "firmware"]  # one at most
+        if firmware:
+            entries = [e for e in entries if e["type"] != "firmware"]
+            await self._firmware(ib, firmware[0])
+            if not entries:
+                return
         # The install core after the connection has its buffers (it takes
         # fewer, smaller blocks) and into the room the list's check left;
         # without room for it, the next attempt may fare better.
@@ -135,24 +139,13 @@ class InstallBoot:
         self.inst = await ib.download(entries)
 
     async def _firmware(self, ib, entry):
-        # A firmware image instead of the install core (mpy_blox.update.firmware):
-        # into the next OTA partition, verified. last_update names that partition
-        # ("trial") and nothing is pending before set_boot, the switch: a cut
-        # before it boots the old image, which reports it rolled back; a cut
-        # after it boots the new one on trial, in the app, which confirms it.
+        # A firmware image, first (mpy_blox.update.firmware): into the next OTA
+        # partition, verified; set_boot comes in commit(), after the packages'
+        # journal. Without packages the install core is never loaded.
         from mpy_blox.update import firmware
 
-        target = await firmware.download(ib, entry)
-        self.installed = True
-        self.firmware = target.label() if target else firmware.running_label()
-        self._done(self.listed, self.digest)
-        if target is not None:
-            try:
-                target.set_boot()
-            except ValueError:  # refused: last_update says failed after all
-                self.installed = self.finished = False
-                self.firmware = None
-                raise
+        self.target = await firmware.download(ib, entry)
+        self.firmware = self.target.label() if self.target else firmware.running_label()
         ib.current = None
 
     def _check(self, payload, to):
@@ -193,13 +186,18 @@ class InstallBoot:
         if inst is not None and self.error is None:
             log.info("staging; free heap %d bytes", gc.mem_free())
             try:
-                self.installed = inst.finish()
+                # Beside a firmware image: the journal bound to its partition,
+                # applied by boot recovery once that partition runs.
+                self.installed = inst.finish(self.firmware)
             except ValueError as e:  # InvalidUpdate
                 self.error = str(e)
             except Exception as e:  # noqa: BLE001  (reported; the old set stays)
                 log.exception("install failed", e)
                 self.error = repr(e)[:100]
         inst = None
+        if self.firmware and self.error is None:
+            self._switch()
+        self.target = None
         if self.error is not None:
             _drop_downloads()
         if not self.finished:
@@ -244,6 +242,23 @@ class InstallBoot:
         else:
             await record.status(node, "idle")
         machine.reset()
+
+    def _switch(self):
+        # last_update names the image's partition ("trial") and nothing is
+        # pending before set_boot, the switch: a cut before it boots the old
+        # image (whose agent reports it rolled back; boot recovery undoes a
+        # journal bound to the new one); a cut after it boots the new one on
+        # trial, where boot recovery applies the journal and the app confirms.
+        self.installed = True
+        self._done(self.listed, self.digest)
+        if self.target is not None:
+            try:
+                self.target.set_boot()
+            except ValueError as e:  # refused: last_update says failed after all
+                self.error = str(e)
+                self.installed = False
+                self.firmware = None
+                self._done(self.listed, self.digest)
 
     def _done(self, seq, digest):
         # last_update names the list (seq and digest) even when it failed, so the

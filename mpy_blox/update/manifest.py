@@ -283,16 +283,10 @@ def _entries(entries, signed):
     firmware = [e for e in out if e["type"] == "firmware"]
     if len(firmware) > 1:
         raise InvalidUpdate("more than one firmware image in the list")
-    if firmware and len(out) > 1:
-        # Known limitation (docs/protocol.md, "Firmware"): packages committed
-        # beside a firmware that the bootloader then rolls back would leave the
-        # device half-updated; until they can wait for the firmware's verdict,
-        # a list carries one or the other.
-        raise InvalidUpdate("a firmware list holds the image only: list packages separately")
-    if firmware:
-        return out
     seen = set()
     for e in out:
+        if e["type"] == "firmware":
+            continue
         # A wheel by its normalised name, as the installer finds it (foo.bar
         # and foo-bar are one package); a src file by its path, as FAT compares it.
         ident = ("wheel", normalize(e["name"])) if "name" in e else ("src", fold(e["path"]))

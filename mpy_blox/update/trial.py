@@ -163,6 +163,12 @@ async def settle(node, last):
             log.error("the firmware update was rolled back: %s", reason)
             last = record.save_last("rolled_back", last.get("at"), reason, last.get("list"))
             await record.status(node, "rolled_back", seq=last.get("at"), error=reason)
+            # Packages of the same list: boot recovery ran their journal backwards
+            # (its marker says so); this report is theirs too.
+            import mpypi_recover
+
+            mpypi_recover.forget_rollback()
+            sys.modules.pop("mpypi_recover", None)
             return last
     import mpypi_recover
 

@@ -95,11 +95,13 @@ def test_bad_images_and_mixed_releases_are_refused_before_anything_is_published(
     )
     (tmp_path / "fw.img").write_bytes(make_image(b"#!/bin/sh\n", "v1 beta"))
     assert "fw.img: bad version: v1 beta" in _refused(broker, capsys, "--firmware", "fw.img")
-    (tmp_path / "ok.img").write_bytes(make_image(b"#!/bin/sh\n", "v1"))
-    (tmp_path / "user_main.py").write_text("x = 1\n")
-    err = _refused(broker, capsys, "--firmware", "ok.img", "--extra-src-files", "user_main.py")
-    assert "--firmware publishes the image alone" in err
-    assert "--firmware publishes the image alone" in _refused(
-        broker, capsys, "--firmware", "ok.img", "--wheel", "x.whl"
-    )
     assert "missing.bin: no such file" in _refused(broker, capsys, "--firmware", "missing.bin")
+
+
+def test_an_image_and_src_files_go_out_in_one_list_without_a_framework_build(broker, tmp_path):
+    (tmp_path / "fw.img").write_bytes(make_image(b"#!/bin/sh\n", "v1"))
+    (tmp_path / "user_main.py").write_text("x = 1\n")
+    assert (
+        _publish(broker, "fw4", "--firmware", "fw.img", "--extra-src-files", "user_main.py") == 0
+    )
+    assert [e["type"] for e in _list(broker, "fw4")] == ["firmware", "src"]

@@ -33,6 +33,9 @@ from mpy_blox_tools.vboard.image import make_image
 
 KEY = "fedcba9876543210" * 4  # test_update_installboot's update.key
 SLOT = 1572864  # ota_1 of a 4M board (docs/vboard.md)
+USER_V2 = (
+    b"import asyncio\nasync def user_main():\n    print('USER v2')\n    await asyncio.sleep(60)\n"
+)
 
 
 def variant(tag: str, size: int = 0) -> bytes:
@@ -179,30 +182,24 @@ def test_an_image_that_crashes_at_boot_is_rolled_back_and_reported(
     assert [e["state"] for e in board.otadata()] == ["valid", "aborted"]
 
 
-def test_a_device_without_ota_partitions_refuses_firmware_and_a_mixed_list_is_refused(
+def test_a_device_without_ota_partitions_refuses_firmware_and_the_packages_beside_it(
     app_board, boards, mqtt_client, broker, channel
 ):
-    # A 2M board: a factory app alone, as a 2 MB ESP32's MicroPython build has.
+    # A 2M board: a factory app alone, as a 2 MB ESP32's MicroPython build has. The
+    # list's user_main is not installed either: the list is refused whole.
     board = app_board(settings(broker, channel))
     watch = Watcher(mqtt_client(broker), board.device_id)
     rb = boards.start(board, heap=HEAP)
     rb.wait_for("USER v1", timeout=30)
     assert "firmware" not in watch.info  # no app partition to read a version from
     fw = firmware(make_image(variant("v2"), "v2"), "v2")
-    publish_update(mqtt_client(), channel, [fw], seq=3)
+    user = make_src("user_main.py", USER_V2)
+    publish_update(mqtt_client(), channel, [fw, user], seq=3)
     refused_before(watch, "no OTA partitions: this device cannot take a firmware update")
+    rb.wait_for("USER v1", count=2, timeout=30)
     rb.stop()
-    assert "firmware" not in (wait_last(watch, "failed"))
-    # A list with an image and a package: refused by the agent, no install boot.
-    user = make_src("user_main.py", b"async def user_main():\n    print('USER v2')\n")
-    rb = boards.start(board, heap=HEAP)
-    rb.wait_for("list seq 3 seen again: already done", timeout=30)
-    watch.statuses.clear()
-    publish_update(mqtt_client(), channel, [fw, user], seq=4)
-    st = watch.wait_status(state="failed", timeout=30)
-    assert st["error"] == "a firmware list holds the image only: list packages separately"
-    rb.stop()
-    assert rb.boots() == 1 and board.cat("user_main.py") == USER_V1
+    assert "firmware" not in wait_last(watch, "failed")
+    assert board.cat("user_main.py") == USER_V1
 
 
 def refused_before(watch, error):
@@ -343,3 +340,47 @@ def test_a_chunked_firmware_cut_mid_download_resumes_from_the_partition(
         assert resumed is None and out.count("firmware v2 into ota_1") == 2, out
     assert board.read_partition("ota_1")[: image.stat().st_size] == image.read_bytes()
     assert [e["state"] for e in board.otadata()] == ["valid", "valid"]
+
+
+def test_firmware_and_a_user_main_install_together_and_confirm_together(
+    app_board, boards, mqtt_client, broker, channel
+):
+    # The packages' journal is bound to the new image's partition: boot recovery
+    # applies it on the new firmware's first boot, and the trial confirms both.
+    board, watch, rb = on_v1(app_board, boards, mqtt_client, broker, channel)
+    fw = firmware(make_image(variant("v2"), "v2"), "v2")
+    user = make_src("user_main.py", USER_V2)
+    publish_update(mqtt_client(), channel, [fw, user], seq=3)
+    assert watch.wait_status(state="ok", timeout=60)["seq"] == 3
+    out = rb.console()
+    assert "file operations, applied once ota_1 boots" in out, out
+    after = out.split("bootloader: booting ota_1 (v2, pending-verify)")[1]
+    assert "finishing an interrupted update" in after and "USER v2" in after
+    wait_info(
+        watch, firmware={"partition": "ota_1", "version": "v2"}, src={"user_main.py": user.sha}
+    )
+    rb.stop()
+    assert board.cat("user_main.py") == USER_V2
+    assert [e["state"] for e in board.otadata()] == ["valid", "valid"]
+    assert not [p for p in board.ls(".mpypi") if p.endswith(("journal", "firmware", "applied"))]
+
+
+def test_an_image_that_crashes_takes_the_user_main_of_its_list_back_with_it(
+    app_board, boards, mqtt_client, broker, channel
+):
+    # Rolled back by the bootloader before its journal was applied: boot recovery on
+    # the old image undoes the journal, and the old user_main runs on the old firmware.
+    board, watch, rb = on_v1(app_board, boards, mqtt_client, broker, channel)
+    crash = firmware(make_image(b"#!/bin/sh\necho CRASHING\nexit 3\n", "crash"), "crash")
+    user = make_src("user_main.py", USER_V2)
+    publish_update(mqtt_client(), channel, [crash, user], seq=3)
+    error = "firmware in ota_1 did not confirm: the bootloader booted ota_0 again"
+    st = watch.wait_status(state="rolled_back", timeout=60)
+    assert st == {"state": "rolled_back", "seq": 3, "error": error}, st
+    rb.wait_for("list seq 3 seen again: already done", timeout=30)
+    out = rb.console()
+    assert "the firmware this update came with is not running: undoing its files" in out
+    assert "USER v2" not in out
+    rb.stop()
+    assert board.cat("user_main.py") == USER_V1
+    assert not [p for p in board.ls(".mpypi") if p.endswith(("journal", "firmware", "rollback"))]

@@ -245,7 +245,7 @@ for entries in ([fw], [chunked], [fw, src], [src, fw], [fw, dict(fw, version="v2
 
 
 def test_firmware_entries_are_checked_alike_on_cpython_and_micropython(run_mpy, capsys):
-    # One image per list and nothing beside it; chip and version as names are; a size
+    # One image per list, packages beside it; chip and version as names are; a size
     # always (the pre-flight compares it with the partition); chunk fields as for any
     # package; its topic under mpypi/packages/firmware/.
     code = FIRMWARE_CHECKS.format(fw=FIRMWARE)
@@ -257,8 +257,8 @@ def test_firmware_entries_are_checked_alike_on_cpython_and_micropython(run_mpy, 
         f"OK mpypi/packages/firmware/{SHA} "
         "['chip', 'chunk_size', 'chunks', 'chunks_sha256', 'pkg_sha256', 'size', 'type', "
         "'version']",
-        "REFUSED a firmware list holds the image only: list packages separately",
-        "REFUSED a firmware list holds the image only: list packages separately",
+        f"OK mpypi/packages/firmware/{SHA} {fields}",
+        "OK mpypi/packages/src/a.py/" + "cd" * 32 + " ['path', 'pkg_sha256', 'size', 'type']",
         "REFUSED more than one firmware image in the list",
         "REFUSED firmware entry without size",
         "REFUSED bad chip: esp 32",
