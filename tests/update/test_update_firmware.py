@@ -384,3 +384,32 @@ def test_an_image_that_crashes_takes_the_user_main_of_its_list_back_with_it(
     rb.stop()
     assert board.cat("user_main.py") == USER_V1
     assert not [p for p in board.ls(".mpypi") if p.endswith(("journal", "firmware", "rollback"))]
+
+
+def test_a_power_cut_while_the_new_image_applies_the_journal_takes_both_back(
+    app_board, boards, mqtt_client, broker, channel, tmp_path
+):
+    # The new image's first boot applies the bound journal; a cut in it is a reset
+    # before the confirm: the bootloader boots the old image, whose boot recovery runs
+    # the journal (applied in part) backwards. The old user_main runs on the old image.
+    board = app_board(settings(broker, channel), flash_size="4M")
+    fw = firmware(make_image(variant("v2"), "v2"), "v2")
+    publish_update(mqtt_client(), channel, [fw, make_src("user_main.py", USER_V2)], seq=3)
+    rb = boards.start(board, heap=HEAP, once=True)  # the app takes the list, resets
+    assert rb.wait(timeout=60) == 0 and "resetting into the install boot" in rb.console()
+    rb = boards.start(board, heap=HEAP, once=True)  # the install boot, to its reset
+    assert rb.wait(timeout=60) == 0 and "applied once ota_1 boots" in rb.console()
+    for n in (1, 2, 4):
+        b = clone_board(board, tmp_path / f"cut{n}")
+        rb = boards.start(b, heap=HEAP, cut_at=n)
+        rb.wait_for("the firmware update was rolled back", timeout=60)
+        on_the_last_boot(rb, "USER v1")
+        out = rb.console()
+        rb.stop()
+        assert f"power-cut at block write {n}" in out and "USER v2" not in out, (n, out)
+        first = out.split("[vboard] board stopped", 1)[0]  # the new image's first boot
+        assert "bootloader: booting ota_1 (v2, pending-verify)" in first, out
+        assert "finishing an interrupted update" in first, out  # the cut fell in it
+        assert "undoing its files" in out, (n, out)
+        assert b.cat("user_main.py") == USER_V1
+        assert [e["state"] for e in b.otadata()] == ["valid", "aborted"]
