@@ -4,9 +4,11 @@
 # confirms it (Partition.mark_app_valid_cancel_rollback) once the set is healthy,
 # and a reset before that makes the bootloader boot the old image again.
 #
-# Loaded by the install boot for a list with a firmware entry only (a list holds
-# the image alone: manifest), instead of the install core: nothing is written to
-# the filesystem but a chunked download's hash list (mpy_blox.update.chunks).
+# Loaded by the install boot for a list with a firmware entry only (one at most,
+# manifest), before the install core, which a list of firmware alone never
+# loads: nothing of the image is written to the filesystem but a chunked
+# download's hash list (mpy_blox.update.chunks). Packages beside it are committed
+# through a journal bound to the image's partition (mpypi_recover).
 #
 # Pre-flight, before a byte is downloaded, each with its reason: a device without
 # OTA partitions, an image for another chip, an image larger than the partition.

@@ -17,6 +17,11 @@
 #   report()    the install core dropped, the client back: info and status
 #               (rebooting, failed or idle), then the reset.
 #
+# A firmware entry (mpy_blox.update.firmware) is downloaded first, straight into
+# the next OTA partition; commit() writes the packages' journal bound to that
+# partition (applied by boot recovery once it runs), then set_boot is the switch
+# (docs/protocol.md, "Firmware").
+#
 # No loop: each start counts itself in NVS first and every outcome clears
 # the pending topic, so an install boot that dies (power cut, crash) runs at most
 # _MAX_TRIES times. A power cut leaves the old or the new set (the journal).
@@ -266,7 +271,8 @@ class InstallBoot:
         # Then nothing is pending: the next boot is the app's.
         # A committed set boots on trial (mpy_blox/update/trial.py).
         result = "failed" if self.error else "trial" if self.installed else "ok"
-        record.save_last(result, seq, self.error, digest, True, self.firmware)
+        firmware = None if self.error else self.firmware  # the image on trial
+        record.save_last(result, seq, self.error, digest, True, firmware)
         record.set_pending(0, 0, None, digest)  # finished: this list (it may be a newer one)
         self.finished = True
 

@@ -26,7 +26,7 @@
 #          "tag": "mpy6-bytecode-esp32",          <- optional: pre-flight tag check
 #          "pkg_sha256": "<hex>", "size": 123456}, <- size: bytes of the package
 #         {"type": "src", "path": "user_main.py", "pkg_sha256": "<hex>", "size": 210}]}
-#    or a firmware image for the next OTA partition, alone in its list:
+#    or a firmware image for the next OTA partition, one at most a list:
 #         {"type": "firmware", "chip": "esp32", "version": "v1.22.2",
 #          "pkg_sha256": "<hex>", "size": 1572864}  <- size required, signed or not
 #    Any entry may be chunked (docs/protocol.md, "Chunked packages"): three more
