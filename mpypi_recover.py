@@ -141,9 +141,9 @@ def _copy(src, dst, buf):
 
 
 def write_journal(body, root="", buf=None, firmware=None):
-    """Write the journal from the file `body` (its operation lines) and close it
-    with its checksum line. On OSError no journal is left: nothing happened.
-    firmware: the OTA partition label the journal is bound to (FIRMWARE)."""
+    """Write the journal from the file `body` (its operation lines; None: none)
+    and close it with its checksum line. On OSError no journal is left: nothing
+    happened. firmware: the OTA partition label the journal is bound to (FIRMWARE)."""
     buf = buf or bytearray(_CHUNK)
     mv = memoryview(buf)
     # A new trial: the outcome of an earlier rollback, if never reported, must
@@ -157,10 +157,13 @@ def write_journal(body, root="", buf=None, firmware=None):
     else:
         remove(root + FIRMWARE)
     h = hashlib.sha256(_HEAD)
+    fi = None
     try:
-        with open(body, "rb") as fi, open(root + JOURNAL, "wb") as f:
+        with open(root + JOURNAL, "wb") as f:
             f.write(_HEAD)
-            while True:
+            # body None: a journal of no file operation (a firmware image alone)
+            fi = open(body, "rb") if body else None
+            while fi:
                 n = fi.readinto(buf)
                 if not n:
                     break
@@ -170,6 +173,9 @@ def write_journal(body, root="", buf=None, firmware=None):
     except OSError:
         remove(root + JOURNAL)
         raise
+    finally:
+        if fi:
+            fi.close()
 
 
 def read_journal(root=""):
@@ -325,13 +331,14 @@ def recover(root=""):
     """
     _settle(root)
     s = state(root)
-    if s != "none" and _firmware_gone(root):
+    gone = s != "none" and _firmware_gone(root)
+    if gone:
         _log("the firmware this update came with is not running: undoing its files")
-        if s != "rolling_back":
+        if s != "rolling_back":  # else the trial's reason stays
             if s == "pending":  # applied in part, or not at all: each step says
                 with open(root + _APPLIED, "wb") as f:
                     f.write(b"1")
-            request_rollback("the new firmware was rolled back by the bootloader", root)
+            request_rollback(gone, root)
         rollback(root)
         return "rolled_back"
     if s == "none":
@@ -392,18 +399,29 @@ def confirm(root=""):
 
 
 def _firmware_gone(root):
-    # True if the journal is bound to a partition that is not the running one.
+    # The reason, if the journal is bound to a partition that is not the running
+    # one (the bootloader went back to the old image); else None.
     try:
         with open(root + FIRMWARE, "rb") as f:
             label = f.read(16).decode()
-    except (OSError, UnicodeError):
-        return False
-    try:
         import esp32
 
-        return esp32.Partition(esp32.Partition.RUNNING).info()[4] != label
-    except (ImportError, AttributeError, OSError):
-        return False
+        running = esp32.Partition(esp32.Partition.RUNNING).info()[4]
+    except (OSError, UnicodeError, ImportError, AttributeError):
+        return None
+    if running == label:
+        return None
+    return "firmware in %s did not confirm: the bootloader booted %s again" % (label, running)
+
+
+def discard(root=""):
+    """Forget a complete journal that was never applied (nothing moved): the
+    journal, its binding and the stage go. ValueError if it was applied."""
+    if state(root) != "pending":
+        raise ValueError("no journal to discard")
+    remove(root + JOURNAL)
+    remove(root + FIRMWARE)
+    clean_stage(root)
 
 
 def request_rollback(reason, root=""):

@@ -1,7 +1,7 @@
-# The firmware's side of the update state, asked rarely and loaded only then
-# (mpy_blox.update.record drops it after each question): is a firmware image
-# on trial, and what runs (info.firmware). The state itself is last_update's
-# "firmware" field (record.save_last) and the bootloader's otadata.
+# info.firmware (docs/protocol.md, "Firmware"): the running app partition and the
+# version of the image in it. Loaded by mpy_blox.update.record when it builds
+# info, and unloaded again by put() itself: the app's busy heap keeps nothing of
+# it (record stays small; every byte of it is resident in the app).
 import struct
 
 
@@ -15,21 +15,10 @@ def running():
         return None
 
 
-def on_trial(last):
-    """True while a firmware image awaits its verdict: last_update is "trial"
-    for the partition it names, and that partition runs (else the bootloader
-    rolled it back, which trial.settle reports)."""
-    label = (last or {}).get("firmware")
-    if not label or last.get("result") != "trial":
-        return False
-    part = running()
-    return part is not None and part.info()[4] == label
-
-
 def info():
-    """info.firmware: the running partition and its image's version, read from
-    its first 80 bytes (an ESP32 app image's esp_app_desc_t, or a virtual
-    board's header); None where the app partition cannot be read."""
+    """{"partition", "version"} of the running image, read from its first 80
+    bytes (an ESP32 app image's esp_app_desc_t, or a virtual board's header);
+    None where the app partition cannot be read."""
     part = running()
     if part is None:
         return None
@@ -48,3 +37,17 @@ def info():
     end = version.find(b"\0")
     version = version[: end if end >= 0 else len(version)].decode()
     return {"partition": part.info()[4], "version": version or None}
+
+
+def put(extra):
+    """Set extra["firmware"] (when there is one), then unload this module."""
+    import sys
+
+    fw = info()
+    if fw is not None:
+        extra["firmware"] = fw
+    sys.modules.pop("mpy_blox.update.fwstate", None)
+    try:
+        del sys.modules["mpy_blox.update"].fwstate
+    except AttributeError:
+        pass

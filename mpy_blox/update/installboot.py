@@ -188,12 +188,13 @@ class InstallBoot:
         # So do the chunked downloads' code (imported only by a list with chunks).
         startup.drop(("mpy_blox.update.chunks",))
         inst, self.inst = self.inst, None
+        journaled = False
         if inst is not None and self.error is None:
             log.info("staging; free heap %d bytes", gc.mem_free())
             try:
                 # Beside a firmware image: the journal bound to its partition,
                 # applied by boot recovery once that partition runs.
-                self.installed = inst.finish(self.firmware)
+                journaled = self.installed = inst.finish(self.firmware)
             except ValueError as e:  # InvalidUpdate
                 self.error = str(e)
             except Exception as e:  # noqa: BLE001  (reported; the old set stays)
@@ -201,7 +202,7 @@ class InstallBoot:
                 self.error = repr(e)[:100]
         inst = None
         if self.firmware and self.error is None:
-            self._switch()
+            self._switch(journaled)
         self.target = None
         if self.error is not None:
             _drop_downloads()
@@ -248,22 +249,30 @@ class InstallBoot:
             await record.status(node, "idle")
         machine.reset()
 
-    def _switch(self):
-        # last_update names the image's partition ("trial") and nothing is
-        # pending before set_boot, the switch: a cut before it boots the old
-        # image (whose agent reports it rolled back; boot recovery undoes a
-        # journal bound to the new one); a cut after it boots the new one on
-        # trial, where boot recovery applies the journal and the app confirms.
+    def _switch(self, journaled):
+        # Every firmware update commits a journal bound to the image's partition
+        # (a list of firmware alone: one of no file operation), so the trial is
+        # the packages' one: boot recovery applies it once that partition runs,
+        # the app finds it applied (on trial), and boot recovery undoes it, with
+        # the reason, once another partition runs. Then last_update names the
+        # partition ("trial") and nothing is pending before set_boot, the
+        # switch: a cut before it boots the old image; after it, the new one.
+        import mpypi_recover
+
+        if not journaled:
+            mpypi_recover.write_journal(None, "", None, self.firmware)
         self.installed = True
         self._done(self.listed, self.digest)
         if self.target is not None:
             try:
                 self.target.set_boot()
             except ValueError as e:  # refused: last_update says failed after all
+                mpypi_recover.discard()  # never applied: nothing to undo
                 self.error = str(e)
                 self.installed = False
                 self.firmware = None
                 self._done(self.listed, self.digest)
+        sys.modules.pop("mpypi_recover", None)
 
     def _done(self, seq, digest):
         # last_update names the list (seq and digest) even when it failed, so the

@@ -204,26 +204,14 @@ def erase(key):
 
 def on_trial():
     """True while a committed set awaits its verdict (mpy_blox/update/trial.py):
-    mpypi_recover's journal is applied (asked by stat, without loading it), or
-    a firmware image runs on trial (mpy_blox.update.fwstate)."""
+    mpypi_recover's journal is applied. Asked by stat, without loading it.
+    (A firmware update commits a journal too, bound to the image's partition.)"""
     try:
         os.stat("/.mpypi/applied")
         os.stat("/.mpypi/journal")
     except OSError:
-        return _fwstate().on_trial(load_last())
+        return False
     return True
-
-
-def _fwstate():
-    # Loaded for one question and dropped: every boot asks, few have firmware news.
-    import sys
-
-    from mpy_blox import update
-    from mpy_blox.update import fwstate
-
-    sys.modules.pop("mpy_blox.update.fwstate", None)
-    del update.fwstate  # the package's reference too, or its code stays
-    return fwstate
 
 
 def digest(payload):
@@ -238,9 +226,9 @@ def info(node, seq, last, available=None):
     extra["src"] = state.src_index()
     extra["seq"] = seq
     extra["last_update"] = last
-    fw = _fwstate().info()
-    if fw is not None:
-        extra["firmware"] = fw
+    from mpy_blox.update import fwstate
+
+    fwstate.put(extra)  # info.firmware; the module unloads itself
     if available is not None:
         extra["available"] = available
 

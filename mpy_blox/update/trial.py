@@ -124,11 +124,6 @@ class Trial:
         import machine
 
         log.error("trial failed: %s; rolling back", reason)
-        if self.firmware:
-            # The reset is the rollback (the bootloader boots the old image);
-            # the reason waits in last_update for the old image's agent (settle).
-            record.save_last("trial", self.seq, reason, self.list, True, self.firmware)
-            machine.reset()
         try:
             import mpypi_recover
 
@@ -145,31 +140,6 @@ async def settle(node, last):
     rollback boot recovery finished (reported once, then its marker goes), or
     a confirm cut after its point of no return (the journal gone, last_update
     still "trial": the set was confirmed). Returns last_update."""
-    firmware = last.get("firmware")
-    if firmware:
-        from mpy_blox.update import fwstate
-
-        running = fwstate.running().info()[4]
-        fwstate = None
-        sys.modules.pop("mpy_blox.update.fwstate", None)
-        del sys.modules["mpy_blox.update"].fwstate
-        if running != firmware:
-            # The bootloader booted the old image: a reset before the confirm
-            # (the trial's verdict, a crash, the watchdog, a power cut).
-            reason = last.get("error") or (
-                "firmware in %s did not confirm: the bootloader booted %s again"
-                % (firmware, running)
-            )
-            log.error("the firmware update was rolled back: %s", reason)
-            last = record.save_last("rolled_back", last.get("at"), reason, last.get("list"))
-            await record.status(node, "rolled_back", seq=last.get("at"), error=reason)
-            # Packages of the same list: boot recovery ran their journal backwards
-            # (its marker says so); this report is theirs too.
-            import mpypi_recover
-
-            mpypi_recover.forget_rollback()
-            sys.modules.pop("mpypi_recover", None)
-            return last
     import mpypi_recover
 
     reason = mpypi_recover.rolled_back()

@@ -288,7 +288,7 @@ def test_a_power_cut_at_a_block_write_of_the_install_boot_boots_the_old_or_the_n
     for n in sorted({1, 2, writes // 2, writes - 2, writes - 1, writes}):
         b = clone_board(board, tmp_path / f"cut{n}")
         rb = boards.start(b, heap=HEAP, cut_at=n)
-        done = rb.wait_for(r"update confirmed|the firmware update was rolled back", timeout=60)
+        done = rb.wait_for(r"update confirmed|the update was rolled back", timeout=60)
         on_the_last_boot(rb, "USER v1")
         out = rb.console()
         rb.stop()
@@ -299,7 +299,7 @@ def test_a_power_cut_at_a_block_write_of_the_install_boot_boots_the_old_or_the_n
         else:
             assert boots[-1] == "ota_0", (n, out)
         outcomes.add(done.group(0))
-    assert outcomes == {"update confirmed", "the firmware update was rolled back"}, writes
+    assert outcomes == {"update confirmed", "the update was rolled back"}, writes
 
 
 @pytest.mark.parametrize("chunk_size", [4096, 5000])
@@ -402,7 +402,7 @@ def test_a_power_cut_while_the_new_image_applies_the_journal_takes_both_back(
     for n in (1, 2, 4):
         b = clone_board(board, tmp_path / f"cut{n}")
         rb = boards.start(b, heap=HEAP, cut_at=n)
-        rb.wait_for("the firmware update was rolled back", timeout=60)
+        rb.wait_for("the update was rolled back", timeout=60)
         on_the_last_boot(rb, "USER v1")
         out = rb.console()
         rb.stop()

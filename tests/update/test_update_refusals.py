@@ -158,8 +158,8 @@ def test_malformed_json_list_is_refused_and_nothing_changes(device):
 
 
 def test_unknown_package_type_is_refused_and_nothing_changes(device):
-    entry = {"type": "firmware", "pkg_sha256": "0" * 64}
-    refused(device, device.run(json.dumps([entry]).encode()), "unknown package type: firmware")
+    entry = {"type": "bootloader", "pkg_sha256": "0" * 64, "size": 1}
+    refused(device, device.run(json.dumps([entry]).encode()), "unknown package type: bootloader")
 
 
 @pytest.mark.parametrize(
