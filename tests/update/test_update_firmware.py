@@ -25,6 +25,7 @@ from test_update_installboot import (  # noqa: F401
     wait_info,
 )
 from test_update_trial import settings, wait_last
+from test_vboard_firmware import esp_app
 from update_kit import Pkg, clone_board, make_src
 
 from mpy_blox.update import manifest
@@ -413,3 +414,22 @@ def test_a_power_cut_while_the_new_image_applies_the_journal_takes_both_back(
         assert "undoing its files" in out, (n, out)
         assert b.cat("user_main.py") == USER_V1
         assert [e["state"] for e in b.otadata()] == ["valid", "aborted"]
+
+
+def test_an_image_the_bootloader_refuses_fails_and_its_journal_is_discarded(
+    app_board, boards, mqtt_client, broker, channel
+):
+    # An ESP32 app image passes the pre-flight (chip esp32, its size) and its hashes,
+    # but this board's set_boot validates it as a bootloader would and refuses it:
+    # the journal written for the list goes, nothing of it applied, and nothing boots.
+    board, watch, rb = on_v1(app_board, boards, mqtt_client, broker, channel)
+    app = esp_app()
+    fw = firmware(app, "v1.22.2")
+    publish_update(mqtt_client(), channel, [fw, make_src("user_main.py", USER_V2)], seq=3)
+    error = "firmware image refused by the bootloader: ESP_ERR_OTA_VALIDATE_FAILED"
+    refused(board, watch, rb, 3, error)
+    rb.wait_for("list seq 3 seen again: already done", timeout=30)
+    rb.stop()
+    assert board.cat("user_main.py") == USER_V1 and "USER v2" not in rb.console()
+    assert not board.otadata()[1]["written"]
+    assert not [p for p in board.ls(".mpypi") if p.endswith(("journal", "firmware", "rollback"))]
