@@ -141,9 +141,9 @@ def _copy(src, dst, buf):
 
 
 def write_journal(body, root="", buf=None, firmware=None):
-    """Write the journal from the file `body` (its operation lines; None: none)
-    and close it with its checksum line. On OSError no journal is left: nothing
-    happened. firmware: the OTA partition label the journal is bound to (FIRMWARE)."""
+    """Write the journal from the file `body` (its operation lines) and close it
+    with its checksum line. On OSError no journal is left: nothing happened.
+    firmware: the OTA partition label the journal is bound to (FIRMWARE)."""
     buf = buf or bytearray(_CHUNK)
     mv = memoryview(buf)
     # A new trial: the outcome of an earlier rollback, if never reported, must
@@ -151,19 +151,15 @@ def write_journal(body, root="", buf=None, firmware=None):
     remove(root + ROLLBACK)
     # The binding before the journal: a complete journal is never unbound, and
     # never bound by a marker an earlier attempt left.
+    remove(root + FIRMWARE)
     if firmware:
-        with open(root + FIRMWARE, "wb") as f:
-            f.write(firmware.encode())
-    else:
-        remove(root + FIRMWARE)
+        with open(root + FIRMWARE, "w") as f:
+            f.write(firmware)
     h = hashlib.sha256(_HEAD)
-    fi = None
     try:
-        with open(root + JOURNAL, "wb") as f:
+        with open(body, "rb") as fi, open(root + JOURNAL, "wb") as f:
             f.write(_HEAD)
-            # body None: a journal of no file operation (a firmware image alone)
-            fi = open(body, "rb") if body else None
-            while fi:
+            while True:
                 n = fi.readinto(buf)
                 if not n:
                     break
@@ -173,9 +169,6 @@ def write_journal(body, root="", buf=None, firmware=None):
     except OSError:
         remove(root + JOURNAL)
         raise
-    finally:
-        if fi:
-            fi.close()
 
 
 def read_journal(root=""):
@@ -231,12 +224,16 @@ def apply(root="", buf=None):
         else:
             remove(t)
             _rmdir_empty(t)
-    with open(root + _APPLIED, "wb") as f:
-        f.write(b"1")
+    _mark_applied(root)
     # On trial only the backups are needed: not the journal's body, nor on FAT
     # the sources of the copies (each holds a cluster at least). A cut here
     # leaves the rest to confirm() or rollback().
     clean_stage(root, True)
+
+
+def _mark_applied(root):
+    with open(root + _APPLIED, "wb") as f:
+        f.write(b"1")
 
 
 def _rmdir_empty(path):
@@ -333,11 +330,10 @@ def recover(root=""):
     s = state(root)
     gone = s != "none" and _firmware_gone(root)
     if gone:
-        _log("the firmware this update came with is not running: undoing its files")
+        _log("undoing an update whose firmware does not run")
+        if s == "pending":  # applied in part, or not at all: each step says
+            _mark_applied(root)
         if s != "rolling_back":  # else the trial's reason stays
-            if s == "pending":  # applied in part, or not at all: each step says
-                with open(root + _APPLIED, "wb") as f:
-                    f.write(b"1")
             request_rollback(gone, root)
         rollback(root)
         return "rolled_back"
@@ -412,16 +408,6 @@ def _firmware_gone(root):
     if running == label:
         return None
     return "firmware in %s did not confirm: the bootloader booted %s again" % (label, running)
-
-
-def discard(root=""):
-    """Forget a complete journal that was never applied (nothing moved): the
-    journal, its binding and the stage go. ValueError if it was applied."""
-    if state(root) != "pending":
-        raise ValueError("no journal to discard")
-    remove(root + JOURNAL)
-    remove(root + FIRMWARE)
-    clean_stage(root)
 
 
 def request_rollback(reason, root=""):

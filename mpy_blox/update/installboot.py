@@ -259,15 +259,21 @@ class InstallBoot:
         # switch: a cut before it boots the old image; after it, the new one.
         import mpypi_recover
 
-        if not journaled:
-            mpypi_recover.write_journal(None, "", None, self.firmware)
+        if not journaled:  # a journal of no file operation: an empty body
+            empty = "/.mpypi/fw_ops"
+            open(empty, "w").close()
+            mpypi_recover.write_journal(empty, "", None, self.firmware)
+            mpypi_recover.remove(empty)
         self.installed = True
         self._done(self.listed, self.digest)
         if self.target is not None:
             try:
                 self.target.set_boot()
             except ValueError as e:  # refused: last_update says failed after all
-                mpypi_recover.discard()  # never applied: nothing to undo
+                # The journal was never applied: nothing to undo; it goes.
+                mpypi_recover.remove(mpypi_recover.JOURNAL)
+                mpypi_recover.remove(mpypi_recover.FIRMWARE)
+                mpypi_recover.clean_stage()
                 self.error = str(e)
                 self.installed = False
                 self.firmware = None
