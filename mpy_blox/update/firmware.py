@@ -262,3 +262,39 @@ async def download(fetcher, entry):
     finally:
         chunks.forget(chunks.path("", entry))  # the hash list, if any
     return target
+
+
+def switch(ib, journaled):
+    """The install boot's commit for a firmware entry (ib: the InstallBoot).
+
+    Every firmware update commits a journal bound to the image's partition (a
+    list of firmware alone: one of no file operation), so the trial is the
+    packages' one: boot recovery applies it once that partition runs, the app
+    finds it applied (on trial), and boot recovery undoes it, with the reason,
+    once another partition runs. Then last_update names the partition ("trial")
+    and nothing is pending before set_boot, the switch: a cut before it boots
+    the old image; after it, the new one."""
+    import sys
+
+    import mpypi_recover
+
+    if not journaled:  # a journal of no file operation: an empty body
+        empty = "/.mpypi/fw_ops"
+        open(empty, "w").close()
+        mpypi_recover.write_journal(empty, "", None, ib.firmware)
+        mpypi_recover.remove(empty)
+    ib.installed = True
+    ib.finish_list(ib.listed, ib.digest)
+    if ib.target is not None:
+        try:
+            ib.target.set_boot()
+        except ValueError as e:  # refused: last_update says failed after all
+            # The journal was never applied: nothing to undo; it goes.
+            mpypi_recover.remove(mpypi_recover.JOURNAL)
+            mpypi_recover.remove(mpypi_recover.FIRMWARE)
+            mpypi_recover.clean_stage()
+            ib.error = str(e)
+            ib.installed = False
+            ib.firmware = None
+            ib.finish_list(ib.listed, ib.digest)
+    sys.modules.pop("mpypi_recover", None)

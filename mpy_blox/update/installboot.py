@@ -79,7 +79,7 @@ class InstallBoot:
             from mpy_blox.update.trust import signed
 
             listed = signed(config) and self.seq or None
-            self._done(listed, record.pending_digest())
+            self.finish_list(listed, record.pending_digest())
         record.info(node, self.seq, record.load_last())  # before the connect: its info carries it
         # What the list is checked with, and the time, now: the trust policy's
         # code goes back to the heap before the connection and the install core
@@ -202,12 +202,14 @@ class InstallBoot:
                 self.error = repr(e)[:100]
         inst = None
         if self.firmware and self.error is None:
-            self._switch(journaled)
+            # Its code in the firmware module, loaded for the list: the
+            # install boot's own code stays what every download has to hold.
+            sys.modules["mpy_blox.update.firmware"].switch(self, journaled)
         self.target = None
         if self.error is not None:
             _drop_downloads()
         if not self.finished:
-            self._done(self.listed, self.digest)
+            self.finish_list(self.listed, self.digest)
 
     async def report(self):
         """Phase 3: reconnect without the install core; report; reset."""
@@ -249,38 +251,7 @@ class InstallBoot:
             await record.status(node, "idle")
         machine.reset()
 
-    def _switch(self, journaled):
-        # Every firmware update commits a journal bound to the image's partition
-        # (a list of firmware alone: one of no file operation), so the trial is
-        # the packages' one: boot recovery applies it once that partition runs,
-        # the app finds it applied (on trial), and boot recovery undoes it, with
-        # the reason, once another partition runs. Then last_update names the
-        # partition ("trial") and nothing is pending before set_boot, the
-        # switch: a cut before it boots the old image; after it, the new one.
-        import mpypi_recover
-
-        if not journaled:  # a journal of no file operation: an empty body
-            empty = "/.mpypi/fw_ops"
-            open(empty, "w").close()
-            mpypi_recover.write_journal(empty, "", None, self.firmware)
-            mpypi_recover.remove(empty)
-        self.installed = True
-        self._done(self.listed, self.digest)
-        if self.target is not None:
-            try:
-                self.target.set_boot()
-            except ValueError as e:  # refused: last_update says failed after all
-                # The journal was never applied: nothing to undo; it goes.
-                mpypi_recover.remove(mpypi_recover.JOURNAL)
-                mpypi_recover.remove(mpypi_recover.FIRMWARE)
-                mpypi_recover.clean_stage()
-                self.error = str(e)
-                self.installed = False
-                self.firmware = None
-                self._done(self.listed, self.digest)
-        sys.modules.pop("mpypi_recover", None)
-
-    def _done(self, seq, digest):
+    def finish_list(self, seq, digest):
         # last_update names the list (seq and digest) even when it failed, so the
         # retained copy is not taken up again: a new list (a new seq) is needed.
         # Then nothing is pending: the next boot is the app's.
