@@ -75,9 +75,7 @@ def test_a_full_flash_image_is_refused_as_the_common_mistake(broker, tmp_path, c
     assert "app-bin" in err
 
 
-def test_bad_images_and_mixed_releases_are_refused_before_anything_is_published(
-    broker, tmp_path, capsys
-):
+def test_bad_images_are_refused_before_anything_is_published(broker, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello")
     assert "notes.txt: not a firmware image: first byte 0x68" in _refused(
         broker, capsys, "--firmware", "notes.txt"
