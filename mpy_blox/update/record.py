@@ -219,16 +219,24 @@ def digest(payload):
     return binascii.hexlify(hashlib.sha256(payload).digest()).decode()
 
 
+_firmware_read = False  # info.firmware: the running image, the same all boot
+
+
 def info(node, seq, last, available=None):
     """Put the agent's fields into node.info_extra (docs/protocol.md)."""
+    global _firmware_read
     extra = node.info_extra
     extra["packages"] = {k: v[0] for k, v in state.installed_wheels().items()}
     extra["src"] = state.src_index()
     extra["seq"] = seq
     extra["last_update"] = last
-    from mpy_blox.update import fwstate
+    if not _firmware_read:
+        # Read at the first info of a boot, while the heap is whole: importing
+        # fwstate later, in a busy app (Home Assistant on), could not find its block.
+        _firmware_read = True
+        from mpy_blox.update import fwstate
 
-    fwstate.put(extra)  # info.firmware; the module unloads itself
+        fwstate.put(extra)  # info.firmware; the module unloads itself
     if available is not None:
         extra["available"] = available
 
