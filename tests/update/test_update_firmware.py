@@ -26,7 +26,7 @@ from test_update_installboot import (  # noqa: F401
 )
 from test_update_trial import settings, wait_last
 from test_vboard_firmware import esp_app
-from update_kit import Pkg, clone_board, make_src
+from update_kit import Pkg, clone_board, make_src, make_wheel
 
 from mpy_blox.update import manifest
 from mpy_blox_tools import micropython, publish
@@ -231,21 +231,36 @@ def test_a_firmware_whose_trial_fails_is_rolled_back_with_the_trial_s_reason(
     assert [e["state"] for e in board.otadata()] == ["valid", "aborted"]
 
 
+@pytest.mark.parametrize("with_src", [False, True], ids=["alone", "with-user-main"])
 def test_a_chunked_firmware_installs_at_the_32bit_board_heap(
-    app_board, boards, mqtt_client, broker, channel, lane32, heap_report, tmp_path, monkeypatch
+    with_src,
+    app_board,
+    boards,
+    mqtt_client,
+    broker,
+    channel,
+    lane32,
+    heap_report,
+    tmp_path,
+    monkeypatch,
 ):
     # An ESP32's heap (100K on the 32-bit lane): the install boot streams a 518 KB
-    # image in 64 KiB chunks without the install core, and the new image confirms.
+    # image in 64 KiB chunks without the install core, and the new image confirms
+    # (with a user_main.py of the same list: its journal applied on the new image).
     board = app_board(settings(broker, channel), flash_size="4M", lane=lane32)
     watch = Watcher(mqtt_client(broker), board.device_id)
     rb = boards.start(board, heap=lane32.board_heap, lane=lane32)
     rb.wait_for("USER v1", timeout=30)
     image = tmp_path / "v2.img"
     image.write_bytes(make_image(Path(lane32.executable).read_bytes() + b"\n# v2\n", "32-v2"))
+    packages = [publish.firmware_package(image)]
+    if with_src:
+        (tmp_path / "user_main.py").write_bytes(USER_V2)
+        packages.append(publish.src_package(tmp_path / "user_main.py"))
     monkeypatch.setattr(publish, "STATE_DIR", tmp_path / "state")
     done = publish.publish_update(
         publish.mqtt.BrokerURL(broker.host, broker.port),
-        [publish.firmware_package(image)],
+        packages,
         channel=channel,
         key=KEY.encode(),
         chunk_size=65536,
@@ -253,8 +268,11 @@ def test_a_chunked_firmware_installs_at_the_32bit_board_heap(
     )
     assert watch.wait_status(state="ok", timeout=60)["seq"] == done.seq
     free = int(rb.wait_for(r"firmware 32-v2 into ota_1; free heap (\d+) bytes").group(1))
-    heap_report(f"32-bit lane, 100K board: firmware install boot free heap {free} bytes")
+    what = "firmware and user_main.py" if with_src else "firmware"
+    heap_report(f"32-bit lane, 100K board: {what} install boot free heap {free} bytes")
     wait_info(watch, firmware={"partition": "ota_1", "version": "32-v2"})
+    if with_src:
+        on_the_last_boot(rb, "USER v2")
     rb.stop()
     assert [e["state"] for e in board.otadata()] == ["valid", "valid"]
 
@@ -343,25 +361,30 @@ def test_a_chunked_firmware_cut_mid_download_resumes_from_the_partition(
     assert [e["state"] for e in board.otadata()] == ["valid", "valid"]
 
 
-def test_firmware_and_a_user_main_install_together_and_confirm_together(
+def test_firmware_a_wheel_and_a_user_main_install_together_and_confirm_together(
     app_board, boards, mqtt_client, broker, channel
 ):
     # The packages' journal is bound to the new image's partition: boot recovery
-    # applies it on the new firmware's first boot, and the trial confirms both.
+    # applies it on the new firmware's first boot, and the trial confirms them all.
     board, watch, rb = on_v1(app_board, boards, mqtt_client, broker, channel)
     fw = firmware(make_image(variant("v2"), "v2"), "v2")
+    lib = make_wheel("demo-pkg", "2.0", {"demo_pkg/__init__.py": b"VERSION = '2.0'\n"})
     user = make_src("user_main.py", USER_V2)
-    publish_update(mqtt_client(), channel, [fw, user], seq=3)
+    publish_update(mqtt_client(), channel, [fw, lib, user], seq=3)
     assert watch.wait_status(state="ok", timeout=60)["seq"] == 3
     out = rb.console()
     assert "file operations, applied once ota_1 boots" in out, out
     after = out.split("bootloader: booting ota_1 (v2, pending-verify)")[1]
     assert "finishing an interrupted update" in after and "USER v2" in after
     wait_info(
-        watch, firmware={"partition": "ota_1", "version": "v2"}, src={"user_main.py": user.sha}
+        watch,
+        firmware={"partition": "ota_1", "version": "v2"},
+        src={"user_main.py": user.sha},
+        packages={"demo_pkg": "2.0"},
     )
     rb.stop()
     assert board.cat("user_main.py") == USER_V2
+    assert board.cat("lib/demo_pkg/__init__.py") == b"VERSION = '2.0'\n"
     assert [e["state"] for e in board.otadata()] == ["valid", "valid"]
     assert not [p for p in board.ls(".mpypi") if p.endswith(("journal", "firmware", "applied"))]
 
