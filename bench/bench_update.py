@@ -93,7 +93,7 @@ def _raw_limit(workdir: Path) -> dict[int, float]:
     return {int(m[0]): int(m[2]) / 1e6 for m in re.findall(r"^RAW (\d+) (\d+) (\d+)", out, re.M)}
 
 
-class _Timeline:
+class StatusTimeline:
     """When the board's live status reports reached each state, per publish."""
 
     def __init__(self, client, device_id: str) -> None:
@@ -109,25 +109,25 @@ class _Timeline:
         with self.lock:
             self.events.append((time.monotonic(), state))
 
-    def wait_installed(self, since: float, timeout: float = 300) -> dict[str, float]:
+    def wait_for(self, since: float, *states: str, timeout: float = 300) -> dict[str, float]:
+        """When each of `states` was first reported after `since`, each after the one
+        before it; a `failed` report raises."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.lock:
                 ev = [(t, s) for t, s in self.events if t >= since]
-            states = [s for _, s in ev]
-            if "failed" in states:
+            if any(s == "failed" for _, s in ev):
                 raise RuntimeError(f"update failed: {ev}")
-            # accepted -> rebooting -> (install boot) installing -> downloading ->
-            # verifying -> installing -> rebooting: the last three mark the phases.
-            if "downloading" in states:
-                d = states.index("downloading")
-                rest = states[d:]
-                if "installing" in rest and "rebooting" in rest[rest.index("installing") :]:
-                    i = d + rest.index("installing")
-                    r = i + states[i:].index("rebooting")
-                    return {"downloading": ev[d][0], "installing": ev[i][0], "rebooting": ev[r][0]}
+            marks, i = {}, 0
+            for state in states:
+                i = next((j for j in range(i, len(ev)) if ev[j][1] == state), -1)
+                if i < 0:
+                    break
+                marks[state] = ev[i][0]
+            if len(marks) == len(states):
+                return marks
             time.sleep(0.01)
-        raise TimeoutError("no install within the timeout")
+        raise TimeoutError(f"no {' -> '.join(states)} within the timeout")
 
 
 def run(workdir: Path) -> list[dict]:
@@ -156,7 +156,7 @@ def run(workdir: Path) -> list[dict]:
             deploy.deploy_app(rb.serial_port, settings, workdir / "provision.json")
             rb.wait_for(r"\[vboard\] boot 2")
             client = mqtt.connect(url)
-            timeline = _Timeline(client, board.device_id)
+            timeline = StatusTimeline(client, board.device_id)
             booted = 1
             rb.wait_for(APP_READY, count=booted, timeout=60)
             for (label, size), (form, chunk_size) in itertools.product(
@@ -177,7 +177,9 @@ def run(workdir: Path) -> list[dict]:
                     client=client,
                     log=lambda *a: None,
                 )
-                marks = timeline.wait_installed(t0)
+                # accepted -> rebooting -> (install boot) installing -> downloading ->
+                # verifying -> installing -> rebooting: the last three mark the phases.
+                marks = timeline.wait_for(t0, "downloading", "installing", "rebooting")
                 e2e = marks["rebooting"] - t0
                 download = marks["installing"] - marks["downloading"]
                 rb.wait_for(r"\[vboard\] boot \d+", count=rb.boots() + 1, timeout=60)

@@ -1,0 +1,199 @@
+"""Firmware over the air: publish -> image set to boot, against the raw-socket limit
+into the same OTA partition (issue 11).
+
+A virtual board with 4 MiB of flash (two 1.5 MiB OTA app partitions, docs/vboard.md)
+on its lane's board heap (the 32-bit lane's 100K, an ESP32's, when
+MPY_BLOX_MICROPYTHON32 names its binary), running the full app, takes firmware
+images of 512 KiB and 1.25 MiB (the lane's MicroPython executable, padded with a
+comment: each image boots), each published as one message and in 64 KiB chunks:
+
+- end to end: from the moment the publisher starts sending until the board reports
+  `rebooting` after `verifying` (the agent's acceptance, the reset into the install
+  boot, the pre-flight, the download into the partition, the read-back check, the
+  journal and set_boot are in; the new image's boot and trial are not);
+- download: from the board's first `downloading` report to its `verifying` report;
+- raw socket: the same bytes from a plain TCP server to a board whose main.py reads
+  them into one 4 KiB buffer, hashes them and erases and programs the next OTA
+  partition block by block (the limit: no MQTT, no checks, no commit);
+- the install boot's free heap before each download, as the board logs it.
+
+Between rows the board confirms the image it booted (`ok` after its trial), so every
+row starts from a confirmed firmware, in the other slot. Ratios compare within the
+run (the machine is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from pathlib import Path
+
+from bench_update import StatusTimeline
+
+from mpy_blox_tools import chunks, deploy, micropython, mqtt, publish
+from mpy_blox_tools.broker import Mosquitto
+from mpy_blox_tools.vboard.board import Board
+from mpy_blox_tools.vboard.image import HEADER_SIZE, make_image
+from mpy_blox_tools.vboard.process import RunningBoard
+
+LANE = micropython.board_lane()
+TITLE = f"Firmware update vs raw socket into the OTA partition, {LANE.name}, {LANE.heap} heap"
+SIZES = {"512 KiB": 512 * 1024, "1.25 MiB": 1280 * 1024}
+FORMS = {"single message": 0, "64K chunks": chunks.DEFAULT_CHUNK_SIZE}
+FLASH = "4M"
+
+RAW_MAIN = """
+import socket, hashlib, time, gc, esp32
+part = esp32.Partition(esp32.Partition.RUNNING).get_next_update()
+buf = bytearray(4096)
+mv = memoryview(buf)
+for size in {sizes}:
+    gc.collect()
+    s = socket.socket()
+    t0 = time.ticks_us()
+    s.connect(socket.getaddrinfo("127.0.0.1", {port})[0][-1])
+    h = hashlib.sha256()
+    got = 0
+    block = 0
+    while got < size:
+        n = 0
+        while n < 4096 and got + n < size:  # a whole block, as the flash takes it
+            k = s.readinto(mv[n:])
+            if not k:
+                break
+            n += k
+        if not n:
+            break
+        h.update(mv[:n])
+        part.ioctl(6, block)  # BLOCK_ERASE
+        part.writeblocks(block, mv[:n], 0)
+        block += 1
+        got += n
+    s.close()
+    print("RAW", size, got, time.ticks_diff(time.ticks_us(), t0), gc.mem_free())
+"""
+
+# Logged once the app's agent has its subscriptions acknowledged (mpy_blox/app.py).
+APP_READY = r"app: booted; free heap"
+
+
+def _image(workdir: Path, size: int, version: str) -> Path:
+    """A bootable image of exactly `size` bytes: the lane's executable and a comment."""
+    binary = Path(LANE.executable).read_bytes() + f"\n# {version}\n".encode()
+    pad = size - HEADER_SIZE - len(binary)
+    if pad < 0:
+        raise RuntimeError(f"the executable is larger than a {size}-byte image")
+    data = make_image(binary + b"#" * pad, version)
+    assert len(data) == size, (len(data), size)
+    path = workdir / f"{version}.img"
+    path.write_bytes(data)
+    return path
+
+
+def _raw_limit(workdir: Path) -> dict[int, float]:
+    """Seconds for each size through a raw socket into the next OTA partition."""
+    payloads = {size: os.urandom(size) for size in SIZES.values()}
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve():
+        for size in SIZES.values():
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(payloads[size])
+
+    threading.Thread(target=serve, daemon=True).start()
+    board = Board.create(workdir / "raw", flash_size=FLASH, executable=LANE.executable)
+    board.write("main.py", RAW_MAIN.format(sizes=list(SIZES.values()), port=port).encode())
+    with RunningBoard(board, heap=LANE.heap, executable=LANE.executable) as rb:
+        rb.wait_for(r"RAW %d " % max(SIZES.values()), timeout=120)
+        out = rb.console()
+    server.close()
+    return {int(m[0]): int(m[2]) / 1e6 for m in re.findall(r"^RAW (\d+) (\d+) (\d+)", out, re.M)}
+
+
+def run(workdir: Path) -> list[dict]:
+    raw = _raw_limit(workdir)
+    key = secrets.token_hex(32)
+    rows = []
+    heaps = []
+    with Mosquitto(
+        workdir / "broker", persistence=False, extra_config="max_packet_size 16777216"
+    ) as broker:
+        url = mqtt.BrokerURL(broker.host, broker.port)
+        settings = workdir / "settings.json"
+        settings.write_text(
+            json.dumps(
+                {
+                    "mqtt": {"server": broker.host, "port": broker.port},
+                    "logging": {"level": "INFO"},  # the heap lines and app: booted
+                    "update": {"channel": "bench", "auto_update": True, "healthy_after_s": 1},
+                }
+            )
+        )
+        (workdir / "provision.json").write_text(json.dumps({"update.key": key}))
+        board = Board.create(workdir / "board", flash_size=FLASH, executable=LANE.executable)
+        with RunningBoard(board, heap=LANE.heap, executable=LANE.executable) as rb:
+            rb.wait_for(r"\[vboard\] boot 1")
+            deploy.deploy_app(rb.serial_port, settings, workdir / "provision.json")
+            rb.wait_for(r"\[vboard\] boot 2")
+            client = mqtt.connect(url)
+            timeline = StatusTimeline(client, board.device_id)
+            booted = 1
+            rb.wait_for(APP_READY, count=booted, timeout=60)
+            for n, ((label, size), (form, chunk_size)) in enumerate(
+                itertools.product(SIZES.items(), FORMS.items())
+            ):
+                version = f"bench-{n}"
+                image = _image(workdir, size, version)
+                t0 = time.monotonic()
+                publish.publish_update(
+                    url,
+                    [publish.firmware_package(image)],
+                    channel="bench",
+                    key=key.encode(),
+                    chunk_size=chunk_size,
+                    client=client,
+                    log=lambda *a: None,
+                )
+                marks = timeline.wait_for(t0, "downloading", "verifying", "rebooting")
+                e2e = marks["rebooting"] - t0
+                download = marks["verifying"] - marks["downloading"]
+                free = rb.wait_for(rf"firmware {version} into \w+; free heap (\d+) bytes")
+                heaps.append(int(free.group(1)))
+                timeline.wait_for(marks["rebooting"], "ok", timeout=120)  # the trial passed
+                booted += 1
+                rb.wait_for(APP_READY, count=booted, timeout=60)
+                rows_here = [
+                    (f"firmware e2e, {form}", e2e),
+                    (f"firmware download, {form}", download),
+                ]
+                if form == "single message":
+                    rows_here.append(("raw socket into the partition", raw[size]))
+                for path, seconds in rows_here:
+                    rows.append(
+                        {
+                            "image": label,
+                            "path": path,
+                            "seconds": round(seconds, 3),
+                            "MiB/s": round(size / 1048576 / seconds, 2),
+                            "vs raw": round(raw[size] / seconds, 2),
+                        }
+                    )
+            mqtt.disconnect(client)
+    rows.append(
+        {
+            "image": "-",
+            "path": "install boot: min free heap before a download",
+            "seconds": "",
+            "MiB/s": "",
+            "vs raw": min(heaps),
+        }
+    )
+    return rows
