@@ -285,7 +285,7 @@ def on_the_last_boot(rb, text: str, timeout: float = 30) -> None:
         time.sleep(0.1)
 
 
-def test_a_power_cut_at_a_block_write_of_the_install_boot_boots_the_old_or_the_new_image(
+def test_a_power_cut_at_every_block_write_of_the_install_boot_boots_the_old_or_the_new_image(
     app_board, boards, mqtt_client, broker, channel, tmp_path
 ):
     # The install boot's block writes: each sector of ota_1 erased and programmed,
@@ -294,7 +294,7 @@ def test_a_power_cut_at_a_block_write_of_the_install_boot_boots_the_old_or_the_n
     # app, which reports the rollback); after it, the new one on trial. Never
     # neither, and the board ends confirmed or rolled back, running its user_main.
     board = app_board(settings(broker, channel), flash_size="4M")
-    fw = firmware(make_image(variant("v2", 3 * 4096), "v2"), "v2")
+    fw = firmware(make_image(variant("v2", 4096), "v2"), "v2")  # two sectors
     publish_update(mqtt_client(), channel, [fw], seq=3)
     rb = boards.start(board, heap=HEAP, once=True)  # the app takes the list, resets
     assert rb.wait(timeout=60) == 0 and "resetting into the install boot" in rb.console()
@@ -302,9 +302,9 @@ def test_a_power_cut_at_a_block_write_of_the_install_boot_boots_the_old_or_the_n
     rb = boards.start(whole, heap=HEAP, once=True)  # the install boot, to its reset
     assert rb.wait(timeout=60) == 0 and "update installed: resetting" in rb.console()
     writes = whole.block_writes()
-    assert writes >= 10, rb.console()  # 4 sectors (erase, program), set_boot's 2, ...
+    assert writes >= 6, rb.console()  # 2 sectors (erase, program), set_boot's 2, ...
     outcomes = set()
-    for n in sorted({1, 2, writes // 2, writes - 2, writes - 1, writes}):
+    for n in range(1, writes + 1):  # every one of them
         b = clone_board(board, tmp_path / f"cut{n}")
         rb = boards.start(b, heap=HEAP, cut_at=n)
         done = rb.wait_for(r"update confirmed|the update was rolled back", timeout=60)
