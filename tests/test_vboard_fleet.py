@@ -20,6 +20,7 @@ from mpy_blox_tools.vboard.process import PACKAGE_ROOT, RunningFleet
 MPREMOTE = [sys.executable, "-m", "mpremote"]
 
 # Resets itself once when its flash holds /reset_me; then prints its cause and stays.
+# (Its line starts `cause`: the supervisor's boot line says `reset cause 1` first.)
 MAIN = """
 import machine, os, time
 print("cause", machine.reset_cause())
@@ -43,9 +44,9 @@ def test_a_fleet_runs_each_board_in_its_own_process_and_a_reset_reboots_only_tha
     made[0].write("reset_me", b"")
     with RunningFleet(made, heap=board_lane.heap, executable=board_lane.executable) as fleet:
         first, *others = fleet.boards
-        first.wait_for(r"cause 2")  # machine.reset(): HARD_RESET, a new process
+        first.wait_for(r"(?m)^cause 2")  # machine.reset(): HARD_RESET, a new process
         for fb in others:
-            fb.wait_for(r"cause 1")
+            fb.wait_for(r"(?m)^cause 1")
         # One supervisor, one MicroPython process per board, one serial port each.
         assert len(_children(fleet.process.pid)) == 3
         ports = [fb.serial_port for fb in fleet.boards]
@@ -69,7 +70,7 @@ def test_sigterm_switches_every_board_of_a_fleet_off_and_leaves_no_process(board
     fleet = RunningFleet(made, heap=board_lane.heap, executable=board_lane.executable).start()
     try:
         for fb in fleet.boards:
-            fb.wait_for("cause 1")
+            fb.wait_for(r"(?m)^cause 1")
         children = _children(fleet.process.pid)
         assert len(children) == 3
         fleet.process.send_signal(signal.SIGTERM)
@@ -148,7 +149,7 @@ def test_a_bricked_board_stops_alone_and_the_fleet_exits_1(boards, board_lane):
     try:
         fleet.boards[1].wait_for("bootloader: no bootable app partition")
         fleet.boards[1].wait_for(r"\[vboard\] board switched off")
-        fleet.boards[0].wait_for("cause 1")
+        fleet.boards[0].wait_for(r"(?m)^cause 1")
         assert fleet.process.poll() is None and len(_children(fleet.process.pid)) == 1
         fleet.process.send_signal(signal.SIGTERM)
         assert fleet.process.wait(timeout=20) == 1

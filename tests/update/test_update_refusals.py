@@ -242,8 +242,11 @@ def test_device_tags_accept_pure_and_own_bytecode_wheels(device):
 def test_wheel_whose_window_does_not_fit_the_heap_is_refused_and_nothing_changes(device):
     w = make_wheel("demo-pkg", "2.0", {"demo_pkg/__init__.py": b"v2" * 1000}, wbits=None)
     # A standard wheel (wbits 15) where its 32 KiB window does not fit: refused, not a
-    # MemoryError. (The bare install core on a 100K heap now has room for it.)
-    refused(device, device.install(w, heap="64K"), "needs a 32768-byte deflate window")
+    # MemoryError. (The bare install core on a 100K heap now has room for it.) 80K: the
+    # middle of where it is refused (72K to 96K here); at 64K the install core itself
+    # runs out, by a few hundred bytes that depend on the firmware paths and the
+    # length of the test's temporary paths.
+    refused(device, device.install(w, heap="80K"), "needs a 32768-byte deflate window")
 
 
 def test_standard_wbits_15_wheel_installs_when_the_heap_allows(device):
