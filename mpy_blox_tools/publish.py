@@ -370,6 +370,34 @@ def publish_update(
             mqtt.disconnect(client)
 
 
+def release_packages(
+    firmware: str | Path | None,
+    wheel: str | Path | None,
+    dev: bool,
+    platform: str | None,
+    extra_src_files: Sequence[str | Path] = (),
+) -> list[Package]:
+    """What a release publishes, from the release flags (publish and rollout start).
+
+    With a firmware image: the image, and only the packages asked for: no framework
+    build unless --wheel or --dev says so (docs/protocol.md, "Firmware": installed
+    together, the packages applied once the new firmware boots). Without: the
+    framework (--wheel, or built) and the src files."""
+    sources = [parse_src_arg(str(f)) for f in extra_src_files]
+    if firmware:
+        packages = [firmware_package(Path(firmware))]
+        if wheel:
+            packages.append(wheel_package(Path(wheel)))
+        elif dev:
+            packages.append(wheel_package(build.build(platform=platform, dev=dev)))
+        return packages + sources
+    if wheel:
+        framework = wheel_package(Path(wheel))
+    else:
+        framework = wheel_package(build.build(platform=platform, dev=dev))
+    return [framework, *sources]
+
+
 def check_targets(channel: str | None, device_ids: Sequence[str]) -> None:
     """Refuse, before anything is built or published, a target a list cannot go to."""
     if not channel and not device_ids:
@@ -480,23 +508,7 @@ def release(
     if implicit:
         source = "./settings.json" if Path("settings.json").is_file() else "built-in defaults"
         log(f"mpy-blox: publishing with {' and '.join(implicit)} ({source})")
-    sources = [parse_src_arg(str(f)) for f in extra_src_files]
-    if firmware:
-        # The image, and only the packages asked for: no framework build unless
-        # --wheel or --dev says so (docs/protocol.md, "Firmware": installed
-        # together, the packages applied once the new firmware boots).
-        packages = [firmware_package(Path(firmware))]
-        if wheel:
-            packages.append(wheel_package(Path(wheel)))
-        elif dev:
-            packages.append(wheel_package(build.build(platform=platform, dev=dev)))
-        packages += sources
-    else:
-        if wheel:
-            framework = wheel_package(Path(wheel))
-        else:
-            framework = wheel_package(build.build(platform=platform, dev=dev))
-        packages = [framework, *sources]
+    packages = release_packages(firmware, wheel, dev, platform, extra_src_files)
     client = mqtt.connect(broker, mqtt5=True)
     try:
         watcher = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 from mpy_blox_tools import fit, keys, mqtt, publish
 from mpy_blox_tools import rollout_state as rs
@@ -52,16 +51,14 @@ def _publish_kwargs(args) -> dict:
 
 
 def _start_cli(args) -> int:
-    from mpy_blox_tools import build
-
     channel = args.channel or publish.default_channel()
     rs.parse_stages(args.stages), rs.parse_max_failures(args.max_failures)
     bake_s, timeout_s = _duration("--bake", args.bake), _duration("--timeout", args.timeout)
     publish.check_targets(channel, ())
     key = publish.load_key(args.key_file)
-    sources = [publish.parse_src_arg(str(f)) for f in args.extra_src_files or ()]
-    wheel = args.wheel or build.build(platform=args.platform, dev=args.dev)
-    packages = [publish.wheel_package(Path(wheel)), *sources]
+    packages = publish.release_packages(
+        args.firmware, args.wheel, args.dev, args.platform, args.extra_src_files or ()
+    )
     opts = Options(key, _publish_kwargs(args), args.quiet)
     return start(
         _broker(args),

@@ -103,3 +103,24 @@ def test_an_image_and_src_files_go_out_in_one_list_without_a_framework_build(bro
         _publish(broker, "fw4", "--firmware", "fw.img", "--extra-src-files", "user_main.py") == 0
     )
     assert [e["type"] for e in _list(broker, "fw4")] == ["firmware", "src"]
+
+
+def test_a_rollout_of_a_firmware_image_rolls_out_the_image(tmp_path, monkeypatch):
+    # `rollout start` takes publish's release flags: --firmware is the image (and
+    # the src files beside it), not a framework build (it used to build one).
+    from mpy_blox_tools import rollout_cli
+    from mpy_blox_tools.cli import main as cli
+
+    image = tmp_path / "fw.img"
+    image.write_bytes(make_image(b"#!/bin/sh\n", "v9"))
+    (tmp_path / "user_main.py").write_bytes(b"async def user_main():\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    started = {}
+    monkeypatch.setattr(
+        rollout_cli, "start", lambda broker, packages, **kw: started.update(packages=packages) or 0
+    )
+    argv = ["rollout", "start", "--channel", "fw", "--stages", "1,100%", "--firmware", "fw.img"]
+    assert cli([*argv, "--extra-src-files", "user_main.py"]) == 0
+    firmware, user = (p.entry for p in started["packages"])
+    assert (firmware["type"], firmware["version"]) == ("firmware", "v9")
+    assert (user["type"], user["path"]) == ("src", "user_main.py")
