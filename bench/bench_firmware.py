@@ -25,19 +25,16 @@ run (the machine is shared and noisy).
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
-import secrets
 import socket
 import threading
 import time
 from pathlib import Path
 
-from bench_update import StatusTimeline
+from appboard import app_board
 
-from mpy_blox_tools import chunks, deploy, micropython, mqtt, publish
-from mpy_blox_tools.broker import Mosquitto
+from mpy_blox_tools import chunks, micropython, publish
 from mpy_blox_tools.vboard.board import Board
 from mpy_blox_tools.vboard.image import HEADER_SIZE, make_image
 from mpy_blox_tools.vboard.process import RunningBoard
@@ -79,9 +76,6 @@ for size in {sizes}:
     print("RAW", size, got, time.ticks_diff(time.ticks_us(), t0), gc.mem_free())
 """
 
-# Logged once the app's agent has its subscriptions acknowledged (mpy_blox/app.py).
-APP_READY = r"app: booted; free heap"
-
 
 def _image(workdir: Path, size: int, version: str) -> Path:
     """A bootable image of exactly `size` bytes: the lane's executable and a comment."""
@@ -120,73 +114,36 @@ def _raw_limit(workdir: Path) -> dict[int, float]:
 
 def run(workdir: Path) -> list[dict]:
     raw = _raw_limit(workdir)
-    key = secrets.token_hex(32)
     rows = []
     heaps = []
-    with Mosquitto(
-        workdir / "broker", persistence=False, extra_config="max_packet_size 16777216"
-    ) as broker:
-        url = mqtt.BrokerURL(broker.host, broker.port)
-        settings = workdir / "settings.json"
-        settings.write_text(
-            json.dumps(
-                {
-                    "mqtt": {"server": broker.host, "port": broker.port},
-                    "logging": {"level": "INFO"},  # the heap lines and app: booted
-                    "update": {"channel": "bench", "auto_update": True, "healthy_after_s": 1},
-                }
-            )
-        )
-        (workdir / "provision.json").write_text(json.dumps({"update.key": key}))
-        board = Board.create(workdir / "board", flash_size=FLASH, executable=LANE.executable)
-        with RunningBoard(board, heap=LANE.heap, executable=LANE.executable) as rb:
-            rb.wait_for(r"\[vboard\] boot 1")
-            deploy.deploy_app(rb.serial_port, settings, workdir / "provision.json")
-            rb.wait_for(r"\[vboard\] boot 2")
-            client = mqtt.connect(url)
-            timeline = StatusTimeline(client, board.device_id)
-            booted = 1
-            rb.wait_for(APP_READY, count=booted, timeout=60)
-            for n, ((label, size), (form, chunk_size)) in enumerate(
-                itertools.product(SIZES.items(), FORMS.items())
-            ):
-                version = f"bench-{n}"
-                image = _image(workdir, size, version)
-                t0 = time.monotonic()
-                publish.publish_update(
-                    url,
-                    [publish.firmware_package(image)],
-                    channel="bench",
-                    key=key.encode(),
-                    chunk_size=chunk_size,
-                    client=client,
-                    log=lambda *a: None,
+    with app_board(workdir, LANE, FLASH, healthy_after_s=1) as app:
+        for n, ((label, size), (form, chunk_size)) in enumerate(
+            itertools.product(SIZES.items(), FORMS.items())
+        ):
+            version = f"bench-{n}"
+            image = _image(workdir, size, version)
+            t0 = time.monotonic()
+            app.publish([publish.firmware_package(image)], chunk_size)
+            marks = app.timeline.wait_for(t0, "downloading", "verifying", "rebooting")
+            e2e = marks["rebooting"] - t0
+            download = marks["verifying"] - marks["downloading"]
+            free = app.rb.wait_for(rf"firmware {version} into \w+; free heap (\d+) bytes")
+            heaps.append(int(free.group(1)))
+            app.timeline.wait_for(marks["rebooting"], "ok", timeout=120)  # the trial passed
+            app.wait_app()
+            rows_here = [(f"firmware e2e, {form}", e2e), (f"firmware download, {form}", download)]
+            if form == "single message":
+                rows_here.append(("raw socket into the partition", raw[size]))
+            for path, seconds in rows_here:
+                rows.append(
+                    {
+                        "image": label,
+                        "path": path,
+                        "seconds": round(seconds, 3),
+                        "MiB/s": round(size / 1048576 / seconds, 2),
+                        "vs raw": round(raw[size] / seconds, 2),
+                    }
                 )
-                marks = timeline.wait_for(t0, "downloading", "verifying", "rebooting")
-                e2e = marks["rebooting"] - t0
-                download = marks["verifying"] - marks["downloading"]
-                free = rb.wait_for(rf"firmware {version} into \w+; free heap (\d+) bytes")
-                heaps.append(int(free.group(1)))
-                timeline.wait_for(marks["rebooting"], "ok", timeout=120)  # the trial passed
-                booted += 1
-                rb.wait_for(APP_READY, count=booted, timeout=60)
-                rows_here = [
-                    (f"firmware e2e, {form}", e2e),
-                    (f"firmware download, {form}", download),
-                ]
-                if form == "single message":
-                    rows_here.append(("raw socket into the partition", raw[size]))
-                for path, seconds in rows_here:
-                    rows.append(
-                        {
-                            "image": label,
-                            "path": path,
-                            "seconds": round(seconds, 3),
-                            "MiB/s": round(size / 1048576 / seconds, 2),
-                            "vs raw": round(raw[size] / seconds, 2),
-                        }
-                    )
-            mqtt.disconnect(client)
     rows.append(
         {
             "image": "-",
