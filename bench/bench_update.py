@@ -94,18 +94,21 @@ def _raw_limit(workdir: Path) -> dict[int, float]:
 
 
 class StatusTimeline:
-    """When the board's live status reports reached each state, per publish."""
+    """When the board's live status reports reached each state, per publish (and
+    when it published its info: the state `info`)."""
 
     def __init__(self, client, device_id: str) -> None:
         self.events: list[tuple[float, str]] = []
         self.lock = threading.Lock()
-        client.message_callback_add(f"mpypi/nodes/{device_id}/status", self._on)
-        client.subscribe(f"mpypi/nodes/{device_id}/status", qos=1)
+        for kind in ("status", "info"):
+            client.message_callback_add(f"mpypi/nodes/{device_id}/{kind}", self._on)
+            client.subscribe(f"mpypi/nodes/{device_id}/{kind}", qos=1)
 
     def _on(self, client, userdata, msg) -> None:
         if msg.retain or not msg.payload:
             return
-        state = json.loads(msg.payload).get("state", "")
+        info = msg.topic.endswith("/info")
+        state = "info" if info else json.loads(msg.payload).get("state", "")
         with self.lock:
             self.events.append((time.monotonic(), state))
 
