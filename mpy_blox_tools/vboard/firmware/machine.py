@@ -54,6 +54,32 @@ def lightsleep(time_ms=0):
     time.sleep_ms(time_ms)
 
 
+class RTC:
+    """The ESP32 port's RTC (ports/esp32/machine_rtc.c, 1.22): the wall clock of
+    time.time(), which starts at 2000-01-01 00:00:00 (firmware/time.py).
+
+    datetime() -> (year, month, day, weekday, hours, minutes, seconds, microseconds);
+    datetime(tuple) sets it (the weekday is ignored), as ntptime.settime() does."""
+
+    def __init__(self, id=0):
+        pass
+
+    def datetime(self, dt=None):
+        import time
+
+        if dt is None:
+            now = time._now()
+            y, mo, d, h, mi, s, wd, _ = time.gmtime(int(now))
+            return (y, mo, d, wd, h, mi, s, int((now % 1) * 1000000))
+        if len(dt) < 7:
+            raise ValueError("requested length %d but object has length %d" % (8, len(dt)))
+        us = dt[7] if len(dt) > 7 else 0
+        time._set(time.mktime((dt[0], dt[1], dt[2], dt[4], dt[5], dt[6])) + us / 1000000)
+
+    def init(self, dt):
+        self.datetime(dt)
+
+
 class WDT:
     """The ESP32's task watchdog (ports/esp32/machine_wdt.c, 1.22).
 
