@@ -2,14 +2,17 @@
 # (DESIGN §4). The runtime publishes both on every (re)connect; the update agent
 # adds its own info fields to `info_extra` and reports through publish_status().
 #
-#   info   {"device_id": "esp32-840d8ed29760", "platform": "esp32",
+#   info   {"device_id": "esp32-840d8ed29760", "platform": "esp32", "ts": 1767225600,
 #           "micropython": "1.22.2", "framework": "0.1.0", "hostname": "mpy-blox",
 #           "channel": "stable", "auto_update": true, "boot_count": 12,
 #           "mem_free": 61234, "fs_free": 1830912, "safe_mode": false,
 #           ... plus the agent's "packages", "src", "seq", "last_update"}
-#   status {"state": "online"}   or, in safe mode,
+#   status {"state": "online", "ts": 1767225600}   or, in safe mode,
 #          {"state": "safe_mode", "safe_mode": true, "error": "user_main failed 5 times in 60 s"}
 #   will   {"state": "offline"}  (retained, set by the broker when the link dies)
+#
+# `ts`: UTC seconds since 1970 (an int) when the message was made, once the
+# clock is set (mpy_blox/ntp.py); before that, no `ts`. The will has none.
 #
 # A request on mpypi/announce is answered with both again: mpy_blox/presence.py.
 import gc
@@ -22,6 +25,22 @@ from mpy_blox.topics import node_topic
 log = get_logger("node")
 
 OFFLINE = b'{"state": "offline"}'
+# The clock counts as set once it is past this Unix time (2025-01-01): an ESP32
+# starts at its epoch at power-on (2000-01-01 on MicroPython's bare-metal ports,
+# gmtime(0) says which), decades before.
+_CLOCK_FLOOR = const(1735689600)
+_EPOCH_2000 = const(946684800)  # Unix time of 2000-01-01
+
+
+def now():
+    """Unix time (int) if the clock is set (NTP or an RTC set it past 2025), else None.
+    time.time() counts from the port's epoch: 2000 on an ESP32, 1970 on unix."""
+    import time
+
+    t = int(time.time())
+    if time.gmtime(0)[0] == 2000:
+        t += _EPOCH_2000
+    return t if t >= _CLOCK_FLOOR else None
 
 
 def device_id():
@@ -74,6 +93,9 @@ class Node:
             "fs_free": _fs_free(),
             "safe_mode": self.safe_mode is not None,
         }
+        ts = now()
+        if ts is not None:
+            info["ts"] = ts
         info.update(self.info_extra)
         return info
 
@@ -107,6 +129,9 @@ class Node:
                 state = "safe_mode"
                 fields.setdefault("error", self.safe_mode)
         fields["state"] = state
+        ts = now()
+        if ts is not None:
+            fields["ts"] = ts
         if self.on_status is not None:
             await self.on_status(fields)
         return await self._publish("status", json.dumps(fields), qos)
@@ -114,6 +139,13 @@ class Node:
     async def on_connect(self):
         await self.publish_info()
         await self.publish_status(self.state, **self.state_fields)
+
+    async def clock_set(self):
+        """The clock was set (mpy_blox/ntp.py): info, and the last status, again with `ts`."""
+        await self.publish_info()
+        if self._status is not None:
+            fields = json.loads(self._status)
+            await self.publish_status(fields.pop("state"), **fields)
 
     async def republish_status(self):
         """The last status published, again (mpy_blox/presence.py); the connect's own
