@@ -35,7 +35,7 @@ node = None
 _on_trial = False  # a new update is on trial: a fatal error rolls it back
 
 _FATAL_RESET_MS = const(5000)
-_NTP_RETRY_S = const(10)  # the first retry of a failed NTP sync; doubles up to ntp.interval_s
+_NTP_AGAIN_S = const(600)  # after an NTP round that could not run
 # The room user_main.py must leave the framework to be imported early
 # (Supervisor.preload); the figures on both lanes are in docs/runtime.md,
 # "Memory": the framework takes 47 KB after it on the 64-bit board and 32 KB
@@ -126,9 +126,10 @@ async def _run():
         node, sup = _node_and_supervisor(config, boot_count)
     trial = _trial(config, sup, started)  # before MQTT: its connect says "trial"
     await startup.wlan_up(config)
-    synced = _start_clock(config)
-    if synced is not None and config.get_bool("mqtt.ssl", False):
-        await _wait_for_clock(config, synced)
+    if config.get_bool("ntp.enabled", True):
+        synced = asyncio.Event()  # set by the first sync
+        asyncio.create_task(_keep_time(config, synced))
+        await startup.clock_up(config, synced)
     if mqtt is None:
         log.error("no MQTT client: running without MQTT and updates")
     else:
@@ -166,66 +167,25 @@ async def _run():
         await asyncio.sleep(3600)
 
 
-def _start_clock(cfg):
-    # NTP, unless ntp.enabled is false: an Event set by the first sync.
-    if not cfg.get_bool("ntp.enabled", True):
-        return None
-    synced = asyncio.Event()
-    asyncio.create_task(_keep_time(cfg, synced))
-    return synced
-
-
-async def _wait_for_clock(cfg, synced):
-    # Before a TLS broker: an ESP32's mbedTLS checks the certificate's dates
-    # (MicroPython >= 1.22), which an unset clock (2000-01-01) fails. A clock
-    # that ran on over a reset needs no wait; a sync that does not come within
-    # ntp.wait_s lets the boot go on: MQTT retries, and connects once it comes.
-    from mpy_blox.node import now
-
-    if now() is not None:
-        return
-    try:
-        await asyncio.wait_for(synced.wait(), cfg.get_int("ntp.wait_s", 10))
-    except asyncio.TimeoutError:
-        log.warning("no time from NTP yet: TLS fails certificate dates until it comes")
-
-
 async def _keep_time(cfg, synced):
-    # The clock from NTP now, then every ntp.interval_s (a day); a failure is
-    # logged and retried after 10 s, doubling up to the interval. mpy_blox.ntp
-    # is imported for each sync and dropped after it: between syncs only this
-    # loop stays on the heap (docs/runtime.md, "Time").
-    server = cfg.get_str("ntp.server") or cfg.get_str("ntp.host", "pool.ntp.org")
-    port = cfg.get_int("ntp.port", 123)
-    interval_s = cfg.get_int("ntp.interval_s", 86400)
-    if not 60 <= interval_s <= 2592000:  # a typo must not make it spin, or stop it
-        log.warning("ntp.interval_s %d outside 60-2592000: using 86400", interval_s)
-        interval_s = 86400
-    retry_s = _NTP_RETRY_S
+    # The clock from NTP for as long as the device runs: mpy_blox.ntp does one
+    # round (sync, log, republish, backoff) and says how long to sleep until
+    # the next; it is imported for each round and dropped after it, so between
+    # syncs (a day) only this loop stays on the heap (docs/runtime.md, "Time").
+    wait_s = 0
     while True:
+        await asyncio.sleep(wait_s)
         try:
             from mpy_blox import ntp
 
-            unix = await ntp.sync(server, port)
-        except Exception as e:  # noqa: BLE001  (no answer, a bad one, no heap: try again)
-            unix = None
-            log.warning("NTP %s: %s; again in %d s", server, e, retry_s)
+            wait_s = await ntp.sync_round(cfg, node, synced, wait_s)
+        except Exception as e:  # noqa: BLE001  (MemoryError: no room for it now)
+            log.exception("NTP round failed", e)
+            wait_s = _NTP_AGAIN_S
         ntp = None  # this frame sleeps a day: it must not hold the module
         sys.modules.pop("mpy_blox.ntp", None)
-        try:
+        if hasattr(sys.modules["mpy_blox"], "ntp"):
             delattr(sys.modules["mpy_blox"], "ntp")
-        except AttributeError:  # the import failed
-            pass
-        if unix is None:
-            await asyncio.sleep(retry_s)
-            retry_s = min(retry_s * 2, interval_s)
-            continue
-        log.info("clock set from NTP %s: %d", server, unix)
-        retry_s = _NTP_RETRY_S
-        synced.set()
-        if node is not None:
-            await node.clock_set()  # info and status, now with ts
-        await asyncio.sleep(interval_s)
 
 
 def _node_and_supervisor(cfg, boot_count):

@@ -69,7 +69,7 @@ class Node:
         self.info_extra = {}  # fields owned by the update agent
         self.state = "online"  # the status every (re)connect publishes; an install boot's differs
         self.state_fields = {}  # and its fields (a trial's seq and time left)
-        self._status = None  # the last status published, for an announce answer
+        self._status = None  # the fields of the last status, for an announce answer
         self.on_info = None  # `await on_info()` after each info (mpy_blox/hass/update.py)
         # `await on_status(fields)` before each status (mpy_blox/hass/progress.py).
         # Hooks, not code here: this module is resident on every device.
@@ -105,8 +105,6 @@ class Node:
             return False
         try:
             await client.publish(node_topic(self.device_id, leaf), payload, retain=True, qos=qos)
-            if leaf == "status":
-                self._status = payload
             return True
         except OSError as e:  # MQTTError: the link went away; the next connect republishes
             log.warning("cannot publish %s: %r", leaf, e)
@@ -129,27 +127,25 @@ class Node:
                 state = "safe_mode"
                 fields.setdefault("error", self.safe_mode)
         fields["state"] = state
-        ts = now()
-        if ts is not None:
-            fields["ts"] = ts
         if self.on_status is not None:
             await self.on_status(fields)
+        self._status = fields
+        return await self._send_status(qos)
+
+    async def _send_status(self, qos=1):
+        fields = self._status
+        ts = now()  # when it is said, so a status said again is as new as its answer
+        if ts is not None:
+            fields["ts"] = ts
         return await self._publish("status", json.dumps(fields), qos)
 
     async def on_connect(self):
         await self.publish_info()
         await self.publish_status(self.state, **self.state_fields)
 
-    async def clock_set(self):
-        """The clock was set (mpy_blox/ntp.py): info, and the last status, again with `ts`."""
-        await self.publish_info()
-        if self._status is not None:
-            fields = json.loads(self._status)
-            await self.publish_status(fields.pop("state"), **fields)
-
     async def republish_status(self):
-        """The last status published, again (mpy_blox/presence.py); the connect's own
-        before there is one."""
+        """The last status, again, with a fresh `ts` (mpy_blox/presence.py, and
+        mpy_blox/ntp.py once the clock is set); the connect's own before there is one."""
         if self._status is None:
             return await self.publish_status(self.state, **self.state_fields)
-        return await self._publish("status", self._status)
+        return await self._send_status()

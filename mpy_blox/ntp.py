@@ -7,8 +7,12 @@
 # timeout and trusts any 48 bytes; this one waits without blocking the loop and
 # refuses a reply that is not an answer to its own request.
 #
-# The runtime (mpy_blox/app.py, _keep_time) imports this module for each sync
-# and drops it after: between syncs (a day) it takes no heap.
+# The runtime (mpy_blox/app.py, _keep_time) imports this module for each
+# sync_round() and drops it after: between syncs (a day) it takes no heap.
+#
+# Settings: ntp.enabled (true), ntp.server ("pool.ntp.org"; upstream's ntp.host
+# is read too), ntp.port (123), ntp.interval_s (86400: a sync a day), ntp.wait_s
+# (10: how long a boot waits for it before a TLS broker, mpy_blox/startup.py).
 #
 #   request  48 bytes: 0x23 (LI 0, version 4, mode 3: client), zeros, and our
 #            transmit timestamp (8 random bytes) at 40..47
@@ -23,10 +27,16 @@ import struct
 import time
 from micropython import const
 
+from mpy_blox.log import get_logger
+
 _NTP_TO_UNIX = const(2208988800)  # seconds from 1900-01-01 to 1970-01-01
 _EPOCH_2000 = const(946684800)  # Unix time of 2000-01-01
 _CLOCK_FLOOR = const(1735689600)  # 2025-01-01: a reply before it is no time of ours
 _POLL_MS = const(20)
+_RETRY_S = const(10)  # the first retry of a failed sync; doubles up to ntp.interval_s
+_DAY_S = const(86400)
+
+log = get_logger("ntp")
 
 
 def request():
@@ -101,3 +111,27 @@ async def sync(server, port=123, timeout_ms=2000):
     unix, us = await query(server, port, timeout_ms)
     set_clock(unix, us)
     return unix
+
+
+async def sync_round(cfg, node, synced, last_wait_s):
+    """One sync for the runtime's clock keeper: on success set `synced`, have
+    `node` republish (info and status now carry ts) and return ntp.interval_s;
+    on failure log it and return the backoff after `last_wait_s`."""
+    server = cfg.get_str("ntp.server") or cfg.get_str("ntp.host", "pool.ntp.org")
+    interval_s = cfg.get_int("ntp.interval_s", _DAY_S)
+    if not 60 <= interval_s <= 30 * _DAY_S:  # a typo must not make it spin, or stop it
+        log.warning("ntp.interval_s %d outside 60-2592000: using 86400", interval_s)
+        interval_s = _DAY_S
+    try:
+        unix = await sync(server, cfg.get_int("ntp.port", 123))
+    except (OSError, ValueError) as e:  # no answer, or not one
+        wait_s = _RETRY_S if last_wait_s in (0, interval_s) else last_wait_s * 2
+        wait_s = min(wait_s, interval_s)
+        log.warning("NTP %s: %s; again in %d s", server, e, wait_s)
+        return wait_s
+    log.info("clock set from NTP %s: %d", server, unix)
+    synced.set()
+    if node is not None:  # info and status again, now with ts
+        await node.publish_info()
+        await node.republish_status()
+    return interval_s

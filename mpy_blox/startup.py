@@ -68,6 +68,26 @@ async def wlan_up(cfg):
         log.warning("no WLAN yet: carrying on, it keeps retrying")
 
 
+async def clock_up(cfg, synced):
+    """Before a TLS broker, wait for the first NTP sync (`synced`) up to ntp.wait_s.
+
+    An ESP32's mbedTLS checks the certificate's dates (MicroPython >= 1.22), which an
+    unset clock (2000-01-01) fails. A clock that ran on over a reset needs no wait;
+    a sync that does not come in time lets the boot go on: MQTT retries, and
+    connects once the clock is set. Without TLS the sync runs in the background.
+    """
+    if not cfg.get_bool("mqtt.ssl", False):
+        return
+    from mpy_blox.node import now
+
+    if now() is not None:
+        return
+    try:
+        await asyncio.wait_for(synced.wait(), cfg.get_int("ntp.wait_s", 10))
+    except asyncio.TimeoutError:
+        log.warning("no time from NTP yet: TLS fails certificate dates until it comes")
+
+
 async def mqtt_up(mqtt, cfg, nd, announce=True):
     """Start node `nd`'s MQTT client (module `mqtt`); wait for it up to mqtt.wait_s.
 
