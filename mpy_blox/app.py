@@ -127,9 +127,9 @@ async def _run():
     trial = _trial(config, sup, started)  # before MQTT: its connect says "trial"
     await startup.wlan_up(config)
     if config.get_bool("ntp.enabled", True):
-        synced = asyncio.Event()  # set by the first sync
-        asyncio.create_task(_keep_time(config, synced))
-        await startup.clock_up(config, synced)
+        tried = asyncio.Event()  # set by the first NTP round, whatever its outcome
+        asyncio.create_task(_keep_time(config, tried))
+        await startup.clock_up(config, tried)
     if mqtt is None:
         log.error("no MQTT client: running without MQTT and updates")
     else:
@@ -167,7 +167,7 @@ async def _run():
         await asyncio.sleep(3600)
 
 
-async def _keep_time(cfg, synced):
+async def _keep_time(cfg, tried):
     # The clock from NTP for as long as the device runs: mpy_blox.ntp does one
     # round (sync, log, republish, backoff) and says how long to sleep until
     # the next; it is imported for each round and dropped after it, so between
@@ -178,9 +178,10 @@ async def _keep_time(cfg, synced):
         try:
             from mpy_blox import ntp
 
-            wait_s = await ntp.sync_round(cfg, node, synced, wait_s)
+            wait_s = await ntp.sync_round(cfg, node, tried, wait_s)
         except Exception as e:  # noqa: BLE001  (MemoryError: no room for it now)
             log.exception("NTP round failed", e)
+            tried.set()
             wait_s = _NTP_AGAIN_S
         ntp = None  # this frame sleeps a day: it must not hold the module
         sys.modules.pop("mpy_blox.ntp", None)

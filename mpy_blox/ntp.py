@@ -113,10 +113,11 @@ async def sync(server, port=123, timeout_ms=2000):
     return unix
 
 
-async def sync_round(cfg, node, synced, last_wait_s):
-    """One sync for the runtime's clock keeper: on success set `synced`, have
-    `node` republish (info and status now carry ts) and return ntp.interval_s;
-    on failure log it and return the backoff after `last_wait_s`."""
+async def sync_round(cfg, node, tried, last_wait_s):
+    """One sync for the runtime's clock keeper; sets the Event `tried` either way.
+    On success `node` republishes (info and status now carry ts) and it returns
+    ntp.interval_s; on failure it logs why and returns the backoff after
+    `last_wait_s`."""
     server = cfg.get_str("ntp.server") or cfg.get_str("ntp.host", "pool.ntp.org")
     interval_s = cfg.get_int("ntp.interval_s", _DAY_S)
     if not 60 <= interval_s <= 30 * _DAY_S:  # a typo must not make it spin, or stop it
@@ -128,9 +129,10 @@ async def sync_round(cfg, node, synced, last_wait_s):
         wait_s = _RETRY_S if last_wait_s in (0, interval_s) else last_wait_s * 2
         wait_s = min(wait_s, interval_s)
         log.warning("NTP %s: %s; again in %d s", server, e, wait_s)
+        tried.set()
         return wait_s
     log.info("clock set from NTP %s: %d", server, unix)
-    synced.set()
+    tried.set()
     if node is not None:  # info and status again, now with ts
         await node.publish_info()
         await node.republish_status()

@@ -260,6 +260,23 @@ def boards(tmp_path):
         rb.stop()
 
 
+@pytest.fixture
+def sntp():
+    """Start SNTP responders on 127.0.0.1 (tests/sntp_server.py): sntp(mode) -> Responder."""
+    from sntp_server import Responder
+
+    made: list[Responder] = []
+
+    def make(mode: str = "good") -> Responder:
+        r = Responder(mode)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.close()
+
+
 def _runs_on(board: Board, lane: Lane) -> bool:
     """Is the firmware in the board's ota_0 (its factory image) `lane`'s executable?"""
     from mpy_blox_tools.vboard import image
