@@ -130,3 +130,28 @@ def test_a_malformed_ntp_reply_is_refused_and_the_clock_stays_unset(boards, runt
     assert lines[:-1] == expected, rb.console()
     assert lines[-1].startswith("SET ") and lines[-1].endswith(" True"), lines[-1]
     assert abs(int(lines[-1].split()[1]) - time.time()) < 10
+
+
+def test_status_shows_last_seen_of_an_offline_device_from_its_last_ts(
+    app_board, boards, broker, settings_for, watch, sntp, capsys
+):
+    from mpy_blox_tools.cli import main as cli
+
+    responder = sntp()
+    board = app_board({**json.loads(settings_for(broker)), **ntp_settings(responder)})
+    w = watch(board)
+    rb = boards.start(board)
+    info, status = with_ts(w)
+    assert "ts" in info and "ts" in status
+    rb.stop()  # the link dies: the broker publishes its will, {"state": "offline"}
+    w.wait("status", state="offline")
+    url = f"mqtt://{broker.host}:{broker.port}"
+    assert cli(["status", "--broker", url, "--json", "--listen", "0"]) == 0
+    row = next(d for d in json.loads(capsys.readouterr().out) if d["device_id"] == board.device_id)
+    last = max(info["ts"], status["ts"])
+    assert row["state"] == "offline" and row["last_ts"] == last
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last))
+    assert row["last_seen"] == when
+    assert cli(["status", "--broker", url, "--listen", "0"]) == 0
+    line = next(r for r in capsys.readouterr().out.splitlines() if board.device_id in r)
+    assert line.split()[1] == "offline" and line.endswith(" " + when)
