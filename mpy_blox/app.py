@@ -5,12 +5,12 @@
 # (WLAN, MQTT, optional imports, unloading) are mpy_blox.startup's.
 #
 # Boot: settings.json -> logging level -> secure store + /provision.json ->
-# boot_count -> WLAN -> NTP (mpy_blox/ntp.py, `ntp.enabled`: waited for, up to
-# ntp.wait_s, only before a TLS broker, whose certificate dates need the clock;
-# otherwise in the background, and every ntp.interval_s) ->
+# boot_count -> WLAN -> NTP before a TLS broker (mpy_blox/timekeeper.py, ntp.py,
+# `ntp.enabled`: waited for up to ntp.wait_s, the certificate's dates need it) ->
 # MQTT (info/status on every connect, will = offline) ->
 # update agent (if installed) -> the optional services (mpy_blox/services.py:
-# Home Assistant, the remote log) -> user_main() under the supervisor, and beside
+# Home Assistant, the remote log) -> NTP without TLS, in the background, and every
+# ntp.interval_s -> user_main() under the supervisor, and beside
 # it the trial of a new update (mpy_blox.update.trial) if one is on trial, and
 # the watchdog's feeder (mpy_blox.watchdog, started by the supervisor). Boot waits
 # for WLAN and MQTT only up to wlan.wait_s / mqtt.wait_s (default 30 s each):
@@ -35,7 +35,6 @@ node = None
 _on_trial = False  # a new update is on trial: a fatal error rolls it back
 
 _FATAL_RESET_MS = const(5000)
-_NTP_AGAIN_S = const(600)  # after an NTP round that could not run
 # The room user_main.py must leave the framework to be imported early
 # (Supervisor.preload); the figures on both lanes are in docs/runtime.md,
 # "Memory": the framework takes 47 KB after it on the 64-bit board and 32 KB
@@ -126,10 +125,20 @@ async def _run():
         node, sup = _node_and_supervisor(config, boot_count)
     trial = _trial(config, sup, started)  # before MQTT: its connect says "trial"
     await startup.wlan_up(config)
-    if config.get_bool("ntp.enabled", True):
+    keep_time = config.get_bool("ntp.enabled", True)
+    if keep_time and config.get_bool("mqtt.ssl", False):
+        # TLS: the certificate's dates need the clock, so NTP starts now and the
+        # boot waits for its first round. Without TLS it starts once the boot is
+        # done: its module, loaded and dropped in the middle of the boot, left
+        # holes user_main.py then found no block in (64-bit, 100K).
+        from mpy_blox import ntp, timekeeper
+
+        keep_time = False
         tried = asyncio.Event()  # set by the first NTP round, whatever its outcome
-        asyncio.create_task(_keep_time(config, tried))
-        await startup.clock_up(config, tried)
+        asyncio.create_task(timekeeper.keep(config, node, tried, 0))
+        await ntp.wait_at_boot(config, tried)
+        ntp = None
+        startup.drop(["mpy_blox.ntp"])  # the keeper imports it again for each round
     if mqtt is None:
         log.error("no MQTT client: running without MQTT and updates")
     else:
@@ -160,33 +169,15 @@ async def _run():
     asyncio.get_event_loop().set_exception_handler(sup.handle_exception)
     gc.collect()
     log.info("booted; free heap %d bytes", gc.mem_free())
+    if keep_time:  # a second on: user_main.py loads first, its blocks found before NTP's
+        from mpy_blox import timekeeper  # only then: NTP off costs nothing resident
+
+        asyncio.create_task(timekeeper.keep(config, node, asyncio.Event(), 1))
     if trial is not None:
         asyncio.create_task(trial.run(sup, lambda: client))
     await sup.run()
     while True:  # the background tasks (WLAN, MQTT, agent) keep the device going
         await asyncio.sleep(3600)
-
-
-async def _keep_time(cfg, tried):
-    # The clock from NTP for as long as the device runs: mpy_blox.ntp does one
-    # round (sync, log, republish, backoff) and says how long to sleep until
-    # the next; it is imported for each round and dropped after it, so between
-    # syncs (a day) only this loop stays on the heap (docs/runtime.md, "Time").
-    wait_s = 0
-    while True:
-        await asyncio.sleep(wait_s)
-        try:
-            from mpy_blox import ntp
-
-            wait_s = await ntp.sync_round(cfg, node, tried, wait_s)
-        except Exception as e:  # noqa: BLE001  (MemoryError: no room for it now)
-            log.exception("NTP round failed", e)
-            tried.set()
-            wait_s = _NTP_AGAIN_S
-        ntp = None  # this frame sleeps a day: it must not hold the module
-        sys.modules.pop("mpy_blox.ntp", None)
-        if hasattr(sys.modules["mpy_blox"], "ntp"):
-            delattr(sys.modules["mpy_blox"], "ntp")
 
 
 def _node_and_supervisor(cfg, boot_count):

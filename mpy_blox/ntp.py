@@ -7,12 +7,12 @@
 # timeout and trusts any 48 bytes; this one waits without blocking the loop and
 # refuses a reply that is not an answer to its own request.
 #
-# The runtime (mpy_blox/app.py, _keep_time) imports this module for each
+# The runtime's clock keeper (mpy_blox/timekeeper.py) imports this module for each
 # sync_round() and drops it after: between syncs (a day) it takes no heap.
 #
 # Settings: ntp.enabled (true), ntp.server ("pool.ntp.org"; upstream's ntp.host
 # is read too), ntp.port (123), ntp.interval_s (86400: a sync a day), ntp.wait_s
-# (10: how long a boot waits for it before a TLS broker, mpy_blox/startup.py).
+# (10: how long a boot waits for it before a TLS broker, wait_at_boot()).
 #
 #   request  48 bytes: 0x23 (LI 0, version 4, mode 3: client), zeros, and our
 #            transmit timestamp (8 random bytes) at 40..47
@@ -126,8 +126,9 @@ async def sync_round(cfg, node, tried, last_wait_s):
     try:
         unix = await sync(server, cfg.get_int("ntp.port", 123))
     except (OSError, ValueError) as e:  # no answer, or not one
-        wait_s = _RETRY_S if last_wait_s in (0, interval_s) else last_wait_s * 2
-        wait_s = min(wait_s, interval_s)
+        # The first failure after boot or after a sync waits _RETRY_S, each next twice that.
+        first = last_wait_s < _RETRY_S or last_wait_s >= interval_s
+        wait_s = min(_RETRY_S if first else last_wait_s * 2, interval_s)
         log.warning("NTP %s: %s; again in %d s", server, e, wait_s)
         tried.set()
         return wait_s
@@ -137,3 +138,23 @@ async def sync_round(cfg, node, tried, last_wait_s):
         await node.publish_info()
         await node.republish_status()
     return interval_s
+
+
+async def wait_at_boot(cfg, tried):
+    """Before a TLS broker, wait for the first NTP round (`tried`) up to ntp.wait_s.
+
+    An ESP32's mbedTLS checks the certificate's dates (MicroPython >= 1.22), which an
+    unset clock (2000-01-01) fails. A clock that ran on over a reset needs no wait;
+    a round that fails or does not end in time lets the boot go on: MQTT retries,
+    and connects once a later round sets the clock.
+    """
+    from mpy_blox.node import now
+
+    if now() is not None:
+        return
+    try:
+        await asyncio.wait_for(tried.wait(), cfg.get_int("ntp.wait_s", 10))
+    except asyncio.TimeoutError:
+        pass
+    if now() is None:
+        log.warning("no time from NTP yet: TLS fails certificate dates until it comes")

@@ -68,29 +68,6 @@ async def wlan_up(cfg):
         log.warning("no WLAN yet: carrying on, it keeps retrying")
 
 
-async def clock_up(cfg, tried):
-    """Before a TLS broker, wait for the first NTP round (`tried`) up to ntp.wait_s.
-
-    An ESP32's mbedTLS checks the certificate's dates (MicroPython >= 1.22), which an
-    unset clock (2000-01-01) fails. A clock that ran on over a reset needs no wait;
-    a round that fails or does not end in time lets the boot go on: MQTT retries,
-    and connects once a later round sets the clock. Without TLS NTP runs in the
-    background.
-    """
-    if not cfg.get_bool("mqtt.ssl", False):
-        return
-    from mpy_blox.node import now
-
-    if now() is not None:
-        return
-    try:
-        await asyncio.wait_for(tried.wait(), cfg.get_int("ntp.wait_s", 10))
-    except asyncio.TimeoutError:
-        pass
-    if now() is None:
-        log.warning("no time from NTP yet: TLS fails certificate dates until it comes")
-
-
 async def mqtt_up(mqtt, cfg, nd, announce=True):
     """Start node `nd`'s MQTT client (module `mqtt`); wait for it up to mqtt.wait_s.
 

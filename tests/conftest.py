@@ -287,6 +287,9 @@ def _runs_on(board: Board, lane: Lane) -> bool:
 
 
 def settings_for(broker: Mosquitto, **extra) -> str:
-    """A settings.json text pointing a board at `broker`."""
-    settings = {"mqtt": {"server": broker.host, "port": broker.port}, **extra}
+    """A settings.json text pointing a board at `broker`; NTP off unless `ntp=` says
+    (a test must not ask pool.ntp.org: tests/sntp_server.py is the tests' server)."""
+    from sntp_server import NO_NTP
+
+    settings = {"mqtt": {"server": broker.host, "port": broker.port}, **NO_NTP, **extra}
     return json.dumps(settings)

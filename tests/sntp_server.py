@@ -8,6 +8,10 @@ import struct
 import threading
 import time
 
+# What the tests' settings.json helpers (settings_for) put in unless a test asks for
+# NTP: a board must not ask pool.ntp.org from a test run.
+NO_NTP = {"ntp": {"enabled": False}}
+
 NTP_TO_UNIX = 2208988800
 
 

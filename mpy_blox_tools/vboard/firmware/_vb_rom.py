@@ -36,10 +36,10 @@ def _start_board():
     # The RTC runs on over a reset, not over a power-on (firmware/time.py).
     keep = cause != machine.PWRON_RESET
     try:
-        clock = open(run + "clock", "r+b" if keep else "w+b")
+        f = open(run + "clock", "r+b" if keep else "w+b")
     except OSError:  # no clock kept yet
-        clock, keep = open(run + "clock", "w+b"), False
-    time._start(clock, keep, board.get("clock") == "host")
+        f, keep = open(run + "clock", "w+b"), False
+    time._start(f, keep, board.get("clock") == "host")
     network._start(open(run + "net", "rb"))
     _vb_flash.start(
         open(run + "writes", "wb"),

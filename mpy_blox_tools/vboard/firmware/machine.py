@@ -1,6 +1,7 @@
 # Emulated `machine` of an ESP32 on the virtual board.
 # Shadows the unix port's small built-in module and keeps what it has.
 import _vb_host
+import utime
 from umachine import *  # noqa: F403  (Signal, idle, mem8, ...)
 
 PWRON_RESET = 1
@@ -64,20 +65,20 @@ class RTC:
     def __init__(self, id=0):
         pass
 
-    def datetime(self, dt=None):
+    def datetime(self, t=None):
         import time
 
-        if dt is None:
-            now = time._now()
-            y, mo, d, h, mi, s, wd, _ = time.gmtime(int(now))
-            return (y, mo, d, wd, h, mi, s, int((now % 1) * 1000000))
-        if len(dt) < 7:
-            raise ValueError("requested length %d but object has length %d" % (8, len(dt)))
-        us = dt[7] if len(dt) > 7 else 0
-        time._set(time.mktime((dt[0], dt[1], dt[2], dt[4], dt[5], dt[6])) + us / 1000000)
+        if t is None:
+            n = utime.time() - time._base
+            t = time.gmtime(int(n))
+            return (t[0], t[1], t[2], t[6], t[3], t[4], t[5], int((n % 1) * 1000000))
+        if len(t) < 7:
+            raise ValueError("requested length %d but object has length %d" % (8, len(t)))
+        n = t[7] / 1000000 if len(t) > 7 else 0
+        time._set(time.mktime((t[0], t[1], t[2], t[4], t[5], t[6])) + n)
 
-    def init(self, dt):
-        self.datetime(dt)
+    def init(self, t):
+        self.datetime(t)
 
 
 class WDT:
