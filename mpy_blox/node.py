@@ -25,22 +25,11 @@ from mpy_blox.topics import node_topic
 log = get_logger("node")
 
 OFFLINE = b'{"state": "offline"}'
-# The clock counts as set once it is past this Unix time (2025-01-01): an ESP32
-# starts at its epoch at power-on (2000-01-01 on MicroPython's bare-metal ports,
-# gmtime(0) says which), decades before.
-_CLOCK_FLOOR = const(1735689600)
+# The clock counts as set once it is past 2025-01-01: an ESP32 starts at its
+# epoch at power-on (2000-01-01 on MicroPython's bare-metal ports, gmtime(0) says
+# which), decades before. Counted from 2000, that date is still a small int.
 _EPOCH_2000 = const(946684800)  # Unix time of 2000-01-01
-
-
-def now():
-    """Unix time (int) if the clock is set (NTP or an RTC set it past 2025), else None.
-    time.time() counts from the port's epoch: 2000 on an ESP32, 1970 on unix."""
-    import time
-
-    t = int(time.time())
-    if time.gmtime(0)[0] == 2000:
-        t += _EPOCH_2000
-    return t if t >= _CLOCK_FLOOR else None
+_SET_2000 = const(789004800)  # 2025-01-01 in seconds since 2000
 
 
 def device_id():
@@ -93,16 +82,23 @@ class Node:
             "fs_free": _fs_free(),
             "safe_mode": self.safe_mode is not None,
         }
-        ts = now()
-        if ts is not None:
-            info["ts"] = ts
         info.update(self.info_extra)
         return info
 
-    async def _publish(self, leaf, payload, qos=1):
+    async def _publish(self, leaf, fields, qos=1):
+        # `fields` as JSON, with `ts` when it is said: a status said again is as new
+        # as its answer. The clock is set once past 2025 (update/trust.py reads it so too).
         client = self.client
         if client is None or not client.is_connected:
             return False
+        import time
+
+        t = int(time.time())
+        if time.gmtime(0)[0] != 2000:  # the unix port counts from 1970, an ESP32 from 2000
+            t -= _EPOCH_2000
+        if t >= _SET_2000:
+            fields["ts"] = t + _EPOCH_2000
+        payload = json.dumps(fields)
         try:
             await client.publish(node_topic(self.device_id, leaf), payload, retain=True, qos=qos)
             return True
@@ -111,7 +107,7 @@ class Node:
             return False
 
     async def publish_info(self):
-        ok = await self._publish("info", json.dumps(self.info()))
+        ok = await self._publish("info", self.info())
         if self.on_info is not None:
             await self.on_info()
         return ok
@@ -130,22 +126,15 @@ class Node:
         if self.on_status is not None:
             await self.on_status(fields)
         self._status = fields
-        return await self._send_status(qos)
-
-    async def _send_status(self, qos=1):
-        fields = self._status
-        ts = now()  # when it is said, so a status said again is as new as its answer
-        if ts is not None:
-            fields["ts"] = ts
-        return await self._publish("status", json.dumps(fields), qos)
+        return await self.republish_status(qos)
 
     async def on_connect(self):
         await self.publish_info()
         await self.publish_status(self.state, **self.state_fields)
 
-    async def republish_status(self):
+    async def republish_status(self, qos=1):
         """The last status, again, with a fresh `ts` (mpy_blox/presence.py, and
         mpy_blox/ntp.py once the clock is set); the connect's own before there is one."""
         if self._status is None:
             return await self.publish_status(self.state, **self.state_fields)
-        return await self._send_status()
+        return await self._publish("status", self._status, qos)

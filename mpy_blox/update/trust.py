@@ -27,6 +27,11 @@ from mpy_blox.update import record
 
 log = get_logger("update")
 
+# The clock counts as set once it is past this Unix time (2025-01-01): an ESP32
+# without NTP starts at its epoch (2000-01-01 on MicroPython's bare-metal
+# ports, gmtime(0) says which), decades before any list was signed.
+_CLOCK_FLOOR = const(1735689600)
+_EPOCH_2000 = const(946684800)  # Unix time of 2000-01-01
 _HEX = "0123456789abcdefABCDEF"
 _ROTATION = "rot_keys"
 
@@ -128,11 +133,15 @@ def forget_rotation():
 
 
 def now():
-    """Unix time if the clock is set (NTP or an RTC set it past 2025), else None:
-    mpy_blox.node.now(), the one reading of the clock."""
-    from mpy_blox import node
+    """Unix time if the clock is set (past _CLOCK_FLOOR: NTP or an RTC set it),
+    else None. time.time() counts from the port's epoch: 2000 on MicroPython's
+    bare-metal ports, 1970 on unix (time.gmtime(0) says which)."""
+    import time
 
-    return node.now()
+    t = time.time()
+    if time.gmtime(0)[0] == 2000:
+        t += _EPOCH_2000
+    return t if t >= _CLOCK_FLOOR else None
 
 
 def check_expires(got, at):
