@@ -5,12 +5,12 @@
 # (WLAN, MQTT, optional imports, unloading) are mpy_blox.startup's.
 #
 # Boot: settings.json -> logging level -> secure store + /provision.json ->
-# boot_count -> WLAN -> NTP before a TLS broker (mpy_blox/timekeeper.py, ntp.py,
-# `ntp.enabled`: waited for up to ntp.wait_s, the certificate's dates need it) ->
+# boot_count -> WLAN -> NTP before a TLS broker (mpy_blox/services.py, `ntp.enabled`:
+# waited for up to ntp.wait_s, the certificate's dates need it) ->
 # MQTT (info/status on every connect, will = offline) ->
 # update agent (if installed) -> the optional services (mpy_blox/services.py:
-# Home Assistant, the remote log) -> NTP without TLS, in the background, and every
-# ntp.interval_s -> user_main() under the supervisor, and beside
+# Home Assistant, the remote log, NTP in the background, every ntp.interval_s)
+# -> user_main() under the supervisor, and beside
 # it the trial of a new update (mpy_blox.update.trial) if one is on trial, and
 # the watchdog's feeder (mpy_blox.watchdog, started by the supervisor). Boot waits
 # for WLAN and MQTT only up to wlan.wait_s / mqtt.wait_s (default 30 s each):
@@ -125,20 +125,11 @@ async def _run():
         node, sup = _node_and_supervisor(config, boot_count)
     trial = _trial(config, sup, started)  # before MQTT: its connect says "trial"
     await startup.wlan_up(config)
-    keep_time = config.get_bool("ntp.enabled", True)
-    if keep_time and config.get_bool("mqtt.ssl", False):
-        # TLS: the certificate's dates need the clock, so NTP starts now and the
-        # boot waits for its first round. Without TLS it starts once the boot is
-        # done: its module, loaded and dropped in the middle of the boot, left
-        # holes user_main.py then found no block in (64-bit, 100K).
-        from mpy_blox import ntp, timekeeper
+    if config.get_bool("mqtt.ssl", False):  # the certificate's dates need the clock: NTP first
+        from mpy_blox import services  # it drops itself after each step
 
-        keep_time = False
-        tried = asyncio.Event()  # set by the first NTP round, whatever its outcome
-        asyncio.create_task(timekeeper.keep(config, node, tried, 0))
-        await ntp.wait_at_boot(config, tried)
-        ntp = None
-        startup.drop(["mpy_blox.ntp"])  # the keeper imports it again for each round
+        await services.clock_for_tls(config, node)
+        services = None
     if mqtt is None:
         log.error("no MQTT client: running without MQTT and updates")
     else:
@@ -159,20 +150,18 @@ async def _run():
         except Exception as e:  # noqa: BLE001  (a broken agent must not stop the device)
             agent = None
             log.exception("update agent failed to start", e)
-    if client is not None and (
-        config.get_bool("hass.enabled", False) or config.get_bool("logging.remote", False)
+    if (
+        config.get_bool("hass.enabled", False)
+        or config.get_bool("logging.remote", False)
+        or config.get_bool("ntp.enabled", True)
     ):
         from mpy_blox import services  # only then: a device without them pays nothing
 
         await services.start(client, config, node, agent)
-        sys.modules.pop("mpy_blox.services", None)
+        services = None
     asyncio.get_event_loop().set_exception_handler(sup.handle_exception)
     gc.collect()
     log.info("booted; free heap %d bytes", gc.mem_free())
-    if keep_time:  # a second on: user_main.py loads first, its blocks found before NTP's
-        from mpy_blox import timekeeper  # only then: NTP off costs nothing resident
-
-        asyncio.create_task(timekeeper.keep(config, node, asyncio.Event(), 1))
     if trial is not None:
         asyncio.create_task(trial.run(sup, lambda: client))
     await sup.run()

@@ -8,11 +8,12 @@
 # refuses a reply that is not an answer to its own request.
 #
 # The runtime's clock keeper (mpy_blox/timekeeper.py) imports this module for each
-# sync_round() and drops it after: between syncs (a day) it takes no heap.
+# sync_round() and drops it after: between syncs (a day) it takes no heap, and
+# with `ntp.enabled` false it is never loaded (mpy_blox/services.py).
 #
 # Settings: ntp.enabled (true), ntp.server ("pool.ntp.org"; upstream's ntp.host
 # is read too), ntp.port (123), ntp.interval_s (86400: a sync a day), ntp.wait_s
-# (10: how long a boot waits for it before a TLS broker, wait_at_boot()).
+# (10: how long a boot waits for it before a TLS broker, services.clock_for_tls()).
 #
 #   request  48 bytes: 0x23 (LI 0, version 4, mode 3: client), zeros, and our
 #            transmit timestamp (8 random bytes) at 40..47
@@ -24,6 +25,7 @@ import asyncio
 import os
 import socket
 import struct
+import sys
 import time
 from micropython import const
 
@@ -113,11 +115,22 @@ async def sync(server, port=123, timeout_ms=2000):
     return unix
 
 
-async def sync_round(cfg, node, tried, last_wait_s):
-    """One sync for the runtime's clock keeper; sets the Event `tried` either way.
-    On success `node` republishes (info and status now carry ts) and it returns
-    ntp.interval_s; on failure it logs why and returns the backoff after
-    `last_wait_s`."""
+async def sync_round(cfg, node, last_wait_s, tried=None):
+    """One sync for the runtime's clock keeper (mpy_blox/timekeeper.py), which
+    imports this module for it: it drops the module again and sets the Event
+    `tried`, if any, whatever the outcome. On success `node` republishes (info
+    and status now carry ts) and it returns ntp.interval_s; on failure it logs
+    why and returns the backoff after `last_wait_s`."""
+    try:
+        return await _round(cfg, node, last_wait_s)
+    finally:
+        sys.modules.pop("mpy_blox.ntp", None)
+        delattr(sys.modules["mpy_blox"], "ntp")
+        if tried is not None:
+            tried.set()
+
+
+async def _round(cfg, node, last_wait_s):
     server = cfg.get_str("ntp.server") or cfg.get_str("ntp.host", "pool.ntp.org")
     interval_s = cfg.get_int("ntp.interval_s", _DAY_S)
     if not 60 <= interval_s <= 30 * _DAY_S:  # a typo must not make it spin, or stop it
@@ -130,31 +143,9 @@ async def sync_round(cfg, node, tried, last_wait_s):
         first = last_wait_s < _RETRY_S or last_wait_s >= interval_s
         wait_s = min(_RETRY_S if first else last_wait_s * 2, interval_s)
         log.warning("NTP %s: %s; again in %d s", server, e, wait_s)
-        tried.set()
         return wait_s
     log.info("clock set from NTP %s: %d", server, unix)
-    tried.set()
     if node is not None:  # info and status again, now with ts
         await node.publish_info()
         await node.republish_status()
     return interval_s
-
-
-async def wait_at_boot(cfg, tried):
-    """Before a TLS broker, wait for the first NTP round (`tried`) up to ntp.wait_s.
-
-    An ESP32's mbedTLS checks the certificate's dates (MicroPython >= 1.22), which an
-    unset clock (2000-01-01) fails. A clock that ran on over a reset needs no wait;
-    a round that fails or does not end in time lets the boot go on: MQTT retries,
-    and connects once a later round sets the clock.
-    """
-    from mpy_blox.node import now
-
-    if now() is not None:
-        return
-    try:
-        await asyncio.wait_for(tried.wait(), cfg.get_int("ntp.wait_s", 10))
-    except asyncio.TimeoutError:
-        pass
-    if now() is None:
-        log.warning("no time from NTP yet: TLS fails certificate dates until it comes")
