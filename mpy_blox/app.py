@@ -5,9 +5,12 @@
 # (WLAN, MQTT, optional imports, unloading) are mpy_blox.startup's.
 #
 # Boot: settings.json -> logging level -> secure store + /provision.json ->
-# boot_count -> WLAN -> MQTT (info/status on every connect, will = offline) ->
+# boot_count -> WLAN -> NTP before a TLS broker (mpy_blox/services.py, `ntp.enabled`:
+# waited for up to ntp.wait_s, the certificate's dates need it) ->
+# MQTT (info/status on every connect, will = offline) ->
 # update agent (if installed) -> the optional services (mpy_blox/services.py:
-# Home Assistant, the remote log) -> user_main() under the supervisor, and beside
+# Home Assistant, the remote log, NTP in the background, every ntp.interval_s)
+# -> user_main() under the supervisor, and beside
 # it the trial of a new update (mpy_blox.update.trial) if one is on trial, and
 # the watchdog's feeder (mpy_blox.watchdog, started by the supervisor). Boot waits
 # for WLAN and MQTT only up to wlan.wait_s / mqtt.wait_s (default 30 s each):
@@ -122,6 +125,11 @@ async def _run():
         node, sup = _node_and_supervisor(config, boot_count)
     trial = _trial(config, sup, started)  # before MQTT: its connect says "trial"
     await startup.wlan_up(config)
+    if config.get_bool("mqtt.ssl", False):  # the certificate's dates need the clock: NTP first
+        from mpy_blox import services  # it drops itself after each step
+
+        await services.clock_for_tls(config, node)
+        services = None
     if mqtt is None:
         log.error("no MQTT client: running without MQTT and updates")
     else:
@@ -142,13 +150,15 @@ async def _run():
         except Exception as e:  # noqa: BLE001  (a broken agent must not stop the device)
             agent = None
             log.exception("update agent failed to start", e)
-    if client is not None and (
-        config.get_bool("hass.enabled", False) or config.get_bool("logging.remote", False)
+    if (
+        config.get_bool("hass.enabled", False)
+        or config.get_bool("logging.remote", False)
+        or config.get_bool("ntp.enabled", True)
     ):
         from mpy_blox import services  # only then: a device without them pays nothing
 
         await services.start(client, config, node, agent)
-        sys.modules.pop("mpy_blox.services", None)
+        services = None
     asyncio.get_event_loop().set_exception_handler(sup.handle_exception)
     gc.collect()
     log.info("booted; free heap %d bytes", gc.mem_free())

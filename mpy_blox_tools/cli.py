@@ -13,7 +13,7 @@ from mpy_blox_tools import micropython
 from mpy_blox_tools.broker import ENGINES, MAX_PACKET_SIZE
 from mpy_blox_tools.build import PLATFORMS
 from mpy_blox_tools.errors import MpyBloxError
-from mpy_blox_tools.vboard.board import DEFAULT_FLASH, FILESYSTEMS, Board
+from mpy_blox_tools.vboard.board import CLOCKS, DEFAULT_FLASH, FILESYSTEMS, Board
 
 
 def _command(
@@ -39,7 +39,9 @@ def _vboard_create(args: argparse.Namespace) -> int:
         for given in (args.settings, args.provision, args.user_main):
             if given is not None and not Path(given).is_file():
                 raise MpyBloxError(f"{given}: no such file")
-    board = Board.create(args.dir, device_id=args.device_id, fs=args.fs, flash_size=args.flash)
+    board = Board.create(
+        args.dir, device_id=args.device_id, fs=args.fs, flash_size=args.flash, clock=args.clock
+    )
     print(f"created {board.device_id} in {board.dir} ({args.fs}, {args.flash} flash)")
     if args.app:
         try:
@@ -156,6 +158,12 @@ def _add_vboard(sub: argparse._SubParsersAction) -> None:
         help="the flash's filesystem; posix maps a host folder (default littlefs)",
     )
     p.add_argument("--flash", default=DEFAULT_FLASH, help="flash size (default 2M)")
+    p.add_argument(
+        "--clock",
+        choices=CLOCKS,
+        default="unset",
+        help="its RTC at power-on: unset (2000-01-01, until NTP sets it) or host (default unset)",
+    )
     p.add_argument(
         "--app",
         action="store_true",

@@ -5,6 +5,9 @@ Every device keeps a retained `info` and `status` on `mpypi/nodes/{device_id}/..
 them all and makes one row per device. The STATE column says why a device is in a
 state that needs a look: `trial (95s left)` (a new set running, not yet confirmed),
 `rolled_back: <reason>`, `failed: <reason>`, `safe_mode: <reason>` (user code stopped).
+LAST SEEN is `now` for a connected device (its will has not fired), else the time of
+the last `ts` it published (devices whose clock NTP set put one in `info` and
+`status`; the will that marks them offline has none), `-` without one.
 `watch` follows the same topics live (`status --watch`).
 
 Both then ask every device to announce itself (`mpypi/announce`, not retained): each
@@ -61,6 +64,7 @@ class Device:
     fs_free: int | None = None
     boot_count: int | None = None
     last_seen: str = ""
+    last_ts: int | None = None  # the newest `ts` of its info and status (UTC Unix time)
     rollout_stage: str = ""  # `2/4 ok (stable)`: its stage in a rollout (rollout_state)
     firmware: str = ""  # `v1.22.2 (ota_1)`: info.firmware, on a device with OTA partitions
     info: dict = field(default_factory=dict)
@@ -75,10 +79,19 @@ def _decode(payload: bytes) -> dict:
     return value if isinstance(value, dict) else {"_malformed": str(value)[:80]}
 
 
-def _when(value) -> str:
-    if isinstance(value, (int, float)) and value > 1e9:  # a device with a set clock
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
-    return ""
+def _ts(report: dict) -> int | None:
+    """A report's `ts`: UTC seconds since 1970 (an int) from a device whose clock is set;
+    None without one, or for anything else (a bool, a float, a string, before 2000)."""
+    value = report.get("ts")
+    if type(value) is int and 946684800 <= value < 253402300800:  # 2000 to 9999
+        return value
+    return None
+
+
+def _when(value: int | None) -> str:
+    if value is None:
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
 
 
 def devices_from(messages: dict[str, bytes], ages: dict[str, float] | None = None) -> list[Device]:
@@ -118,9 +131,9 @@ def devices_from(messages: dict[str, bytes], ages: dict[str, float] | None = Non
         # A device whose status is not offline holds a connection: its will has
         # not fired, so the broker has heard from it within 1.5 keepalives.
         connected = d.state not in ("offline", "unknown")
-        d.last_seen = (
-            _when(status.get("at")) or _when(info.get("at")) or ("now" if connected else "")
-        )
+        stamps = [t for t in (_ts(info), _ts(status)) if t is not None]
+        d.last_ts = max(stamps, default=None)
+        d.last_seen = "now" if connected else _when(d.last_ts)
     return sorted(devices.values(), key=lambda d: d.device_id)
 
 

@@ -260,6 +260,23 @@ def boards(tmp_path):
         rb.stop()
 
 
+@pytest.fixture
+def sntp():
+    """Start SNTP responders on 127.0.0.1 (tests/sntp_server.py): sntp(mode) -> Responder."""
+    from sntp_server import Responder
+
+    made: list[Responder] = []
+
+    def make(mode: str = "good") -> Responder:
+        r = Responder(mode)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.close()
+
+
 def _runs_on(board: Board, lane: Lane) -> bool:
     """Is the firmware in the board's ota_0 (its factory image) `lane`'s executable?"""
     from mpy_blox_tools.vboard import image
@@ -270,6 +287,9 @@ def _runs_on(board: Board, lane: Lane) -> bool:
 
 
 def settings_for(broker: Mosquitto, **extra) -> str:
-    """A settings.json text pointing a board at `broker`."""
-    settings = {"mqtt": {"server": broker.host, "port": broker.port}, **extra}
+    """A settings.json text pointing a board at `broker`; NTP off unless `ntp=` says
+    (a test must not ask pool.ntp.org: tests/sntp_server.py is the tests' server)."""
+    from sntp_server import NO_NTP
+
+    settings = {"mqtt": {"server": broker.host, "port": broker.port}, **NO_NTP, **extra}
     return json.dumps(settings)

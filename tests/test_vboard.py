@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 import serial
 
 from mpy_blox_tools.cli import main as cli
+from mpy_blox_tools.errors import MpyBloxError
 from mpy_blox_tools.vboard.board import Board
 
 MPREMOTE = [sys.executable, "-m", "mpremote"]
@@ -579,3 +581,56 @@ def test_vboard_run_in_a_terminal_says_each_line_once(tmp_path):
     out = "".join(seen) + rest
     assert out.count("serial port: ") == 1, out
     assert out.count("[vboard] boot 1 ") == 1, out
+
+
+CLOCK_MAIN = """
+import esp32, machine, time
+nvs = esp32.NVS("test")
+try:
+    n = nvs.get_i32("boots")
+except OSError:
+    n = 0
+nvs.set_i32("boots", n + 1)
+print("BOOT", n + 1, "EPOCH", time.gmtime(0)[:3], "NOW", time.time(), time.gmtime()[:6])
+print("RTC", machine.RTC().datetime()[:7])
+if n == 0:
+    # ntptime.settime()'s call: (year, month, day, weekday, hours, minutes, seconds, us)
+    machine.RTC().datetime((2026, 3, 4, 2, 5, 6, 7, 0))
+    print("SET", time.time(), time.gmtime()[:6], time.mktime((2026, 3, 4, 5, 6, 7, 0, 0)))
+    machine.reset()
+"""
+
+
+def test_the_board_clock_starts_at_2000_until_set_and_runs_on_over_a_reset(boards):
+    board = boards.create(files={"main.py": CLOCK_MAIN})
+    rb = boards.start(board)
+    rb.wait_for("BOOT 2 ")
+    rb.stop()
+    out = rb.console()
+    # An ESP32's epoch (MicroPython 1.22): 2000-01-01, where the clock starts at power-on.
+    assert "BOOT 1 EPOCH (2000, 1, 1) NOW 0 (2000, 1, 1, 0, 0, 0)" in out, out
+    assert "RTC (2000, 1, 1, 5, 0, 0, 0)" in out, out  # a Saturday
+    set_at = 825915967  # 2026-03-04 05:06:07 in seconds since 2000
+    assert f"SET {set_at} (2026, 3, 4, 5, 6, 7) {set_at}" in out, out
+    # machine.reset() keeps the RTC running, as ESP-IDF keeps the system time.
+    m = re.search(r"BOOT 2 EPOCH \(2000, 1, 1\) NOW (\d+) \(2026, 3, 4, 5, 6, \d+\)", out)
+    assert m and set_at <= int(m.group(1)) < set_at + 10, out
+
+
+def test_a_power_on_starts_the_clock_anew_and_clock_host_starts_it_set(boards):
+    board = boards.create(files={"main.py": CLOCK_MAIN})
+    rb = boards.start(board)
+    rb.wait_for("BOOT 2 ")
+    rb.stop()
+    rb = boards.start(board)  # the power back: not a reset
+    rb.wait_for("BOOT 3 ")
+    rb.stop()
+    assert "BOOT 3 EPOCH (2000, 1, 1) NOW 0 (2000, 1, 1, 0, 0, 0)" in rb.console()
+
+    host = boards.create(files={"main.py": CLOCK_MAIN}, clock="host")
+    before = int(time.time()) - 946684800
+    rb = boards.start(host)
+    now = int(rb.wait_for(r"BOOT 1 EPOCH \(2000, 1, 1\) NOW (\d+)").group(1))
+    assert before <= now < before + 30
+    with pytest.raises(MpyBloxError, match="unknown clock 'utc': choose one of unset, host"):
+        boards.create(files={}, clock="utc")

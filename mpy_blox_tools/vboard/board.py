@@ -30,6 +30,9 @@ FIRMWARE = Path(__file__).with_name("firmware")
 FILESYSTEMS = ("littlefs", "fat", "posix")
 BLOCK_SIZE = 4096  # the ESP32's flash sector
 DEFAULT_FLASH = "2M"
+# The board's RTC at power-on (firmware/time.py): "unset" starts at 2000-01-01, as an
+# ESP32 does until NTP sets it; "host" starts at the host's time.
+CLOCKS = ("unset", "host")
 
 
 class Board:
@@ -54,9 +57,12 @@ class Board:
         flash_size: str | int = DEFAULT_FLASH,
         wlan: dict | None = None,
         executable: str | None = None,
+        clock: str = "unset",
     ) -> Board:
         """Make a new board with an empty, formatted flash.
 
+        clock "host" starts its RTC at the host's time at power-on; "unset" (default)
+        at 2000-01-01, as an ESP32's until NTP sets it.
         From 4M of flash up it has OTA partitions, with `executable` (default: the
         `micropython` boards run on, micropython.executable()) as the firmware in
         ota_0, as a board fresh from `esptool write_flash`."""
@@ -69,6 +75,8 @@ class Board:
             raise MpyBloxError(
                 f"unknown filesystem {fs!r}: choose one of {', '.join(FILESYSTEMS)}"
             )
+        if clock not in CLOCKS:
+            raise MpyBloxError(f"unknown clock {clock!r}: choose one of {', '.join(CLOCKS)}")
         unique_id = secrets.token_hex(6) if device_id is None else _unique_id(device_id)
         size = micropython.parse_size(flash_size)
         if size % BLOCK_SIZE or size < 16 * BLOCK_SIZE:
@@ -83,6 +91,7 @@ class Board:
             "wlan": wlan,  # the emulated access point: {"ssid", "psk"} or None for any
             "chip": "esp32",
             "chip_id": 0,  # ESP-IDF's esp_chip_id_t, as firmware images name it
+            "clock": clock,  # the RTC at power-on: "unset" (2000-01-01) or "host"
             "partitions": bootloader.partition_table(size),
         }
         (directory / "board.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sntp_server import NO_NTP
 
 from mpy_blox_tools import build
 
@@ -42,10 +43,12 @@ async def user_main():
 
 @pytest.fixture
 def settings_for():
-    """settings.json text pointing a board at a broker (as tests/conftest.py's helper)."""
+    """settings.json text pointing a board at a broker (as tests/conftest.py's helper),
+    NTP off unless `ntp=` says."""
 
     def make(broker, **extra) -> str:
-        return json.dumps({"mqtt": {"server": broker.host, "port": broker.port}, **extra})
+        settings = {"mqtt": {"server": broker.host, "port": broker.port}, **NO_NTP, **extra}
+        return json.dumps(settings)
 
     return make
 

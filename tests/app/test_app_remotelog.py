@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sntp_server import NO_NTP
 
 from mpy_blox_tools.errors import MpyBloxError
 from mpy_blox_tools.logs import follow, format_record
@@ -52,6 +53,7 @@ def remote_board(app_board, broker, full_mpy, user_main, **logging):
     settings = {
         "mqtt": {"server": broker.host, "port": broker.port},
         "logging": {"remote": True, "remote_level": "INFO", **logging},
+        **NO_NTP,  # its warnings would be records too
     }
     board = app_board(json.dumps(settings), user_main=user_main, framework=None)
     board.put_tree(full_mpy, "lib/mpy_blox")

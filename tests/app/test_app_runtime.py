@@ -2,6 +2,7 @@
 missing files, user_main failures, the memory fail-safe, safe mode, WLAN and heap."""
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -213,9 +214,13 @@ def test_the_app_boots_and_idles_in_a_100k_heap(
     runtime_mpy,
     full_mpy,
     heap_report,
+    sntp,
+    mqtt_client,
 ):
     example = (REPO / "examples" / "user_main.py").read_text()
-    settings = settings_for(broker, user={"interval_s": 1})
+    # NTP on, as by default, from a server that answers: its sync and republish count.
+    ntp = {"server": "127.0.0.1", "port": sntp().port}
+    settings = settings_for(broker, user={"interval_s": 1}, ntp=ntp)
     board = app_board(
         settings, user_main=example, framework="runtime-src" if form == "source" else None
     )
@@ -228,6 +233,16 @@ def test_the_app_boots_and_idles_in_a_100k_heap(
     m = rb.wait_for(r"booted; free heap (\d+) bytes")
     w.wait("status", state="online")  # whatever else fits, the device is reachable
     rb.wait_for(r"user_main is alive 3")  # and idles through its sleeps
+    rb.wait_for(r"clock set from NTP")
+    info = w.wait("info")
+    # Idle: NTP's republish done and its module dropped, the answer to an announce.
+    for _ in range(50):
+        if "ts" in info:
+            break
+        time.sleep(0.1)
+        info = w.latest["info"]
+    w.latest.pop("info")
+    mqtt_client().publish("mpypi/announce", b"", qos=0)
     info = w.wait("info")
     out = rb.console()
     agent = "not installed"
@@ -236,7 +251,7 @@ def test_the_app_boots_and_idles_in_a_100k_heap(
         agent = "did NOT fit" if failed else "started"
     heap_report(
         f"{lane.name} lane, {format_size(heap)} board, {form}, {parts}: "
-        f"free heap after boot {m.group(1)} bytes, info.mem_free {info['mem_free']}, "
+        f"free heap after boot {m.group(1)} bytes, idle info.mem_free {info['mem_free']}, "
         f"update agent {agent}"
     )
     assert "fatal" not in out
@@ -244,19 +259,21 @@ def test_the_app_boots_and_idles_in_a_100k_heap(
 
 
 def test_the_full_framework_boots_with_heap_to_spare_below_100k(
-    lane, app_board, boards, broker, settings_for, full_mpy
+    lane, app_board, boards, broker, settings_for, full_mpy, sntp
 ):
     # The margin, not just the fit: 6 KB under an ESP32's 100K (on the 64-bit lane,
     # the same carried over) the full .mpy framework still starts its agent and
     # runs the example. A change that costs heap, or leaves it in smaller pieces
     # (the parser needs KB-sized blocks), fails here first.
     example = (REPO / "examples" / "user_main.py").read_text()
+    ntp = {"server": "127.0.0.1", "port": sntp().port}  # on, as by default
     board = app_board(
-        settings_for(broker, user={"interval_s": 1}), user_main=example, framework=None
+        settings_for(broker, user={"interval_s": 1}, ntp=ntp), user_main=example, framework=None
     )
     board.put_tree(full_mpy, "lib/mpy_blox")
     rb = boards.start(board, heap=lane.carried("94K"), lane=lane)
     rb.wait_for(r"user_main is alive 2")
+    rb.wait_for(r"clock set from NTP")
     out = rb.console()
     assert "cannot import" not in out
     assert "update agent failed" not in out and "no update agent" not in out
@@ -317,11 +334,15 @@ def test_an_error_escaping_everything_is_logged_and_resets_instead_of_a_dead_rep
 def test_a_heap_too_small_for_everything_still_boots_reachable_and_says_why(
     lane32, app_board, boards, broker, settings_for, watch, full_mpy
 ):
-    # The whole framework, as the device wheel installs it, in 68K: the runtime and
+    # The whole framework, as the device wheel installs it, in 69K: the runtime and
     # MQTT fit, the update agent does not. Before issue 14 that window was 62K-65K
     # on the 32-bit lane; the trial and the watchdog (2.7 KB after boot) moved it:
-    # at 66K MQTT now finds no block, at 68K the agent fails to start, at 70K it
-    # starts (measured). What does not fit is logged and left out; the device
+    # at 66K MQTT found no block, at 68K-70K the agent failed to start (measured).
+    # `ts` in info and status (issue 18: node.py stamps each message it says, and
+    # keeps the last status as fields to stamp it again; 0.2 KB with NTP off)
+    # moved it by 1K: at 68K the connect's info now finds no 104-byte block while
+    # the agent starts (sequential runs; 69K and 70K as before). What does not fit
+    # is logged and left out; the device
     # stays on MQTT. An ESP32's figure, so the 32-bit lane's alone: on the 64-bit
     # lane no heap leaves that window open in every layout (at 100K a .py
     # framework failed to compile its core in some checkouts; at 92K MQTT finds
@@ -329,7 +350,7 @@ def test_a_heap_too_small_for_everything_still_boots_reachable_and_says_why(
     board = app_board(settings_for(broker), framework=None)
     board.put_tree(full_mpy, "lib/mpy_blox")
     w = watch(board)
-    rb = boards.start(board, heap="68K", lane=lane32)
+    rb = boards.start(board, heap="69K", lane=lane32)
     rb.wait_for(r"booted; free heap \d+ bytes")
     w.wait("status", state="online")
     out = rb.console()

@@ -364,3 +364,36 @@ def test_status_shows_the_firmware_column_only_where_devices_report_one():
     assert lines[0].split()[:4] == ["DEVICE", "STATE", "FRAMEWORK", "FIRMWARE"]
     assert lines[1].split()[:4] == ["esp32-000000000001", "online", "0.7.0", "-"]
     assert lines[2].split()[:5] == ["esp32-000000000002", "online", "0.7.0", "v1.22.2", "(ota_1)"]
+
+
+def test_last_seen_of_an_offline_device_is_its_last_ts_and_json_has_it():
+    info = {"device_id": "esp32-000000000011", "ts": 1767225600}
+    base = "mpypi/nodes/esp32-%012d/%s"
+    messages = {
+        # offline (its will, no ts): the newest ts of its info and last status
+        base % (11, "info"): json.dumps(info).encode(),
+        base % (11, "status"): b'{"state": "offline"}',
+        # connected: now, whatever its ts says
+        base % (12, "info"): b'{"ts": 1767225600}',
+        base % (12, "status"): b'{"state": "online", "ts": 1767225660}',
+        # offline without a clock: not known when
+        base % (13, "info"): b'{"device_id": "esp32-000000000013"}',
+        base % (13, "status"): b'{"state": "offline"}',
+    }
+    for n, bad in enumerate(['"1767225600"', "true", "1767225600.5", "-5", "99999999999999"]):
+        messages[base % (20 + n, "info")] = b'{"ts": %s}' % bad.encode()
+        messages[base % (20 + n, "status")] = b'{"state": "offline"}'
+    rows = {d.device_id[-2:]: d for d in fleet.devices_from(messages)}
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(1767225600))
+    assert (rows["11"].last_seen, rows["11"].last_ts) == (when, 1767225600)
+    assert (rows["12"].last_seen, rows["12"].last_ts) == ("now", 1767225660)
+    assert (rows["13"].last_seen, rows["13"].last_ts) == ("", None)
+    for n in range(5):  # a ts that is not an int of a plausible time is none
+        assert (rows[str(20 + n)].last_seen, rows[str(20 + n)].last_ts) == ("", None)
+    table = fleet.format_table(list(rows.values())).splitlines()
+    assert next(r for r in table if "000000000011" in r).endswith(" " + when)
+    assert next(r for r in table if "000000000013" in r).endswith(" -")
+    data = {d["device_id"]: d for d in json.loads(fleet.as_json(list(rows.values())))}
+    assert data["esp32-000000000011"]["last_seen"] == when
+    assert data["esp32-000000000011"]["last_ts"] == 1767225600
+    assert data["esp32-000000000013"]["last_ts"] is None

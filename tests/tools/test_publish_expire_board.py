@@ -43,7 +43,7 @@ def test_a_device_that_comes_back_after_its_package_expired_fails_and_nothing_ch
     )
     (tmp_path / "provision.json").write_text(json.dumps({"update.key": key}))
     (tmp_path / "user_main.py").write_text(USER_MAIN.format(tag="v1"))
-    board = boards.create()
+    board = boards.create(clock="host")  # a set clock, as NTP would have set it
     rb = boards.start(board, heap=board_lane.heap, lane=board_lane)
     rb.wait_for(r"\[vboard\] boot 1")
     deploy.deploy_app(

@@ -35,16 +35,18 @@ def channel():
 
 @pytest.fixture
 def trust_board(boards, full_mpy, broker, channel):
-    def make(provision: dict | None = None, keepalive_s: int = 60, wlan: bool = False):
+    def make(
+        provision: dict | None = None, keepalive_s: int = 60, wlan: bool = False, clock="unset"
+    ):
         settings = {
             "mqtt": {"server": broker.host, "port": broker.port, "keepalive_s": keepalive_s},
             "update": {"channel": channel, "auto_update": True, "healthy_after_s": 1},
         }
         if wlan:  # an access point the test can take down (Board.set_network)
-            board = boards.create(wlan={"ssid": "testnet", "psk": "testnet-psk"})
+            board = boards.create(wlan={"ssid": "testnet", "psk": "testnet-psk"}, clock=clock)
             provision = {**(provision or {}), "wlan.ssid": "testnet", "wlan.psk": "testnet-psk"}
         else:
-            board = boards.create()
+            board = boards.create(clock=clock)
         board.put_tree(full_mpy, "lib/mpy_blox")
         files = {
             "main.py": (REPO / "main.py").read_bytes(),
@@ -237,8 +239,9 @@ def test_an_expired_list_is_refused_once_the_clock_is_set(
     trust_board, boards, mqtt_client, channel
 ):
     # Finding 7: an old signed list replayed onto a device whose seq is below it;
-    # `expires` bounds how long a list can be replayed (the host clock is set).
-    board = trust_board({"update.key": KEY})
+    # `expires` bounds how long a list can be replayed (the board's clock is set:
+    # as if NTP had set it).
+    board = trust_board({"update.key": KEY}, clock="host")
     watch = Watcher(mqtt_client(), board.device_id)
     rb = boards.start(board, heap=HEAP)
     rb.wait_for("USER v1", timeout=30)

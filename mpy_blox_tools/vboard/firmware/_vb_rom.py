@@ -17,6 +17,7 @@ import network
 # sys.modules once the host filesystem is gone.
 import os
 import sys
+import time
 import vfs
 
 import _vb_flash
@@ -30,9 +31,15 @@ def _start_board():
     board["dir"] = board_dir
     run = board_dir + "/run/"
     _vb_host.start(board, open(run + "reason", "wb"))
-    machine._start(
-        int(os.getenv("VBOARD_RESET_CAUSE") or machine.PWRON_RESET), open(run + "wdt", "wb")
-    )
+    cause = int(os.getenv("VBOARD_RESET_CAUSE") or machine.PWRON_RESET)
+    machine._start(cause, open(run + "wdt", "wb"))
+    # The RTC runs on over a reset, not over a power-on (firmware/time.py).
+    keep = cause != machine.PWRON_RESET
+    try:
+        f = open(run + "clock", "r+b" if keep else "w+b")
+    except OSError:  # no clock kept yet
+        f, keep = open(run + "clock", "w+b"), False
+    time._start(f, keep, board.get("clock") == "host")
     network._start(open(run + "net", "rb"))
     _vb_flash.start(
         open(run + "writes", "wb"),

@@ -1,6 +1,7 @@
 # Emulated `machine` of an ESP32 on the virtual board.
 # Shadows the unix port's small built-in module and keeps what it has.
 import _vb_host
+import utime
 from umachine import *  # noqa: F403  (Signal, idle, mem8, ...)
 
 PWRON_RESET = 1
@@ -52,6 +53,32 @@ def lightsleep(time_ms=0):
     import time
 
     time.sleep_ms(time_ms)
+
+
+class RTC:
+    """The ESP32 port's RTC (ports/esp32/machine_rtc.c, 1.22): the wall clock of
+    time.time(), which starts at 2000-01-01 00:00:00 (firmware/time.py).
+
+    datetime() -> (year, month, day, weekday, hours, minutes, seconds, microseconds);
+    datetime(tuple) sets it (the weekday is ignored), as ntptime.settime() does."""
+
+    def __init__(self, id=0):
+        pass
+
+    def datetime(self, t=None):
+        import time
+
+        if t is None:
+            n = utime.time() - time._base
+            t = time.gmtime(int(n))
+            return (t[0], t[1], t[2], t[6], t[3], t[4], t[5], int((n % 1) * 1000000))
+        if len(t) < 7:
+            raise ValueError("requested length %d but object has length %d" % (8, len(t)))
+        n = t[7] / 1000000 if len(t) > 7 else 0
+        time._set(time.mktime((t[0], t[1], t[2], t[4], t[5], t[6])) + n)
+
+    def init(self, t):
+        self.datetime(t)
 
 
 class WDT:
