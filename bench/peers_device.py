@@ -19,7 +19,8 @@
   upgrade skips members whose RECORD line is unchanged and removes the old
   version's leftovers. One deviation: upstream's zip reader refused a zip with a
   comment, which our wheels carry ("wbits=10"); this one looks for the end record.
-  Upstream spoke MQTT 5 through its own asyncio client; this speaks MQTT 3.1.1 with a blocking socket (a few bytes less per packet).
+  Upstream spoke MQTT 5 through its own asyncio client; this speaks MQTT 3.1.1
+  over a polled socket (a few bytes less per packet).
 """
 
 PROBE = """
