@@ -238,7 +238,7 @@ def write_plots(latest: dict[str, Result], img: Path) -> dict[str, Path | None]:
             path.unlink(missing_ok=True)
             made[kind] = None
             continue
-        title = f"Time against {what}: {_provenance(latest, names)}"
+        title = f"Time against {what}\n{_provenance(latest, names)}"
         plot(series, path, title=title, xlabel=f"{what} ({unit})", sizes=sizes)
         made[kind] = path
     return made
