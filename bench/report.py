@@ -6,8 +6,8 @@ that run's date, machine and lane; a benchmark no run has says "not run yet". Tw
 plots go to docs/img/, so a reader sees the shape rather than reads numbers:
 
 - time against package size: the `update` bench's rows (and a `firmware` bench's, if
-  one was run) whose payload is a size (`64 KiB`, `1 MiB`, `4 MiB`), one line per path
-  (end to end, download, the raw socket);
+  one was run) whose payload (or image) is a size (`64 KiB`, `1 MiB`, `4 MiB`), one
+  line per path (end to end, download, the raw socket);
 - time against fleet size: `fleet_publish` (one publish) and `fleet` (a staged
   rollout), time against the number of boards.
 
@@ -138,7 +138,9 @@ def package_series(latest: dict[str, Result]) -> dict[str, list[tuple[int, float
         if name not in latest:
             continue
         for row in latest[name].rows:
-            size, seconds = payload_bytes(row.get("payload")), _number(row.get("seconds"))
+            # `update` names the size "payload", `firmware` (issue 11) "image".
+            size = payload_bytes(row.get("payload", row.get("image")))
+            seconds = _number(row.get("seconds"))
             if size is not None and seconds is not None and seconds > 0:
                 path = str(row.get("path", "seconds"))
                 label = (

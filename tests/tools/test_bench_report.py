@@ -91,6 +91,20 @@ def test_each_bench_takes_its_latest_run_and_a_bench_never_run_says_so(tmp_path)
     assert "Time against package size: not run yet" in text  # no plot link given
 
 
+def test_firmware_images_plot_against_their_size_beside_the_update_packages(tmp_path):
+    rows = [
+        {"image": "1.25 MiB", "path": "firmware e2e, single message", "seconds": 2.0},
+        {"image": "1.25 MiB", "path": "raw socket into the partition", "seconds": 0.5},
+        {"image": "-", "path": "install boot: min free heap before a download", "seconds": ""},
+    ]
+    latest = report.load_latest(_results(tmp_path))
+    latest["firmware"] = report.Result("firmware", "Firmware", rows, "d", "m", "l", "f.json")
+    series = report.package_series(latest)
+    assert series["firmware e2e, single message"] == [(1280 * 1024, 2.0)]
+    assert series["firmware: raw socket into the partition"] == [(1280 * 1024, 0.5)]
+    assert series["raw socket"] == [(65536, 0.01), (1048576, 0.08), (4194304, 0.3)]
+
+
 def test_the_report_writes_plots_and_the_same_json_gives_the_same_bytes(tmp_path):
     pytest.importorskip("matplotlib")
     results, benches = _results(tmp_path), _bench_dir(tmp_path)
