@@ -13,6 +13,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 POETRY := $(VENV)/bin/poetry
 INSTALLED := $(VENV)/.installed
+INSTALLED_BENCH := $(VENV)/.installed-bench
 
 DEVICE ?=
 SETTINGS ?= settings.json
@@ -38,7 +39,7 @@ export MPY_BLOX_MICROPYTHON32 := $(MICROPYTHON32_DEFAULT)
 endif
 endif
 
-.PHONY: setup test demo bench heap soak lint mosquitto lane32 clean
+.PHONY: setup bench-setup test demo bench bench-report heap soak lint mosquitto lane32 clean
 .PHONY: deploy-lib deploy-app deploy-user provision unprovision purge-lib repl mounted-repl
 
 setup: $(INSTALLED)
@@ -55,6 +56,14 @@ $(POETRY): | $(PY)
 $(INSTALLED): pyproject.toml poetry.lock | $(POETRY)
 	@echo "mpy-blox: installing dependencies (poetry install --all-extras)"
 	VIRTUAL_ENV=$(abspath $(VENV)) $(POETRY) install --all-extras --no-interaction --quiet
+	@touch $@
+
+# The benches' own group (matplotlib for the report's plots): not for `make test`.
+bench-setup: $(INSTALLED_BENCH)
+
+$(INSTALLED_BENCH): $(INSTALLED)
+	@echo "mpy-blox: installing the bench group (poetry install --with bench)"
+	VIRTUAL_ENV=$(abspath $(VENV)) $(POETRY) install --all-extras --with bench --no-interaction --quiet
 	@touch $@
 
 mosquitto:
@@ -88,8 +97,13 @@ demo: setup lane32
 	@$(VENV)/bin/mpy-blox demo
 
 # Benchmarks: tables on stdout, JSON in bench-results/. `make bench BENCH=mqtt` runs one.
-bench: setup mosquitto lane32
+bench: bench-setup mosquitto lane32
 	@$(PY) bench/run.py $(BENCH)
+
+# docs/benchmarks.md's generated section and docs/img/bench-*.png from the latest
+# run of each benchmark in bench-results/ (bench/report.py).
+bench-report: bench-setup
+	@$(PY) bench/report.py
 
 # The heap at each phase of an update and the install boot's edge, 32-bit and
 # 64-bit side by side (bench/bench_heap.py); JSON in bench-results/.

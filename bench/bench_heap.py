@@ -116,8 +116,8 @@ async def user_main():
 USER_V2 = "async def user_main():\n    print('USER v2')\n"
 
 
-def _with_probe(main: str) -> str:
-    """main.py with `import heapprobe` just before its `import mpy_blox.app` statement.
+def _with_probe(main: str, module: str = "heapprobe") -> str:
+    """main.py with `import {module}` just before its `import mpy_blox.app` statement.
 
     Found by parsing main.py, not by its text: the statement may sit in a block
     (main.py imports the app inside a try), and the probe's import takes its line's
@@ -130,7 +130,7 @@ def _with_probe(main: str) -> str:
         raise RuntimeError("main.py has no 'import mpy_blox.app' statement to probe before")
     lines = main.splitlines(keepends=True)
     indent = lines[node.lineno - 1][: node.col_offset]
-    lines.insert(node.lineno - 1, indent + "import heapprobe\n")
+    lines.insert(node.lineno - 1, indent + f"import {module}\n")
     probed = "".join(lines)
     ast.parse(probed)  # still valid: a bad insertion fails here, not at the board's boot
     return probed

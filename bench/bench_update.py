@@ -170,6 +170,9 @@ def run(workdir: Path) -> list[dict]:
                 blob = workdir / f"blob{size}.bin"
                 blob.write_bytes(os.urandom(size))  # new bytes: a package to install
                 package = publish.src_package(blob, "data/blob.bin")
+                # Counted before the publish: the board may be back in its app before
+                # the host reads the install's last status (a loaded machine).
+                boots = rb.boots()
                 t0 = time.monotonic()
                 publish.publish_update(
                     url,
@@ -185,7 +188,8 @@ def run(workdir: Path) -> list[dict]:
                 marks = timeline.wait_for(t0, "downloading", "installing", "rebooting")
                 e2e = marks["rebooting"] - t0
                 download = marks["installing"] - marks["downloading"]
-                rb.wait_for(r"\[vboard\] boot \d+", count=rb.boots() + 1, timeout=60)
+                # Two boots: the install boot, then the app's on the new set.
+                rb.wait_for(r"\[vboard\] boot \d+", count=boots + 2, timeout=60)
                 rows_here = [(f"update e2e, {form}", e2e), (f"update download, {form}", download)]
                 if form == "single message":
                     rows_here.append(("raw socket", raw[size]))
