@@ -224,7 +224,9 @@ def test_deploy_app_reboots_a_fresh_board_into_the_app_reporting_its_version(
     from mpy_blox_tools import fleet, mqtt
 
     b = boards.create()
-    rb = boards.start(b, lane=lane)
+    # The lane's board heap: 100K on the 32-bit lane (an ESP32's), its equivalent on
+    # the 64-bit one (at 100K there the app's agent ran out after the time service).
+    rb = boards.start(b, heap=lane.board_heap, lane=lane)
     rb.wait_for(r"\[vboard\] boot 1")
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({"mqtt": {"server": broker.host, "port": broker.port}}))
