@@ -38,7 +38,8 @@ from mpy_blox_tools.fleet import _decode
 from mpy_blox_tools.watch import FAILURES
 
 DEFAULT_TIMEOUT_S = 600
-SAVE_EVERY_S = 5.0  # outcomes are written at most this often while a stage runs
+SAVE_EVERY_S = 5.0  # outcomes are written at most this often while a stage runs,
+SAVE_RATE = 8192  # and at most this many bytes of state a second (a fleet of thousands)
 SETTLE_BATCH = 500  # retained cmd lists asked for at once (Mosquitto queues 1000 a client)
 HALTED, PAUSED, ABORTED, DONE = 1, 2, 3, 0
 
@@ -138,6 +139,7 @@ class Runner:
         self.packages_out = packages_out
         self.dirty = False  # outcomes judged since the last write
         self.saved_at = 0.0  # time.monotonic() of the last write
+        self.save_gap = SAVE_EVERY_S  # before outcomes are written again
 
     # -- the state on the broker
 
@@ -150,6 +152,7 @@ class Runner:
             doc["writer"], doc["updated"] = self.writer, time.time()
             payload = rs.encode(doc)
             self.dirty, self.saved_at = False, time.monotonic()
+            self.save_gap = max(SAVE_EVERY_S, len(payload) / SAVE_RATE)
         info = self.client.publish(rs.topic(doc["channel"]), payload, qos=1, retain=True)
         info.wait_for_publish(30)
 
@@ -329,10 +332,11 @@ class Runner:
             if self.control:
                 return self._stopped()
             # Outcomes go to the broker in batches, for `rollout status`: at most one
-            # write each SAVE_EVERY_S, and at the stage's end. They need no write to be
-            # safe: a resume judges again from the devices' retained reports.
+            # write each SAVE_EVERY_S (longer for a document of thousands of devices),
+            # and at the stage's end. They need no write to be safe: a resume judges
+            # again from the devices' retained reports.
             self.dirty |= self._judge_all()
-            if self.dirty and time.monotonic() - self.saved_at >= SAVE_EVERY_S:
+            if self.dirty and time.monotonic() - self.saved_at >= self.save_gap:
                 self.save()
             failed = self.failures()
             if len(failed) > limit:
