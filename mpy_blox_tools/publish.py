@@ -286,6 +286,8 @@ def publish_update(
     client=None,
     log=print,
     on_list: Callable[[int | None, bytes], None] | None = None,
+    before_lists: Callable[[int | None, list[tuple[str, bytes]]], None] | None = None,
+    send_packages: bool = True,
 ) -> Published:
     """Publish `packages` and a list naming them to `channel` and/or each device's cmd.
 
@@ -296,7 +298,11 @@ def publish_update(
     broker. `package_expiry`: seconds after which the broker drops the packages and
     their chunks (MQTT 5 message expiry; refused on an MQTT 3.1.1 broker).
     `on_list(seq, payload)` is called before each list goes out
-    (`watch.Watcher.expect_list`). A `client` of our own comes from
+    (`watch.Watcher.expect_list`); `before_lists(seq, [(topic, payload), ...])` once,
+    with every list, before the first goes out (a rollout's write-ahead).
+    `send_packages=False`: the packages are retained already, as this call would cut
+    them (a rollout's later stages, or packages just read back from the broker): only
+    the lists go out, naming the same entries. A `client` of our own comes from
     `mqtt.connect(broker, mqtt5=True)`; another 3.1.1 client learns no limit."""
     check_targets(channel, device_ids)
     if key is None and (expires is not None or next_pubkey is not None):
@@ -338,7 +344,7 @@ def publish_update(
         if any(c.chunked for c in cuts):
             log(f"chunks of {format_size(size)} bytes ({why})")
         sent = 0
-        for c in cuts:
+        for c in cuts if send_packages else ():
             p = c.package
             if c.chunked:
                 n = c.entry["chunks"]
@@ -354,6 +360,8 @@ def publish_update(
                 except mqtt.HungUp as e:
                     raise MpyBloxError(fit.hung_up(e, m, limits)) from None
                 sent += len(m.payload)
+        if before_lists:
+            before_lists(seq, [(m.topic, m.payload) for m in lists])
         for m in lists:
             if on_list:
                 on_list(seq, m.payload)

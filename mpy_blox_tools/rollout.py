@@ -11,7 +11,11 @@ halts when the failures pass --max-failures, else bakes and goes on. The last st
 publishes the channel list, so devices that join later get the release.
 
 Every step is written first to the retained state (rollout_state) and then done,
-so `resume` on any workstation carries on from the broker's state.
+so `resume` on any workstation carries on from the broker's state. A stage writes
+that state a bounded number of times (its write-ahead, its `sent`, its outcomes in
+batches), not once per device; the release's packages go out once, with the first
+stage's lists (content-addressed and retained: later stages and the channel list
+only name them), again on each publish only with --expire.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ from mpy_blox_tools.fleet import _decode
 from mpy_blox_tools.watch import FAILURES
 
 DEFAULT_TIMEOUT_S = 600
+SAVE_EVERY_S = 5.0  # outcomes are written at most this often while a stage runs,
+SAVE_RATE = 8192  # and at most this many bytes of state a second (a fleet of thousands)
+SETTLE_BATCH = 500  # retained cmd lists asked for at once (Mosquitto queues 1000 a client)
 HALTED, PAUSED, ABORTED, DONE = 1, 2, 3, 0
 
 
@@ -105,10 +112,19 @@ def fetch_packages(client, entries: list[dict]) -> list[publish.Package]:
     return out
 
 
+def _cut_as(entries: list[dict]) -> dict:
+    """publish_update's chunk_size that cuts fetch_packages' packages into `entries`
+    again: one chunk size for every package of a publish, none (0) if none was cut."""
+    sizes = {e["chunk_size"] for e in entries if e.get("chunks")}
+    return {"chunk_size": sizes.pop() if len(sizes) == 1 else 0}
+
+
 class Runner:
     """One workstation's run of a rollout: sends, follows the devices, writes the state."""
 
-    def __init__(self, client, broker, doc: dict, packages, opts: Options) -> None:
+    def __init__(
+        self, client, broker, doc: dict, packages, opts: Options, packages_out: bool = False
+    ) -> None:
         self.client, self.broker, self.doc, self.packages = client, broker, doc, packages
         self.opts = opts
         self.out = opts.out or sys.stdout
@@ -118,6 +134,12 @@ class Runner:
         self.control: dict | None = None  # a pause or abort written by another command
         self.reports: dict[str, dict] = {}  # device -> {"info": {...}, "status": {...}}
         self.shown = ""
+        # Whether the release's packages are on the broker: sent by this run, or read
+        # back from it (resume); then a stage sends only its lists.
+        self.packages_out = packages_out
+        self.dirty = False  # outcomes judged since the last write
+        self.saved_at = 0.0  # time.monotonic() of the last write
+        self.save_gap = SAVE_EVERY_S  # before outcomes are written again
 
     # -- the state on the broker
 
@@ -129,6 +151,8 @@ class Runner:
             doc["rev"] = int(doc.get("rev", 0)) + 1
             doc["writer"], doc["updated"] = self.writer, time.time()
             payload = rs.encode(doc)
+            self.dirty, self.saved_at = False, time.monotonic()
+            self.save_gap = max(SAVE_EVERY_S, len(payload) / SAVE_RATE)
         info = self.client.publish(rs.topic(doc["channel"]), payload, qos=1, retain=True)
         info.wait_for_publish(30)
 
@@ -159,34 +183,62 @@ class Runner:
     # -- sending
 
     def _send(self, device_ids: list[str], stage: int) -> None:
+        """The stage's lists: one write-ahead naming each device `sending` with its
+        list's seq and SHA256, the lists, then one write naming them `sent`. A pause
+        or abort seen between two lists stops the sending there."""
         devices = self.doc["devices"]
-        calls = iter(device_ids)
+        by_topic = {topics.node_topic(d, "cmd"): d for d in device_ids}
 
-        def on_list(seq, payload) -> None:
-            # Called before each list goes out, in the order of device_ids (one per
-            # cmd topic, each signed for its own): the device is written `sending` first.
-            d = next(calls)
+        def before_lists(seq, lists) -> None:
+            now = time.time()
             with self.lock:
-                devices[d] = {
-                    "stage": stage,
-                    "state": rs.SENDING,
-                    "seq": seq,
-                    "list": hashlib.sha256(payload).hexdigest(),
-                    "sent_at": time.time(),
-                    "reason": "",
-                }
+                if self.control:
+                    raise _Stopped
+                for topic, payload in lists:
+                    devices[by_topic[topic]] = {
+                        "stage": stage,
+                        "state": rs.SENDING,
+                        "seq": seq,
+                        "list": hashlib.sha256(payload).hexdigest(),
+                        "sent_at": now,
+                        "reason": "",
+                    }
             self.save()
 
-        done = publish.publish_update(
-            self.broker,
-            self.packages,
-            device_ids=tuple(device_ids),
-            key=self.opts.key,
-            client=self.client,
-            log=_quiet,
-            on_list=on_list,
-            **(self.opts.publish_kwargs or {}),
-        )
+        listed = [0]  # lists acknowledged by the broker (publish_retained waits)
+
+        def on_list(seq, payload) -> None:
+            # Called before each list goes out, in the order of device_ids.
+            with self.lock:
+                if self.control:
+                    raise _Stopped
+            listed[0] += 1
+
+        try:
+            done = publish.publish_update(
+                self.broker,
+                self.packages,
+                device_ids=tuple(device_ids),
+                key=self.opts.key,
+                client=self.client,
+                log=_quiet,
+                on_list=on_list,
+                before_lists=before_lists,
+                send_packages=self._packages_needed(),
+                **(self.opts.publish_kwargs or {}),
+            )
+        except _Stopped:
+            # Stopped between two lists: those acknowledged went out, the rest did
+            # not and go with their stage if the rollout is resumed.
+            with self.lock:
+                for n, d in enumerate(device_ids):
+                    if d in devices and devices[d]["state"] == rs.SENDING:
+                        if n < listed[0]:
+                            devices[d]["state"] = rs.SENT
+                        else:
+                            del devices[d]
+            return
+        self.packages_out = True
         with self.lock:
             # The entries as listed (chunk fields, if publish chunked a package): where
             # resume and revert find the packages again.
@@ -195,18 +247,37 @@ class Runner:
                 devices[d]["state"] = rs.SENT
         self.save()
 
+    def _packages_needed(self) -> bool:
+        # The packages are content-addressed and retained: once out (or read back from
+        # the broker by resume) they are not sent again; but with --expire, where each
+        # publish restarts their time on the broker, as `publish` would.
+        expiring = (self.opts.publish_kwargs or {}).get("package_expiry") is not None
+        return not self.packages_out or expiring
+
     def _settle_sending(self) -> None:
-        """After a crash: a device left `sending` got its list if the retained cmd is it."""
+        """After a crash: a device left `sending` got its list if its retained cmd is
+        that list, byte for byte; else it did not, and goes with its stage.
+
+        The SHA256 recorded is of bytes this rollout signed for that device's topic
+        with a seq no list had before (publish.next_seq): only the key holder's
+        publish of them can have put them there, so an equal hash is proof enough,
+        and a list of anyone else (or none) is not this one."""
         stuck = [d for d, v in self.doc["devices"].items() if v.get("state") == rs.SENDING]
         if not stuck:
             return
-        cmds = mqtt.collect_retained(self.client, *[topics.node_topic(d, "cmd") for d in stuck])
-        for d in stuck:
-            payload = cmds.get(topics.node_topic(d, "cmd"), b"")
-            if hashlib.sha256(payload).hexdigest() == self.doc["devices"][d].get("list"):
-                self.doc["devices"][d]["state"] = rs.SENT
-            else:
-                del self.doc["devices"][d]  # never went out: sent with its stage
+        cmds: dict[str, bytes] = {}
+        for n in range(0, len(stuck), SETTLE_BATCH):  # under the broker's queue per client
+            batch = stuck[n : n + SETTLE_BATCH]
+            cmds.update(
+                mqtt.collect_retained(self.client, *[topics.node_topic(d, "cmd") for d in batch])
+            )
+        with self.lock:
+            for d in stuck:
+                payload = cmds.get(topics.node_topic(d, "cmd"), b"")
+                if hashlib.sha256(payload).hexdigest() == self.doc["devices"][d].get("list"):
+                    self.doc["devices"][d]["state"] = rs.SENT
+                else:
+                    del self.doc["devices"][d]  # never went out: sent with its stage
         self.save()
 
     # -- judging
@@ -260,7 +331,12 @@ class Runner:
         while True:
             if self.control:
                 return self._stopped()
-            if self._judge_all():  # an outcome: on the broker at once, for `rollout status`
+            # Outcomes go to the broker in batches, for `rollout status`: at most one
+            # write each SAVE_EVERY_S (longer for a document of thousands of devices),
+            # and at the stage's end. They need no write to be safe: a resume judges
+            # again from the devices' retained reports.
+            self.dirty |= self._judge_all()
+            if self.dirty and time.monotonic() - self.saved_at >= self.save_gap:
                 self.save()
             failed = self.failures()
             if len(failed) > limit:
@@ -297,8 +373,9 @@ class Runner:
                 self.changed.wait(0.5)
                 self.changed.clear()
                 continue
+            # The next stage's write-ahead writes this too (a crash before it resumes
+            # here, the bake already over).
             doc["stage"], doc["stage_done_at"] = i + 1, None
-            self.save()
 
     def members(self, i: int) -> list[str]:
         t = self.doc["targets"]
@@ -330,8 +407,10 @@ class Runner:
                 client=self.client,
                 log=_quiet,
                 on_list=on_list,
+                send_packages=self._packages_needed(),
                 **(self.opts.publish_kwargs or {}),
             )
+            self.packages_out = True
             doc["channel_list"]["state"] = rs.SENT
         doc["status"], doc["reason"] = "done", ""
         self.save()
@@ -361,6 +440,10 @@ class Runner:
         if key != self.shown or force:
             self.shown = key
             self.say(line)
+
+
+class _Stopped(Exception):
+    """A pause or abort by another command, seen between two lists of a stage."""
 
 
 def _quiet(line: str) -> None:
@@ -441,8 +524,10 @@ def resume(broker: mqtt.BrokerURL, channel: str, opts: Options | None = None) ->
             raise MpyBloxError(f"the rollout on {channel} is {doc['status']}: nothing to resume")
         _check_key(doc, opts.key)
         packages = fetch_packages(client, doc["entries"])
+        # Cut as they were, so the lists name the chunks the broker retains.
+        opts.publish_kwargs = {**(opts.publish_kwargs or {}), **_cut_as(doc["entries"])}
         doc["status"], doc["reason"] = "running", ""
-        runner = Runner(client, broker, doc, packages, opts)
+        runner = Runner(client, broker, doc, packages, opts, packages_out=True)
         runner.save()
         runner.say(f"resuming the rollout on {channel} at stage {doc['stage'] + 1}")
         return _run(runner)
@@ -505,8 +590,15 @@ def control(
         client.publish(rs.topic(channel), rs.encode(doc), qos=1, retain=True).wait_for_publish(30)
         print(f"rollout on {channel} {status}", file=out)
         if packages and sent:
-            publish.publish_update(
-                broker, packages, device_ids=tuple(sent), key=key, client=client, log=_quiet
+            publish.publish_update(  # the packages were just read back from the broker
+                broker,
+                packages,
+                device_ids=tuple(sent),
+                key=key,
+                client=client,
+                log=_quiet,
+                send_packages=False,
+                **_cut_as(doc["previous"]),
             )
             print(f"reverted {len(sent)} device(s) to the previous release", file=out)
         return 0

@@ -20,10 +20,16 @@ workstation can read it, pause it, resume it or abort it (docs/protocol.md, "Rol
      "reason": "",                   # why it halted, paused or aborted
      "rev": 7, "writer": "host:pid", "updated": 1764587000.0}
 
-A device's `state` is `sending` (written before its cmd list goes out, with the list's
-seq and SHA256), `sent` (written after), then `ok` or `failed` (with `reason`). A crash
-between `sending` and `sent` is settled by the retained cmd list: if it is the one
-recorded, it went out; else it did not, and is sent then (never twice).
+A device's `state` is `sending`, `sent`, then `ok` or `failed` (with `reason`). A stage
+costs a few writes, whatever its size: one write-ahead naming each of its devices
+`sending` with its list's seq and SHA256 (the lists are signed before the first goes
+out), the lists, one write naming them `sent`; the outcomes in batches (at most one
+write every few seconds, and one when the stage is over). A crash between `sending` and
+`sent` is settled by each device's retained cmd list: the very bytes recorded, it went
+out; anything else, it did not, and is sent then (never twice, never skipped).
+
+Version 1 since the first rollout: that the writes became fewer changed no field and
+no meaning, so a workstation of either kind reads the other's document.
 """
 
 from __future__ import annotations

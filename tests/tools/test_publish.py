@@ -382,3 +382,52 @@ def test_a_bad_key_or_signing_option_is_one_clear_line_and_publishes_nothing(
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("mpy-blox: "), err
     assert _retained(broker, "mpypi/channels/badkey") == {}
+
+
+def test_lists_alone_name_the_packages_already_retained_and_are_shown_before_any_goes(
+    broker, tmp_path
+):
+    """What a rollout's later stages do: `send_packages=False` sends the lists only,
+    naming the entries (chunks included) the first publish retained; `before_lists`
+    sees every list, signed, before the first goes out."""
+    (tmp_path / "big.bin").write_bytes(bytes(range(256)) * 40)  # 10240 bytes: 3 chunks
+    packages = [publish.src_package(tmp_path / "big.bin")]
+    url = mqtt.BrokerURL(broker.host, broker.port)
+    ids = ("esp32-00000000a001", "esp32-00000000a002")
+    cmd_topics = [topics.node_topic(d, "cmd") for d in ids]
+    first = publish.publish_update(url, packages, device_ids=ids[:1], key=KEY, chunk_size=4096)
+    watcher = mqtt.connect(url)
+    live: list[str] = []
+    watcher.on_message = lambda c, u, m: None if m.retain else live.append(m.topic)
+    watcher.subscribe([("mpypi/packages/#", 1), ("mpypi/nodes/+/cmd", 1)])
+    seen = []
+
+    def before_lists(seq, lists):
+        seen.append((seq, [t for t, _ in lists], list(live)))
+
+    try:
+        time.sleep(0.3)  # the retained ones first
+        live.clear()
+        again = publish.publish_update(
+            url,
+            packages,
+            device_ids=ids,
+            key=KEY,
+            chunk_size=4096,
+            send_packages=False,
+            before_lists=before_lists,
+            log=lambda line: None,
+        )
+        deadline = time.monotonic() + 5
+        while len(live) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        mqtt.disconnect(watcher)
+    assert again.entries == first.entries and again.entries[0]["chunks"] == 3
+    assert seen == [(again.seq, cmd_topics, [])]  # once, before any list went
+    assert sorted(live) == cmd_topics  # the lists, and no package again
+    retained = _retained(broker, "mpypi/nodes/+/cmd")
+    assert again.payload_bytes == sum(len(retained[t]) for t in cmd_topics)
+    e = first.entries[0]
+    chunk_topics = [topics.chunk_topic(e, k) for k in (*range(e["chunks"]), None)]
+    _clear(broker, [*cmd_topics, *chunk_topics])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from mpy_blox import topics
-from mpy_blox_tools import build, fleet, mqtt, publish, wheel
+from mpy_blox_tools import build, fleet, mqtt, publish, rollout, wheel
 from mpy_blox_tools import rollout_state as rs
 from mpy_blox_tools.cli import main as cli
 from mpy_blox_tools.errors import MpyBloxError
@@ -311,6 +312,79 @@ def _spawn(argv: list[str], cwd: Path) -> subprocess.Popen:
     )
 
 
+# A workstation that kills itself (SIGKILL, nothing flushed or written after) at a
+# chosen cmd list: before it goes out, or once the broker acknowledged it.
+KILLED_AT = """
+import os, signal, sys
+from mpy_blox_tools import mqtt
+from mpy_blox_tools.cli import main
+
+when, nth = sys.argv[1], int(sys.argv[2])
+original, lists = mqtt.publish_retained, [0]
+
+def publish_retained(client, topic, payload, **kw):
+    cmd = topic.endswith("/cmd")
+    lists[0] += cmd
+    if cmd and when == "before" and lists[0] == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
+    original(client, topic, payload, **kw)
+    if cmd and when == "after" and lists[0] == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+mqtt.publish_retained = publish_retained
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize(
+    "tag, when, nth, sending",
+    [
+        # Stages 1, 50%, 100% of four boards send lists 1 | 2 | 3 4.
+        ("v4a", "before", 2, 1),  # after stage 2's write-ahead, before its list
+        ("v4b", "before", 4, 2),  # mid-stage: stage 3's first list out, its second not
+        ("v4c", "after", 4, 2),  # stage 3's lists all out, before its `sent` write
+    ],
+)
+def test_a_workstation_killed_at_any_list_of_a_stage_resumes_sending_each_list_once(
+    fleet_boards, broker, release_wheel, tmp_path, recorder, capsys, tag, when, nth, sending
+):
+    ids = sorted(rb.board.device_id for rb in fleet_boards)
+    argv = _start(broker, release_wheel, "--stages", "1,50%,100%", *_release(tmp_path, tag))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XDG_STATE_HOME": str(tmp_path / "xdg")}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AT, when, str(nth), *argv],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    # What the broker kept: the stage's devices written `sending` together, the lists
+    # that went out retained on their cmd topics, the others not.
+    doc = _state(broker)
+    assert doc["status"] == "running"
+    stuck = [d for d, v in doc["devices"].items() if v["state"] == "sending"]
+    assert len(stuck) == sending, doc["devices"]
+    out_already = nth if when == "after" else nth - 1
+    deadline = time.monotonic() + 5  # the broker delivers a little after its PUBACK
+    while sum(recorder.cmds().values()) < out_already and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sum(recorder.cmds().values()) == out_already, recorder.sent
+    assert cli(["rollout", "resume", "--broker", broker.url, "--channel", CHANNEL,
+                "--key-file", "key"]) == 0  # fmt: skip
+    assert "rollout on ro-fleet done" in capsys.readouterr().out
+    recorder.wait_for("channel")
+    assert recorder.cmds() == {d: 1 for d in ids}, recorder.sent  # none twice, none skipped
+    want = _src_sha(USER_MAIN.format(tag=tag))
+    deadline = time.monotonic() + 30
+    while any((_infos(broker)[d].get("src") or {}).get("user_main.py") != want for d in ids):
+        assert time.monotonic() < deadline, "not every board runs the release"
+        time.sleep(0.2)
+    doc = _state(broker)
+    assert {v["state"] for v in doc["devices"].values()} == {"ok"}
+
+
 def test_a_workstation_killed_mid_stage_is_resumed_from_the_broker_without_sending_twice(
     fleet_boards, broker, release_wheel, tmp_path, recorder, capsys
 ):
@@ -489,6 +563,36 @@ def test_the_release_flags_reach_publish_as_publish_takes_them():
     assert rollout_cli._publish_kwargs(args) == {"force": False}
 
 
+class Writes:
+    """The rollout's live writes of its state, by the stage each names, and how many
+    times each package topic was published."""
+
+    def __init__(self, broker, channel: str) -> None:
+        self.client = mqtt.connect(mqtt.BrokerURL(broker.host, broker.port))
+        self.stages: list[int] = []
+        self.packages: dict[str, int] = {}
+        self.topic = rs.topic(channel)
+        self.client.on_message = self._on_message
+        self.client.subscribe([(self.topic, 1), ("mpypi/packages/#", 1)])
+        time.sleep(0.3)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        if msg.retain:
+            return
+        if msg.topic == self.topic:
+            doc = rs.decode(msg.payload)
+            if doc is not None:
+                self.stages.append(doc["stage"])
+        else:
+            self.packages[msg.topic] = self.packages.get(msg.topic, 0) + 1
+
+    def by_stage(self) -> dict[int, int]:
+        return {i: self.stages.count(i) for i in sorted(set(self.stages))}
+
+    def close(self) -> None:
+        mqtt.disconnect(self.client)
+
+
 FLEET_CHANNEL = "ro-fleet12"
 FLEET_BOARDS = 12  # about 9 s here on the 32-bit lane, boots included
 
@@ -511,6 +615,7 @@ def test_a_fleet_supervisor_s_boards_take_a_good_release_stage_by_stage(
     ids = sorted(b.device_id for b in made)
     url = mqtt.BrokerURL(broker.host, broker.port)
     recorder = Recorder(broker, FLEET_CHANNEL)
+    writes = Writes(broker, FLEET_CHANNEL)
     running = RunningFleet(made, heap=board_lane.heap, executable=board_lane.executable)
     try:
         running.start()
@@ -543,6 +648,14 @@ def test_a_fleet_supervisor_s_boards_take_a_good_release_stage_by_stage(
         finally:
             mqtt.disconnect(client)
         assert doc["status"] == "done" and len(doc["stage_s"]) == 3
+        # The state is written a few times a stage, whatever its size (1, 2 and 9
+        # devices here), not about three times a device as it was (sending, sent,
+        # outcome). And each package went out once, not once a stage.
+        per_stage = writes.by_stage()
+        for i, took in enumerate(doc["stage_s"]):
+            assert per_stage[i] <= 6 + math.ceil(took / rollout.SAVE_EVERY_S), per_stage
+        assert sum(per_stage.values()) < 2 * count, per_stage
+        assert writes.packages and max(writes.packages.values()) == 1, writes.packages
         assert doc["channel_list"]["seq"] > max(v["seq"] for v in doc["devices"].values())
         for fb in running.boards:
             fb.wait_for("v2 running", timeout=30)
@@ -552,6 +665,7 @@ def test_a_fleet_supervisor_s_boards_take_a_good_release_stage_by_stage(
     finally:
         running.stop()
         recorder.close()
+        writes.close()
         client = mqtt.connect(url)
         for t in (rs.topic(FLEET_CHANNEL), topics.channel_topic(FLEET_CHANNEL)):
             client.publish(t, b"", qos=1, retain=True).wait_for_publish(10)
