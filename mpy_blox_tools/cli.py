@@ -70,6 +70,27 @@ def _deploy_app_to(board: Board, args: argparse.Namespace) -> None:
         )
 
 
+def _power_arguments(p: argparse.ArgumentParser, whose: str) -> None:
+    """The power-cut options of `vboard run` and `vboard fleet` (for each board)."""
+    p.add_argument(
+        "--cut-at",
+        type=int,
+        default=0,
+        metavar="N",
+        help=whose + "cut the power at the Nth flash block write of the first boot "
+        "(default 0: never)",
+    )
+    p.add_argument(
+        "--cut-nvs-at",
+        type=int,
+        default=0,
+        metavar="N",
+        help=whose + "cut the power at the Nth NVS write (set_*, erase_key) of the run, "
+        "any boot (default 0: never)",
+    )
+    p.add_argument("--once", action="store_true", help=whose + "switch off instead of rebooting")
+
+
 def _vboard_run(args: argparse.Namespace) -> int:
     from mpy_blox_tools.vboard.supervisor import run_board
 
@@ -86,7 +107,13 @@ def _vboard_run(args: argparse.Namespace) -> int:
 def _vboard_fleet(args: argparse.Namespace) -> int:
     from mpy_blox_tools.vboard.fleet import run_fleet
 
-    return run_fleet(args.dirs, heap=args.heap)
+    return run_fleet(
+        args.dirs,
+        heap=args.heap,
+        cut_at=args.cut_at,
+        cut_nvs_at=args.cut_nvs_at,
+        once=args.once,
+    )
 
 
 def _vboard_ls(args: argparse.Namespace) -> int:
@@ -193,22 +220,7 @@ def _add_vboard(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dir", metavar="DIR", help=DIR_HELP)
     p.add_argument("--heap", default=micropython.DEFAULT_HEAP, help="heap size (default 100K)")
-    p.add_argument(
-        "--cut-at",
-        type=int,
-        default=0,
-        metavar="N",
-        help="cut the power at the Nth flash block write of the first boot (default 0: never)",
-    )
-    p.add_argument(
-        "--cut-nvs-at",
-        type=int,
-        default=0,
-        metavar="N",
-        help="cut the power at the Nth NVS write (set_*, erase_key) of the run, any boot "
-        "(default 0: never)",
-    )
-    p.add_argument("--once", action="store_true", help="switch off instead of rebooting")
+    _power_arguments(p, "")
     p.add_argument("--quiet", action="store_true", help="do not echo the console")
     p.set_defaults(func=_vboard_run)
 
@@ -222,6 +234,7 @@ def _add_vboard(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--heap", default=micropython.DEFAULT_HEAP, help="each board's heap (default 100K)"
     )
+    _power_arguments(p, "every board: ")
     p.set_defaults(func=_vboard_fleet)
 
     for name, helptext, example, func in (

@@ -174,3 +174,35 @@ def test_a_fleet_past_the_open_file_limit_says_so_and_boots_nothing(tmp_path):
         "run fewer boards per fleet\n"
     )
     assert not any(b.console_log.exists() or b.serial_port() for b in made)
+
+
+# Writes a file of two blocks at each boot, then says so and stays.
+WRITER = """
+import time
+with open("/data.bin", "wb") as f:
+    f.write(b"x" * 8192)
+print("written")
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_a_fleet_cuts_every_board_s_power_at_its_nth_write_and_once_ends_with_them(
+    boards, board_lane
+):
+    # The building's power failing at once: every board cut at its 2nd block write of
+    # the first boot, as `vboard run --cut-at 2` cuts one; --once: no reboot, and the
+    # fleet ends when every board is off (0: each stopped as a board does).
+    made = [boards.create(files={"main.py": WRITER}) for _ in range(2)]
+    power = ("--cut-at", "2", "--once")
+    fleet = RunningFleet(made, heap=board_lane.heap, executable=board_lane.executable, power=power)
+    fleet.start()
+    try:
+        assert fleet.process.wait(timeout=60) == 0
+    finally:
+        fleet.stop()
+    for fb, board in zip(fleet.boards, made):
+        out = fb.console()
+        assert "power-cut at block write 2" in out and "written" not in out, out
+        assert out.count("[vboard] boot ") == 1, out  # --once: not booted again
+        assert len(board.cat("data.bin")) < 8192  # the write never finished

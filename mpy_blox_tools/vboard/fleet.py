@@ -70,11 +70,25 @@ def run_fleet(
     *,
     heap: str = micropython.DEFAULT_HEAP,
     executable: str | None = None,
+    cut_at: int = 0,
+    cut_nvs_at: int = 0,
+    once: bool = False,
 ) -> int:
-    """`mpy-blox vboard fleet`: boot every board until signalled; 1 if any bricked."""
+    """`mpy-blox vboard fleet`: boot every board until signalled (with `once`, until
+    each switched itself off); 1 if any bricked. `cut_at` and `cut_nvs_at` are
+    `vboard run`'s, for every board: the building's power failing at once."""
     boards = check_boards(directories)
     supervisors = [
-        Supervisor(b, heap=heap, executable=executable, prefix=b.device_id) for b in boards
+        Supervisor(
+            b,
+            heap=heap,
+            executable=executable,
+            prefix=b.device_id,
+            cut_at=cut_at,
+            cut_nvs_at=cut_nvs_at,
+            once=once,
+        )
+        for b in boards
     ]
     _open_files_for(len(boards))
     statuses: dict[str, int] = {}

@@ -172,10 +172,12 @@ class RunningFleet:
         heap: str | int = micropython.DEFAULT_HEAP,
         env: dict[str, str] | None = None,
         executable: str | None = None,
+        power: tuple[str, ...] = (),
     ) -> None:
         self.heap = heap
         self.executable = executable
         self.env = env
+        self.power = power  # `vboard fleet`'s --cut-at N, --cut-nvs-at N, --once
         self.process: subprocess.Popen | None = None
         self.boards = [FleetBoard(b, heap=heap, executable=executable) for b in boards]
         self.errors = boards[0].run_dir / "fleet.err" if boards else None
@@ -187,6 +189,7 @@ class RunningFleet:
             (fb.board.run_dir / "serial").unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "mpy_blox_tools.cli", "vboard", "fleet"]
         cmd += [str(fb.board.dir) for fb in self.boards] + ["--heap", str(self.heap)]
+        cmd += self.power
         env = _child_env(self.env, self.executable)
         self.errors.parent.mkdir(exist_ok=True)
         with open(self.errors, "wb") as err:  # a file, not a pipe: nobody must drain it
