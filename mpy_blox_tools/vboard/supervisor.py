@@ -44,7 +44,11 @@ CAUSES = {
     "watchdog": WDT_RESET,
 }
 WATCHDOG_REASON = "watchdog reset"
+# A boot loop: this many boots started within FAST_WINDOW_S. The supervisor waits a
+# second before the next, so a board that resets at once does not eat a core; an
+# update's resets (two or three a second at most, back to back) never reach it.
 FAST_REBOOTS = 10
+FAST_WINDOW_S = 2.0
 # The emulated hardware (machine, esp32, network, os, the flash driver and the
 # boot ROM) is Python living in the board's heap, where an ESP32 has C outside it.
 # The process gets this much more than --heap so the board's own code finds about
@@ -191,10 +195,11 @@ class Supervisor:
             print(f"serial port: {port}{where}", flush=True)
         status, reason = 0, ""
         cause = PWRON_RESET
-        fast = 0
+        recent: list[float] = []  # when the last FAST_REBOOTS boots started
         try:
             while not self._stop:
                 started = time.monotonic()
+                recent = [*recent[-(FAST_REBOOTS - 1) :], started]
                 status, reason = self._boot(cause, board_master, board_slave, user_master, wake_r)
                 if self._stop:
                     break
@@ -208,8 +213,7 @@ class Supervisor:
                     _write_all(user_master, SOFT_REBOOT)
                 if reason.startswith("power-cut"):
                     self.cut_at = self.cut_nvs_at = 0  # the power comes back for good
-                fast = fast + 1 if time.monotonic() - started < 1 else 0
-                if fast >= FAST_REBOOTS:
+                if len(recent) == FAST_REBOOTS and time.monotonic() - recent[0] < FAST_WINDOW_S:
                     _wait_readable(wake_r, 1)  # a boot loop: keep it from eating a core
         finally:
             self._power_off()
