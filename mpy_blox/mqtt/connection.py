@@ -10,9 +10,11 @@ from micropython import const
 from mpy_blox.mqtt import packet
 from mpy_blox.mqtt.errors import MQTTError
 
-# A payload up to this size is sent in one write with its header (one allocation
-# of this much more per packet; a larger one is written as it is, not copied).
-_JOIN = const(512)
+# A packet up to this size (header and payload) is sent in one write, copied into a
+# buffer of this size the connection holds (one block for its life, not one per
+# packet: the install boot's heap is too fragmented for that); a larger one goes out
+# in two writes, as it is.
+_JOIN = const(256)
 _CONTROL_MAX = const(8)  # the longest non-PUBLISH packet we accept (CONNACK, SUBACK, ...)
 
 
@@ -52,6 +54,7 @@ class Connection:
         self._mv = memoryview(self._buf)
         self._start = self._end = 0  # unread bytes are _buf[_start:_end]
         self._control = memoryview(bytearray(_CONTROL_MAX))
+        self._out = memoryview(bytearray(_JOIN))
         self._waiting = False
         self._wait_ms = 0
         self.error = None  # the first read error: every later read raises it again
@@ -70,12 +73,17 @@ class Connection:
 
     async def send(self, data, payload=None):
         """Send one packet (a header and an optional payload) without interleaving."""
-        if payload and len(payload) <= _JOIN:
-            # One write, one segment: written apart, the payload's small segment waits
-            # (Nagle) for the ACK of the header's, which the broker delays (~40 ms a
-            # packet, measured on loopback: bench/bench_fixed_cost.py).
-            data, payload = data + payload, None
         async with self._lock:
+            n = len(data)
+            if payload and n + len(payload) <= _JOIN:
+                # One write, one segment: written apart, the payload's small segment
+                # waits (Nagle) for the ACK of the header's, which the broker delays
+                # (~40 ms a packet on loopback: docs/benchmarks.md). The stream copies
+                # what it cannot send at once, so the buffer is free after drain().
+                out = self._out
+                out[:n] = data
+                out[n : n + len(payload)] = payload
+                data, payload = out[: n + len(payload)], None
             self._stream.write(data)
             if payload:
                 self._stream.write(payload)

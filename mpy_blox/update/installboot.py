@@ -132,6 +132,10 @@ class InstallBoot:
             await self._firmware(ib, firmware[0])
             if not entries:
                 return
+            # The image's chunked download code goes back to the heap before the
+            # install core takes its blocks (a package of the list that is chunked
+            # imports it again): at 100K the core found no 1 KiB block without it.
+            startup.drop(("mpy_blox.update.chunks",))
         # The install core after the connection has its buffers (it takes
         # fewer, smaller blocks) and into the room the list's check left;
         # without room for it, the next attempt may fare better.

@@ -334,14 +334,18 @@ def test_an_error_escaping_everything_is_logged_and_resets_instead_of_a_dead_rep
 def test_a_heap_too_small_for_everything_still_boots_reachable_and_says_why(
     lane32, app_board, boards, broker, settings_for, watch, full_mpy
 ):
-    # The whole framework, as the device wheel installs it, in 69K: the runtime and
+    # The whole framework, as the device wheel installs it, in 74K: the runtime and
     # MQTT fit, the update agent does not. Before issue 14 that window was 62K-65K
     # on the 32-bit lane; the trial and the watchdog (2.7 KB after boot) moved it:
     # at 66K MQTT found no block, at 68K-70K the agent failed to start (measured).
     # `ts` in info and status (issue 18: node.py stamps each message it says, and
     # keeps the last status as fields to stamp it again; 0.2 KB with NTP off)
     # moved it by 1K: at 68K the connect's info now finds no 104-byte block while
-    # the agent starts (sequential runs; 69K and 70K as before). What does not fit
+    # the agent starts (sequential runs; 69K and 70K as before). Firmware updates,
+    # the time service and the MQTT connection's send buffer (this session's merges)
+    # moved it again: 69K fails MQTT, 70K to 78K leave the agent out (the first file
+    # it opens wants a 1148-byte block), 80K starts it; 74K, the middle, passes with
+    # both a short and a long temporary path (measured). What does not fit
     # is logged and left out; the device
     # stays on MQTT. An ESP32's figure, so the 32-bit lane's alone: on the 64-bit
     # lane no heap leaves that window open in every layout (at 100K a .py
@@ -350,7 +354,7 @@ def test_a_heap_too_small_for_everything_still_boots_reachable_and_says_why(
     board = app_board(settings_for(broker), framework=None)
     board.put_tree(full_mpy, "lib/mpy_blox")
     w = watch(board)
-    rb = boards.start(board, heap="69K", lane=lane32)
+    rb = boards.start(board, heap="74K", lane=lane32)
     rb.wait_for(r"booted; free heap \d+ bytes")
     w.wait("status", state="online")
     out = rb.console()
