@@ -1,16 +1,20 @@
-"""One virtual board running the full app against a Mosquitto of its own, deployed as
-a user deploys it, with a client following its live status: what the single-board
-update benchmarks share (not a benchmark: bench/run.py runs bench_*)."""
+"""What the single-board update benchmarks share (not a benchmark: bench/run.py runs
+bench_*): one virtual board running the full app against a Mosquitto of its own,
+deployed as a user deploys it, with a client following its live status; and the
+raw-socket limit they compare with."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import secrets
+import socket
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-from bench_update import APP_READY, StatusTimeline
 
 from mpy_blox_tools import deploy, mqtt, publish
 from mpy_blox_tools.broker import Mosquitto
@@ -18,6 +22,72 @@ from mpy_blox_tools.vboard.board import Board
 from mpy_blox_tools.vboard.process import RunningBoard
 
 CHANNEL = "bench"
+# Logged once the app's agent has its subscriptions acknowledged (mpy_blox/app.py).
+APP_READY = r"app: booted; free heap"
+
+
+def raw_limit(workdir: Path, lane, flash: str, sizes: list[int], main: str) -> dict[int, float]:
+    """Seconds for each of `sizes` sent by a plain TCP server to a board whose main.py
+    is `main` (given SIZES and PORT; it prints `RAW size got microseconds free` for each,
+    having read the bytes into flash its own way): the limit a benchmark compares with."""
+    payloads = {size: os.urandom(size) for size in sizes}
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve():
+        for size in sizes:
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(payloads[size])
+
+    threading.Thread(target=serve, daemon=True).start()
+    board = Board.create(workdir / "raw", flash_size=flash, executable=lane.executable)
+    board.write("main.py", f"SIZES = {sizes}\nPORT = {port}\n{main}".encode())
+    with RunningBoard(board, heap=lane.heap, executable=lane.executable) as rb:
+        rb.wait_for(r"RAW %d " % sizes[-1], timeout=120)
+        out = rb.console()
+    server.close()
+    return {int(m[0]): int(m[2]) / 1e6 for m in re.findall(r"^RAW (\d+) (\d+) (\d+)", out, re.M)}
+
+
+class StatusTimeline:
+    """When the board's live status reports reached each state, per publish (and
+    when it published its info: the state `info`)."""
+
+    def __init__(self, client, device_id: str) -> None:
+        self.events: list[tuple[float, str]] = []
+        self.lock = threading.Lock()
+        for kind in ("status", "info"):
+            client.message_callback_add(f"mpypi/nodes/{device_id}/{kind}", self._on)
+            client.subscribe(f"mpypi/nodes/{device_id}/{kind}", qos=1)
+
+    def _on(self, client, userdata, msg) -> None:
+        if msg.retain or not msg.payload:
+            return
+        info = msg.topic.endswith("/info")
+        state = "info" if info else json.loads(msg.payload).get("state", "")
+        with self.lock:
+            self.events.append((time.monotonic(), state))
+
+    def wait_for(self, since: float, *states: str, timeout: float = 300) -> dict[str, float]:
+        """When each of `states` was first reported after `since`, each after the one
+        before it; a `failed` report raises."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                ev = [(t, s) for t, s in self.events if t >= since]
+            if any(s == "failed" for _, s in ev):
+                raise RuntimeError(f"update failed: {ev}")
+            marks, i = {}, 0
+            for state in states:
+                i = next((j for j in range(i, len(ev)) if ev[j][1] == state), -1)
+                if i < 0:
+                    break
+                marks[state] = ev[i][0]
+            if len(marks) == len(states):
+                return marks
+            time.sleep(0.01)
+        raise TimeoutError(f"no {' -> '.join(states)} within the timeout")
 
 
 @dataclass
@@ -64,6 +134,7 @@ def app_board(workdir: Path, lane, flash: str, **update):
                     # INFO: the board says when it is up and subscribed, and its heap.
                     "logging": {"level": "INFO"},
                     "update": {"channel": CHANNEL, "auto_update": True, **update},
+                    "ntp": {"enabled": False},  # no time server on loopback
                 }
             )
         )

@@ -25,19 +25,13 @@ run (the machine is shared and noisy).
 from __future__ import annotations
 
 import itertools
-import os
-import re
-import socket
-import threading
 import time
 from pathlib import Path
 
-from appboard import app_board
+from appboard import app_board, raw_limit
 
 from mpy_blox_tools import chunks, micropython, publish
-from mpy_blox_tools.vboard.board import Board
 from mpy_blox_tools.vboard.image import HEADER_SIZE, make_image
-from mpy_blox_tools.vboard.process import RunningBoard
 
 LANE = micropython.board_lane()
 TITLE = f"Firmware update vs raw socket into the OTA partition, {LANE.name}, {LANE.heap} heap"
@@ -50,11 +44,11 @@ import socket, hashlib, time, gc, esp32
 part = esp32.Partition(esp32.Partition.RUNNING).get_next_update()
 buf = bytearray(4096)
 mv = memoryview(buf)
-for size in {sizes}:
+for size in SIZES:
     gc.collect()
     s = socket.socket()
     t0 = time.ticks_us()
-    s.connect(socket.getaddrinfo("127.0.0.1", {port})[0][-1])
+    s.connect(socket.getaddrinfo("127.0.0.1", PORT)[0][-1])
     h = hashlib.sha256()
     got = 0
     block = 0
@@ -90,30 +84,8 @@ def _image(workdir: Path, size: int, version: str) -> Path:
     return path
 
 
-def _raw_limit(workdir: Path) -> dict[int, float]:
-    """Seconds for each size through a raw socket into the next OTA partition."""
-    payloads = {size: os.urandom(size) for size in SIZES.values()}
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-
-    def serve():
-        for size in SIZES.values():
-            conn, _ = server.accept()
-            with conn:
-                conn.sendall(payloads[size])
-
-    threading.Thread(target=serve, daemon=True).start()
-    board = Board.create(workdir / "raw", flash_size=FLASH, executable=LANE.executable)
-    board.write("main.py", RAW_MAIN.format(sizes=list(SIZES.values()), port=port).encode())
-    with RunningBoard(board, heap=LANE.heap, executable=LANE.executable) as rb:
-        rb.wait_for(r"RAW %d " % max(SIZES.values()), timeout=120)
-        out = rb.console()
-    server.close()
-    return {int(m[0]): int(m[2]) / 1e6 for m in re.findall(r"^RAW (\d+) (\d+) (\d+)", out, re.M)}
-
-
 def run(workdir: Path) -> list[dict]:
-    raw = _raw_limit(workdir)
+    raw = raw_limit(workdir, LANE, FLASH, list(SIZES.values()), RAW_MAIN)
     rows = []
     heaps = []
     with app_board(workdir, LANE, FLASH, healthy_after_s=1) as app:

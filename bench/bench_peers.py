@@ -46,8 +46,8 @@ import threading
 import time
 from pathlib import Path
 
+from appboard import StatusTimeline
 from bench_heap import _with_probe
-from bench_update import _Timeline
 from peers_device import MAIN, MIP, PROBE, UPSTREAM
 from peers_index import IndexServer, write_package
 from shaper import Shaper
@@ -275,7 +275,7 @@ class Bench:
         out = {}
         with RunningBoard(board, heap=LANE.heap, executable=LANE.executable, cut_at=cut) as rb:
             rb.wait_for("v1 running", timeout=120)
-            timeline = _Timeline(self.client, board.device_id)
+            timeline = StatusTimeline(self.client, board.device_id)
             self.mqtt_link.reset()
             t0 = time.monotonic()
             publish.publish_update(
@@ -289,7 +289,12 @@ class Bench:
             if cut:
                 rb.wait_for("power-cut at block write", timeout=600)
             else:
-                out["seconds"] = timeline.wait_installed(t0, timeout)["rebooting"] - t0
+                out["seconds"] = (
+                    timeline.wait_for(
+                        t0, "downloading", "installing", "rebooting", timeout=timeout
+                    )["rebooting"]
+                    - t0
+                )
                 out["wire"] = self.mqtt_link.total
             rb.wait_for("v1 running", count=2, timeout=timeout)  # the app is back
             out["console"] = rb.console()

@@ -21,19 +21,14 @@ Ratios compare within the run (the machine is shared and noisy).
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
-import secrets
-import socket
-import threading
 import time
 from pathlib import Path
 
-from mpy_blox_tools import chunks, deploy, micropython, mqtt, publish
-from mpy_blox_tools.broker import Mosquitto
-from mpy_blox_tools.vboard.board import Board
-from mpy_blox_tools.vboard.process import RunningBoard
+from appboard import app_board, raw_limit
+
+from mpy_blox_tools import chunks, micropython, publish
 
 LANE = micropython.board_lane()
 TITLE = f"Update end to end vs raw socket into flash, {LANE.name}, {LANE.heap} heap"
@@ -47,11 +42,11 @@ RAW_MAIN = """
 import socket, hashlib, time, gc
 buf = bytearray(4096)
 mv = memoryview(buf)
-for size in {sizes}:
+for size in SIZES:
     gc.collect()
     s = socket.socket()
     t0 = time.ticks_us()
-    s.connect(socket.getaddrinfo("127.0.0.1", {port})[0][-1])
+    s.connect(socket.getaddrinfo("127.0.0.1", PORT)[0][-1])
     h = hashlib.sha256()
     got = 0
     with open("/raw.bin", "wb") as f:
@@ -67,154 +62,46 @@ for size in {sizes}:
 """
 
 
-# Logged once the app's agent has its subscriptions acknowledged (mpy_blox/app.py).
-APP_READY = r"app: booted; free heap"
-
-
-def _raw_limit(workdir: Path) -> dict[int, float]:
-    """Seconds for each size through a raw socket into a file on the board's flash."""
-    payloads = {size: os.urandom(size) for size in SIZES.values()}
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-
-    def serve():
-        for size in SIZES.values():
-            conn, _ = server.accept()
-            with conn:
-                conn.sendall(payloads[size])
-
-    threading.Thread(target=serve, daemon=True).start()
-    board = Board.create(workdir / "raw", flash_size=FLASH, executable=LANE.executable)
-    board.write("main.py", RAW_MAIN.format(sizes=list(SIZES.values()), port=port).encode())
-    with RunningBoard(board, heap=LANE.heap, executable=LANE.executable) as rb:
-        rb.wait_for(r"RAW %d " % SIZES["4 MiB"], timeout=120)
-        out = rb.console()
-    server.close()
-    return {int(m[0]): int(m[2]) / 1e6 for m in re.findall(r"^RAW (\d+) (\d+) (\d+)", out, re.M)}
-
-
-class StatusTimeline:
-    """When the board's live status reports reached each state, per publish (and
-    when it published its info: the state `info`)."""
-
-    def __init__(self, client, device_id: str) -> None:
-        self.events: list[tuple[float, str]] = []
-        self.lock = threading.Lock()
-        for kind in ("status", "info"):
-            client.message_callback_add(f"mpypi/nodes/{device_id}/{kind}", self._on)
-            client.subscribe(f"mpypi/nodes/{device_id}/{kind}", qos=1)
-
-    def _on(self, client, userdata, msg) -> None:
-        if msg.retain or not msg.payload:
-            return
-        info = msg.topic.endswith("/info")
-        state = "info" if info else json.loads(msg.payload).get("state", "")
-        with self.lock:
-            self.events.append((time.monotonic(), state))
-
-    def wait_for(self, since: float, *states: str, timeout: float = 300) -> dict[str, float]:
-        """When each of `states` was first reported after `since`, each after the one
-        before it; a `failed` report raises."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                ev = [(t, s) for t, s in self.events if t >= since]
-            if any(s == "failed" for _, s in ev):
-                raise RuntimeError(f"update failed: {ev}")
-            marks, i = {}, 0
-            for state in states:
-                i = next((j for j in range(i, len(ev)) if ev[j][1] == state), -1)
-                if i < 0:
-                    break
-                marks[state] = ev[i][0]
-            if len(marks) == len(states):
-                return marks
-            time.sleep(0.01)
-        raise TimeoutError(f"no {' -> '.join(states)} within the timeout")
-
-
 def run(workdir: Path) -> list[dict]:
-    raw = _raw_limit(workdir)
-    key = secrets.token_hex(32)
+    raw = raw_limit(workdir, LANE, FLASH, list(SIZES.values()), RAW_MAIN)
     rows = []
-    with Mosquitto(
-        workdir / "broker", persistence=False, extra_config="max_packet_size 16777216"
-    ) as broker:
-        url = mqtt.BrokerURL(broker.host, broker.port)
-        settings = workdir / "settings.json"
-        settings.write_text(
-            json.dumps(
-                {
-                    "mqtt": {"server": broker.host, "port": broker.port},
-                    # INFO: the board says when it is up and subscribed, and its heap.
-                    "logging": {"level": "INFO"},
-                    "update": {"channel": "bench", "auto_update": True},
-                }
-            )
-        )
-        (workdir / "provision.json").write_text(json.dumps({"update.key": key}))
-        board = Board.create(workdir / "board", flash_size=FLASH, executable=LANE.executable)
-        with RunningBoard(board, heap=LANE.heap, executable=LANE.executable) as rb:
-            rb.wait_for(r"\[vboard\] boot 1")
-            deploy.deploy_app(rb.serial_port, settings, workdir / "provision.json")
-            rb.wait_for(r"\[vboard\] boot 2")
-            client = mqtt.connect(url)
-            timeline = StatusTimeline(client, board.device_id)
-            booted = 1
-            rb.wait_for(APP_READY, count=booted, timeout=60)
-            for (label, size), (form, chunk_size) in itertools.product(
-                SIZES.items(), FORMS.items()
-            ):
-                if chunk_size and size <= chunk_size:
-                    continue
-                blob = workdir / f"blob{size}.bin"
-                blob.write_bytes(os.urandom(size))  # new bytes: a package to install
-                package = publish.src_package(blob, "data/blob.bin")
-                # Counted before the publish: the board may be back in its app before
-                # the host reads the install's last status (a loaded machine).
-                boots = rb.boots()
-                t0 = time.monotonic()
-                publish.publish_update(
-                    url,
-                    [package],
-                    channel="bench",
-                    key=key.encode(),
-                    chunk_size=chunk_size,
-                    client=client,
-                    log=lambda *a: None,
+    heaps = []
+    with app_board(workdir, LANE, FLASH) as app:
+        for (label, size), (form, chunk_size) in itertools.product(SIZES.items(), FORMS.items()):
+            if chunk_size and size <= chunk_size:
+                continue
+            blob = workdir / f"blob{size}.bin"
+            blob.write_bytes(os.urandom(size))  # new bytes: a package to install
+            t0 = time.monotonic()
+            app.publish([publish.src_package(blob, "data/blob.bin")], chunk_size)
+            # accepted -> rebooting -> (install boot) installing -> downloading ->
+            # verifying -> installing -> rebooting: the last three mark the phases.
+            marks = app.timeline.wait_for(t0, "downloading", "installing", "rebooting")
+            e2e = marks["rebooting"] - t0
+            download = marks["installing"] - marks["downloading"]
+            app.wait_app()  # back on the new set, subscribed again
+            rows_here = [(f"update e2e, {form}", e2e), (f"update download, {form}", download)]
+            if form == "single message":
+                rows_here.append(("raw socket", raw[size]))
+            for path, seconds in rows_here:
+                rows.append(
+                    {
+                        "payload": label,
+                        "path": path,
+                        "seconds": round(seconds, 3),
+                        "MiB/s": round(size / 1048576 / seconds, 2),
+                        "vs raw": round(raw[size] / seconds, 2),
+                    }
                 )
-                # accepted -> rebooting -> (install boot) installing -> downloading ->
-                # verifying -> installing -> rebooting: the last three mark the phases.
-                marks = timeline.wait_for(t0, "downloading", "installing", "rebooting")
-                e2e = marks["rebooting"] - t0
-                download = marks["installing"] - marks["downloading"]
-                # Two boots: the install boot, then the app's on the new set.
-                rb.wait_for(r"\[vboard\] boot \d+", count=boots + 2, timeout=60)
-                rows_here = [(f"update e2e, {form}", e2e), (f"update download, {form}", download)]
-                if form == "single message":
-                    rows_here.append(("raw socket", raw[size]))
-                for path, seconds in rows_here:
-                    rows.append(
-                        {
-                            "payload": label,
-                            "path": path,
-                            "seconds": round(seconds, 3),
-                            "MiB/s": round(size / 1048576 / seconds, 2),
-                            "vs raw": round(raw[size] / seconds, 2),
-                        }
-                    )
-                booted += 1
-                rb.wait_for(APP_READY, count=booted, timeout=60)  # back, subscribed again
-            mqtt.disconnect(client)
-            free = re.findall(r"free heap (\d+)", rb.console())
-        if free:
-            rows.append(
-                {
-                    "payload": "-",
-                    "path": "min free heap logged by the board",
-                    "seconds": "",
-                    "MiB/s": "",
-                    "vs raw": min(map(int, free)),
-                }
-            )
+        heaps = [int(n) for n in re.findall(r"free heap (\d+)", app.rb.console())]
+    if heaps:
+        rows.append(
+            {
+                "payload": "-",
+                "path": "min free heap logged by the board",
+                "seconds": "",
+                "MiB/s": "",
+                "vs raw": min(heaps),
+            }
+        )
     return rows

@@ -88,7 +88,8 @@ def deploy_template(
     auto_update: bool = False,
 ) -> Board:
     """A stopped board as `make deploy-lib deploy-app` leaves one: the framework wheel
-    under /lib, main.py, settings on `channel` (short trials), the HMAC key, USER v1."""
+    under /lib, main.py, settings on `channel` (short trials, NTP off), the HMAC key,
+    USER v1."""
     from mpy_blox_tools import wheel
 
     board = Board.create(directory, executable=lane.executable)
@@ -101,6 +102,9 @@ def deploy_template(
             "trial_s": 120,
         },
         "app": {"restart_delay_ms": 100},
+        # No time server on loopback: on, every board would ask DNS for pool.ntp.org
+        # every 10 s, work a fleet bench would count as the update's.
+        "ntp": {"enabled": False},
     }
     for name, data in wheel.read_wheel(framework_wheel).items():
         board.write(f"lib/{name}", data)
