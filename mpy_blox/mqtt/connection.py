@@ -4,6 +4,7 @@
 import asyncio
 import errno
 import socket
+import sys
 import time
 from micropython import const
 
@@ -21,27 +22,6 @@ _IPPROTO_TCP = const(6)
 _TCP_NODELAY = const(1)  # on Linux, macOS and lwIP alike
 
 
-def _nodelay(sock):
-    # Nagle off. MQTT writes small packets back to back (a PUBACK then an
-    # UNSUBSCRIBE, a PUBLISH's header then its payload), and with Nagle each
-    # second one waits for the broker's delayed ACK of the first: 40 ms on
-    # Linux, and 3.3 s of a 4 MiB download in 64 KiB chunks (0.55 s without;
-    # bench/bench_update.py). The ESP32 port has socket.TCP_NODELAY from
-    # MicroPython 1.23; the ESP32 port of 1.22 has no such option and prints
-    # a warning for it, so it is skipped there. The unix port has no constant
-    # but hands the option to the OS.
-    import sys
-
-    opt = getattr(socket, "TCP_NODELAY", None)
-    if opt is None and sys.platform in ("linux", "darwin"):
-        opt = _TCP_NODELAY
-    if opt is not None:
-        try:
-            sock.setsockopt(getattr(socket, "IPPROTO_TCP", _IPPROTO_TCP), opt, 1)
-        except OSError:
-            pass  # a stack without it: slower, not wrong
-
-
 async def open_connection(host, port, ssl_context=None, server_hostname=None, buffer_size=1024):
     # asyncio.open_connection() leaks the socket when connect() fails at once
     # (MicroPython 1.22-1.29): open it here so every failure path closes it.
@@ -50,7 +30,20 @@ async def open_connection(host, port, ssl_context=None, server_hostname=None, bu
     ok = False
     try:
         sock.setblocking(False)
-        _nodelay(sock)
+        # Nagle off (docs/mqtt.md, "Nagle off"): small packets back to back
+        # (a PUBACK then an UNSUBSCRIBE, a header then its payload) each waited
+        # for the broker's delayed ACK of the one before, 40 ms on Linux. The
+        # ESP32 port has TCP_NODELAY from MicroPython 1.23 (1.22 has no such
+        # option and prints a warning for one: left alone); the unix port has
+        # no constant but hands the option to the OS.
+        opt = getattr(socket, "TCP_NODELAY", None)
+        if opt is None and sys.platform in ("linux", "darwin"):
+            opt = _TCP_NODELAY
+        if opt is not None:
+            try:
+                sock.setsockopt(_IPPROTO_TCP, opt, 1)
+            except OSError:
+                pass  # a stack without it: slower, not wrong
         try:
             sock.connect(ai[-1])
         except OSError as e:
@@ -119,40 +112,58 @@ class Connection:
     # -- reading -------------------------------------------------------------
 
     def readinto_nowait(self, buf):
-        """Read 1 to len(buf) bytes into buf if the socket has them; None if it
-        has none (then await readinto()).
+        """Read 1 to len(buf) bytes into buf straight from the socket if it has
+        them; None if it has none, or for what readinto() serves (bytes in our
+        buffer, reads smaller than it).
 
         What the socket holds is taken without a trip through the loop: the
-        stream's readinto waits for the poller first, every time, and a
-        coroutine per read is garbage the collector pays for (together about
-        a third of a 4 MiB download's time through a 1 KiB buffer). After
-        _EAGER reads in a row it says None anyway, so that a payload streaming
-        at full speed gives the other tasks (ping, progress) their turn.
+        stream's readinto waits for the poller first, every time, and each
+        coroutine is garbage the collector pays for (together a third of a
+        4 MiB download's time through a 1 KiB buffer). After _EAGER reads in a
+        row it says None anyway, so that a payload streaming at full speed
+        gives the other tasks (ping, progress) their turn.
         """
+        if self._end > self._start or len(buf) < len(self._buf) or not self._eager:
+            return None
+        if self.error is not None:
+            raise self.error
+        self._eager -= 1
+        try:
+            n = self._sock.readinto(buf)  # None: nothing there (or TLS: not a whole record)
+        except Exception as e:
+            self.error = e
+            raise
+        if n == 0:
+            self.error = MQTTError("connection closed by the broker")
+            raise self.error
+        return n
+
+    async def readinto(self, buf):
+        """Read 1 to len(buf) bytes into buf (a bytearray or memoryview)."""
         avail = self._end - self._start
         if avail:
             n = min(avail, len(buf))
             buf[:n] = self._mv[self._start : self._start + n]
             self._start += n
             return n
+        # Big reads go straight from the socket to the caller, small ones through
+        # our buffer. One coroutine, no helper: this runs once per payload chunk.
+        direct = len(buf) >= len(self._buf)
+        target = buf if direct else self._mv
         if self.error is not None:
             raise self.error
-        if not self._eager:
-            return None
-        self._eager -= 1
-        # Big reads go straight from the socket to the caller, small ones
-        # through our buffer.
-        direct = len(buf) >= len(self._buf)
+        self._eager = _EAGER
+        self._waiting = True
+        self._wait_ms = time.ticks_ms()
         try:
-            n = self._sock.readinto(buf if direct else self._mv)
+            n = await self._stream.readinto(target)
+            while n is None:  # TLS: a record is not complete yet
+                n = await self._stream.readinto(target)
         except Exception as e:
             self.error = e
             raise
-        return self._got(n, buf, direct)
-
-    def _got(self, n, buf, direct):
-        if n is None:
-            return None  # nothing there (TLS: a record is not complete yet)
+        finally:
+            self._waiting = False
         if not n:
             self.error = MQTTError("connection closed by the broker")
             raise self.error
@@ -160,28 +171,7 @@ class Connection:
             return n
         self._start = 0
         self._end = n
-        return self.readinto_nowait(buf)  # now served from the buffer
-
-    async def readinto(self, buf):
-        """Read 1 to len(buf) bytes into buf (a bytearray or memoryview)."""
-        n = self.readinto_nowait(buf)
-        if n is not None:
-            return n
-        direct = len(buf) >= len(self._buf)
-        target = buf if direct else self._mv
-        self._eager = _EAGER
-        self._waiting = True
-        self._wait_ms = time.ticks_ms()
-        try:
-            n = None
-            while n is None:  # TLS: a record may not be complete yet
-                n = await self._stream.readinto(target)
-        except Exception as e:
-            self.error = e
-            raise
-        finally:
-            self._waiting = False
-        return self._got(n, buf, direct)
+        return await self.readinto(buf)  # now served from the buffer
 
     async def readexactly(self, mv):
         got = 0
