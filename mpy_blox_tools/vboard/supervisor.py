@@ -24,7 +24,6 @@ import termios
 import threading
 import time
 import tty
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -196,11 +195,11 @@ class Supervisor:
             print(f"serial port: {port}{where}", flush=True)
         status, reason = 0, ""
         cause = PWRON_RESET
-        recent: deque[float] = deque(maxlen=FAST_REBOOTS)  # when the last boots started
+        recent: list[float] = []  # when the last FAST_REBOOTS boots started
         try:
             while not self._stop:
                 started = time.monotonic()
-                recent.append(started)
+                recent = [*recent[-(FAST_REBOOTS - 1) :], started]
                 status, reason = self._boot(cause, board_master, board_slave, user_master, wake_r)
                 if self._stop:
                     break
