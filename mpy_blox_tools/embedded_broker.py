@@ -10,7 +10,10 @@ covers retained messages and wills; `Broker` below adds both:
   (`LimitedReader`, as Mosquitto's `max_packet_size`);
 - retained messages sent for a subscription pass the ACL's read check one by one
   (amqtt checks only live messages), and a will on a topic the client may not write
-  is refused at CONNECT (amqtt would publish it unchecked), as Mosquitto does.
+  is refused at CONNECT (amqtt would publish it unchecked), as Mosquitto does;
+- a client that connects gets retained messages for its own subscriptions only
+  (amqtt sends those of every client's filters), and a SUBSCRIBE from another client
+  meanwhile no longer kills its session (`SnapshotDict`).
 
 A session with clean-session false keeps QoS 1 messages for its absent client, but in
 memory only: after a restart a device subscribes again, as it does after every
@@ -169,6 +172,17 @@ class LimitedReader(ReaderAdapter):
         self.inner.feed_eof()
 
 
+class SnapshotDict(dict):
+    """A dict whose iteration walks a copy of its keys. amqtt 0.12 walks its
+    subscriptions (`for topic in self._subscriptions`, with an `await` in the body)
+    as a client connects; a SUBSCRIBE handled meanwhile added a key, and the
+    RuntimeError it raised ended that client's session after its CONNACK: connected,
+    never answered again."""
+
+    def __iter__(self):
+        return iter(list(dict.keys(self)))
+
+
 class LimitedBroker(Broker):
     """amqtt's broker with a packet size limit, the ACL applied to retained messages, and
     the login checked before a client id can touch a session."""
@@ -177,6 +191,7 @@ class LimitedBroker(Broker):
         self, config: BrokerConfig, max_packet_size: int, logins_by_name: bool = False
     ) -> None:
         super().__init__(config)
+        self._subscriptions = SnapshotDict()
         self.max_packet_size = max_packet_size
         self.logins_by_name = logins_by_name  # a password file: client id = user name
 
@@ -234,8 +249,13 @@ class LimitedBroker(Broker):
     async def _publish_retained_messages_for_subscription(self, subscription, session) -> None:
         # amqtt 0.12 sends retained messages for a new subscription, and on a
         # persistent session's return for *every* client's filters, without the read
-        # check it applies to live messages: filter them here, one by one.
+        # check it applies to live messages: filter them here, one by one, for the
+        # filters this session holds (a client that just connected holds none unless
+        # its persistent session came back with them).
         topic_filter, qos = subscription
+        holders = self._subscriptions.get(topic_filter, ())
+        if not any(s.client_id == session.client_id for s, _ in holders):
+            return
         handler = self._get_handler(session)
         sends = []
         for topic, retained in list(self._retained_messages.items()):

@@ -48,6 +48,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item (item.rep_call), so fixtures can tell
+    at teardown whether the test failed."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
 _HEAP_LINES: list[str] = []
 HEAP_PROPERTY = "heap figure"
 
@@ -219,9 +228,14 @@ def runtime_mpy(runtime_src, tmp_path_factory) -> Path:
     return build.compile_framework(tmp_path_factory.mktemp("runtime-mpy"), runtime_src)
 
 
+BOARD_CONSOLE_TAIL = 6000
+
+
 @pytest.fixture
-def boards(tmp_path):
-    """Factory of virtual boards in tmp_path; every started board is switched off after."""
+def boards(tmp_path, request):
+    """Factory of virtual boards in tmp_path; every started board is switched off after.
+    When the test failed, each board's console (its end) is printed: a flaky failure in
+    CI is then explained by what the board said, not only by what the test saw."""
     running: list[RunningBoard] = []
     counter = itertools.count()
 
@@ -256,8 +270,12 @@ def boards(tmp_path):
             return rb.start()
 
     yield Factory()
+    failed = getattr(request.node, "rep_call", None)
     for rb in running:
         rb.stop()
+        if failed is not None and failed.failed:
+            print(f"--- console of {rb.board.dir} (last {BOARD_CONSOLE_TAIL} chars) ---")
+            print(rb.console()[-BOARD_CONSOLE_TAIL:])
 
 
 @pytest.fixture

@@ -163,6 +163,61 @@ def test_a_write_cut_short_by_a_crash_is_dropped_and_the_old_message_kept(tmp_pa
     assert not leftover.exists()
 
 
+def test_a_new_client_gets_no_retained_message_for_filters_only_others_hold(embedded):
+    # amqtt 0.12 sends a client, as it connects, the retained messages of every
+    # filter *any* client holds; Mosquitto sends none before a SUBSCRIBE.
+    b = embedded()
+    _publish_retained(b, {"other/secret": b"not for you", "mine/x": b"yours"})
+    holder = _client(b)
+    holder.subscribe("other/#", qos=1)
+    time.sleep(0.5)
+    got: list[str] = []
+    c = _client(b)
+    c.on_message = lambda client, userdata, msg: got.append(msg.topic)
+    time.sleep(1)
+    assert got == []
+    assert mqtt.collect_retained(c, "mine/#", limit=10) == {"mine/x": b"yours"}
+    assert got == []  # (collect_retained's own callback took mine/x)
+    for client in (c, holder):
+        client.loop_stop()
+        client.disconnect()
+
+
+def test_clients_connecting_while_another_subscribes_all_get_their_answers(embedded):
+    # amqtt 0.12 walks every client's filters as a client connects, yielding between
+    # them; a SUBSCRIBE meanwhile changed the dict under it and that client's session
+    # died after its CONNACK: connected, and never answered again (`mpy-blox status`
+    # hung for its whole limit in the demo, now and then).
+    b = embedded()
+    _publish_retained(b, {f"fleet/{i}/info": b"{}" for i in range(40)})
+    stop = threading.Event()
+
+    def subscribe_and_unsubscribe():
+        c = _client(b)
+        i = 0
+        while not stop.is_set():
+            c.subscribe(f"fleet/{i % 40}/#", qos=0)
+            time.sleep(0.002)
+            i += 1
+        c.loop_stop()
+        c.disconnect()
+
+    churn = threading.Thread(target=subscribe_and_unsubscribe)
+    churn.start()
+    try:
+        for _ in range(25):
+            url = mqtt.BrokerURL.parse(b.url)
+            c = mqtt.connect(url)
+            try:
+                assert len(mqtt.collect_retained(c, "fleet/+/info", limit=10)) == 40
+            finally:
+                mqtt.disconnect(c)
+    finally:
+        stop.set()
+        churn.join()
+    assert "changed size during iteration" not in b.log()
+
+
 def test_a_4_mib_package_reaches_a_qos_1_persistent_subscriber_that_was_away(embedded):
     b = embedded()
     got: list[bytes] = []
