@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pty
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -205,6 +208,91 @@ def test_ctrl_c_interrupts_main_py_and_gives_the_repl(boards, lane):
         rb.wait_for(">>> ")
         port.write(b"print(6 * 7)\r")
         rb.wait_for(r"\b42\b")
+
+
+def test_control_bytes_are_data_while_the_interrupt_is_off(boards, lane):
+    # micropython.kbd_intr(-1), as mpremote's mount sets it while it moves binary
+    # data: an ESP32's UART then hands 0x03 (Ctrl-C) over as a byte, and every other
+    # byte always (a tty's 0x1a, 0x1c, XOFF and CR would not be).
+    code = (
+        "import micropython, sys\n"
+        "micropython.kbd_intr(-1)\n"
+        "print('reading')\n"
+        "got = sys.stdin.buffer.read(6)\n"
+        "micropython.kbd_intr(3)\n"
+        "print('got', got)\n"
+        "import time\n"
+        "while True:\n"
+        "    time.sleep(0.05)\n"
+    )
+    board = boards.create(files={"main.py": code})
+    rb = boards.start(board, lane=lane)
+    rb.wait_for("reading")
+    with serial.Serial(rb.serial_port, 115200, timeout=0.2) as port:
+        port.write(b"\x03\x1a\x1c\x13\r\x03")
+        rb.wait_for(re.escape(r"got b'\x03\x1a\x1c\x13\r\x03'"))
+        port.write(b"\x03")  # the interrupt is on again: it interrupts
+        rb.wait_for("KeyboardInterrupt")
+        rb.wait_for(">>> ")
+    assert rb.boots() == 1
+
+
+def test_mpremote_mount_in_the_repl_moves_files_full_of_control_bytes(boards, tmp_path, lane):
+    # `mpremote mount DIR repl` (make mounted-repl): code typed at the friendly REPL
+    # runs with the terminal as the board set it, and mount's replies carry file
+    # bytes, sizes and mtimes, any of which may be 0x03, XOFF or CR.
+    board = boards.create()
+    rb = boards.start(board, lane=lane)
+    rb.wait_for(r"\[vboard\] boot 1")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    # 3 bytes (its size is a 0x03 on the wire too), XOFF with no XON after it, a CR
+    # (a tty would make it LF), then every byte value.
+    files = {
+        "three": b"\x03\x03\x03",
+        "xoff": b"\x11\x13",
+        "cr": b"\r\r\n",
+        "all": bytes(range(256)) * 4,
+    }
+    for name, data in files.items():
+        (shared / name).write_bytes(data)
+    line = (
+        "import hashlib, binascii; [print(n, len(d), binascii.hexlify(hashlib.sha256(d)"
+        ".digest()).decode()) for n, d in ((n, open(n, 'rb').read()) for n in %r)]; "
+        "print('all' + ' read')\r" % (tuple(files),)
+    ).encode()
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvp(
+            MPREMOTE[0], [*MPREMOTE, "connect", rb.serial_port, "mount", str(shared), "repl"]
+        )
+    seen = b""
+    try:
+        deadline = time.monotonic() + 30
+        typed = False
+        while time.monotonic() < deadline and b"all read" not in seen:
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(fd, 4096)
+                except OSError:
+                    break
+            if not typed and ">>> " in rb.console().split("__mount()")[-1]:
+                os.write(fd, line)
+                typed = True
+    finally:
+        os.write(fd, b"\x1d")  # Ctrl-] leaves mpremote's REPL
+        for _ in range(50):
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    out = seen.decode(errors="replace")
+    for name, data in files.items():
+        assert f"{name} {len(data)} {hashlib.sha256(data).hexdigest()}" in out, out + rb.console()
+    assert "crashed" not in rb.console()  # (mount's own soft reset is a boot, not a crash)
 
 
 def test_a_full_littlefs_reports_enospc_and_keeps_earlier_files(boards):

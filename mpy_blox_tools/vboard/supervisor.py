@@ -380,7 +380,7 @@ class Supervisor:
     # The unix port's REPL of MicroPython 1.28 (the 32-bit lane's build) discards
     # what arrived on its terminal before it starts reading (1.29 keeps it), where
     # an ESP32's UART keeps it in its FIFO. mpremote sends Ctrl-C then at once
-    # Ctrl-A: the Ctrl-C interrupts main.py on arrival (the tty's ISIG, as the
+    # Ctrl-A: the Ctrl-C interrupts main.py on arrival (a SIGINT, as the
     # ESP32's UART interrupt does), and what follows it is held here until the
     # REPL prints its prompt; the Ctrl-A of a soft reset into the raw REPL too.
     # So the hand-over does not depend on when the REPL starts reading.
@@ -394,8 +394,16 @@ class Supervisor:
             self._held += data
             return
         cut = data.find(b"\x03") + 1
-        if cut and not self._tail.endswith(PROMPTS):  # interrupts a running program
-            _write_all(board_master, data[:cut])
+        child = self._child
+        at_prompt = self._tail.endswith(PROMPTS)  # the REPL reads a Ctrl-C as a key
+        if cut and child is not None and not at_prompt and _interrupt_enabled(child.pid):
+            # Interrupts the running program; the Ctrl-C itself is consumed, as an
+            # ESP32's UART interrupt consumes it.
+            _write_all(board_master, data[: cut - 1])
+            try:
+                os.kill(child.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass  # it just ended: the next boot reads what is held
             self._hold(data[cut:])
         else:
             _write_all(board_master, data)
@@ -454,16 +462,36 @@ def _wait_readable(fd: int, timeout_s: float) -> None:
 
 
 def _set_board_tty(fd: int) -> None:
-    # The board's side of the serial line: no echo and no line editing (a UART
-    # has neither), and Ctrl-C raising SIGINT while a script runs; MicroPython's
-    # REPL switches to raw input itself while it reads. No output processing:
-    # the unix port's REPL writes CR LF itself, and mpremote matches its
-    # "raw REPL; CTRL-B to exit\r\n" byte for byte.
-    attrs = termios.tcgetattr(fd)
-    attrs[3] &= ~(termios.ECHO | termios.ICANON | termios.IEXTEN)
-    attrs[3] |= termios.ISIG
-    attrs[1] &= ~termios.OPOST
-    termios.tcsetattr(fd, termios.TCSANOW, attrs)
+    # The board's side of the serial line is a UART: every byte is data. Raw, so no
+    # echo or line editing, no CR-to-LF (ICRNL), no XON/XOFF (IXON: a 0x13 in
+    # mpremote mount's data stopped the board's output for good) and no signal
+    # characters (ISIG: a 0x03 killed the board while mount had the interrupt off).
+    # The supervisor itself turns a Ctrl-C into SIGINT, only while the board takes it
+    # as an interrupt (_interrupt_enabled). No output processing: the unix port's
+    # REPL writes CR LF itself, and mpremote matches its "raw REPL; CTRL-B to
+    # exit\r\n" byte for byte.
+    tty.setraw(fd, termios.TCSANOW)
+
+
+_SIGINT_BIT = 1 << (signal.SIGINT - 1)
+
+
+def _interrupt_enabled(pid: int) -> bool:
+    """Does the board take a Ctrl-C as an interrupt now? The unix port catches SIGINT
+    while code runs with the interrupt character on (`micropython.kbd_intr(3)`, the
+    default) and resets it otherwise: at the REPL's prompt, which reads the Ctrl-C as
+    a key, and under `kbd_intr(-1)`, which mpremote's `mount` sets while it moves
+    binary data (an ESP32 then takes 0x03 as data; a tty's ISIG would have sent a
+    SIGINT with the default action and killed the board). Linux says it in
+    /proc/PID/status (SigCgt); elsewhere a Ctrl-C always interrupts."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) & _SIGINT_BIT)
+    except OSError:
+        pass
+    return True
 
 
 def _take_terminal() -> None:
