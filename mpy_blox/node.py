@@ -89,8 +89,8 @@ class Node:
         # `fields` as JSON, with `ts` when it is said: a status said again is as new
         # as its answer. The clock is set once past 2025 (update/trust.py reads it so too).
         client = self.client
-        if client is None or not client.is_connected:
-            return False
+        if client is None or not client.can_publish:
+            return False  # (a status said while the subscriptions are re-sent is sent)
         import time
 
         t = int(time.time())

@@ -86,6 +86,12 @@ class MQTTClient:
         """True while connected, once the subscriptions are in place."""
         return self._up.is_set()
 
+    @property
+    def can_publish(self):
+        """True from the CONNACK on: handlers of the retained messages that come with
+        the subscriptions publish before is_connected says so."""
+        return self._linked()
+
     async def connected(self):
         """Return once connected and subscribed (at once if so now)."""
         await self._up.wait()

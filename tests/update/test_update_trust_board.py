@@ -227,6 +227,12 @@ def test_a_superseded_retained_list_is_ignored_and_junk_costs_no_flash_write(
     writes = board.block_writes()
     reconnect(2)
     rb.wait_for("refused or failed: malformed signature", count=2, timeout=30)
+    # Refused again as the subscriptions were re-sent, and said so: a status from
+    # then was once dropped, as if the link were down.
+    deadline = time.monotonic() + 30
+    while sum(s.get("error") == "malformed signature" for s in watch.statuses) < 2:
+        assert time.monotonic() < deadline, watch.statuses[-8:]
+        time.sleep(0.1)
     assert board.block_writes() == writes
     wait_info(watch, seq=2)
     assert watch.info["last_update"]["result"] == "ok"  # the last real outcome stays
