@@ -21,6 +21,7 @@ from mpy_blox.topics import channel_topic, list_to, node_topic
 from mpy_blox.update import record
 
 _MAX_LIST = const(16384)  # manifest.MAX_LIST_BYTES
+_HEAP_TRIES = const(3)  # a list that met a MemoryError is tried again this many times
 
 log = get_logger("update")
 
@@ -93,8 +94,8 @@ class Agent:
         sys.modules.pop("mpy_blox.update.trial", None)
         return last
 
-    def _refresh_info(self, available=None):
-        record.info(self.node, self.seq, self.last, available)
+    def _refresh_info(self, available=None, reread=True):
+        record.info(self.node, self.seq, self.last, available, reread)
 
     def _trust_mode(self):
         # info.trust, once at the start; trust is dropped again until a list comes.
@@ -122,6 +123,7 @@ class Agent:
     async def _worker(self):
         if self.hold is not None:
             await self.hold.wait()
+        tries = 0
         while True:
             await self.wake.wait()
             self.wake.clear()
@@ -134,9 +136,24 @@ class Agent:
                     await self._handle(payload, to, retained)
                 except ValueError as e:  # InvalidUpdate: a short reason for status
                     error = str(e)
+                except MemoryError as e:
+                    # A busy app's heap (Home Assistant announcing, user code) is short
+                    # for a moment: try again soon, unless a newer list came meanwhile.
+                    # Accepting twice is safe: a power cut between its writes and the
+                    # reset leaves the same state, and the retained list comes again.
+                    if tries < _HEAP_TRIES and to not in self.pending:
+                        tries += 1
+                        log.warning("out of heap for the list on %s: try %d soon", to, tries)
+                        self.pending[to] = (payload, retained)
+                        gc.collect()
+                        await asyncio.sleep_ms(300 * tries)
+                        continue
+                    log.exception("update failed", e)
+                    error = repr(e)[:100]
                 except Exception as e:  # noqa: BLE001  (the agent must stay up for a fix)
                     log.exception("update failed", e)
                     error = repr(e)[:100]
+                tries = 0
                 if now:  # one list per request
                     self.install_now = False
                 try:
@@ -186,7 +203,7 @@ class Agent:
             return  # the same unsigned list, seen again after a (re)connect
         trusted.check_expires(got, trusted.now())
         if to.startswith("channels/") and not self.auto and not self.install_now:
-            self._refresh_info(available=seq)
+            self._refresh_info(seq, False)  # nothing installed since the boot
             await self.node.publish_info()
             return
         # Accepted. A key rotation first (a cut after it leaves the list to be

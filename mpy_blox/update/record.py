@@ -222,12 +222,17 @@ def digest(payload):
 _firmware_read = False  # info.firmware: the running image, the same all boot
 
 
-def info(node, seq, last, available=None):
-    """Put the agent's fields into node.info_extra (docs/protocol.md)."""
+def info(node, seq, last, available=None, reread=True):
+    """Put the agent's fields into node.info_extra (docs/protocol.md).
+
+    reread=False keeps the packages and src files of the last call: only an install
+    boot changes them, and reading them opens files (a 1148-byte block on an ESP32,
+    which a busy app's heap may not have when a list is announced)."""
     global _firmware_read
     extra = node.info_extra
-    extra["packages"] = {k: v[0] for k, v in state.installed_wheels().items()}
-    extra["src"] = state.src_index()
+    if reread or "src" not in extra:
+        extra["packages"] = {k: v[0] for k, v in state.installed_wheels().items()}
+        extra["src"] = state.src_index()
     extra["seq"] = seq
     extra["last_update"] = last
     if not _firmware_read:

@@ -239,3 +239,51 @@ def test_without_auto_update_a_list_is_announced_and_an_offline_command_installs
     rb.wait_for("USER v2", timeout=40)
     publish(pub, "mpypi/" + to, b"")
     publish(pub, f"mpypi/channels/{CHANNEL}", b"")
+
+
+AGENT_HEAP_RETRY = """
+import asyncio
+from mpy_blox.update import agent
+
+class Config:
+    def get_str(self, key, default=None):
+        return default
+
+    def get_bool(self, key, default=None):
+        return default
+
+class Agent(agent.Agent):
+    calls = 0
+
+    async def _handle(self, payload, to, retained):
+        Agent.calls += 1
+        if Agent.calls <= FAILS:
+            raise MemoryError("memory allocation failed, allocating 1148 bytes")
+        print("handled", payload, to)
+
+    async def _failed(self, error):
+        print("failed:", error)
+
+async def main():
+    a = Agent(None, Config(), None)
+    asyncio.create_task(a._worker())
+    a.pending["channels/x"] = (b"list", True)
+    a.wake.set()
+    await asyncio.sleep_ms(2500)
+    print("calls", Agent.calls)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(("fails", "calls"), [(1, 2), (3, 4), (9, 4)])
+def test_a_list_that_meets_a_memory_error_is_tried_again_a_few_times(run_mpy, fails, calls):
+    # A busy app's heap is short for a moment (Home Assistant announcing its
+    # entities as a list arrives): the list is tried again, 3 times at most.
+    out = run_mpy(AGENT_HEAP_RETRY.replace("FAILS", str(fails)))
+    assert f"calls {calls}" in out, out
+    assert out.count("out of heap for the list on channels/x") == min(fails, 3)
+    if fails <= 3:
+        assert "handled b'list' channels/x" in out and "failed:" not in out
+    else:
+        assert "failed: MemoryError('memory allocation failed, allocating 1148 bytes',)" in out
