@@ -2,8 +2,9 @@
 # reader over the payload, which is still in the socket.
 #
 # The payload never sits in RAM as a whole: the handler pulls it through its own
-# buffer with readinto(), or takes it in one piece with read(max_size) when it
-# knows it is small. Whatever the handler leaves is drained by the client.
+# buffer with readinto() (readinto_nowait() first, for what has arrived), or
+# takes it in one piece with read(max_size) when it knows it is small.
+# Whatever the handler leaves is drained by the client.
 from mpy_blox.mqtt.errors import MQTTError
 
 
@@ -40,6 +41,21 @@ class Message:
             buf = memoryview(buf)[:left]  # never read into the next packet
         n = await self._input().readinto(buf)
         self.remaining = left - n
+        return n
+
+    def readinto_nowait(self, buf):
+        """readinto() of what has arrived, without waiting: None when nothing
+        has (then await readinto()). A loop over a big payload takes this
+        first: no coroutine, no trip through the loop for bytes already there.
+        """
+        left = self.remaining
+        if not left:
+            return 0
+        if len(buf) > left:
+            buf = memoryview(buf)[:left]
+        n = self._input().readinto_nowait(buf)
+        if n:
+            self.remaining = left - n
         return n
 
     async def read(self, max_size):

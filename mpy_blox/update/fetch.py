@@ -13,7 +13,6 @@ from mpy_blox.log import get_logger
 from mpy_blox.topics import PREFIX
 from mpy_blox.update import record
 
-_CHUNK = const(1024)
 # A 4 KiB chunk (a flash sector) takes a quarter of the reads, hashes and
 # writes of a 1 KiB one; only where the heap has plenty left.
 _BIG_CHUNK = const(4096)
@@ -49,7 +48,11 @@ class _Transfer:
             self.finished.set()
             return
         try:
-            buf = bytearray(_BIG_CHUNK if gc.mem_free() > _BIG_FREE else _CHUNK)
+            # The installer's buffer (idle while a package streams), or a 4 KiB
+            # one where the heap has plenty.
+            buf = self.inst.buf
+            if gc.mem_free() > _BIG_FREE and len(buf) < _BIG_CHUNK:
+                buf = bytearray(_BIG_CHUNK)
             sink = self.inst.download(self.entry)
         except (OSError, MemoryError) as e:  # reported as such, not as a stall
             self.error = e
@@ -58,10 +61,12 @@ class _Transfer:
         mv = memoryview(buf)
         try:
             while True:
-                n = await msg.readinto(buf)
+                n = msg.readinto_nowait(buf)
+                if n is None:
+                    n = await msg.readinto(buf)
                 if not n:
                     break
-                sink.write(mv[:n])
+                sink.write(mv if n == len(buf) else mv[:n])
                 self.done += n
             sink.close()
             sink.finish()
@@ -205,7 +210,8 @@ class Fetcher:
         first, last: publish its start, and its end; a chunk of a package is
         neither unless it is the package's first or last. Raises OSError when
         the link drops, InvalidUpdate when no byte comes for stall_s ("package
-        not on the broker: " + what, by default the package's name).
+        not on the broker: " + what, by default t.missing if it says, else
+        the package's name).
         """
         # Progress from here, not from the handler, and at QoS 0: a QoS 1
         # publish waits for its PUBACK, which the receive loop reads only after
@@ -232,7 +238,8 @@ class Fetcher:
                 if idle_ms > self.stall_s * 1000:
                     from mpy_blox.update.paths import InvalidUpdate
 
-                    raise InvalidUpdate("package not on the broker: " + (what or self.current))
+                    what = what or getattr(t, "missing", None) or self.current
+                    raise InvalidUpdate("package not on the broker: " + what)
             if t.done != self._shown:
                 # Not only this transfer's bytes: chunks that came in under a
                 # second each, before one that stalls, are shown too.

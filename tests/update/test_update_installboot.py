@@ -152,6 +152,9 @@ def test_framework_upgrade_and_user_main_install_through_the_install_boot(
     assert info["packages"] == {"mpy_blox": "0.2.0"}
     assert info["src"] == {"user_main.py": user.sha}
     assert info["last_update"]["result"] == "ok"
+    # The trial publishes info, then status ok: on a busy machine the list of
+    # states could be taken between the two.
+    watch.wait_status(state="ok")
     seen = states(watch)
     assert in_order(
         seen,
