@@ -50,6 +50,26 @@ def raw_limit(workdir: Path, lane, flash: str, sizes: list[int], main: str) -> d
     return {int(m[0]): int(m[2]) / 1e6 for m in re.findall(r"^RAW (\d+) (\d+) (\d+)", out, re.M)}
 
 
+def ratio_rows(key: str, label: str, size: int, raw_s: float, timed) -> list[dict]:
+    """A table row for each (path, seconds) of `timed` moving `size` bytes: its MiB/s and
+    its ratio to the raw socket's `raw_s` (1 is the limit); `key` names the size column."""
+    return [
+        {
+            key: label,
+            "path": path,
+            "seconds": round(seconds, 3),
+            "MiB/s": round(size / 1048576 / seconds, 2),
+            "vs raw": round(raw_s / seconds, 2),
+        }
+        for path, seconds in timed
+    ]
+
+
+def heap_row(key: str, path: str, free: int) -> dict:
+    """A row of the same table for a heap figure, in the ratio column."""
+    return {key: "-", "path": path, "seconds": "", "MiB/s": "", "vs raw": free}
+
+
 class StatusTimeline:
     """When the board's live status reports reached each state, per publish (and
     when it published its info: the state `info`)."""

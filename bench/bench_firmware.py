@@ -28,7 +28,7 @@ import itertools
 import time
 from pathlib import Path
 
-from appboard import app_board, raw_limit
+from appboard import app_board, heap_row, ratio_rows, raw_limit
 
 from mpy_blox_tools import chunks, micropython, publish
 from mpy_blox_tools.vboard.image import HEADER_SIZE, make_image
@@ -106,23 +106,6 @@ def run(workdir: Path) -> list[dict]:
             rows_here = [(f"firmware e2e, {form}", e2e), (f"firmware download, {form}", download)]
             if form == "single message":
                 rows_here.append(("raw socket into the partition", raw[size]))
-            for path, seconds in rows_here:
-                rows.append(
-                    {
-                        "image": label,
-                        "path": path,
-                        "seconds": round(seconds, 3),
-                        "MiB/s": round(size / 1048576 / seconds, 2),
-                        "vs raw": round(raw[size] / seconds, 2),
-                    }
-                )
-    rows.append(
-        {
-            "image": "-",
-            "path": "install boot: min free heap before a download",
-            "seconds": "",
-            "MiB/s": "",
-            "vs raw": min(heaps),
-        }
-    )
+            rows += ratio_rows("image", label, size, raw[size], rows_here)
+    rows.append(heap_row("image", "install boot: min free heap before a download", min(heaps)))
     return rows

@@ -26,7 +26,7 @@ import re
 import time
 from pathlib import Path
 
-from appboard import app_board, raw_limit
+from appboard import app_board, heap_row, ratio_rows, raw_limit
 
 from mpy_blox_tools import chunks, micropython, publish
 
@@ -65,7 +65,6 @@ for size in SIZES:
 def run(workdir: Path) -> list[dict]:
     raw = raw_limit(workdir, LANE, FLASH, list(SIZES.values()), RAW_MAIN)
     rows = []
-    heaps = []
     with app_board(workdir, LANE, FLASH) as app:
         for (label, size), (form, chunk_size) in itertools.product(SIZES.items(), FORMS.items()):
             if chunk_size and size <= chunk_size:
@@ -83,25 +82,8 @@ def run(workdir: Path) -> list[dict]:
             rows_here = [(f"update e2e, {form}", e2e), (f"update download, {form}", download)]
             if form == "single message":
                 rows_here.append(("raw socket", raw[size]))
-            for path, seconds in rows_here:
-                rows.append(
-                    {
-                        "payload": label,
-                        "path": path,
-                        "seconds": round(seconds, 3),
-                        "MiB/s": round(size / 1048576 / seconds, 2),
-                        "vs raw": round(raw[size] / seconds, 2),
-                    }
-                )
+            rows += ratio_rows("payload", label, size, raw[size], rows_here)
         heaps = [int(n) for n in re.findall(r"free heap (\d+)", app.rb.console())]
     if heaps:
-        rows.append(
-            {
-                "payload": "-",
-                "path": "min free heap logged by the board",
-                "seconds": "",
-                "MiB/s": "",
-                "vs raw": min(heaps),
-            }
-        )
+        rows.append(heap_row("payload", "min free heap logged by the board", min(heaps)))
     return rows

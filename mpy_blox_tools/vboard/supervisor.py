@@ -24,6 +24,7 @@ import termios
 import threading
 import time
 import tty
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -195,11 +196,11 @@ class Supervisor:
             print(f"serial port: {port}{where}", flush=True)
         status, reason = 0, ""
         cause = PWRON_RESET
-        recent: list[float] = []  # when the last FAST_REBOOTS boots started
+        recent: deque[float] = deque(maxlen=FAST_REBOOTS)  # when the last boots started
         try:
             while not self._stop:
                 started = time.monotonic()
-                recent = [*recent[-(FAST_REBOOTS - 1) :], started]
+                recent.append(started)
                 status, reason = self._boot(cause, board_master, board_slave, user_master, wake_r)
                 if self._stop:
                     break
