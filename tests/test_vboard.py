@@ -269,16 +269,21 @@ def test_mpremote_mount_in_the_repl_moves_files_full_of_control_bytes(boards, tm
     seen = b""
     try:
         deadline = time.monotonic() + 30
-        typed = False
+        sent = 0
         while time.monotonic() < deadline and b"all read" not in seen:
             if select.select([fd], [], [], 0.2)[0]:
                 try:
                     seen += os.read(fd, 4096)
                 except OSError:
                     break
-            if not typed and ">>> " in rb.console().split("__mount()")[-1]:
+            # At each new prompt, up to three times: MicroPython 1.28's unix REPL
+            # drops what arrives between its prompt and its first read (docs/vboard.md),
+            # so a line typed at once may lose its start (then: an error, a prompt).
+            if sent < 3 and b">>> " in seen:
+                time.sleep(0.2)
                 os.write(fd, line)
-                typed = True
+                sent += 1
+                seen = seen.replace(b">>> ", b">> ")
     finally:
         os.write(fd, b"\x1d")  # Ctrl-] leaves mpremote's REPL
         for _ in range(50):
@@ -522,7 +527,7 @@ def test_a_fed_watchdog_lets_the_board_live_and_a_second_wdt_sets_its_timeout(bo
     rb = boards.start(board)
     rb.wait_for("fed for 3 timeouts")
     assert board.block_writes() == 0  # a feed is no flash write (0 too if this boot ended)
-    rb.wait_for("watchdog reset\r?\n")  # the board's own line, after its reset
+    rb.wait_for("\nwatchdog reset\r?\n")  # the board's own line, after its reset
     out = rb.console()
     assert "ValueError('')" in out  # id 1: only the task watchdog 0, as on the ESP32
     assert out.count("ValueError('WDT timeout too short')") == 2

@@ -24,8 +24,8 @@ class Watchdog:
     """The host side of the emulated `machine.WDT` (firmware/machine.py).
 
     The board writes its timeout in ms to run/wdt when it arms the watchdog and
-    again at every feed: a feed is a moved mtime, seen here at the next turn of
-    the select loop (`tick_s` apart at most). Time runs on this side's clock from
+    again at every feed: a feed is a moved mtime (or a new timeout), seen here at
+    the next turn of the select loop (`tick_s` apart at most). Time runs on this side's clock from
     the moment a feed is seen, so a supervisor slow to look is late to reset,
     never early. An empty file is a disarmed watchdog.
     """
@@ -54,11 +54,16 @@ class Watchdog:
         self._armed = bool(st.st_size)
         if not st.st_size:
             return False
-        if st.st_mtime_ns != self._mtime_ns:
-            try:
-                self._timeout_s = int(self.path.read_bytes()) / 1000
-            except ValueError:
-                return False  # read in the middle of a write: again at the next turn
+        # The timeout is read at every look, not only when the mtime moved: mtimes
+        # move by the kernel's coarse clock (a few ms), so a feed followed at once by
+        # a WDT() with a new timeout can leave the same mtime, and the print between
+        # them wakes this loop in that window (the new timeout was then missed).
+        try:
+            timeout_s = int(self.path.read_bytes()) / 1000
+        except ValueError:
+            return False  # read in the middle of a write: again at the next turn
+        if st.st_mtime_ns != self._mtime_ns or timeout_s != self._timeout_s:
             self._mtime_ns = st.st_mtime_ns
+            self._timeout_s = timeout_s
             self._fed_at = time.monotonic()
         return time.monotonic() - self._fed_at > self._timeout_s
