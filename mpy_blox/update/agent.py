@@ -136,22 +136,21 @@ class Agent:
                     await self._handle(payload, to, retained)
                 except ValueError as e:  # InvalidUpdate: a short reason for status
                     error = str(e)
-                except Exception as e:  # noqa: BLE001  (the agent must stay up for a fix)
+                except MemoryError as e:
                     # A busy app's heap (Home Assistant announcing, user code) is short
                     # for a moment: try again soon, unless a newer list came meanwhile.
                     # Accepting twice is safe: a power cut between its writes and the
                     # reset leaves the same state, and the retained list comes again.
-                    if (
-                        isinstance(e, MemoryError)
-                        and tries < _HEAP_TRIES
-                        and to not in self.pending
-                    ):
+                    if tries < _HEAP_TRIES and to not in self.pending:
                         tries += 1
                         log.warning("out of heap for the list on %s: try %d soon", to, tries)
                         self.pending[to] = (payload, retained)
                         gc.collect()
                         await asyncio.sleep_ms(300 * tries)
                         continue
+                    log.exception("update failed", e)
+                    error = repr(e)[:100]
+                except Exception as e:  # noqa: BLE001  (the agent must stay up for a fix)
                     log.exception("update failed", e)
                     error = repr(e)[:100]
                 tries = 0
