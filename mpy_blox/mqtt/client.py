@@ -403,6 +403,7 @@ class MQTTClient:
     async def _watch(self, conn):
         keepalive = self._keepalive_ms
         period = min(1000, keepalive // 4) if keepalive else 1000
+        pinged = time.ticks_ms()
         try:
             while True:
                 await asyncio.sleep_ms(period)
@@ -413,11 +414,15 @@ class MQTTClient:
                 starved = conn.starved_ms()
                 if starved > keepalive:
                     raise MQTTError("no byte from the broker for %d ms" % starved)
-                since_tx = time.ticks_diff(time.ticks_ms(), conn.tx_ms)
-                # Ping when we have been quiet for half the keepalive, or once per
-                # long wait for input: its answer proves the connection alive.
+                now = time.ticks_ms()
+                since_tx = time.ticks_diff(now, conn.tx_ms)
+                # Ping when we have been quiet for half the keepalive, or when the
+                # broker has been silent that long (whatever we sent: QoS 0
+                # publishes get no answer), at most once a half keepalive: only
+                # an answer proves the connection alive.
                 half = keepalive // 2
-                if since_tx >= half or (starved >= half and since_tx >= starved):
+                if since_tx >= half or (starved >= half and time.ticks_diff(now, pinged) >= half):
                     await conn.send(packet.PING)
+                    pinged = now
         except Exception as e:
             self._lose(e)

@@ -352,3 +352,38 @@ def test_the_will_is_published_when_the_device_dies_but_not_after_stop(broker, d
             c.loop_stop()
             c.disconnect()
         assert statuses.get(topic) == (b"online" if clean else b"offline"), (clean, statuses)
+
+
+CHATTY = """
+import asyncio
+from mpy_blox.mqtt import MQTTClient
+
+async def quiet(msg):
+    pass
+
+async def main():
+    c = MQTTClient("{client_id}", "{host}", {port}, keepalive_s=2,
+                   backoff_min_ms=100, backoff_max_ms=500)
+    await c.subscribe("{client_id}/quiet", quiet)
+    c.start()
+    await c.connected()
+    # QoS 0 every 300 ms for three keepalives: the broker answers none of it.
+    for i in range(20):
+        await c.publish("{client_id}/chatter", str(i))
+        await asyncio.sleep_ms(300)
+    print("CONNECTED", c.can_publish)
+    await c.stop()
+
+asyncio.run(main())
+"""
+
+
+def test_a_client_that_only_publishes_qos0_still_pings_and_stays_connected(broker, device):
+    # A device sending diagnostics often, and subscribed to quiet topics, hears
+    # nothing from the broker unless it pings: it must not take that silence
+    # for a dead connection (it did, once a keepalive, in a Home Assistant test).
+    client_id = f"chatty-{uuid.uuid4().hex[:6]}"
+    dev = device(CHATTY.format(client_id=client_id, host=broker.host, port=broker.port))
+    out = dev.wait(timeout=30)
+    assert "CONNECTED True" in out, out
+    assert "disconnected" not in out, out
