@@ -23,6 +23,7 @@ from mpy_blox_tools.micropython import DEFAULT_HEAP as ESP32_HEAP
 from mpy_blox_tools.micropython import format_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "update"))
+from sntp_server import NO_NTP
 from update_kit import REPO, make_src
 
 KEY = "0123456789abcdef" * 4
@@ -221,6 +222,7 @@ def channel(monkeypatch):
 def hass_board(boards, full_mpy, broker, channel, user_main, lane=None, auto_update=False):
     settings = {
         "mqtt": {"server": broker.host, "port": broker.port},
+        **NO_NTP,
         "hostname": "kitchen",
         "device": {"suggested_area": "Kitchen"},
         "update": {"channel": channel, "auto_update": auto_update, "healthy_after_s": 1},

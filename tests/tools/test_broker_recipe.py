@@ -13,6 +13,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from sntp_server import NO_NTP
 
 from mpy_blox_tools import deploy, micropython, publish
 from mpy_blox_tools.mqtt import BrokerURL
@@ -208,6 +209,7 @@ def test_a_board_logs_in_as_its_id_reports_and_installs_a_signed_update(
                     "port": fleet_broker.port,
                     "username": DEVICE,
                 },
+                **NO_NTP,
                 "update": {"channel": "recipe", "auto_update": True, "healthy_after_s": 1},
             }
         )
@@ -304,6 +306,7 @@ def test_a_board_with_a_wrong_password_says_so_and_keeps_retrying(
             "provision.json": json.dumps({"mqtt.password": "not-" + PASSWORDS[OTHER]}),
             "user_main.py": USER_MAIN.format(tag="app"),
         },
+        **NO_NTP,
     )
     board.put_tree(runtime_mpy, "lib/mpy_blox")
     # The 64-bit lane's equivalent of an ESP32's 100K (heap figures are the 32-bit

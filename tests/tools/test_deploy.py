@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sntp_server import NO_NTP
 
 from mpy_blox_tools import build
 from mpy_blox_tools.cli import main as cli
@@ -229,7 +230,9 @@ def test_deploy_app_reboots_a_fresh_board_into_the_app_reporting_its_version(
     rb = boards.start(b, heap=lane.board_heap, lane=lane)
     rb.wait_for(r"\[vboard\] boot 1")
     settings = tmp_path / "settings.json"
-    settings.write_text(json.dumps({"mqtt": {"server": broker.host, "port": broker.port}}))
+    settings.write_text(
+        json.dumps({"mqtt": {"server": broker.host, "port": broker.port}, **NO_NTP})
+    )
     provision = tmp_path / "provision.json"
     provision.write_text(json.dumps({"update.key": "k" * 32}))
     status = deploy(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
+from sntp_server import NO_NTP
 
 from mpy_blox_tools import broker as broker_module
 from mpy_blox_tools import deploy, fleet, micropython, mqtt, publish
@@ -336,6 +337,7 @@ def test_a_virtual_board_reports_installs_an_update_and_its_will_fires_via_amqtt
         json.dumps(
             {
                 "mqtt": {"server": b.host, "port": b.port},
+                **NO_NTP,
                 "update": {"channel": "t-amqtt", "auto_update": True, "healthy_after_s": 1},
             }
         )

@@ -8,6 +8,7 @@ import secrets
 import time
 
 import pytest
+from sntp_server import NO_NTP
 
 from mpy_blox_tools import deploy, fleet, mqtt, publish
 from mpy_blox_tools.cli import main as cli
@@ -37,6 +38,7 @@ def fleet_of(boards, broker, tmp_path, board_lane):
             json.dumps(
                 {
                     "mqtt": {"server": broker.host, "port": broker.port},
+                    **NO_NTP,
                     "update": {"channel": channel, "auto_update": True, "healthy_after_s": 1},
                 }
             )
@@ -151,7 +153,9 @@ def test_status_shows_the_safe_mode_of_a_real_board_with_its_reason(
     app = {"crash_limit": 2, "restart_delay_ms": 50}
     mqtt_settings = {"server": broker.host, "port": broker.port}
     update = {"healthy_after_s": 1}
-    settings.write_text(json.dumps({"mqtt": mqtt_settings, "app": app, "update": update}))
+    settings.write_text(
+        json.dumps({"mqtt": mqtt_settings, **NO_NTP, "app": app, "update": update})
+    )
     user_main = tmp_path / "user_main.py"
     user_main.write_text(USER_MAIN.format(tag="v1"))
     rb = boards.start(boards.create(), heap=board_lane.heap, lane=board_lane)
@@ -193,7 +197,9 @@ def test_a_board_mpremote_leaves_at_the_repl_is_offline_until_reset(
     # not running, off MQTT): `status` shows it offline until `mpremote reset`.
     settings = tmp_path / "settings.json"
     mqtt_settings = {"server": broker.host, "port": broker.port}
-    settings.write_text(json.dumps({"mqtt": mqtt_settings, "update": {"healthy_after_s": 1}}))
+    settings.write_text(
+        json.dumps({"mqtt": mqtt_settings, **NO_NTP, "update": {"healthy_after_s": 1}})
+    )
     user_main = tmp_path / "user_main.py"
     user_main.write_text(USER_MAIN.format(tag="v1"))
     rb = boards.start(boards.create(), heap=board_lane.heap, lane=board_lane)

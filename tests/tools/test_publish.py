@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sntp_server import NO_NTP
 
 from mpy_blox import topics
 from mpy_blox.update import manifest
@@ -203,7 +204,11 @@ def test_a_bad_target_is_refused_before_anything_is_published(
 
 
 def test_the_broker_and_channel_taken_from_settings_are_said(broker, tmp_path, capsys):
-    settings = {"mqtt": {"server": broker.host, "port": broker.port}, "update": {"channel": "cfg"}}
+    settings = {
+        "mqtt": {"server": broker.host, "port": broker.port},
+        **NO_NTP,
+        "update": {"channel": "cfg"},
+    }
     (tmp_path / "settings.json").write_text(json.dumps(settings))
     (tmp_path / "user_main.py").write_text("async def user_main():\n    pass\n")
     try:

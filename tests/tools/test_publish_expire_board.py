@@ -9,6 +9,7 @@ import secrets
 import time
 
 import pytest
+from sntp_server import NO_NTP
 
 from mpy_blox import topics
 from mpy_blox_tools import deploy, fleet, mqtt, publish
@@ -37,6 +38,7 @@ def test_a_device_that_comes_back_after_its_package_expired_fails_and_nothing_ch
         json.dumps(
             {
                 "mqtt": {"server": broker.host, "port": broker.port},
+                **NO_NTP,
                 "update": {"channel": channel, "auto_update": True, "healthy_after_s": 1},
             }
         )

@@ -22,6 +22,7 @@ import time
 
 import paho.mqtt.client as paho
 import pytest
+from sntp_server import NO_NTP
 
 from mpy_blox import topics
 from mpy_blox_tools import deploy, publish
@@ -107,6 +108,7 @@ def test_a_dev_release_installs_and_status_lists_the_board_on_rabbitmq_announce_
         json.dumps(
             {
                 "mqtt": {"server": rabbitmq.host, "port": rabbitmq.port},
+                **NO_NTP,
                 "update": {"channel": "rabbit", "healthy_after_s": 1},
             }
         )

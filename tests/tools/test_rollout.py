@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sntp_server import NO_NTP
 
 from mpy_blox import topics
 from mpy_blox_tools import build, fleet, mqtt, publish, rollout, wheel
@@ -62,6 +63,7 @@ def _deploy(board, broker, channel: str, full_mpy: Path, release_wheel: Path) ->
     """The release wheel under /lib, main.py, settings on `channel`, the key, USER v1."""
     settings = {
         "mqtt": {"server": broker.host, "port": broker.port, "wait_s": 5},
+        **NO_NTP,
         "update": {"channel": channel, "healthy_after_s": 1, "trial_s": 30},
         "app": {"restart_delay_ms": 100},
     }

@@ -10,6 +10,7 @@ import time
 import uuid
 
 import pytest
+from sntp_server import NO_NTP
 from update_kit import REPO, make_src, make_wheel, sha256
 
 from mpy_blox import topics
@@ -77,6 +78,7 @@ def agent_board(boards, full_mpy, broker):
     def make(key: str | None = KEY, auto_update: bool = True):
         settings = {
             "mqtt": {"server": broker.host, "port": broker.port},
+            **NO_NTP,
             "update": {"channel": CHANNEL, "auto_update": auto_update, "healthy_after_s": 1},
         }
         board = boards.create()
@@ -184,6 +186,7 @@ def test_broker_killed_mid_download_the_update_installs_after_it_returns(
     own = broker_factory()
     settings = {
         "mqtt": {"server": own.host, "port": own.port},
+        **NO_NTP,
         "update": {"channel": CHANNEL, "auto_update": True, "healthy_after_s": 1},
     }
     board = boards.create(flash_size="16M")

@@ -15,6 +15,7 @@ import time
 import uuid
 
 import pytest
+from sntp_server import NO_NTP
 from test_update_agent import Watcher, publish
 from update_kit import REPO, make_src, make_wheel, sha256
 
@@ -68,6 +69,7 @@ def app_board(boards, full_mpy, broker, channel):
     def make(settings: dict | None = None, files: dict | None = None, **kwargs):
         settings = settings or {
             "mqtt": {"server": broker.host, "port": broker.port},
+            **NO_NTP,
             "update": {"channel": channel, "healthy_after_s": 1},
         }
         board = boards.create(**kwargs)
@@ -313,7 +315,7 @@ def test_a_failing_install_boot_reports_failed_and_boots_the_app_without_looping
 
 def test_an_install_boot_that_cannot_finish_gives_up_after_three_attempts(app_board, boards):
     # No broker: every install boot resets; the fourth start gives up and the app boots.
-    settings = {"mqtt": {"server": "127.0.0.1", "port": 9, "wait_s": 1}}
+    settings = {"mqtt": {"server": "127.0.0.1", "port": 9, "wait_s": 1}, **NO_NTP}
     board = app_board(settings)
     (board.dir / "nvs.json").write_text(
         json.dumps({"mpypi": {"seq": ["i32", 4], "ib": ["blob", (b"\x01" + bytes(34)).hex()]}})

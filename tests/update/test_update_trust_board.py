@@ -9,6 +9,7 @@ import time
 import uuid
 
 import pytest
+from sntp_server import NO_NTP
 from test_update_agent import Watcher, publish
 from test_update_installboot import wait_info
 from update_kit import REPO, make_src
@@ -40,6 +41,7 @@ def trust_board(boards, full_mpy, broker, channel):
     ):
         settings = {
             "mqtt": {"server": broker.host, "port": broker.port, "keepalive_s": keepalive_s},
+            **NO_NTP,
             "update": {"channel": channel, "auto_update": True, "healthy_after_s": 1},
         }
         if wlan:  # an access point the test can take down (Board.set_network)

@@ -11,6 +11,7 @@ import re
 import uuid
 
 import pytest
+from sntp_server import NO_NTP
 from test_update_agent import Watcher, publish
 from test_update_installboot import (
     HEAP,
@@ -45,6 +46,7 @@ def test_publish_wait_of_a_src_file_already_on_the_board_says_ok_and_info_src_na
     channel = f"truth-{uuid.uuid4().hex[:8]}"
     settings = {
         "mqtt": {"server": broker.host, "port": broker.port},
+        **NO_NTP,
         "update": {"channel": channel, "healthy_after_s": 1},
     }
     (tmp_path / "settings.json").write_text(json.dumps(settings))
@@ -126,6 +128,7 @@ def keyless_board(boards, full_mpy, broker, channel):
     def make():
         settings = {
             "mqtt": {"server": broker.host, "port": broker.port},
+            **NO_NTP,
             "update": {"channel": channel, "healthy_after_s": 1},
         }
         board = boards.create()
