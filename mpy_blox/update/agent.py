@@ -17,7 +17,7 @@ import gc
 import os
 
 from mpy_blox.log import get_logger
-from mpy_blox.topics import channel_topic, list_to, node_topic
+from mpy_blox.topics import PREFIX, channel_topic, list_to, node_topic
 from mpy_blox.update import record
 
 _MAX_LIST = const(16384)  # manifest.MAX_LIST_BYTES
@@ -117,8 +117,24 @@ class Agent:
             payload = await msg.read(_MAX_LIST)
         except ValueError:
             payload = b""  # refused by decode as malformed
+        except MemoryError:
+            # No room for it at this moment (a busy app): the worker fetches the
+            # retained copy again once the heap had a breath (None: to refetch).
+            payload = None
         self.pending[list_to(msg.topic)] = (payload, msg.retain)
         self.wake.set()
+
+    async def _again(self, to, payload, retained):
+        # The list once more: queued again, or, if it could not even be read,
+        # fetched again: subscribing anew makes the broker send its retained
+        # copy (MQTT 3.1.1, 3.8.4; every publisher retains its lists).
+        if payload is not None:
+            self.pending[to] = (payload, retained)
+            return
+        try:
+            await self.client.subscribe(PREFIX + to, self._on_list)
+        except Exception as e:  # noqa: BLE001  (offline: the reconnect resubscribes)
+            log.warning("cannot fetch the list on %s again: %r", to, e)
 
     async def _worker(self):
         if self.hold is not None:
@@ -133,6 +149,8 @@ class Agent:
                 error = None
                 gc.collect()  # the garbage of other tasks (hass's JSON) out of the way
                 try:
+                    if payload is None:
+                        raise MemoryError("no heap to read the list")
                     await self._handle(payload, to, retained)
                 except ValueError as e:  # InvalidUpdate: a short reason for status
                     error = str(e)
@@ -144,9 +162,10 @@ class Agent:
                     if tries < _HEAP_TRIES and to not in self.pending:
                         tries += 1
                         log.warning("out of heap for the list on %s: try %d soon", to, tries)
-                        self.pending[to] = (payload, retained)
                         gc.collect()
                         await asyncio.sleep_ms(300 * tries)
+                        if to not in self.pending:  # else a newer list came meanwhile
+                            await self._again(to, payload, retained)
                         continue
                     log.exception("update failed", e)
                     error = repr(e)[:100]

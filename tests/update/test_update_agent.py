@@ -290,3 +290,76 @@ def test_a_list_that_meets_a_memory_error_is_tried_again_a_few_times(run_mpy, fa
         assert "handled b'list' channels/x" in out and "failed:" not in out
     else:
         assert "failed: MemoryError('memory allocation failed, allocating 1148 bytes',)" in out
+
+
+AGENT_READ_RETRY = """
+import asyncio
+from mpy_blox.update import agent
+
+class Config:
+    def get_str(self, key, default=None):
+        return default
+
+    def get_bool(self, key, default=None):
+        return default
+
+class Msg:
+    reads = 0
+
+    def __init__(self, topic, payload):
+        self.topic, self.payload, self.size, self.retain = topic, payload, len(payload), True
+
+    async def read(self, cap):
+        Msg.reads += 1
+        if Msg.reads <= FAILS:
+            raise MemoryError("memory allocation failed, allocating 289 bytes")
+        return self.payload
+
+class Client:
+    async def subscribe(self, topic_filter, handler, qos=1):
+        # As the broker does: the retained copy comes again with the SUBACK.
+        print("subscribe", topic_filter)
+        asyncio.create_task(handler(Msg(topic_filter, RETAINED)))
+
+class Agent(agent.Agent):
+    async def _handle(self, payload, to, retained):
+        print("handled", payload, to)
+
+    async def _failed(self, error):
+        print("failed:", error)
+
+async def main():
+    a = Agent(Client(), Config(), None)
+    asyncio.create_task(a._worker())
+    await a._on_list(Msg("mpypi/channels/x", b"list 1"))
+    await asyncio.sleep_ms(NEWER_AFTER_MS)
+    if NEWER_AFTER_MS < 2000:
+        await a._on_list(Msg("mpypi/channels/x", b"list 2"))
+    await asyncio.sleep_ms(2500 - NEWER_AFTER_MS)
+    print("reads", Msg.reads)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(
+    ("fails", "newer_after_ms", "handled"),
+    [(1, 2000, "list 1"), (3, 2000, "list 1"), (9, 2000, None), (1, 100, "list 2")],
+)
+def test_a_list_with_no_heap_to_be_read_is_fetched_again_from_the_broker(
+    run_mpy, fails, newer_after_ms, handled
+):
+    # The list's bytes could not even be allocated: nothing of it is held, so
+    # the agent asks the broker for its retained copy again, a few times at most;
+    # a newer list that came meanwhile is the one handled, never overwritten.
+    script = AGENT_READ_RETRY.replace("FAILS", str(fails)).replace("RETAINED", "b'list 1'")
+    out = run_mpy(script.replace("NEWER_AFTER_MS", str(newer_after_ms)))
+    if handled is None:
+        assert out.count("subscribe mpypi/channels/x") == 3, out
+        assert "handled" not in out, out
+        assert "failed: MemoryError('no heap to read the list',)" in out, out
+    else:
+        assert f"handled b'{handled}' channels/x" in out, out
+        assert out.count("handled") == 1 and "failed:" not in out, out
+    if newer_after_ms < 2000:
+        assert "subscribe" not in out, out
