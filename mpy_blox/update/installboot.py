@@ -103,6 +103,15 @@ class InstallBoot:
                     await ib.status("installing")
             except ValueError as e:  # InvalidUpdate: a short reason for status
                 self.error = str(e)
+            except MemoryError as e:
+                # Where the blocks lie depends on what arrived when (at 100K, a
+                # 1148-byte file block after a firmware image can be missing):
+                # a fresh heap may fit, and the downloads resume. Counted.
+                if self.tries < _MAX_TRIES:
+                    log.exception("out of heap: retrying after a reset", e)
+                    machine.reset()
+                log.exception("download failed", e)
+                self.error = repr(e)[:100]
             except Exception as e:  # noqa: BLE001  (report it; the app boots next either way)
                 log.exception("download failed", e)
                 self.error = repr(e)[:100]

@@ -456,3 +456,37 @@ def test_an_image_the_bootloader_refuses_fails_and_its_journal_is_discarded(
     assert board.cat("user_main.py") == USER_V1 and "USER v2" not in rb.console()
     assert not board.otadata()[1]["written"]
     assert not [p for p in board.ls(".mpypi") if p.endswith(("journal", "firmware", "rollback"))]
+
+
+def test_an_install_boot_out_of_heap_tries_a_fresh_heap_then_reports_it(
+    app_board, boards, mqtt_client, broker, channel, lane32, tmp_path, monkeypatch
+):
+    # A heap too small for the install boot's downloads, always: the MemoryError
+    # is tried again from a fresh heap (the attempts are counted, the image's
+    # chunks resume), and the last attempt reports it; the old image runs on.
+    board = app_board(settings(broker, channel), flash_size="4M", lane=lane32)
+    watch = Watcher(mqtt_client(broker), board.device_id)
+    # 88K: the app boots (21 KB free) and accepts; the install boot has 5 KB.
+    rb = boards.start(board, heap="88K", lane=lane32)
+    rb.wait_for("USER v1", timeout=30)
+    image = tmp_path / "v2.img"
+    image.write_bytes(make_image(Path(lane32.executable).read_bytes() + b"\n# v2\n", "32-v2"))
+    (tmp_path / "user_main.py").write_bytes(USER_V2)
+    packages = [publish.firmware_package(image), publish.src_package(tmp_path / "user_main.py")]
+    monkeypatch.setattr(publish, "STATE_DIR", tmp_path / "state")
+    publish.publish_update(
+        publish.mqtt.BrokerURL(broker.host, broker.port),
+        packages,
+        channel=channel,
+        key=KEY.encode(),
+        chunk_size=65536,
+        log=lambda line: None,
+    )
+    failed = watch.wait_status(state="failed", timeout=90)
+    assert "MemoryError" in failed["error"], failed
+    out = rb.console()
+    assert out.count("out of heap: retrying after a reset") == 2, out
+    assert "(attempt 3)" in out and "(attempt 4)" not in out, out
+    on_the_last_boot(rb, "USER v1")
+    rb.stop()
+    assert board.otadata()[0]["state"] == "valid"
