@@ -295,7 +295,8 @@ def test_a_board_with_a_wrong_password_says_so_and_keeps_retrying(
             "port": fleet_broker.port,
             "username": OTHER,
             "wait_s": 2,
-        }
+        },
+        **NO_NTP,
     }
     board = boards.create(
         device_id=OTHER,
@@ -306,7 +307,6 @@ def test_a_board_with_a_wrong_password_says_so_and_keeps_retrying(
             "provision.json": json.dumps({"mqtt.password": "not-" + PASSWORDS[OTHER]}),
             "user_main.py": USER_MAIN.format(tag="app"),
         },
-        **NO_NTP,
     )
     board.put_tree(runtime_mpy, "lib/mpy_blox")
     # The 64-bit lane's equivalent of an ESP32's 100K (heap figures are the 32-bit
