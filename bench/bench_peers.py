@@ -286,16 +286,16 @@ class Bench:
                 client=self.client,
                 log=lambda *a: None,
             )
+            published = time.monotonic()
             if cut:
                 rb.wait_for("power-cut at block write", timeout=600)
             else:
-                out["seconds"] = (
-                    timeline.wait_for(
-                        t0, "downloading", "installing", "rebooting", timeout=timeout
-                    )["rebooting"]
-                    - t0
+                marks = timeline.wait_for(
+                    t0, "downloading", "installing", "rebooting", timeout=timeout
                 )
+                out["seconds"] = marks["rebooting"] - t0
                 out["wire"] = self.mqtt_link.total
+                out["phases"] = _phases(t0, published, marks)
             rb.wait_for("v1 running", count=2, timeout=timeout)  # the app is back
             out["console"] = rb.console()
         out["writes"] = watch.stop()
@@ -422,6 +422,18 @@ def _heap_cell(console: str, heap: int | None = None) -> str:
     return f"{(heap - peak[0]) / 1000:.1f} (least free {peak[0] / 1000:.1f})" if peak else "-"
 
 
+def _phases(t0: float, published: float, marks: dict[str, float]) -> str:
+    """Where ours' seconds went, by the board's status reports: the publish (the
+    workstation's, the list last), then until the first download, the downloads,
+    and the stage and commit. The publish overlaps the rest: the install boot
+    starts on the list, which goes last."""
+    return (
+        f"publish {published - t0:.2f}, to 1st download {marks['downloading'] - t0:.2f}, "
+        f"downloads {marks['installing'] - marks['downloading']:.2f}, "
+        f"stage+commit {marks['rebooting'] - marks['installing']:.2f}"
+    )
+
+
 def _ours_rows(bench: Bench) -> list[dict]:
     timed = {link: bench.ours(link) for link in ("loopback", "shaped")}
     try:  # the probe's own heap and collects may be more than the install boot can spare
@@ -433,7 +445,7 @@ def _ours_rows(bench: Bench) -> list[dict]:
     cut_at = timed["loopback"]["writes"] // 2
     cut = bench.ours("loopback", cut=cut_at)
     cut_cell = f"write {cut_at}: {cut['set']} at the next app boot"
-    return [_row("ours", link, r, heap, cut_cell) for link, r in timed.items()]
+    return [_row("ours", link, r, heap, cut_cell, r["phases"]) for link, r in timed.items()]
 
 
 def _mip_rows(bench: Bench) -> list[dict]:
