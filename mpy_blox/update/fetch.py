@@ -108,6 +108,8 @@ class Fetcher:
                     got.append(await msg.read(_MAX_LIST))
                 except ValueError:
                     got.append(b"")  # too long: decode_list refuses it
+                except MemoryError as e:
+                    got.append(e)  # raised below: it is there, the heap is not
                 arrived.set()
 
         topic = PREFIX + to
@@ -130,6 +132,8 @@ class Fetcher:
                 await self.client.unsubscribe(topic)
             except OSError:
                 pass  # not connected: nothing subscribed any more
+        if isinstance(got[0], MemoryError):
+            raise got[0]
         return got[0]
 
     async def download(self, entries):
