@@ -257,15 +257,7 @@ def test_a_chunked_firmware_installs_at_the_32bit_board_heap(
     if with_src:
         (tmp_path / "user_main.py").write_bytes(USER_V2)
         packages.append(publish.src_package(tmp_path / "user_main.py"))
-    monkeypatch.setattr(publish, "STATE_DIR", tmp_path / "state")
-    done = publish.publish_update(
-        publish.mqtt.BrokerURL(broker.host, broker.port),
-        packages,
-        channel=channel,
-        key=KEY.encode(),
-        chunk_size=65536,
-        log=lambda line: None,
-    )
+    done = publish_chunked(broker, channel, packages, tmp_path, monkeypatch)
     assert watch.wait_status(state="ok", timeout=60)["seq"] == done.seq
     free = int(rb.wait_for(r"firmware 32-v2 into ota_1; free heap (\d+) bytes").group(1))
     what = "firmware and user_main.py" if with_src else "firmware"
@@ -275,6 +267,19 @@ def test_a_chunked_firmware_installs_at_the_32bit_board_heap(
         on_the_last_boot(rb, "USER v2")
     rb.stop()
     assert [e["state"] for e in board.otadata()] == ["valid", "valid"]
+
+
+def publish_chunked(broker, channel, packages, tmp_path, monkeypatch, chunk_size=65536):
+    """Publish `packages` signed on `channel`, in chunks, the publisher's state in tmp_path."""
+    monkeypatch.setattr(publish, "STATE_DIR", tmp_path / "state")
+    return publish.publish_update(
+        publish.mqtt.BrokerURL(broker.host, broker.port),
+        packages,
+        channel=channel,
+        key=KEY.encode(),
+        chunk_size=chunk_size,
+        log=lambda line: None,
+    )
 
 
 def on_the_last_boot(rb, text: str, timeout: float = 30) -> None:
@@ -332,14 +337,8 @@ def test_a_chunked_firmware_cut_mid_download_resumes_from_the_partition(
     board = app_board(settings(broker, channel), flash_size="4M")
     image = tmp_path / "v2.img"
     image.write_bytes(make_image(variant("v2", 10 * 4096 - 100), "v2"))
-    monkeypatch.setattr(publish, "STATE_DIR", tmp_path / "state")
-    publish.publish_update(
-        publish.mqtt.BrokerURL(broker.host, broker.port),
-        [publish.firmware_package(image)],
-        channel=channel,
-        key=KEY.encode(),
-        chunk_size=chunk_size,
-        log=lambda line: None,
+    publish_chunked(
+        broker, channel, [publish.firmware_package(image)], tmp_path, monkeypatch, chunk_size
     )
     rb = boards.start(board, heap=HEAP, once=True)  # the app takes the list, resets
     assert rb.wait(timeout=60) == 0 and "resetting into the install boot" in rb.console()
@@ -473,15 +472,7 @@ def test_an_install_boot_out_of_heap_tries_a_fresh_heap_then_reports_it(
     image.write_bytes(make_image(Path(lane32.executable).read_bytes() + b"\n# v2\n", "32-v2"))
     (tmp_path / "user_main.py").write_bytes(USER_V2)
     packages = [publish.firmware_package(image), publish.src_package(tmp_path / "user_main.py")]
-    monkeypatch.setattr(publish, "STATE_DIR", tmp_path / "state")
-    publish.publish_update(
-        publish.mqtt.BrokerURL(broker.host, broker.port),
-        packages,
-        channel=channel,
-        key=KEY.encode(),
-        chunk_size=65536,
-        log=lambda line: None,
-    )
+    publish_chunked(broker, channel, packages, tmp_path, monkeypatch)
     failed = watch.wait_status(state="failed", timeout=90)
     assert "MemoryError" in failed["error"], failed  # not "no longer on the broker"
     out = rb.console()
