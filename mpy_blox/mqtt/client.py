@@ -168,7 +168,7 @@ class MQTTClient:
             raise ValueError("bad topic to publish to: %r" % topic)
         if not qos:
             head = packet.publish_header(topic, len(payload), 0, retain, False, 0)
-            await self._live().send(head, payload)
+            await self._send(head, payload)
             return
         pid = self._next_pid()
         head = packet.publish_header(topic, len(payload), 1, retain, False, pid)
@@ -185,6 +185,17 @@ class MQTTClient:
             raise MQTTError("not connected")
         return self._conn
 
+    async def _send(self, data, payload=None):
+        # A write that fails ends the connection at once (a packet may be half
+        # sent): later requests fail as "not connected", and connected() waits
+        # for the next connection, rather than for the receive task to notice.
+        conn = self._live()
+        try:
+            await conn.send(data, payload)
+        except OSError as e:
+            self._lose(e)
+            raise
+
     def _next_pid(self):
         while True:
             self._pid = self._pid % 65535 + 1
@@ -193,7 +204,7 @@ class MQTTClient:
 
     async def _request(self, pid, data, payload=None):
         # Send a packet that the broker answers, and wait for the answer.
-        conn = self._live()
+        self._live()
         if len(self._waiters) >= _MAX_INFLIGHT:
             raise MQTTError("too many packets awaiting an answer")
         # In a handler the answer cannot arrive before the handler returns: the
@@ -201,7 +212,7 @@ class MQTTClient:
         wait = asyncio.current_task() is not self._receiver
         waiter = self._waiters[pid] = [asyncio.Event() if wait else None, None]
         try:
-            await conn.send(data, payload)
+            await self._send(data, payload)
         except Exception:
             self._waiters.pop(pid, None)
             raise
@@ -230,6 +241,7 @@ class MQTTClient:
         # The connection is dead: wake everyone who waits on it, once.
         if self._lost.is_set():
             return
+        self._up.clear()  # now: connected() waits for the next connection
         self._reason = reason
         waiters, self._waiters = self._waiters, {}
         for waiter in waiters.values():
@@ -307,7 +319,8 @@ class MQTTClient:
         try:
             log.info("connected to %s:%d", self._server, self._port)
             await self._resubscribe()
-            self._up.set()
+            if not self._lost.is_set():  # else lost meanwhile: connected() must wait
+                self._up.set()
             for callback in self._callbacks:
                 try:
                     await callback()

@@ -387,3 +387,66 @@ def test_a_client_that_only_publishes_qos0_still_pings_and_stays_connected(broke
     out = dev.wait(timeout=30)
     assert "CONNECTED True" in out, out
     assert "disconnected" not in out, out
+
+
+SEND_FAILS = """
+import asyncio, socket
+from mpy_blox.mqtt import MQTTClient, packet
+HOST, PORT, ID = {host!r}, {port}, {client_id!r}
+
+def kick():
+    # Another client with our id: Mosquitto closes our connection.
+    s = socket.socket()
+    s.connect(socket.getaddrinfo(HOST, PORT)[0][-1])
+    s.write(packet.connect(ID, None, None, 60, True, None))
+    s.read(4)
+    s.close()
+
+async def handler(msg):
+    # The receive task is in here: nothing reads the socket, so only a write
+    # can find the connection gone.
+    kick()
+    await asyncio.sleep_ms(200)
+    for i in range(50):
+        try:
+            await c.publish(ID + "/x", "after the kick")
+        except OSError as e:
+            print("WRITE FAILED", type(e).__name__)
+            break
+        await asyncio.sleep_ms(10)
+    print("IS_CONNECTED", c.is_connected)
+    done.set()
+    try:  # raises before it awaits anything, when the connection is known lost
+        await c.publish(ID + "/x", "again")
+    except Exception as e:
+        print("NEXT", type(e).__name__, e)
+
+done = asyncio.Event()
+c = MQTTClient(ID, HOST, PORT, backoff_min_ms=50, backoff_max_ms=100)
+
+async def main():
+    await c.subscribe(ID + "/go", handler)
+    c.start()
+    await c.connected()
+    await c.publish(ID + "/go", "go")
+    await done.wait()
+    await asyncio.wait_for(c.connected(), 10)  # the next connection
+    print("RECONNECTED", c.is_connected)
+    await c.stop()
+
+asyncio.run(main())
+"""
+
+
+def test_a_write_that_fails_ends_the_connection_at_once(broker, device):
+    # A handler (the chunked download's) sends while the receive task is busy in
+    # it: a failed write must end the connection there and then, so that a retry
+    # waits in connected() for the next connection instead of sending into the
+    # dead one five times in a row (it did: 'download failed: OSError(32,)').
+    client_id = f"sendfail-{uuid.uuid4().hex[:6]}"
+    code = SEND_FAILS.format(host=broker.host, port=broker.port, client_id=client_id)
+    out = device(code).wait(timeout=30)
+    assert "WRITE FAILED" in out, out
+    assert "IS_CONNECTED False" in out, out
+    assert "NEXT MQTTError not connected" in out, out
+    assert "RECONNECTED True" in out, out
