@@ -107,9 +107,7 @@ class InstallBoot:
                 # Where the blocks lie depends on what arrived when (at 100K, a
                 # 1148-byte file block after a firmware image can be missing):
                 # a fresh heap may fit, and the downloads resume. Counted.
-                if self.tries < _MAX_TRIES:
-                    log.exception("out of heap: retrying after a reset", e)
-                    machine.reset()
+                self._heap_retry(e)
                 log.exception("download failed", e)
                 self.error = repr(e)[:100]
             except Exception as e:  # noqa: BLE001  (report it; the app boots next either way)
@@ -191,6 +189,14 @@ class InstallBoot:
             self.seq = listed
         return got.entries
 
+    def _heap_retry(self, e):
+        # Reset and try again from a fresh heap, unless this was the last attempt.
+        if self.tries < _MAX_TRIES:
+            import machine
+
+            log.exception("out of heap: retrying after a reset", e)
+            machine.reset()
+
     def commit(self):
         """Phase 2, between two runs of the loop: stage and commit, offline."""
         startup.drop_all("mpy_blox.mqtt")
@@ -210,7 +216,18 @@ class InstallBoot:
                 journaled = self.installed = inst.finish(self.firmware)
             except ValueError as e:  # InvalidUpdate
                 self.error = str(e)
+                from mpy_blox.update.paths import HeapShort  # loaded with the core
+
+                if isinstance(e, HeapShort):
+                    # The decoder's blocks were not there in this heap (nothing
+                    # is journaled yet; the stage is cleaned): as a download's
+                    # MemoryError, a fresh heap may have them. Counted.
+                    self._heap_retry(e)
             except Exception as e:  # noqa: BLE001  (reported; the old set stays)
+                if isinstance(e, MemoryError):
+                    # Safe at any point, as a power cut is: before the journal,
+                    # the stage is cleaned; after it, boot recovery rolls it on.
+                    self._heap_retry(e)
                 log.exception("install failed", e)
                 self.error = repr(e)[:100]
         inst = None

@@ -26,6 +26,11 @@ class InvalidUpdate(ValueError):
     """The list or a package is bad: refuse it, report the reason, change nothing."""
 
 
+class HeapShort(InvalidUpdate):
+    """Refused for want of heap at this moment, where a fresh heap may have it (the
+    install boot tries again after a reset); refused for good on the last try."""
+
+
 _MAX_PATH = 200
 _SAFE = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
 # Written only by a deployment, never by an update; "lib" holds the framework.

@@ -21,7 +21,7 @@ import gc
 import hashlib
 import struct
 
-from mpy_blox.update.paths import InvalidUpdate, check_wheel_path, fold
+from mpy_blox.update.paths import HeapShort, InvalidUpdate, check_wheel_path, fold
 
 _EOCD = const(22)
 _MAX_COMMENT = const(256)
@@ -71,7 +71,9 @@ def _wbits(comment):
 
 
 def window_fits(wbits):
-    """True if the deflate decoder for 2**wbits can be allocated now."""
+    """True if the deflate decoder for 2**wbits can be allocated now; False if
+    the heap is too small for it; None if it is large enough but has not the
+    blocks at this moment (fragmented: a fresh heap may have them)."""
     gc.collect()
     if gc.mem_free() < (1 << wbits) + _WINDOW_MARGIN:
         return False
@@ -82,7 +84,7 @@ def window_fits(wbits):
         state = bytearray(_DECODER_STATE)
         window = bytearray(1 << wbits)
     except MemoryError:
-        return False
+        return None
     state = window = None  # noqa: F841  (the blocks go back before the collect)
     gc.collect()
     return True
@@ -208,12 +210,15 @@ class Wheel:
             if method == 8:
                 import deflate
 
-                if not window_fits(self.wbits):
+                fits = window_fits(self.wbits)
+                if fits is None:
+                    raise HeapShort(self._window_error())
+                if not fits:
                     raise InvalidUpdate(self._window_error())
                 try:
                     src = deflate.DeflateIO(self.f, deflate.RAW, self.wbits)
                 except MemoryError:
-                    raise InvalidUpdate(self._window_error())
+                    raise HeapShort(self._window_error())
             f = open(out, "wb") if isinstance(out, str) else out
             digest, total = self._copy(src, csize, f, limit)
             # Deflate reads its input a byte at a time, straight from the wheel
@@ -244,7 +249,7 @@ class Wheel:
                 except (OSError, ValueError, EOFError):
                     raise InvalidUpdate("corrupt compressed data in wheel")
                 except MemoryError:  # the window is allocated at the first read
-                    raise InvalidUpdate(self._window_error())
+                    raise HeapShort(self._window_error())
             if not n:
                 break
             total += n

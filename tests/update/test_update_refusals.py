@@ -249,6 +249,47 @@ def test_wheel_whose_window_does_not_fit_the_heap_is_refused_and_nothing_changes
     refused(device, device.install(w, heap="80K"), "needs a 32768-byte deflate window")
 
 
+HEAP_SHORT = """
+import sys
+from mpy_blox.update import zipwheel
+from mpy_blox.update.paths import HeapShort, InvalidUpdate
+
+class NoHeap:  # a heap with the room but not the blocks, at one of two moments
+    RAW = -15
+
+    def DeflateIO(self, f, fmt, wbits):
+        if MOMENT == "decoder":
+            raise MemoryError("memory allocation failed, allocating 1344 bytes")
+        return self
+
+    def readinto(self, buf):
+        raise MemoryError("memory allocation failed, allocating 1024 bytes")
+
+sys.modules["deflate"] = NoHeap()
+w = zipwheel.Wheel(PATH, SIZE, bytearray(512))
+for name, method, csize, usize, off in w.entries():
+    if method == 8:
+        try:
+            w.copy_entry(method, csize, off, None, usize)
+        except HeapShort as e:
+            print("HEAPSHORT", isinstance(e, InvalidUpdate), e)
+        break
+"""
+
+
+@pytest.mark.parametrize("moment", ["decoder", "first read"])
+def test_a_decoder_short_of_heap_is_a_heap_short_refusal(run_mpy, tmp_path, moment):
+    # The window fits the heap in total, but the decoder's blocks are not there at
+    # this moment (fragmented): HeapShort, an InvalidUpdate the install boot tries
+    # again from a fresh heap; a window the heap cannot hold stays a plain refusal.
+    w = make_wheel("demo-pkg", "2.0", {"demo_pkg/__init__.py": b"v2" * 1000})
+    path = tmp_path / "w.whl"
+    path.write_bytes(w.data)
+    script = HEAP_SHORT.replace("PATH", repr(str(path))).replace("SIZE", str(len(w.data)))
+    out = run_mpy(script.replace("MOMENT", repr(moment)))
+    assert "HEAPSHORT True wheel needs a 1024-byte deflate window (wbits 10)" in out, out
+
+
 def test_standard_wbits_15_wheel_installs_when_the_heap_allows(device):
     w = make_wheel("demo-pkg", "2.0", {"demo_pkg/__init__.py": b"v2" * 1000}, wbits=None)
     assert device.install(w, heap="256K") == "INSTALLED 1"
