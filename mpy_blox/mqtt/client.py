@@ -168,7 +168,12 @@ class MQTTClient:
             raise ValueError("bad topic to publish to: %r" % topic)
         if not qos:
             head = packet.publish_header(topic, len(payload), 0, retain, False, 0)
-            await self._send(head, payload)
+            conn = self._live()
+            try:
+                await conn.send(head, payload)
+            except OSError as e:
+                self._lose(e)  # see _request
+                raise
             return
         pid = self._next_pid()
         head = packet.publish_header(topic, len(payload), 1, retain, False, pid)
@@ -185,17 +190,6 @@ class MQTTClient:
             raise MQTTError("not connected")
         return self._conn
 
-    async def _send(self, data, payload=None):
-        # A write that fails ends the connection at once (a packet may be half
-        # sent): later requests fail as "not connected", and connected() waits
-        # for the next connection, rather than for the receive task to notice.
-        conn = self._live()
-        try:
-            await conn.send(data, payload)
-        except OSError as e:
-            self._lose(e)
-            raise
-
     def _next_pid(self):
         while True:
             self._pid = self._pid % 65535 + 1
@@ -204,7 +198,7 @@ class MQTTClient:
 
     async def _request(self, pid, data, payload=None):
         # Send a packet that the broker answers, and wait for the answer.
-        self._live()
+        conn = self._live()
         if len(self._waiters) >= _MAX_INFLIGHT:
             raise MQTTError("too many packets awaiting an answer")
         # In a handler the answer cannot arrive before the handler returns: the
@@ -212,9 +206,15 @@ class MQTTClient:
         wait = asyncio.current_task() is not self._receiver
         waiter = self._waiters[pid] = [asyncio.Event() if wait else None, None]
         try:
-            await self._send(data, payload)
-        except Exception:
+            await conn.send(data, payload)
+        except Exception as e:
             self._waiters.pop(pid, None)
+            if isinstance(e, OSError):
+                # A write that fails ends the connection at once (a packet may
+                # be half sent): later requests fail as "not connected", and
+                # connected() waits for the next connection, rather than for
+                # the receive task to notice (it may be busy in a handler).
+                self._lose(e)
             raise
         if not wait:
             return None
