@@ -18,6 +18,9 @@ from pathlib import Path
 # twentieth of a longer timeout, up to IDLE_TICK_S); IDLE_TICK_S while none is armed.
 TICK_S = 0.05
 IDLE_TICK_S = 0.5
+# Writes this close after an mtime can carry that same mtime (the coarse clock's tick,
+# with room to spare).
+SAME_MTIME_NS = 50_000_000
 
 
 class Watchdog:
@@ -33,6 +36,7 @@ class Watchdog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._mtime_ns: int | None = None
+        self._read_ns = 0  # wall clock of the last read of the file
         self._timeout_s = 0.0
         self._fed_at = 0.0
         self._armed = False
@@ -54,16 +58,21 @@ class Watchdog:
         self._armed = bool(st.st_size)
         if not st.st_size:
             return False
-        # The timeout is read at every look, not only when the mtime moved: mtimes
-        # move by the kernel's coarse clock (a few ms), so a feed followed at once by
-        # a WDT() with a new timeout can leave the same mtime, and the print between
-        # them wakes this loop in that window (the new timeout was then missed).
-        try:
-            timeout_s = int(self.path.read_bytes()) / 1000
-        except ValueError:
-            return False  # read in the middle of a write: again at the next turn
-        if st.st_mtime_ns != self._mtime_ns or timeout_s != self._timeout_s:
-            self._mtime_ns = st.st_mtime_ns
-            self._timeout_s = timeout_s
-            self._fed_at = time.monotonic()
+        # Mtimes move by the kernel's coarse clock (a few ms): a feed followed at once
+        # by a WDT() with a new timeout can leave the same mtime, and the print between
+        # them wakes this loop in that window. So the timeout is read again while the
+        # mtime is that recent, not only when it moved; then the file rests until the
+        # next feed (a fleet's idle boards are not read at every tick).
+        moved = st.st_mtime_ns != self._mtime_ns
+        if moved or self._read_ns < st.st_mtime_ns + SAME_MTIME_NS:
+            read_ns = time.time_ns()
+            try:
+                timeout_s = int(self.path.read_bytes()) / 1000
+            except ValueError:
+                return False  # read in the middle of a write: again at the next turn
+            self._read_ns = read_ns
+            if moved or timeout_s != self._timeout_s:
+                self._mtime_ns = st.st_mtime_ns
+                self._timeout_s = timeout_s
+                self._fed_at = time.monotonic()
         return time.monotonic() - self._fed_at > self._timeout_s

@@ -244,7 +244,8 @@ def test_without_auto_update_a_list_is_announced_and_an_offline_command_installs
     publish(pub, f"mpypi/channels/{CHANNEL}", b"")
 
 
-AGENT_HEAP_RETRY = """
+# The agent on the unix port with the defaults of every setting, for its worker alone.
+AGENT_PRELUDE = """
 import asyncio
 from mpy_blox.update import agent
 
@@ -254,7 +255,11 @@ class Config:
 
     def get_bool(self, key, default=None):
         return default
+"""
 
+AGENT_HEAP_RETRY = (
+    AGENT_PRELUDE
+    + """
 class Agent(agent.Agent):
     calls = 0
 
@@ -277,6 +282,7 @@ async def main():
 
 asyncio.run(main())
 """
+)
 
 
 @pytest.mark.parametrize(("fails", "calls"), [(1, 2), (3, 4), (9, 4)])
@@ -292,17 +298,9 @@ def test_a_list_that_meets_a_memory_error_is_tried_again_a_few_times(run_mpy, fa
         assert "failed: MemoryError('memory allocation failed, allocating 1148 bytes',)" in out
 
 
-AGENT_READ_RETRY = """
-import asyncio
-from mpy_blox.update import agent
-
-class Config:
-    def get_str(self, key, default=None):
-        return default
-
-    def get_bool(self, key, default=None):
-        return default
-
+AGENT_READ_RETRY = (
+    AGENT_PRELUDE
+    + """
 class Msg:
     reads = 0
 
@@ -340,6 +338,7 @@ async def main():
 
 asyncio.run(main())
 """
+)
 
 
 @pytest.mark.parametrize(
