@@ -3,7 +3,8 @@
 #
 # The payload never sits in RAM as a whole: the handler pulls it through its own
 # buffer with readinto() (readinto_nowait() first, for what has arrived), or
-# takes it in one piece with read(max_size) when it knows it is small.
+# takes it in one piece when it knows it is small: read(max_size) as bytes, or
+# read_buffer(max_size) as the bytearray it was read into (no second copy).
 # Whatever the handler leaves is drained by the client.
 from mpy_blox.mqtt.errors import MQTTError
 
@@ -63,6 +64,14 @@ class Message:
 
         Raises ValueError, reading nothing, if it is over max_size bytes.
         """
+        return bytes(await self.read_buffer(max_size))
+
+    async def read_buffer(self, max_size):
+        """read(), as the bytearray it is read into: for a payload of some KB
+        (an update list), whose bytes() copy would hold it twice at once.
+
+        Raises ValueError, reading nothing, if it is over max_size bytes.
+        """
         if self.remaining > max_size:
             raise ValueError("%d-byte payload over the %d-byte cap" % (self.remaining, max_size))
         buf = bytearray(self.remaining)
@@ -70,7 +79,7 @@ class Message:
         got = 0
         while got < len(buf):
             got += await self.readinto(mv[got:])
-        return bytes(buf)
+        return buf
 
     async def skip(self):
         """Drain the rest of the payload."""

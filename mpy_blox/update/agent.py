@@ -114,7 +114,7 @@ class Agent:
         if msg.size == 0:
             return  # a retained list was cleared
         try:
-            payload = await msg.read(_MAX_LIST)
+            payload = await msg.read_buffer(_MAX_LIST)
         except ValueError:
             payload = b""  # refused by decode as malformed
         except MemoryError:

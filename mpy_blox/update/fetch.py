@@ -105,7 +105,7 @@ class Fetcher:
         async def handler(msg):
             if msg.size and not arrived.is_set():
                 try:
-                    got.append(await msg.read(_MAX_LIST))
+                    got.append(await msg.read_buffer(_MAX_LIST))
                 except ValueError:
                     got.append(b"")  # too long: decode_list refuses it
                 except MemoryError as e:

@@ -253,7 +253,7 @@ def decode(payload, trust=None, to=None):
         if not trust.keyless():
             raise InvalidUpdate("unsigned list refused: this device has an update key")
         return UpdateList(_entries(_json(payload), False))
-    doc = _json(bytes(body))
+    doc = _json(body)
     if not isinstance(doc, dict) or doc.get("v") != FORMAT_VERSION:
         raise InvalidUpdate("unsupported list version")
     seq = doc.get("seq")
@@ -311,8 +311,15 @@ def accept_list(payload, trust=None, last_seq=0, to=None):
 
 
 def _json(data):
+    # data: bytes, a bytearray or, for a signed list's body, a memoryview of the
+    # payload, which MicroPython's json reads in place: no copy of a list of
+    # some KB while the payload is held too. CPython's (the workstation's)
+    # takes no memoryview.
     try:
-        return json.loads(data)
+        try:
+            return json.loads(data)
+        except TypeError:
+            return json.loads(bytes(data))
     except (ValueError, UnicodeError):
         raise InvalidUpdate("malformed JSON list")
 

@@ -162,3 +162,52 @@ def test_a_refused_connect_is_logged_by_reason_and_retried(fake_broker, device):
         b"\x00\x04MQTT\x04\xee\x00\x07"
         b"\x00\x07refused\x00\x02st\x00\x07offline\x00\x03dev\x00\x05wrong"
     )
+
+
+READS = """
+import asyncio
+from mpy_blox.mqtt import MQTTClient
+got = []
+
+async def handler(msg):
+    try:
+        if msg.topic == "t/bytes":
+            data = await msg.read(100)
+        else:
+            data = await msg.read_buffer(100)
+        print("READ", msg.topic, type(data).__name__, data == b"hello list", msg.remaining)
+    except ValueError as e:
+        print("REFUSED", msg.topic, e, msg.remaining)
+    got.append(msg.topic)
+
+client = MQTTClient("reads", "127.0.0.1", {port}, keepalive_s=30)
+
+async def main():
+    await client.subscribe("t/#", handler, 0)
+    client.start()
+    while len(got) < 3:
+        await asyncio.sleep_ms(20)
+    await client.stop()
+asyncio.run(main())
+"""
+
+
+def test_read_gives_bytes_read_buffer_the_bytearray_and_a_payload_over_the_cap_is_refused(
+    fake_broker, device
+):
+    def script(broker, conn, n):
+        broker.accept_connect(conn)
+        answer_subscribe(conn)
+        conn.sendall(
+            publish(b"t/bytes", b"hello list")
+            + publish(b"t/buffer", b"hello list")
+            + publish(b"t/big", b"x" * 101)
+        )
+        hold_until_closed(conn)
+
+    broker = fake_broker(script)
+    out = device(READS.format(port=broker.port), heap="64K").wait(timeout=30)
+    assert "READ t/bytes bytes True 0" in out, out
+    assert "READ t/buffer bytearray True 0" in out, out
+    # Nothing read: the client drains it after the handler.
+    assert "REFUSED t/big 101-byte payload over the 100-byte cap 101" in out, out

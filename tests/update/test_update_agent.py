@@ -307,7 +307,7 @@ class Msg:
     def __init__(self, topic, payload):
         self.topic, self.payload, self.size, self.retain = topic, payload, len(payload), True
 
-    async def read(self, cap):
+    async def read_buffer(self, cap):
         Msg.reads += 1
         if Msg.reads <= FAILS:
             raise MemoryError("memory allocation failed, allocating 289 bytes")
