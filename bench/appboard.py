@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from shaper import Shaper
+
 from mpy_blox_tools import deploy, mqtt, publish
 from mpy_blox_tools.broker import Mosquitto
 from mpy_blox_tools.vboard.board import Board
@@ -26,13 +28,15 @@ CHANNEL = "bench"
 APP_READY = r"app: booted; free heap"
 
 
-def raw_limit(workdir: Path, lane, flash: str, sizes: list[int], main: str) -> dict[int, float]:
+def raw_limit(
+    workdir: Path, lane, flash: str, sizes: list[int], main: str, link: tuple | None = None
+) -> dict[int, float]:
     """Seconds for each of `sizes` sent by a plain TCP server to a board whose main.py
     is `main` (given SIZES and PORT; it prints `RAW size got microseconds free` for each,
-    having read the bytes into flash its own way): the limit a benchmark compares with."""
+    having read the bytes into flash its own way): the limit a benchmark compares with.
+    link: (rate, delay_s) to reach the board through a shaped link (shaper.Shaper)."""
     payloads = {size: os.urandom(size) for size in sizes}
     server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
 
     def serve():
         for size in sizes:
@@ -42,12 +46,23 @@ def raw_limit(workdir: Path, lane, flash: str, sizes: list[int], main: str) -> d
 
     threading.Thread(target=serve, daemon=True).start()
     board = Board.create(workdir / "raw", flash_size=flash, executable=lane.executable)
-    board.write("main.py", f"SIZES = {sizes}\nPORT = {port}\n{main}".encode())
-    with RunningBoard(board, heap=lane.heap, executable=lane.executable) as rb:
-        rb.wait_for(r"RAW %d " % sizes[-1], timeout=120)
-        out = rb.console()
+    with _link(server.getsockname(), link) as port:
+        board.write("main.py", f"SIZES = {sizes}\nPORT = {port}\n{main}".encode())
+        with RunningBoard(board, heap=lane.heap, executable=lane.executable) as rb:
+            rb.wait_for(r"RAW %d " % sizes[-1], timeout=300)
+            out = rb.console()
     server.close()
     return {int(m[0]): int(m[2]) / 1e6 for m in re.findall(r"^RAW (\d+) (\d+) (\d+)", out, re.M)}
+
+
+@contextmanager
+def _link(target: tuple[str, int], link: tuple | None):
+    # The port a board dials for `target`: the target's own, or a shaper's before it.
+    if link is None:
+        yield target[1]
+        return
+    with Shaper(target, rate=link[0], delay_s=link[1]) as shaper:
+        yield shaper.port
 
 
 def ratio_rows(key: str, label: str, size: int, raw_s: float, timed) -> list[dict]:
@@ -138,19 +153,23 @@ class AppBoard:
 
 
 @contextmanager
-def app_board(workdir: Path, lane, flash: str, **update):
+def app_board(workdir: Path, lane, flash: str, link: tuple | None = None, **update):
     """A board on `lane` at its heap with `flash`, the app deployed with update
-    settings `update` (auto_update on), up and subscribed."""
+    settings `update` (auto_update on), up and subscribed. link: (rate, delay_s)
+    of a shaped link between the board and the broker (the publisher's is not)."""
     key = secrets.token_hex(32)
-    with Mosquitto(
-        workdir / "broker", persistence=False, extra_config="max_packet_size 16777216"
-    ) as broker:
+    with (
+        Mosquitto(
+            workdir / "broker", persistence=False, extra_config="max_packet_size 16777216"
+        ) as broker,
+        _link((broker.host, broker.port), link) as port,
+    ):
         url = mqtt.BrokerURL(broker.host, broker.port)
         settings = workdir / "settings.json"
         settings.write_text(
             json.dumps(
                 {
-                    "mqtt": {"server": broker.host, "port": broker.port},
+                    "mqtt": {"server": broker.host, "port": port},
                     # INFO: the board says when it is up and subscribed, and its heap.
                     "logging": {"level": "INFO"},
                     "update": {"channel": CHANNEL, "auto_update": True, **update},

@@ -50,7 +50,7 @@ from appboard import StatusTimeline
 from bench_heap import _with_probe
 from peers_device import MAIN, MIP, PROBE, UPSTREAM
 from peers_index import IndexServer, write_package
-from shaper import Shaper
+from shaper import Shaper, link_from_env
 from vboards import USER_MAIN
 
 from mpy_blox_tools import build, micropython, mqtt, publish, wheel
@@ -60,15 +60,14 @@ from mpy_blox_tools.vboard.board import Board
 from mpy_blox_tools.vboard.process import RunningBoard
 
 LANE = micropython.board_lane()
-RATE = float(os.environ.get("PEERS_RATE", "1000000"))
-DELAY_MS = float(os.environ.get("PEERS_DELAY_MS", "20"))
+RATE, DELAY_S = link_from_env("PEERS")
 UPSTREAM_HEAP = os.environ.get("PEERS_UPSTREAM_HEAP", "4M")
 # A micropython-lib checkout (or its git directory) to take mip and requests from
 # when the lane's MicroPython has no frozen mip (the 32-bit lane's build has none).
 MICROPYTHON_LIB = os.environ.get("PEERS_MICROPYTHON_LIB", "")
 TITLE = (
     f"Ours vs mip vs upstream mpy-blox, {LANE.name}, {LANE.heap} heap; "
-    f"shaped: {RATE / 1e6:g} MB/s, {DELAY_MS:g} ms each way"
+    f"shaped: {RATE / 1e6:g} MB/s, {DELAY_S * 1000:g} ms each way"
 )
 REPO = Path(__file__).resolve().parents[1]
 FLASH = "8M"
@@ -371,7 +370,7 @@ class Bench:
     def _shape(self, shaper: Shaper, link: str) -> None:
         shaped = link == "shaped"
         shaper.rate = RATE if shaped else 0
-        shaper.delay_s = DELAY_MS / 1000 if shaped else 0
+        shaper.delay_s = DELAY_S if shaped else 0
 
 
 def run(workdir: Path) -> list[dict]:

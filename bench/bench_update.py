@@ -15,6 +15,13 @@ of flash, running the full app:
   reads them into one 4 KiB buffer, hashes them and writes them to a file on the
   same kind of flash (the limit: no MQTT, no checks, no commit).
 
+Every row runs twice: on the loopback, and through a link shaped like an ESP32's
+Wi-Fi between the board and its server (bench/shaper.py: UPDATE_RATE bytes/s each
+way, default 1000000, and UPDATE_DELAY_MS each way, default 20), the rows marked
+`(shaped)`, each compared with the raw socket through the same link. On the
+loopback the update's fixed cost (two resets, connects, stage, commit) weighs most;
+on the shaped link, the bytes.
+
 Ratios compare within the run (the machine is shared and noisy).
 """
 
@@ -27,6 +34,7 @@ import time
 from pathlib import Path
 
 from appboard import app_board, heap_row, ratio_rows, raw_limit
+from shaper import link_from_env
 
 from mpy_blox_tools import chunks, micropython, publish
 
@@ -37,6 +45,8 @@ SIZES = {"64 KiB": 64 * 1024, "1 MiB": 1024 * 1024, "4 MiB": 4 * 1024 * 1024}
 # (a package no larger than a chunk is one message either way: one row).
 FORMS = {"single message": 0, "64K chunks": chunks.DEFAULT_CHUNK_SIZE}
 FLASH = "16M"
+RATE, DELAY_S = link_from_env("UPDATE")
+LINKS = {"": None, " (shaped)": (RATE, DELAY_S)}
 
 RAW_MAIN = """
 import socket, hashlib, time, gc
@@ -63,9 +73,18 @@ for size in SIZES:
 
 
 def run(workdir: Path) -> list[dict]:
-    raw = raw_limit(workdir, LANE, FLASH, list(SIZES.values()), RAW_MAIN)
     rows = []
-    with app_board(workdir, LANE, FLASH) as app:
+    for suffix, link in LINKS.items():
+        here = workdir / ("shaped" if link else "loopback")
+        rows += _run(here, suffix, link)
+    return rows
+
+
+def _run(workdir: Path, suffix: str, link: tuple | None) -> list[dict]:
+    workdir.mkdir()
+    raw = raw_limit(workdir, LANE, FLASH, list(SIZES.values()), RAW_MAIN, link)
+    rows = []
+    with app_board(workdir, LANE, FLASH, link) as app:
         for (label, size), (form, chunk_size) in itertools.product(SIZES.items(), FORMS.items()):
             if chunk_size and size <= chunk_size:
                 continue
@@ -79,11 +98,14 @@ def run(workdir: Path) -> list[dict]:
             e2e = marks["rebooting"] - t0
             download = marks["installing"] - marks["downloading"]
             app.wait_app()  # back on the new set, subscribed again
-            rows_here = [(f"update e2e, {form}", e2e), (f"update download, {form}", download)]
+            rows_here = [
+                (f"update e2e, {form}{suffix}", e2e),
+                (f"update download, {form}{suffix}", download),
+            ]
             if form == "single message":
-                rows_here.append(("raw socket", raw[size]))
+                rows_here.append((f"raw socket{suffix}", raw[size]))
             rows += ratio_rows("payload", label, size, raw[size], rows_here)
         heaps = [int(n) for n in re.findall(r"free heap (\d+)", app.rb.console())]
     if heaps:
-        rows.append(heap_row("payload", "min free heap logged by the board", min(heaps)))
+        rows.append(heap_row("payload", f"min free heap logged by the board{suffix}", min(heaps)))
     return rows

@@ -15,10 +15,24 @@ slow reader slows the writer as TCP would. Runs its own asyncio loop in a thread
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
 CHUNK = 4096
+# An ESP32 on Wi-Fi, for the benchmarks' shaped rows: 1 MB/s and 20 ms each way.
+WIFI_RATE = 1_000_000
+WIFI_DELAY_MS = 20
+
+
+def link_from_env(prefix: str) -> tuple[float, float]:
+    """(rate, delay_s) of a bench's shaped link: {prefix}_RATE bytes/s and
+    {prefix}_DELAY_MS each way, from the environment, else an ESP32's Wi-Fi."""
+    rate = float(os.environ.get(f"{prefix}_RATE", WIFI_RATE))
+    delay_ms = float(os.environ.get(f"{prefix}_DELAY_MS", WIFI_DELAY_MS))
+    return rate, delay_ms / 1000
+
+
 QUEUE = 64  # chunks in flight per direction: 256 KiB, enough for 1 MB/s x 40 ms
 
 
