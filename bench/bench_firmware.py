@@ -18,8 +18,11 @@ comment: each image boots), each published as one message and in 64 KiB chunks:
 - the install boot's free heap before each download, as the board logs it.
 
 Between rows the board confirms the image it booted (`ok` after its trial), so every
-row starts from a confirmed firmware, in the other slot. Ratios compare within the
-run (the machine is shared and noisy).
+row starts from a confirmed firmware, in the other slot. Every row runs twice: on
+the loopback, and through a link shaped like an ESP32's Wi-Fi (bench/shaper.py:
+FIRMWARE_RATE bytes/s, default 1000000, and FIRMWARE_DELAY_MS, default 20, each
+way), the rows marked `(shaped)`, each against the raw socket through the same link.
+Ratios compare within the run (the machine is shared and noisy).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import time
 from pathlib import Path
 
 from appboard import app_board, heap_row, ratio_rows, raw_limit
+from shaper import link_from_env
 
 from mpy_blox_tools import chunks, micropython, publish
 from mpy_blox_tools.vboard.image import HEADER_SIZE, make_image
@@ -38,6 +42,8 @@ TITLE = f"Firmware update vs raw socket into the OTA partition, {LANE.name}, {LA
 SIZES = {"512 KiB": 512 * 1024, "1.25 MiB": 1280 * 1024}
 FORMS = {"single message": 0, "64K chunks": chunks.DEFAULT_CHUNK_SIZE}
 FLASH = "4M"
+RATE, DELAY_S = link_from_env("FIRMWARE")
+LINKS = {"": None, " (shaped)": (RATE, DELAY_S)}
 
 RAW_MAIN = """
 import socket, hashlib, time, gc, esp32
@@ -85,10 +91,19 @@ def _image(workdir: Path, size: int, version: str) -> Path:
 
 
 def run(workdir: Path) -> list[dict]:
-    raw = raw_limit(workdir, LANE, FLASH, list(SIZES.values()), RAW_MAIN)
+    rows = []
+    for suffix, link in LINKS.items():
+        here = workdir / ("shaped" if link else "loopback")
+        rows += _run(here, suffix, link)
+    return rows
+
+
+def _run(workdir: Path, suffix: str, link: tuple | None) -> list[dict]:
+    workdir.mkdir()
+    raw = raw_limit(workdir, LANE, FLASH, list(SIZES.values()), RAW_MAIN, link)
     rows = []
     heaps = []
-    with app_board(workdir, LANE, FLASH, healthy_after_s=1) as app:
+    with app_board(workdir, LANE, FLASH, link, healthy_after_s=1) as app:
         for n, ((label, size), (form, chunk_size)) in enumerate(
             itertools.product(SIZES.items(), FORMS.items())
         ):
@@ -103,9 +118,13 @@ def run(workdir: Path) -> list[dict]:
             heaps.append(int(free.group(1)))
             app.timeline.wait_for(marks["rebooting"], "ok", timeout=120)  # the trial passed
             app.wait_app()
-            rows_here = [(f"firmware e2e, {form}", e2e), (f"firmware download, {form}", download)]
+            rows_here = [
+                (f"firmware e2e, {form}{suffix}", e2e),
+                (f"firmware download, {form}{suffix}", download),
+            ]
             if form == "single message":
-                rows_here.append(("raw socket into the partition", raw[size]))
+                rows_here.append((f"raw socket into the partition{suffix}", raw[size]))
             rows += ratio_rows("image", label, size, raw[size], rows_here)
-    rows.append(heap_row("image", "install boot: min free heap before a download", min(heaps)))
+    path = f"install boot: min free heap before a download{suffix}"
+    rows.append(heap_row("image", path, min(heaps)))
     return rows
