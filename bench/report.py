@@ -180,7 +180,8 @@ def plot(
 
     Package sizes (`sizes`) go on log-log axes (64 KiB to 4 MiB); fleet sizes on
     linear ones from 0, where a straight line is time growing with the boards.
-    Paths of one form share a colour: end to end solid, its download dashed.
+    Paths of one form share a colour: end to end solid, its download dashed; the
+    same through the shaped link (a label ending in "(shaped)") with square marks.
     """
     import matplotlib
 
@@ -188,13 +189,14 @@ def plot(
     from matplotlib import pyplot as plt
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(11, 5), dpi=100)
     forms: dict[str, str] = {}
     for label, points in series.items():
-        form = re.sub(r"\b(e2e|download)\b", "", label)
+        form = re.sub(r"\b(e2e|download)\b|\(shaped\)", "", label).strip()
         colour = forms.setdefault(form, f"C{len(forms)}")
         style = "--" if "download" in label else "-"
-        ax.plot(*zip(*points), style, color=colour, marker="o", label=label)
+        marker = "s" if label.endswith("(shaped)") else "o"
+        ax.plot(*zip(*points), style, color=colour, marker=marker, label=label)
     if sizes:
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -203,6 +205,7 @@ def plot(
         )
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _size_label(x)))
+        ax.tick_params(axis="x", labelrotation=30)
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
     else:
@@ -212,7 +215,7 @@ def plot(
     ax.set_ylabel("seconds" + (" (log scale)" if sizes else ""))
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     # No Software entry (matplotlib's version) and no date: the same JSON, the same bytes.
