@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from shaper import Shaper
+from shaper import Shaper, link_from_env
 
 from mpy_blox_tools import deploy, mqtt, publish
 from mpy_blox_tools.broker import Mosquitto
@@ -53,6 +53,21 @@ def raw_limit(
             out = rb.console()
     server.close()
     return {int(m[0]): int(m[2]) / 1e6 for m in re.findall(r"^RAW (\d+) (\d+) (\d+)", out, re.M)}
+
+
+def on_each_link(workdir: Path, prefix: str, run_link) -> list[dict]:
+    """The rows of run_link(workdir, suffix, link) on the loopback (suffix "", link
+    None), then through the shaped link (" (shaped)", (rate, delay_s) from
+    {prefix}_RATE and {prefix}_DELAY_MS: shaper.link_from_env), each in its own
+    folder of `workdir`."""
+    rows = []
+    for name, suffix, link in (
+        ("loopback", "", None),
+        ("shaped", " (shaped)", link_from_env(prefix)),
+    ):
+        (workdir / name).mkdir()
+        rows += run_link(workdir / name, suffix, link)
+    return rows
 
 
 @contextmanager

@@ -31,8 +31,7 @@ import itertools
 import time
 from pathlib import Path
 
-from appboard import app_board, heap_row, ratio_rows, raw_limit
-from shaper import link_from_env
+from appboard import app_board, heap_row, on_each_link, ratio_rows, raw_limit
 
 from mpy_blox_tools import chunks, micropython, publish
 from mpy_blox_tools.vboard.image import HEADER_SIZE, make_image
@@ -42,8 +41,6 @@ TITLE = f"Firmware update vs raw socket into the OTA partition, {LANE.name}, {LA
 SIZES = {"512 KiB": 512 * 1024, "1.25 MiB": 1280 * 1024}
 FORMS = {"single message": 0, "64K chunks": chunks.DEFAULT_CHUNK_SIZE}
 FLASH = "4M"
-RATE, DELAY_S = link_from_env("FIRMWARE")
-LINKS = {"": None, " (shaped)": (RATE, DELAY_S)}
 
 RAW_MAIN = """
 import socket, hashlib, time, gc, esp32
@@ -91,15 +88,10 @@ def _image(workdir: Path, size: int, version: str) -> Path:
 
 
 def run(workdir: Path) -> list[dict]:
-    rows = []
-    for suffix, link in LINKS.items():
-        here = workdir / ("shaped" if link else "loopback")
-        rows += _run(here, suffix, link)
-    return rows
+    return on_each_link(workdir, "FIRMWARE", _run)
 
 
 def _run(workdir: Path, suffix: str, link: tuple | None) -> list[dict]:
-    workdir.mkdir()
     raw = raw_limit(workdir, LANE, FLASH, list(SIZES.values()), RAW_MAIN, link)
     rows = []
     heaps = []

@@ -33,8 +33,7 @@ import re
 import time
 from pathlib import Path
 
-from appboard import app_board, heap_row, ratio_rows, raw_limit
-from shaper import link_from_env
+from appboard import app_board, heap_row, on_each_link, ratio_rows, raw_limit
 
 from mpy_blox_tools import chunks, micropython, publish
 
@@ -45,8 +44,6 @@ SIZES = {"64 KiB": 64 * 1024, "1 MiB": 1024 * 1024, "4 MiB": 4 * 1024 * 1024}
 # (a package no larger than a chunk is one message either way: one row).
 FORMS = {"single message": 0, "64K chunks": chunks.DEFAULT_CHUNK_SIZE}
 FLASH = "16M"
-RATE, DELAY_S = link_from_env("UPDATE")
-LINKS = {"": None, " (shaped)": (RATE, DELAY_S)}
 
 RAW_MAIN = """
 import socket, hashlib, time, gc
@@ -73,15 +70,10 @@ for size in SIZES:
 
 
 def run(workdir: Path) -> list[dict]:
-    rows = []
-    for suffix, link in LINKS.items():
-        here = workdir / ("shaped" if link else "loopback")
-        rows += _run(here, suffix, link)
-    return rows
+    return on_each_link(workdir, "UPDATE", _run)
 
 
 def _run(workdir: Path, suffix: str, link: tuple | None) -> list[dict]:
-    workdir.mkdir()
     raw = raw_limit(workdir, LANE, FLASH, list(SIZES.values()), RAW_MAIN, link)
     rows = []
     with app_board(workdir, LANE, FLASH, link) as app:
