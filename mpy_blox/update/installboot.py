@@ -303,6 +303,9 @@ def _drop_downloads():
         os.stat("/.mpypi/dl")
     except OSError:
         return
-    from mpy_blox.update.install import Installer
+    try:
+        from mpy_blox.update.install import Installer
 
-    Installer().drop_downloads()
+        Installer().drop_downloads()
+    except MemoryError:  # after a failure for want of heap: the next list drops them
+        pass
